@@ -1,0 +1,3 @@
+from esem.cli import main
+
+raise SystemExit(main())

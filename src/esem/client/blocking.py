@@ -1,0 +1,316 @@
+"""The blocking client: one authenticated session per process, shared by its threads.
+
+It is a thin shell over the sans-I/O ``ClientSession``. Requests are encrypted and sent
+under one lock, so ids reach the wire in order. Replies are read by whichever waiting
+thread holds the reader role (leader/follower): a thread blocked in a wait reads and
+hands out the replies of every other thread, and passes the role on when its own reply
+comes, so a blocked wait never delays another thread's post, and a lone thread pays no
+hand-off to a reader thread.
+
+Failure is sticky: once the service is gone or a frame fails authentication, every
+pending and later call on this session raises the same error, and nothing it granted
+before is taken back. While requests are pending and the line is quiet, the reader sends
+a keepalive PING, so a dropped frame surfaces as an ``IntegrityError`` (the next frame
+fails its counter) or, if nothing at all arrives, as ``ServiceUnavailable``; never as a
+hang. The client never starts a service.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+from esem.errors import EsemError, IntegrityError, ServiceUnavailable, error_for
+from esem.paths import read_pubkey, socket_path
+from esem.protocol.constants import Opcode
+from esem.protocol.messages import Reply, Request
+from esem.protocol.session import ClientSession
+
+CONNECT_TIMEOUT = 5.0  # seconds for connect + handshake
+KEEPALIVE_INTERVAL = 5.0  # seconds of silence with requests pending before a PING
+RECV_BYTES = 65536
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    reader_handoffs: int = 0
+    keepalives: int = 0
+
+
+class Client:
+    """A session with the esem service. Use ``get_client()`` for the per-process one."""
+
+    def __init__(
+        self,
+        sock: str | os.PathLike[str] | None = None,
+        pubkey: bytes | str | None = None,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        keepalive: float = KEEPALIVE_INTERVAL,
+    ) -> None:
+        self.socket_path = Path(socket_path(sock))
+        self._explicit_pubkey = pubkey
+        self._connect_timeout = connect_timeout
+        self._keepalive = keepalive
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._sock: socket.socket | None = None
+        self._session: ClientSession | None = None
+        self._replies: dict[int, Reply] = {}
+        self._reading = False
+        self._failure: EsemError | None = None
+        self._ping_sent_at: float | None = None
+        self._pings: set[int] = set()
+        self.stats = ClientStats()
+        _all_clients.add(self)
+
+    def __repr__(self) -> str:
+        state = "failed" if self._failure else ("open" if self._session else "unconnected")
+        return f"<esem.Client {self.socket_path} pid={self.pid} {state}>"
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def failed(self) -> EsemError | None:
+        return self._failure
+
+    def connect(self) -> None:
+        with self._lock:
+            self._ensure_connected()
+
+    def close(self) -> None:
+        """End the session: the service closes its handles and drops its waits."""
+        with self._cond:
+            if self._failure is None:
+                self._failure = ServiceUnavailable("client closed")
+            sock, self._sock = self._sock, None
+            self._cond.notify_all()
+        if sock is not None and os.getpid() == self.pid:
+            sock.close()
+
+    def _forked_away(self) -> None:
+        """In a fork child: drop the inherited descriptor, send nothing, and fail every
+        later use of this object (its lock may be held by a thread that no longer
+        exists, so it is not taken)."""
+        sock, self._sock = self._sock, None
+        self._failure = ServiceUnavailable("esem session belongs to the parent process")
+        if sock is not None:
+            sock.close()
+
+    def _ensure_connected(self) -> None:
+        """Called with the lock held."""
+        if self._failure is not None:
+            raise self._failure
+        if self._session is not None:
+            return
+        if os.getpid() != self.pid:
+            raise RuntimeError("esem client used across fork; use get_client()")
+        try:
+            pub = read_pubkey(self.socket_path, self._explicit_pubkey)
+        except (OSError, ValueError) as exc:
+            raise ServiceUnavailable(
+                f"no esem service at {self.socket_path} (cannot read its public key: {exc})"
+            ) from exc
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self._connect_timeout)
+        try:
+            sock.connect(str(self.socket_path))
+        except OSError as exc:
+            sock.close()
+            raise ServiceUnavailable(f"no esem service at {self.socket_path}: {exc}") from exc
+        session = ClientSession(pub)
+        try:
+            sock.sendall(session.start())
+            while not session.established:
+                data = sock.recv(RECV_BYTES)
+                if not data:
+                    raise ServiceUnavailable(
+                        f"esem service at {self.socket_path} closed during the handshake"
+                    )
+                session.receive_data(data)
+        except TimeoutError as exc:
+            sock.close()
+            raise ServiceUnavailable(f"esem service at {self.socket_path} did not answer") from exc
+        except OSError as exc:
+            sock.close()
+            raise ServiceUnavailable(f"esem service at {self.socket_path}: {exc}") from exc
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        self._sock, self._session = sock, session
+
+    # -------------------------------------------------------------- calls
+
+    def send(self, build: Request, *, key: bytes | None = None) -> int:
+        """Send ``build`` (its ``req_id`` is replaced by a fresh one); returns the id."""
+        with self._lock:
+            self._ensure_connected()
+            assert self._session is not None and self._sock is not None
+            req_id = self._session.next_request_id()
+            req = _with_id(build, req_id)
+            frame = self._session.send_request(req, key=key)
+            try:
+                self._sock.sendall(frame)
+            except OSError as exc:
+                raise self._fail_locked(
+                    ServiceUnavailable(f"esem service at {self.socket_path} went away: {exc}")
+                ) from exc
+            self.stats.requests += 1
+            return req_id
+
+    def call(self, build: Request, *, key: bytes | None = None) -> Reply:
+        """Send and wait for the reply; a refusal raises its ``EsemError``."""
+        reply = self.wait_reply(self.send(build, key=key))
+        if reply.status:
+            raise error_for(reply.status, reply.message)
+        return reply
+
+    def wait_reply(self, req_id: int) -> Reply:
+        """Block until the reply to ``req_id`` arrives. Interruptible by signals: an
+        exception from a signal handler propagates, and the request stays pending (its
+        reply is kept and can still be awaited)."""
+        with self._cond:
+            while True:
+                reply = self._replies.pop(req_id, None)
+                if reply is not None:
+                    return reply
+                if self._failure is not None:
+                    raise self._failure
+                if not self._reading:
+                    self._reading = True
+                    break
+                self._cond.wait()
+        return self._read_until(req_id)
+
+    def _read_until(self, req_id: int) -> Reply:
+        """Hold the reader role until our reply arrives; then pass the role on."""
+        try:
+            while True:
+                data = self._recv()
+                with self._cond:
+                    if data is None:
+                        continue
+                    assert self._session is not None
+                    try:
+                        replies = self._session.receive_data(data)
+                    except EsemError as exc:
+                        raise self._fail_locked(exc) from None
+                    for reply in replies:
+                        if reply.opcode is Opcode.PING and reply.req_id in self._pings:
+                            self._pings.discard(reply.req_id)
+                            self._ping_sent_at = None
+                            continue
+                        self._replies[reply.req_id] = reply
+                    mine = self._replies.pop(req_id, None)
+                    if replies:
+                        self._cond.notify_all()
+                    if mine is not None:
+                        return mine
+        finally:
+            with self._cond:
+                self._reading = False
+                self.stats.reader_handoffs += 1
+                self._cond.notify_all()
+
+    def _recv(self) -> bytes | None:
+        """One recv, or None after a quiet keepalive interval (a PING is then in flight)."""
+        sock = self._sock
+        if sock is None:
+            raise self._fail(ServiceUnavailable("client closed"))
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(self._keepalive * 1000):
+            self._keepalive_tick()
+            return None
+        try:
+            data = sock.recv(RECV_BYTES)
+        except OSError as exc:
+            raise self._fail(
+                ServiceUnavailable(f"esem service at {self.socket_path} went away: {exc}")
+            ) from exc
+        if not data:
+            raise self._fail(
+                ServiceUnavailable(f"esem service at {self.socket_path} closed the session")
+            )
+        return data
+
+    def _keepalive_tick(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._ping_sent_at is not None:
+                if now - self._ping_sent_at >= self._keepalive:
+                    raise self._fail_locked(
+                        ServiceUnavailable(
+                            f"esem service at {self.socket_path} stopped answering "
+                            f"({self._keepalive:.0f}s without a reply to a keepalive)"
+                        )
+                    )
+                return
+            self._ping_sent_at = now
+            self.stats.keepalives += 1
+        req_id = self.send(Request(Opcode.PING, 0))
+        with self._lock:
+            self._pings.add(req_id)
+
+    def _fail(self, exc: EsemError) -> EsemError:
+        with self._lock:
+            return self._fail_locked(exc)
+
+    def _fail_locked(self, exc: EsemError) -> EsemError:
+        if self._failure is None:
+            self._failure = exc
+            if isinstance(exc, IntegrityError):
+                exc.add_note("the esem session was closed; its handles are no longer usable")
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._cond.notify_all()
+        return self._failure
+
+
+def _with_id(req: Request, req_id: int) -> Request:
+    from dataclasses import replace
+
+    return replace(req, req_id=req_id)
+
+
+# ----------------------------------------------------------- per-process client
+
+_process_client: Client | None = None
+_all_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+_process_lock = threading.Lock()
+
+
+def get_client() -> Client:
+    """The client of this process: created on first use, replaced after ``fork`` (the
+    child never touches the parent's session) and after the session failed."""
+    global _process_client
+    with _process_lock:
+        client = _process_client
+        if client is None or client.pid != os.getpid() or client.failed is not None:
+            client = _process_client = Client()
+        return client
+
+
+def _after_fork_in_child() -> None:
+    """The child must not keep the parent's sessions alive (the service sees a session
+    end when its last descriptor closes) nor ever write to them (a reused nonce)."""
+    global _process_client, _process_lock
+    _process_lock = threading.Lock()  # another thread may have held it at fork time
+    _process_client = None
+    for client in list(_all_clients):
+        client._forked_away()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

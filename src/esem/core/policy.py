@@ -1,0 +1,79 @@
+"""Access policy and quotas: who may do what to a semaphore, and how much of it.
+
+Permission checks follow POSIX named semaphores, which Linux implements as files in
+``/dev/shm``: opening an existing semaphore needs read and write permission under the
+usual owner/group/other mode bits, unlinking needs ownership (``/dev/shm`` is sticky),
+and uid 0 bypasses both. The caller's identity comes from the kernel (``SO_PEERCRED``);
+the core trusts it exactly as much as the kernel is trusted, which is why key-bound
+semaphores exist (see the A4 adversary in DESIGN.md).
+
+Only the primary gid is considered: ``SO_PEERCRED`` vouches for nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from esem.core.status import CoreError, Status
+
+ROOT_UID = 0
+MODE_MASK = 0o777
+
+
+@dataclass(frozen=True, slots=True)
+class Cred:
+    """Kernel-vouched credentials of a session's peer process."""
+
+    uid: int
+    gid: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """Limits that bound what one tenant can take from all the others (adversary A7).
+
+    Every limit counts live objects, not operations, so a tenant that gives back what it
+    took can go on forever.
+    """
+
+    semaphores_per_uid: int = 1024  # semaphores alive (named or still open) created by a uid
+    sessions_per_uid: int = 128  # concurrent client sessions of one uid
+    handles_per_session: int = 1024  # open handles held by one session
+    waiters_per_session: int = 256  # blocked waits one session may have queued
+    waiters_per_uid: int = 4096  # blocked waits across all sessions of a uid
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:
+            if getattr(self, name) < 1:
+                raise ValueError(f"quota {name} must be at least 1")
+
+
+def may_access(cred: Cred, owner_uid: int, owner_gid: int, mode: int) -> bool:
+    """Read+write permission, as ``open(O_RDWR)`` of ``/dev/shm/sem.NAME`` would check it."""
+    if cred.uid == ROOT_UID:
+        return True
+    if cred.uid == owner_uid:
+        bits = (mode >> 6) & 0o7
+    elif cred.gid == owner_gid:
+        bits = (mode >> 3) & 0o7
+    else:
+        bits = mode & 0o7
+    return bits & 0o6 == 0o6
+
+
+def check_access(cred: Cred, owner_uid: int, owner_gid: int, mode: int, name: str) -> None:
+    if not may_access(cred, owner_uid, owner_gid, mode):
+        raise CoreError(
+            Status.EACCES,
+            f"uid {cred.uid} may not open {name} (owner {owner_uid}:{owner_gid}, "
+            f"mode {mode:04o})",
+        )
+
+
+def check_unlink(cred: Cred, owner_uid: int, name: str) -> None:
+    """Only the owner or root may remove a name (the sticky-bit rule of /dev/shm)."""
+    if cred.uid not in (ROOT_UID, owner_uid):
+        raise CoreError(
+            Status.EACCES, f"uid {cred.uid} may not unlink {name} (owned by uid {owner_uid})"
+        )

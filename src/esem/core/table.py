@@ -1,0 +1,616 @@
+"""The semaphore table: every e-semaphore of the host and the state machine over it.
+
+This is the trusted computing base of esem. It is pure: no sockets, no threads, no clock
+reads (the caller passes ``now``), no randomness except through the injected token
+factory. One caller drives it from one thread; every method either completes its whole
+change or raises ``CoreError`` having changed nothing.
+
+Semantics (DESIGN.md section 4):
+
+* POSIX named semaphores: O_CREAT/O_EXCL, mode, initial value 0..SEM_VALUE_MAX, post
+  past the maximum is EOVERFLOW, unlink removes the name at once while open handles keep
+  the semaphore alive, and a later create under that name is a new semaphore.
+* Waiters are served FIFO, and ``post`` hands its unit straight to the first waiter, so a
+  newcomer's ``trywait`` can never overtake a queued waiter.
+* A queued wait ends exactly once: granted, timed out, cancelled, or dropped with its
+  session. Because the table is the only place a unit can move and it moves it atomically,
+  a cancel or timeout racing a grant either finds the wait still queued (and the unit goes
+  to the next waiter or the count) or finds it already granted (and reports that).
+* Holdings: units a session took and has not given back. A dead session's holdings are
+  released for robust semaphores and kept on record (by pid) for the others.
+* Conservation, at every point between calls, for every semaphore::
+
+      value == initial + posts - waits + robust_releases
+
+  where ``waits`` counts granted waits; and no more units are held than were ever
+  taken. ``check_invariants`` asserts these and the bookkeeping behind them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import secrets
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from esem.core.limits import SEM_VALUE_MAX, check_key, check_name, check_value
+from esem.core.policy import Cred, Quotas, check_access, check_unlink
+from esem.core.status import CoreError, Status
+
+TOKEN_BYTES = 16  # handle capability: 128 random bits, unguessable (adversary A3)
+
+# Given the semaphore's key, raises CoreError(EKEYREJECTED) unless the request carries a
+# valid MAC under it. The protocol layer builds one per request; the core only decides
+# when a key must be proven.
+Authenticator = Callable[[bytes], None]
+TokenFactory = Callable[[], bytes]
+
+
+class WaitMode(IntEnum):
+    TRY = 0  # never queue: EAGAIN at zero
+    BLOCK = 1  # queue until granted or cancelled
+    TIMED = 2  # queue until granted, cancelled, or the deadline passes
+
+
+@dataclass(frozen=True, slots=True)
+class WaitDone:
+    """A wait has ended: the service owes session ``sid`` the answer ``status`` to
+    request ``req_id``. ``key`` is the semaphore's key, for the reply's MAC."""
+
+    sid: int
+    req_id: int
+    handle: bytes
+    key: bytes | None
+    status: Status
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    handle: bytes
+    created: bool
+    key: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class SemInfo:
+    """A read-only view of one semaphore, for ``esem ls`` and ``esem stat``."""
+
+    sem_id: int
+    name: str
+    linked: bool
+    value: int
+    initial: int
+    owner_uid: int
+    owner_gid: int
+    mode: int
+    key_bound: bool
+    robust: bool
+    created: float
+    handles: int
+    waiters: int
+    posts: int
+    waits: int
+    robust_releases: int
+    holders: tuple[tuple[int, int], ...]  # (pid, units) of live sessions holding units
+    dead_holders: tuple[tuple[int, int], ...]  # (pid, units) that died holding them
+    queue: tuple[tuple[int, int, float | None], ...]  # (pid, request id, deadline), FIFO
+
+
+@dataclass(eq=False, slots=True)
+class _Sem:
+    sem_id: int
+    name: str
+    value: int  # invariant: value > 0 implies not waiters
+    initial: int
+    owner_uid: int
+    owner_gid: int
+    mode: int
+    key: bytes | None
+    robust: bool
+    created: float
+    linked: bool = True
+    handles: int = 0  # open handles over all sessions; alive while linked or handles > 0
+    waiters: OrderedDict[tuple[int, int], _Waiter] = field(default_factory=OrderedDict)
+    holdings: dict[int, int] = field(default_factory=dict)  # sid -> units; all values > 0
+    dead_holdings: dict[int, int] = field(default_factory=dict)  # pid -> units
+    posts: int = 0
+    waits: int = 0  # granted waits, immediate or queued
+    robust_releases: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Handle:
+    token: bytes
+    sem: _Sem
+    sid: int
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    sid: int
+    req_id: int
+    handle: _Handle
+    deadline: float | None
+    active: bool = True  # False once granted/cancelled/expired (lazy deletion from the heap)
+
+
+@dataclass(eq=False, slots=True)
+class _Session:
+    sid: int
+    cred: Cred
+    handles: dict[bytes, _Handle] = field(default_factory=dict)
+    waits: dict[int, _Waiter] = field(default_factory=dict)  # queued waits by request id
+    held: set[_Sem] = field(default_factory=set)  # semaphores where holdings[sid] > 0
+
+
+class SemTable:
+    """All e-semaphores of one service, with the sessions that use them."""
+
+    def __init__(
+        self, quotas: Quotas | None = None, token_factory: TokenFactory | None = None
+    ) -> None:
+        self.quotas = quotas or Quotas()
+        self._new_token = token_factory or (lambda: secrets.token_bytes(TOKEN_BYTES))
+        self._names: dict[str, _Sem] = {}  # linked semaphores only
+        self._alive: dict[int, _Sem] = {}  # every semaphore not yet destroyed, by id
+        self._sessions: dict[int, _Session] = {}
+        self._tokens: dict[bytes, _Handle] = {}  # every open handle, for attach
+        self._deadlines: list[tuple[float, int, _Waiter]] = []  # heap, lazily cleaned
+        self._next_sem_id = 1
+        self._heap_seq = 0
+        self._sems_by_uid: Counter[int] = Counter()
+        self._sessions_by_uid: Counter[int] = Counter()
+        self._waiters_by_uid: Counter[int] = Counter()
+
+    def __repr__(self) -> str:
+        return (
+            f"<SemTable names={len(self._names)} alive={len(self._alive)} "
+            f"sessions={len(self._sessions)} handles={len(self._tokens)}>"
+        )
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "names": len(self._names),
+            "semaphores": len(self._alive),
+            "sessions": len(self._sessions),
+            "handles": len(self._tokens),
+            "waiters": sum(len(s.waiters) for s in self._alive.values()),
+        }
+
+    # ----------------------------------------------------------------- sessions
+
+    def add_session(self, sid: int, cred: Cred) -> None:
+        if sid in self._sessions:
+            raise CoreError(Status.EINVAL, f"session {sid} exists")
+        if self._sessions_by_uid[cred.uid] >= self.quotas.sessions_per_uid:
+            raise CoreError(
+                Status.EDQUOT,
+                f"uid {cred.uid} has {self.quotas.sessions_per_uid} sessions (quota)",
+            )
+        self._sessions[sid] = _Session(sid, cred)
+        self._sessions_by_uid[cred.uid] += 1
+
+    def end_session(self, sid: int) -> list[WaitDone]:
+        """Forget a dead session: drop its queued waits, release its holdings of robust
+        semaphores (which may grant other sessions' waits: returned), record the rest,
+        close its handles."""
+        sess = self._session(sid)
+        for waiter in list(sess.waits.values()):
+            self._unqueue(waiter)
+        done: list[WaitDone] = []
+        for sem in list(sess.held):
+            units = sem.holdings.pop(sid)
+            sess.held.discard(sem)
+            if sem.robust:
+                for _ in range(units):
+                    sem.robust_releases += 1
+                    granted = self._release_unit(sem, overflow_ok=True)
+                    if granted is not None:
+                        done.append(granted)
+            else:
+                pid = sess.cred.pid
+                sem.dead_holdings[pid] = sem.dead_holdings.get(pid, 0) + units
+        for handle in list(sess.handles.values()):
+            self._drop_handle(sess, handle)
+        del self._sessions[sid]
+        self._sessions_by_uid[sess.cred.uid] -= 1
+        if not self._sessions_by_uid[sess.cred.uid]:
+            del self._sessions_by_uid[sess.cred.uid]
+        return done
+
+    def session_cred(self, sid: int) -> Cred:
+        return self._session(sid).cred
+
+    # ------------------------------------------------------------ names/handles
+
+    def open(
+        self,
+        sid: int,
+        name: str,
+        *,
+        create: bool,
+        excl: bool,
+        mode: int,
+        value: int,
+        now_wall: float,
+        key: bytes | None = None,
+        robust: bool = False,
+        keyed: bool = False,
+        auth: Authenticator | None = None,
+    ) -> Opened:
+        """``sem_open``. ``key`` makes a newly created semaphore key-bound; for an existing
+        key-bound one, ``auth`` must prove the key. ``keyed`` says the caller holds a key
+        and will not accept a semaphore that is not bound to one."""
+        keyed = keyed or key is not None
+        sess = self._session(sid)
+        check_name(name)
+        if excl and not create:
+            raise CoreError(Status.EINVAL, "O_EXCL needs O_CREAT")
+        if len(sess.handles) >= self.quotas.handles_per_session:
+            raise CoreError(
+                Status.EDQUOT,
+                f"session holds {self.quotas.handles_per_session} handles (quota)",
+            )
+        sem = self._names.get(name)
+        if sem is not None:
+            if create and excl:
+                raise CoreError(Status.EEXIST, f"semaphore {name} exists")
+            check_access(sess.cred, sem.owner_uid, sem.owner_gid, sem.mode, name)
+            if sem.key is None and keyed:
+                raise CoreError(
+                    Status.EKEYREJECTED, f"semaphore {name} exists and is not key-bound"
+                )
+            self._authenticate(sem, auth)
+            created = False
+        else:
+            if not create:
+                raise CoreError(Status.ENOENT, f"no semaphore {name}")
+            check_value(value)
+            check_key(key)
+            if keyed and key is None:
+                raise CoreError(Status.EKEYREJECTED, f"no semaphore {name} to open with a key")
+            if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+                raise CoreError(Status.EINVAL, f"mode {mode!r} is not a permission mode")
+            uid = sess.cred.uid
+            if self._sems_by_uid[uid] >= self.quotas.semaphores_per_uid:
+                raise CoreError(
+                    Status.EDQUOT,
+                    f"uid {uid} owns {self.quotas.semaphores_per_uid} semaphores (quota)",
+                )
+            sem = _Sem(
+                sem_id=self._next_sem_id,
+                name=name,
+                value=value,
+                initial=value,
+                owner_uid=uid,
+                owner_gid=sess.cred.gid,
+                mode=mode & 0o777,
+                key=bytes(key) if key is not None else None,
+                robust=robust,
+                created=now_wall,
+            )
+            self._next_sem_id += 1
+            self._names[name] = sem
+            self._alive[sem.sem_id] = sem
+            self._sems_by_uid[uid] += 1
+            created = True
+        handle = self._add_handle(sess, sem)
+        return Opened(handle.token, created, sem.key)
+
+    def attach(self, sid: int, token: bytes, *, auth: Authenticator | None = None) -> Opened:
+        """Give session ``sid`` its own handle on the semaphore behind another session's
+        open handle ``token`` (a forked child re-attaching what it inherited). The token
+        is a capability, and only valid for the uid of the session that holds it."""
+        sess = self._session(sid)
+        other = self._tokens.get(token)
+        if other is None or (
+            self._sessions[other.sid].cred.uid != sess.cred.uid and sess.cred.uid != 0
+        ):
+            raise CoreError(Status.EBADF, "no such handle")
+        if len(sess.handles) >= self.quotas.handles_per_session:
+            raise CoreError(
+                Status.EDQUOT,
+                f"session holds {self.quotas.handles_per_session} handles (quota)",
+            )
+        self._authenticate(other.sem, auth)
+        handle = self._add_handle(sess, other.sem)
+        return Opened(handle.token, False, other.sem.key)
+
+    def close(self, sid: int, token: bytes, *, auth: Authenticator | None = None) -> list[WaitDone]:
+        """``sem_close``. Waits of this session still queued on the handle end with EBADF
+        (returned), as a thread waiting on a closed descriptor would."""
+        sess, handle = self._handle(sid, token)
+        self._authenticate(handle.sem, auth)
+        done = [
+            WaitDone(sid, w.req_id, token, handle.sem.key, Status.EBADF)
+            for w in list(sess.waits.values())
+            if w.handle is handle
+        ]
+        for event in done:
+            self._unqueue(sess.waits[event.req_id])
+        self._drop_handle(sess, handle)
+        return done
+
+    def unlink(self, sid: int, name: str, *, auth: Authenticator | None = None) -> None:
+        """``sem_unlink``: the name goes at once; open handles keep the semaphore."""
+        sess = self._session(sid)
+        check_name(name)
+        sem = self._names.get(name)
+        if sem is None:
+            raise CoreError(Status.ENOENT, f"no semaphore {name}")
+        check_unlink(sess.cred, sem.owner_uid, name)
+        self._authenticate(sem, auth)
+        del self._names[name]
+        sem.linked = False
+        self._maybe_destroy(sem)
+
+    def key_for_name(self, name: str) -> bytes | None:
+        sem = self._names.get(name)
+        return sem.key if sem is not None else None
+
+    def key_for_handle(self, sid: int, token: bytes) -> bytes | None:
+        sess = self._sessions.get(sid)
+        handle = sess.handles.get(token) if sess is not None else None
+        return handle.sem.key if handle is not None else None
+
+    def key_for_token(self, token: bytes) -> bytes | None:
+        handle = self._tokens.get(token)
+        return handle.sem.key if handle is not None else None
+
+    # --------------------------------------------------------------- counting
+
+    def wait(
+        self,
+        sid: int,
+        token: bytes,
+        req_id: int,
+        *,
+        mode: WaitMode,
+        now: float,
+        deadline: float | None = None,
+        auth: Authenticator | None = None,
+    ) -> WaitDone | None:
+        """``sem_wait``/``sem_trywait``/``sem_timedwait``. Returns the grant when a unit
+        was free, or None when the wait was queued (its end comes from ``post``,
+        ``expire``, ``cancel``, ``close`` or ``end_session``)."""
+        sess, handle = self._handle(sid, token)
+        sem = handle.sem
+        self._authenticate(sem, auth)
+        if mode is WaitMode.TIMED and deadline is None:
+            raise CoreError(Status.EINVAL, "a timed wait needs a deadline")
+        if sem.value > 0:
+            sem.value -= 1
+            sem.waits += 1
+            self._hold(sem, sess)
+            return WaitDone(sid, req_id, token, sem.key, Status.OK)
+        if mode is WaitMode.TRY:
+            raise CoreError(Status.EAGAIN, f"semaphore {sem.name} is zero")
+        if deadline is not None and deadline <= now:
+            raise CoreError(Status.ETIMEDOUT, f"timed wait on {sem.name} timed out")
+        if req_id in sess.waits:
+            raise CoreError(Status.EINVAL, f"request {req_id} is already waiting")
+        if len(sess.waits) >= self.quotas.waiters_per_session:
+            raise CoreError(
+                Status.EDQUOT,
+                f"session has {self.quotas.waiters_per_session} waits queued (quota)",
+            )
+        uid = sess.cred.uid
+        if self._waiters_by_uid[uid] >= self.quotas.waiters_per_uid:
+            raise CoreError(
+                Status.EDQUOT, f"uid {uid} has {self.quotas.waiters_per_uid} waits queued (quota)"
+            )
+        waiter = _Waiter(sid, req_id, handle, deadline if mode is WaitMode.TIMED else None)
+        sem.waiters[(sid, req_id)] = waiter
+        sess.waits[req_id] = waiter
+        self._waiters_by_uid[uid] += 1
+        if waiter.deadline is not None:
+            self._heap_seq += 1
+            heapq.heappush(self._deadlines, (waiter.deadline, self._heap_seq, waiter))
+        return None
+
+    def post(
+        self, sid: int, token: bytes, *, auth: Authenticator | None = None
+    ) -> WaitDone | None:
+        """``sem_post``. Returns the grant when the unit went to a queued waiter."""
+        sess, handle = self._handle(sid, token)
+        sem = handle.sem
+        self._authenticate(sem, auth)
+        if not sem.waiters and sem.value >= SEM_VALUE_MAX:
+            raise CoreError(Status.EOVERFLOW, f"semaphore {sem.name} is at SEM_VALUE_MAX")
+        held = sem.holdings.get(sid, 0)
+        if held > 1:
+            sem.holdings[sid] = held - 1
+        elif held == 1:
+            del sem.holdings[sid]
+            sess.held.discard(sem)
+        sem.posts += 1
+        return self._release_unit(sem, overflow_ok=False)
+
+    def getvalue(self, sid: int, token: bytes, *, auth: Authenticator | None = None) -> int:
+        """``sem_getvalue``; Linux reports 0, never a negative count, while waiters queue."""
+        _, handle = self._handle(sid, token)
+        self._authenticate(handle.sem, auth)
+        return handle.sem.value
+
+    def cancel(self, sid: int, req_id: int) -> WaitDone | None:
+        """Withdraw a queued wait of this session. None when it is no longer queued:
+        it was granted, timed out or never existed, and its answer is already owed."""
+        sess = self._session(sid)
+        waiter = sess.waits.get(req_id)
+        if waiter is None:
+            return None
+        self._unqueue(waiter)
+        return WaitDone(sid, req_id, waiter.handle.token, waiter.handle.sem.key, Status.ECANCELED)
+
+    def expire(self, now: float) -> list[WaitDone]:
+        """End every timed wait whose deadline is at or before ``now``."""
+        done: list[WaitDone] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, waiter = heapq.heappop(self._deadlines)
+            if waiter.active:
+                self._unqueue(waiter)
+                sem = waiter.handle.sem
+                done.append(
+                    WaitDone(waiter.sid, waiter.req_id, waiter.handle.token, sem.key,
+                             Status.ETIMEDOUT)
+                )
+        return done
+
+    def next_deadline(self) -> float | None:
+        while self._deadlines and not self._deadlines[0][2].active:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
+
+    # ----------------------------------------------------------------- views
+
+    def info(self, name: str) -> SemInfo:
+        check_name(name)
+        sem = self._names.get(name)
+        if sem is None:
+            raise CoreError(Status.ENOENT, f"no semaphore {name}")
+        return self._info(sem)
+
+    def infos(self, *, include_unlinked: bool = False) -> list[SemInfo]:
+        sems = self._alive.values() if include_unlinked else self._names.values()
+        return [self._info(sem) for sem in sorted(sems, key=lambda s: (s.name, s.sem_id))]
+
+    def check_invariants(self) -> None:
+        """Assert the table's invariants; for tests and debugging (O(size))."""
+        waiting = 0
+        for sem in self._alive.values():
+            assert 0 <= sem.value <= SEM_VALUE_MAX, sem
+            assert sem.value == 0 or not sem.waiters, "a unit is free while waiters queue"
+            assert sem.linked == (self._names.get(sem.name) is sem)
+            assert sem.linked or sem.handles > 0, "a dead semaphore is still alive"
+            assert sem.value == sem.initial + sem.posts - sem.waits + sem.robust_releases
+            held = sum(sem.holdings.values()) + sum(sem.dead_holdings.values())
+            assert all(v > 0 for v in sem.holdings.values())
+            assert held <= sem.waits, "more units held than ever taken"
+            for (sid, req_id), w in sem.waiters.items():
+                assert w.active and w.handle.sem is sem
+                assert self._sessions[sid].waits[req_id] is w
+            waiting += len(sem.waiters)
+        assert waiting == sum(len(s.waits) for s in self._sessions.values())
+        assert sum(self._waiters_by_uid.values()) == waiting
+        handles = 0
+        for sess in self._sessions.values():
+            for token, handle in sess.handles.items():
+                assert self._tokens[token] is handle and handle.sid == sess.sid
+                assert handle.sem.sem_id in self._alive
+            handles += len(sess.handles)
+            for sem in sess.held:
+                assert sem.holdings.get(sess.sid, 0) > 0
+        assert handles == len(self._tokens)
+        for sem in self._alive.values():
+            assert sem.handles == sum(1 for h in self._tokens.values() if h.sem is sem)
+        assert sum(self._sems_by_uid.values()) == len(self._alive)
+
+    # --------------------------------------------------------------- helpers
+
+    def _session(self, sid: int) -> _Session:
+        sess = self._sessions.get(sid)
+        if sess is None:
+            raise CoreError(Status.EINVAL, f"no session {sid}")
+        return sess
+
+    def _handle(self, sid: int, token: bytes) -> tuple[_Session, _Handle]:
+        sess = self._session(sid)
+        handle = sess.handles.get(token)
+        if handle is None:
+            raise CoreError(Status.EBADF, "no such handle in this session")
+        return sess, handle
+
+    @staticmethod
+    def _authenticate(sem: _Sem, auth: Authenticator | None) -> None:
+        if sem.key is None:
+            return
+        if auth is None:
+            raise CoreError(Status.EKEYREJECTED, f"semaphore {sem.name} is key-bound: no MAC")
+        auth(sem.key)
+
+    def _add_handle(self, sess: _Session, sem: _Sem) -> _Handle:
+        token = self._new_token()
+        while token in self._tokens:  # 2**-128 per draw, but a test factory may repeat
+            token = self._new_token()
+        handle = _Handle(token, sem, sess.sid)
+        sess.handles[token] = handle
+        self._tokens[token] = handle
+        sem.handles += 1
+        return handle
+
+    def _drop_handle(self, sess: _Session, handle: _Handle) -> None:
+        del sess.handles[handle.token]
+        del self._tokens[handle.token]
+        handle.sem.handles -= 1
+        self._maybe_destroy(handle.sem)
+
+    def _maybe_destroy(self, sem: _Sem) -> None:
+        if sem.linked or sem.handles:
+            return
+        del self._alive[sem.sem_id]
+        self._sems_by_uid[sem.owner_uid] -= 1
+        if not self._sems_by_uid[sem.owner_uid]:
+            del self._sems_by_uid[sem.owner_uid]
+        for sid in sem.holdings:
+            self._sessions[sid].held.discard(sem)
+        sem.holdings.clear()
+
+    def _hold(self, sem: _Sem, sess: _Session) -> None:
+        sem.holdings[sess.sid] = sem.holdings.get(sess.sid, 0) + 1
+        sess.held.add(sem)
+
+    def _unqueue(self, waiter: _Waiter) -> None:
+        sem = waiter.handle.sem
+        del sem.waiters[(waiter.sid, waiter.req_id)]
+        sess = self._sessions[waiter.sid]
+        del sess.waits[waiter.req_id]
+        waiter.active = False
+        uid = sess.cred.uid
+        self._waiters_by_uid[uid] -= 1
+        if not self._waiters_by_uid[uid]:
+            del self._waiters_by_uid[uid]
+
+    def _release_unit(self, sem: _Sem, *, overflow_ok: bool) -> WaitDone | None:
+        """Give one unit to the first waiter, else to the count."""
+        if sem.waiters:
+            waiter = next(iter(sem.waiters.values()))
+            self._unqueue(waiter)
+            sem.waits += 1
+            self._hold(sem, self._sessions[waiter.sid])
+            return WaitDone(waiter.sid, waiter.req_id, waiter.handle.token, sem.key, Status.OK)
+        if sem.value >= SEM_VALUE_MAX:
+            if overflow_ok:  # a robust release into a full count: the unit is redundant
+                sem.robust_releases -= 1
+                return None
+            raise CoreError(Status.EOVERFLOW, f"semaphore {sem.name} is at SEM_VALUE_MAX")
+        sem.value += 1
+        return None
+
+    def _info(self, sem: _Sem) -> SemInfo:
+        pid_of = {sid: self._sessions[sid].cred.pid for sid in sem.holdings}
+        return SemInfo(
+            sem_id=sem.sem_id,
+            name=sem.name,
+            linked=sem.linked,
+            value=sem.value,
+            initial=sem.initial,
+            owner_uid=sem.owner_uid,
+            owner_gid=sem.owner_gid,
+            mode=sem.mode,
+            key_bound=sem.key is not None,
+            robust=sem.robust,
+            created=sem.created,
+            handles=sem.handles,
+            waiters=len(sem.waiters),
+            posts=sem.posts,
+            waits=sem.waits,
+            robust_releases=sem.robust_releases,
+            holders=tuple(sorted((pid_of[sid], n) for sid, n in sem.holdings.items())),
+            dead_holders=tuple(sorted(sem.dead_holdings.items())),
+            queue=tuple(
+                (self._sessions[w.sid].cred.pid, w.req_id, w.deadline)
+                for w in sem.waiters.values()
+            ),
+        )

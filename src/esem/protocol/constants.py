@@ -1,0 +1,70 @@
+"""Wire constants of the esem protocol, version 1. PROTOCOL.md is their specification.
+
+Every limit is named here with its unit and the reason for its value.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, IntFlag
+
+VERSION = 1
+NOISE_PROTOCOL_NAME = b"Noise_NK_25519_ChaChaPoly_BLAKE2s"
+NOISE_PROLOGUE = b"esem/1"  # binds the protocol version into the handshake hash
+
+LENGTH_BYTES = 4  # frame length prefix: unsigned 32-bit big-endian
+# Largest frame body in bytes. An operation needs < 400; the bound is set by admin
+# listings (paged to fit) and keeps a hostile peer from making us buffer much.
+MAX_FRAME_BODY = 16384
+AEAD_TAG_BYTES = 16  # ChaCha20-Poly1305 tag appended by every Noise transport message
+MAX_PLAINTEXT = MAX_FRAME_BODY - AEAD_TAG_BYTES
+HANDSHAKE_HEADER_BYTES = 2  # version, kind
+NOISE_MSG_BYTES = 48  # NK messages 1 and 2 with empty payloads: ephemeral key + tag
+
+HANDLE_BYTES = 16  # handle capability tokens, 128 random bits
+MAC_BYTES = 32  # key-binding MAC: keyed BLAKE2s-256
+MAX_MESSAGE_BYTES = 512  # error text in a refusal, UTF-8
+MAX_TIMEOUT_NS = 2**63 - 1  # timed waits: relative timeout, nanoseconds
+MAC_DOMAIN = b"esem-keybind-v1"  # separates key-binding MACs from any other use of K
+
+
+class FrameKind(IntEnum):
+    """Second byte of a plaintext handshake frame."""
+
+    HELLO = 1  # client -> service: Noise NK message 1
+    WELCOME = 2  # service -> client: Noise NK message 2
+    REFUSED = 3  # service -> client: unauthenticated refusal text (quota, version)
+
+
+class Direction(IntEnum):
+    TO_SERVICE = 0
+    TO_CLIENT = 1
+
+
+class Opcode(IntEnum):
+    OPEN = 1
+    CLOSE = 2
+    UNLINK = 3
+    WAIT = 4
+    POST = 5
+    GETVALUE = 6
+    CANCEL = 7
+    ATTACH = 8
+    LIST = 9
+    STAT = 10
+    PING = 11
+
+
+class MsgFlag(IntFlag):
+    NONE = 0
+    HAS_MAC = 1  # the message ends with a MAC_BYTES key-binding MAC
+
+
+class OpenFlag(IntFlag):
+    NONE = 0
+    CREAT = 1
+    EXCL = 2
+    ROBUST = 4  # esem extension: a dead holder's units are released
+
+
+REQUEST_HEADER = ">BBBQ"  # version, opcode, flags, request id
+REPLY_HEADER = ">BBBQH"  # version, opcode, flags, request id, status

@@ -1,0 +1,131 @@
+"""Channel cryptography: the Noise NK handshake, the AEAD transport, key-binding MACs.
+
+Nothing here is invented: the handshake and transport are Noise
+(``Noise_NK_25519_ChaChaPoly_BLAKE2s`` through the ``noiseprotocol`` package), in which
+the client knows and pins the service's static X25519 key, and every transport message
+is ChaCha20-Poly1305 under a per-direction key with an implicit counter nonce, so a
+replayed, reordered, dropped or modified frame fails to decrypt. Key-binding MACs are
+keyed BLAKE2s-256 (``hashlib``), compared with ``hmac.compare_digest``.
+
+Every authentication failure raises the same opaque ``IntegrityError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from noise.connection import Keypair, NoiseConnection
+
+from esem.errors import IntegrityError
+from esem.protocol.constants import MAC_DOMAIN, NOISE_PROLOGUE, NOISE_PROTOCOL_NAME, Direction
+
+KEY_BYTES = 32  # X25519 private and public keys
+
+
+def generate_static_key() -> bytes:
+    """A new X25519 private key for a service, as 32 raw bytes."""
+    from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
+
+    return X25519PrivateKey.generate().private_bytes(
+        Encoding.Raw, PrivateFormat.Raw, NoEncryption()
+    )
+
+
+def public_key_of(private: bytes) -> bytes:
+    return (
+        X25519PrivateKey.from_private_bytes(private)
+        .public_key()
+        .public_bytes(Encoding.Raw, PublicFormat.Raw)
+    )
+
+
+class Transport:
+    """The two AEAD directions of an established session."""
+
+    __slots__ = ("_noise", "session_id")
+
+    def __init__(self, noise: NoiseConnection) -> None:
+        self._noise = noise
+        # The handshake hash: unique per session, known to both ends and to no one else
+        # who could not also decrypt; key-binding MACs bind it in.
+        self.session_id: bytes = bytes(noise.get_handshake_hash())
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        return bytes(self._noise.encrypt(plaintext))
+
+    def decrypt(self, ciphertext: bytes) -> bytes:
+        try:
+            return bytes(self._noise.decrypt(ciphertext))
+        except Exception as exc:  # NoiseInvalidMessage, InvalidTag, malformed input
+            raise IntegrityError("frame failed authentication") from exc
+
+
+class Initiator:
+    """Client side of Noise NK: pins ``service_public``."""
+
+    def __init__(self, service_public: bytes) -> None:
+        if len(service_public) != KEY_BYTES:
+            raise ValueError(f"service public key must be {KEY_BYTES} bytes")
+        self._noise = NoiseConnection.from_name(NOISE_PROTOCOL_NAME)
+        self._noise.set_as_initiator()
+        self._noise.set_prologue(NOISE_PROLOGUE)
+        self._noise.set_keypair_from_public_bytes(Keypair.REMOTE_STATIC, service_public)
+        self._noise.start_handshake()
+
+    def hello(self) -> bytes:
+        return bytes(self._noise.write_message(b""))
+
+    def finish(self, welcome: bytes) -> Transport:
+        try:
+            payload = self._noise.read_message(welcome)
+        except Exception as exc:  # wrong key (impersonator), tampering, garbage
+            raise IntegrityError("service failed to prove its pinned identity") from exc
+        if payload or not self._noise.handshake_finished:
+            raise IntegrityError("service failed to prove its pinned identity")
+        return Transport(self._noise)
+
+
+class Responder:
+    """Service side of Noise NK with the service's static private key."""
+
+    def __init__(self, static_private: bytes) -> None:
+        self._noise = NoiseConnection.from_name(NOISE_PROTOCOL_NAME)
+        self._noise.set_as_responder()
+        self._noise.set_prologue(NOISE_PROLOGUE)
+        self._noise.set_keypair_from_private_bytes(Keypair.STATIC, static_private)
+        self._noise.start_handshake()
+
+    def respond(self, hello: bytes) -> tuple[bytes, Transport]:
+        try:
+            payload = self._noise.read_message(hello)
+            if payload:
+                raise IntegrityError("unexpected handshake payload")
+            welcome = bytes(self._noise.write_message(b""))
+        except IntegrityError:
+            raise
+        except Exception as exc:
+            raise IntegrityError("handshake failed") from exc
+        return welcome, Transport(self._noise)
+
+
+def keybind_mac(key: bytes, session_id: bytes, direction: Direction, body: bytes) -> bytes:
+    """MAC_K(domain, session id, direction, message): the message holds the version,
+    opcode, request id (the sequence), the semaphore's handle or name, and every argument
+    or result, exactly as sent."""
+    h = hashlib.blake2s(MAC_DOMAIN, key=key, digest_size=32)
+    h.update(session_id)
+    h.update(bytes((direction,)))
+    h.update(body)
+    return h.digest()
+
+
+def verify_keybind_mac(
+    key: bytes, session_id: bytes, direction: Direction, body: bytes, mac: bytes | None
+) -> None:
+    """Raise ``IntegrityError`` unless ``mac`` is the MAC of ``body``."""
+    expected = keybind_mac(key, session_id, direction, body)
+    if mac is None or not hmac.compare_digest(expected, mac):
+        raise IntegrityError("key-binding MAC did not verify")

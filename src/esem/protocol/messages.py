@@ -1,0 +1,265 @@
+"""Plaintext messages (what travels inside the AEAD layer): dataclasses and codecs.
+
+``struct`` only; nothing a peer sends is ever unpickled or evaluated. Admin listings are
+UTF-8 JSON inside a reply (parsed with ``json``, which builds only plain data).
+Decoders reject anything that is not exactly one well-formed message (unknown opcode,
+out-of-range field, short or trailing bytes) with ``ProtocolError``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from esem.core.limits import KEY_MAX_BYTES, KEY_MIN_BYTES, MAX_NAME_BYTES
+from esem.core.status import Status
+from esem.core.table import WaitMode
+from esem.errors import ProtocolError
+from esem.protocol.constants import (
+    HANDLE_BYTES,
+    MAC_BYTES,
+    MAX_MESSAGE_BYTES,
+    MAX_PLAINTEXT,
+    MAX_TIMEOUT_NS,
+    REPLY_HEADER,
+    REQUEST_HEADER,
+    VERSION,
+    MsgFlag,
+    Opcode,
+    OpenFlag,
+)
+
+_REQ = struct.Struct(REQUEST_HEADER)
+_REP = struct.Struct(REPLY_HEADER)
+_OPEN = struct.Struct(">BHI")  # oflag, mode, value
+_WAIT = struct.Struct(">BQ")  # wait mode, timeout ns
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_U8 = struct.Struct(">B")
+
+# Opcodes whose request names a semaphore by handle (16-byte token first in the payload).
+HANDLE_OPS = frozenset(
+    {Opcode.CLOSE, Opcode.WAIT, Opcode.POST, Opcode.GETVALUE, Opcode.ATTACH}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One client request. Fields an opcode does not use keep their defaults."""
+
+    opcode: Opcode
+    req_id: int
+    handle: bytes = b""  # CLOSE WAIT POST GETVALUE ATTACH
+    name: str = ""  # OPEN UNLINK STAT
+    oflag: OpenFlag = OpenFlag.NONE  # OPEN
+    mode: int = 0  # OPEN
+    value: int = 0  # OPEN
+    key: bytes | None = None  # OPEN with CREAT: the key that binds a new semaphore
+    wait_mode: WaitMode = WaitMode.BLOCK  # WAIT
+    timeout_ns: int = 0  # WAIT with TIMED
+    target: int = 0  # CANCEL: the request id of the wait to withdraw
+    offset: int = 0  # LIST: index of the first entry wanted
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The service's answer to request ``req_id``. Payload fields are set only for OK."""
+
+    opcode: Opcode
+    req_id: int
+    status: Status
+    handle: bytes = b""  # OPEN ATTACH
+    created: bool = False  # OPEN
+    value: int = 0  # GETVALUE; CANCEL: 1 if the wait was still queued
+    data: bytes = b""  # LIST STAT: UTF-8 JSON
+    message: str = ""  # refusals: what was wrong, for a human
+
+
+class _Reader:
+    """Cursor over a message body; every short read is a ProtocolError."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes, pos: int) -> None:
+        self.data = data
+        self.pos = pos
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise ProtocolError("message truncated")
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def unpack(self, st: struct.Struct) -> tuple[int, ...]:
+        return st.unpack(self.take(st.size))
+
+    def short_bytes(self, lo: int, hi: int, what: str) -> bytes:
+        (n,) = self.unpack(_U8)
+        if not lo <= n <= hi:
+            raise ProtocolError(f"{what} length {n} outside {lo}..{hi}")
+        return self.take(n)
+
+    def name(self) -> str:
+        raw = self.short_bytes(2, MAX_NAME_BYTES + 1, "name")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("name is not UTF-8") from exc
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise ProtocolError(f"{len(self.data) - self.pos} trailing bytes")
+
+
+def _short(raw: bytes) -> bytes:
+    return _U8.pack(len(raw)) + raw
+
+
+def _flags(mac: bool) -> int:
+    return int(MsgFlag.HAS_MAC) if mac else 0
+
+
+def encode_request(req: Request, *, mac: bool = False) -> bytes:
+    """Body of ``req`` without its MAC; with ``mac`` the HAS_MAC flag is set, and the
+    caller appends the MAC computed over exactly these bytes."""
+    head = _REQ.pack(VERSION, req.opcode, _flags(mac), req.req_id)
+    op = req.opcode
+    if op is Opcode.OPEN:
+        key = req.key or b""
+        body = (
+            _OPEN.pack(req.oflag, req.mode, req.value)
+            + _short(key)
+            + _short(req.name.encode("utf-8"))
+        )
+    elif op is Opcode.WAIT:
+        body = req.handle + _WAIT.pack(req.wait_mode, req.timeout_ns)
+    elif op in HANDLE_OPS:
+        body = req.handle
+    elif op in (Opcode.UNLINK, Opcode.STAT):
+        body = _short(req.name.encode("utf-8"))
+    elif op is Opcode.CANCEL:
+        body = _U64.pack(req.target)
+    elif op is Opcode.LIST:
+        body = _U32.pack(req.offset)
+    else:
+        body = b""
+    return head + body
+
+
+def decode_request(data: bytes) -> tuple[Request, bytes, bytes | None]:
+    """Parse one request body. Returns the request, the bytes its MAC covers, and the MAC
+    (None when the request carries none)."""
+    if len(data) > MAX_PLAINTEXT:
+        raise ProtocolError("request too large")
+    r = _Reader(data, 0)
+    version, opcode, flags, req_id = r.unpack(_REQ)
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}")
+    if flags & ~MsgFlag.HAS_MAC:
+        raise ProtocolError(f"unknown flags {flags:#x}")
+    mac: bytes | None = None
+    if flags & MsgFlag.HAS_MAC:
+        if len(data) < _REQ.size + MAC_BYTES:
+            raise ProtocolError("message truncated")
+        mac = data[-MAC_BYTES:]
+        r.data = data = data[:-MAC_BYTES]
+    try:
+        op = Opcode(opcode)
+    except ValueError:
+        raise ProtocolError(f"unknown opcode {opcode}") from None
+    req = _decode_request_body(op, req_id, r)
+    r.end()
+    return req, data, mac
+
+
+def _decode_request_body(op: Opcode, req_id: int, r: _Reader) -> Request:
+    if op is Opcode.OPEN:
+        oflag, mode, value = r.unpack(_OPEN)
+        if oflag & ~(OpenFlag.CREAT | OpenFlag.EXCL | OpenFlag.ROBUST):
+            raise ProtocolError(f"unknown open flags {oflag:#x}")
+        key = r.short_bytes(0, KEY_MAX_BYTES, "key")
+        if key and len(key) < KEY_MIN_BYTES:
+            raise ProtocolError(f"key length {len(key)} below {KEY_MIN_BYTES}")
+        name = r.name()
+        return Request(
+            op, req_id, name=name, oflag=OpenFlag(oflag), mode=mode, value=value, key=key or None
+        )
+    if op in HANDLE_OPS:
+        handle = r.take(HANDLE_BYTES)
+        if op is not Opcode.WAIT:
+            return Request(op, req_id, handle=handle)
+        wait_mode, timeout_ns = r.unpack(_WAIT)
+        try:
+            wm = WaitMode(wait_mode)
+        except ValueError:
+            raise ProtocolError(f"unknown wait mode {wait_mode}") from None
+        if timeout_ns > MAX_TIMEOUT_NS or (timeout_ns and wm is not WaitMode.TIMED):
+            raise ProtocolError("timeout out of range")
+        return Request(op, req_id, handle=handle, wait_mode=wm, timeout_ns=timeout_ns)
+    if op in (Opcode.UNLINK, Opcode.STAT):
+        return Request(op, req_id, name=r.name())
+    if op is Opcode.CANCEL:
+        (target,) = r.unpack(_U64)
+        return Request(op, req_id, target=target)
+    if op is Opcode.LIST:
+        (offset,) = r.unpack(_U32)
+        return Request(op, req_id, offset=offset)
+    return Request(op, req_id)
+
+
+def encode_reply(rep: Reply, *, mac: bool = False) -> bytes:
+    head = _REP.pack(VERSION, rep.opcode, _flags(mac), rep.req_id, rep.status)
+    if rep.status is not Status.OK:
+        return head + rep.message.encode("utf-8")[:MAX_MESSAGE_BYTES]
+    op = rep.opcode
+    if op in (Opcode.OPEN, Opcode.ATTACH):
+        return head + rep.handle + _U8.pack(rep.created)
+    if op in (Opcode.GETVALUE, Opcode.CANCEL):
+        return head + _U32.pack(rep.value)
+    if op in (Opcode.LIST, Opcode.STAT):
+        return head + rep.data
+    return head
+
+
+def decode_reply(data: bytes) -> tuple[Reply, bytes, bytes | None]:
+    """Parse one reply body: the reply, the bytes its MAC covers, and the MAC or None."""
+    if len(data) > MAX_PLAINTEXT:
+        raise ProtocolError("reply too large")
+    r = _Reader(data, 0)
+    version, opcode, flags, req_id, status = r.unpack(_REP)
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}")
+    if flags & ~MsgFlag.HAS_MAC:
+        raise ProtocolError(f"unknown flags {flags:#x}")
+    mac: bytes | None = None
+    if flags & MsgFlag.HAS_MAC:
+        if len(data) < _REP.size + MAC_BYTES:
+            raise ProtocolError("message truncated")
+        mac = data[-MAC_BYTES:]
+        r.data = data = data[:-MAC_BYTES]
+    try:
+        op = Opcode(opcode)
+        st = Status(status)
+    except ValueError:
+        raise ProtocolError(f"unknown opcode {opcode} or status {status}") from None
+    if st is not Status.OK:
+        raw = r.take(len(r.data) - r.pos)
+        if len(raw) > MAX_MESSAGE_BYTES:
+            raise ProtocolError("refusal text too long")
+        return Reply(op, req_id, st, message=raw.decode("utf-8", "replace")), data, mac
+    rep = Reply(op, req_id, st)
+    if op in (Opcode.OPEN, Opcode.ATTACH):
+        handle = r.take(HANDLE_BYTES)
+        (created,) = r.unpack(_U8)
+        if created > 1:
+            raise ProtocolError("created flag out of range")
+        rep = Reply(op, req_id, st, handle=handle, created=bool(created))
+    elif op in (Opcode.GETVALUE, Opcode.CANCEL):
+        (value,) = r.unpack(_U32)
+        rep = Reply(op, req_id, st, value=value)
+    elif op in (Opcode.LIST, Opcode.STAT):
+        rep = Reply(op, req_id, st, data=r.take(len(r.data) - r.pos))
+    r.end()
+    return rep, data, mac

@@ -1,0 +1,305 @@
+"""Sans-I/O protocol sessions: bytes in, typed events out, bytes to send.
+
+A session moves through the states below; every (state, input) pair not in the
+transition table is a protocol error, after which the session is CLOSED for good and the
+I/O shell must drop the connection::
+
+    client: START --start()--> AWAIT_WELCOME --WELCOME--> OPEN --(error)--> CLOSED
+                                             --REFUSED--> CLOSED
+    service: AWAIT_HELLO --HELLO--> OPEN --(error)--> CLOSED
+             AWAIT_HELLO --refuse()--> CLOSED
+
+In OPEN every frame is an AEAD transport message. The client numbers its requests with
+strictly increasing ids and the service rejects any id that does not increase, so the id
+is a per-session sequence number that key-binding MACs can bind. Replies may come in any
+order (a blocked wait answers late) but each pending id is answered exactly once, by a
+reply with the request's opcode.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from esem.core.status import CoreError, Status
+from esem.errors import EsemError, IntegrityError, ProtocolError, error_for
+from esem.protocol.constants import (
+    MAX_MESSAGE_BYTES,
+    VERSION,
+    Direction,
+    FrameKind,
+    Opcode,
+)
+from esem.protocol.crypto import (
+    Initiator,
+    Responder,
+    Transport,
+    keybind_mac,
+    verify_keybind_mac,
+)
+from esem.protocol.frames import FrameDecoder, encode_frame
+from esem.protocol.messages import (
+    Reply,
+    Request,
+    decode_reply,
+    decode_request,
+    encode_reply,
+    encode_request,
+)
+
+_HS = struct.Struct(">BB")  # version, kind
+_REFUSAL = struct.Struct(">BBH")  # version, kind, status
+
+
+class State(Enum):
+    START = "start"
+    AWAIT_HELLO = "await-hello"
+    AWAIT_WELCOME = "await-welcome"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestIn:
+    """A decrypted, well-formed request. ``signed``/``mac`` are what its key-binding MAC
+    covers and the MAC itself (None if it carried none)."""
+
+    request: Request
+    signed: bytes
+    mac: bytes | None
+
+
+def _handshake_frame(kind: FrameKind, payload: bytes) -> bytes:
+    return encode_frame(_HS.pack(VERSION, kind) + payload)
+
+
+def _split_handshake(body: bytes) -> tuple[FrameKind, bytes]:
+    if len(body) < _HS.size:
+        raise ProtocolError("handshake frame truncated")
+    version, kind = _HS.unpack_from(body)
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}")
+    try:
+        return FrameKind(kind), body[_HS.size :]
+    except ValueError:
+        raise ProtocolError(f"unknown handshake frame kind {kind}") from None
+
+
+class _Session:
+    _transport: Transport | None
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self._decoder = FrameDecoder()
+        self._out = bytearray()
+        self._transport = None
+
+    @property
+    def session_id(self) -> bytes:
+        if self._transport is None:
+            raise RuntimeError("session not established")
+        return self._transport.session_id
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def _frames(self, data: bytes) -> list[bytes]:
+        if self.state is State.CLOSED:
+            raise ProtocolError("session is closed")
+        try:
+            return self._decoder.feed(data)
+        except EsemError:
+            self.state = State.CLOSED
+            raise
+
+    def _fail(self, exc: EsemError) -> EsemError:
+        self.state = State.CLOSED
+        return exc
+
+
+class ServerSession(_Session):
+    """The service's end of one connection."""
+
+    def __init__(self, static_private: bytes) -> None:
+        super().__init__(State.AWAIT_HELLO)
+        self._responder: Responder | None = Responder(static_private)
+        self._last_req_id = 0
+        self._transitions: dict[State, Callable[[bytes], RequestIn | None]] = {
+            State.AWAIT_HELLO: self._on_hello,
+            State.OPEN: self._on_request,
+        }
+
+    def __repr__(self) -> str:
+        return f"<ServerSession {self.state.value} last_req={self._last_req_id}>"
+
+    def receive_data(self, data: bytes) -> list[RequestIn]:
+        """Feed bytes from the peer. Raises ``ProtocolError``/``IntegrityError`` (and
+        closes the session) on anything that is not the protocol."""
+        events: list[RequestIn] = []
+        for body in self._frames(data):
+            handler = self._transitions.get(self.state)
+            if handler is None:
+                raise self._fail(ProtocolError(f"no frame expected in state {self.state.value}"))
+            try:
+                event = handler(body)
+            except EsemError:
+                self.state = State.CLOSED
+                raise
+            if event is not None:
+                events.append(event)
+        return events
+
+    def refuse(self, status: Status, text: str) -> None:
+        """Refuse the connection before or instead of the handshake (quota, version)."""
+        raw = text.encode("utf-8")[:MAX_MESSAGE_BYTES]
+        self._out += encode_frame(_REFUSAL.pack(VERSION, FrameKind.REFUSED, status) + raw)
+        self.state = State.CLOSED
+
+    def _on_hello(self, body: bytes) -> None:
+        kind, payload = _split_handshake(body)
+        if kind is not FrameKind.HELLO or self._responder is None:
+            raise ProtocolError("expected HELLO")
+        welcome, self._transport = self._responder.respond(payload)
+        self._responder = None
+        self._out += _handshake_frame(FrameKind.WELCOME, welcome)
+        self.state = State.OPEN
+
+    def _on_request(self, body: bytes) -> RequestIn:
+        assert self._transport is not None
+        plaintext = self._transport.decrypt(body)
+        req, signed, mac = decode_request(plaintext)
+        if req.req_id <= self._last_req_id:
+            raise ProtocolError(f"request id {req.req_id} does not increase")
+        self._last_req_id = req.req_id
+        return RequestIn(req, signed, mac)
+
+    def authenticator(self, event: RequestIn) -> Callable[[bytes], None]:
+        """The core's proof-of-key check for this request: raises
+        ``CoreError(EKEYREJECTED)`` unless its MAC verifies under the given key."""
+        session_id = self.session_id
+
+        def auth(key: bytes) -> None:
+            try:
+                verify_keybind_mac(key, session_id, Direction.TO_SERVICE, event.signed, event.mac)
+            except IntegrityError:
+                raise CoreError(
+                    Status.EKEYREJECTED, "key-bound semaphore: missing or invalid key MAC"
+                ) from None
+
+        return auth
+
+    def send_reply(self, reply: Reply, *, mac_key: bytes | None = None) -> None:
+        """Queue ``reply``; with ``mac_key`` it carries the key-binding MAC under it."""
+        if self.state is not State.OPEN or self._transport is None:
+            raise RuntimeError(f"cannot reply in state {self.state.value}")
+        body = encode_reply(reply, mac=mac_key is not None)
+        if mac_key is not None:
+            body += keybind_mac(mac_key, self.session_id, Direction.TO_CLIENT, body)
+        self._out += encode_frame(self._transport.encrypt(body))
+
+
+@dataclass(slots=True)
+class _Pending:
+    opcode: Opcode
+    key: bytes | None  # the request carried a MAC under this key
+
+
+class ClientSession(_Session):
+    """The client's end: pins the service's static public key."""
+
+    def __init__(self, service_public: bytes) -> None:
+        super().__init__(State.START)
+        self._initiator: Initiator | None = Initiator(service_public)
+        self._next_req_id = 1
+        self._pending: dict[int, _Pending] = {}
+
+    def __repr__(self) -> str:
+        return f"<ClientSession {self.state.value} pending={len(self._pending)}>"
+
+    @property
+    def established(self) -> bool:
+        return self.state is State.OPEN
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> bytes:
+        """The HELLO frame that opens the handshake."""
+        if self.state is not State.START or self._initiator is None:
+            raise RuntimeError("handshake already started")
+        self.state = State.AWAIT_WELCOME
+        return _handshake_frame(FrameKind.HELLO, self._initiator.hello())
+
+    def next_request_id(self) -> int:
+        req_id = self._next_req_id
+        self._next_req_id += 1
+        return req_id
+
+    def send_request(self, req: Request, *, key: bytes | None = None) -> bytes:
+        """Encrypt ``req`` (its id from ``next_request_id``, used once) into a frame;
+        with ``key`` it carries the key-binding MAC and its reply must carry one back."""
+        if self.state is not State.OPEN or self._transport is None:
+            raise RuntimeError(f"cannot send in state {self.state.value}")
+        if req.req_id in self._pending:
+            raise RuntimeError(f"request id {req.req_id} is in flight")
+        body = encode_request(req, mac=key is not None)
+        if key is not None:
+            body += keybind_mac(key, self.session_id, Direction.TO_SERVICE, body)
+        frame = encode_frame(self._transport.encrypt(body))
+        self._pending[req.req_id] = _Pending(req.opcode, key)
+        return frame
+
+    def receive_data(self, data: bytes) -> list[Reply]:
+        """Feed bytes from the service; returns verified replies. Any frame that fails
+        authentication, parsing or matching a pending request raises ``IntegrityError``
+        (``ProtocolError`` is one) and closes the session; a refusal at the handshake
+        raises the refusal's error."""
+        replies: list[Reply] = []
+        for body in self._frames(data):
+            try:
+                if self.state is State.AWAIT_WELCOME:
+                    self._on_welcome(body)
+                elif self.state is State.OPEN:
+                    replies.append(self._on_reply(body))
+                else:
+                    raise ProtocolError(f"no frame expected in state {self.state.value}")
+            except EsemError:
+                self.state = State.CLOSED
+                raise
+        return replies
+
+    def _on_welcome(self, body: bytes) -> None:
+        kind, payload = _split_handshake(body)
+        if kind is FrameKind.REFUSED:
+            if len(payload) < 2:
+                raise ProtocolError("refusal truncated")
+            try:
+                status = Status(int.from_bytes(payload[:2], "big"))
+            except ValueError:
+                raise ProtocolError("refusal with unknown status") from None
+            text = payload[2:].decode("utf-8", "replace")
+            raise error_for(status, f"service refused the session: {text}")
+        if kind is not FrameKind.WELCOME or self._initiator is None:
+            raise ProtocolError("expected WELCOME")
+        self._transport = self._initiator.finish(payload)
+        self._initiator = None
+        self.state = State.OPEN
+
+    def _on_reply(self, body: bytes) -> Reply:
+        assert self._transport is not None
+        reply, signed, mac = decode_reply(self._transport.decrypt(body))
+        pending = self._pending.pop(reply.req_id, None)
+        if pending is None or pending.opcode is not reply.opcode:
+            raise ProtocolError(f"reply {reply.req_id} answers no pending request")
+        if pending.key is None:
+            if mac is not None:
+                raise ProtocolError("MAC on a reply to a request without one")
+        elif mac is not None or reply.status is Status.OK:
+            # Never accept a success on a key-bound semaphore without the key's MAC.
+            verify_keybind_mac(pending.key, self.session_id, Direction.TO_CLIENT, signed, mac)
+        return reply

@@ -1,0 +1,1 @@
+"""The esem service: the asyncio daemon around the trusted core."""

@@ -1,0 +1,290 @@
+"""The service's I/O shell: one asyncio protocol per connection over one SemTable.
+
+Everything runs on the event loop thread, so each request is applied to the table as one
+atomic step. The shell does four things and nothing else: read the peer's kernel-vouched
+credentials, feed bytes to the connection's ``ServerSession``, turn its requests into
+table calls, and write the replies (including the late ones: grants of queued waits,
+timeouts from the single deadline timer, cancellations). A connection that breaks the
+protocol is logged and dropped; the table then forgets its session, and any unit that
+session was waiting for goes to the next waiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import socket
+import struct
+import time
+from typing import cast
+
+from esem.core import CoreError, Cred, Quotas, SemTable, Status, WaitDone, WaitMode
+from esem.errors import EsemError
+from esem.protocol.constants import MAX_PLAINTEXT, Opcode, OpenFlag
+from esem.protocol.messages import Reply
+from esem.protocol.session import RequestIn, ServerSession, State
+
+log = logging.getLogger("esem.server")
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# Pause reading from a client whose replies pile up unread (adversary A7).
+WRITE_HIGH_WATER = 256 * 1024
+LIST_PAGE_BUDGET = MAX_PLAINTEXT - 1024  # bytes of JSON per LIST reply, header room left
+
+
+_END_TEXT = {
+    Status.ETIMEDOUT: "timed wait reached its deadline",
+    Status.ECANCELED: "wait cancelled",
+    Status.EBADF: "handle closed while waiting",
+}
+
+
+def peer_cred(sock: socket.socket) -> Cred:
+    pid, uid, gid = _PEERCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    )
+    return Cred(uid=uid, gid=gid, pid=pid)
+
+
+class Service:
+    """The semaphore table and the live connections that use it."""
+
+    def __init__(self, static_private: bytes, quotas: Quotas | None = None) -> None:
+        self.table = SemTable(quotas)
+        self._static_private = static_private
+        self._conns: dict[int, Connection] = {}
+        self._next_sid = 1
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._dirty: set[Connection] = set()
+        self.sessions_started = 0
+
+    def __repr__(self) -> str:
+        return f"<Service connections={len(self._conns)} {self.table!r}>"
+
+    def statistics(self) -> dict[str, int]:
+        return {"connections": len(self._conns), "sessions_started": self.sessions_started,
+                **self.table.statistics()}
+
+    def protocol_factory(self) -> Connection:
+        return Connection(self)
+
+    # -------------------------------------------------------- connection events
+
+    def _attach(self, conn: Connection, cred: Cred) -> int | None:
+        sid = self._next_sid
+        self._next_sid += 1
+        try:
+            self.table.add_session(sid, cred)
+        except CoreError as exc:
+            log.warning("refused connection pid=%d uid=%d: %s", cred.pid, cred.uid, exc.message)
+            conn.session.refuse(exc.status, exc.message)
+            return None
+        self._conns[sid] = conn
+        self.sessions_started += 1
+        log.info("session %d start pid=%d uid=%d gid=%d", sid, cred.pid, cred.uid, cred.gid)
+        return sid
+
+    def _detach(self, conn: Connection, reason: str) -> None:
+        sid = conn.sid
+        if sid is None or self._conns.get(sid) is not conn:
+            return
+        del self._conns[sid]
+        cred = self.table.session_cred(sid)
+        done = self.table.end_session(sid)
+        log.info("session %d end pid=%d uid=%d (%s)", sid, cred.pid, cred.uid, reason)
+        self._deliver(done)
+        self._arm_timer()
+        self._flush()
+
+    def _received(self, conn: Connection, data: bytes) -> None:
+        try:
+            events = conn.session.receive_data(data)
+        except EsemError as exc:
+            log.warning("session %s protocol error: %s; closing", conn.sid, exc)
+            # Forget the session now, before any later grant could be sent to it.
+            self._detach(conn, f"protocol error: {exc}")
+            conn.abort()
+            return
+        for event in events:
+            self._dispatch(conn, event)
+        self._dirty.add(conn)
+        self._arm_timer()
+        self._flush()
+
+    # ------------------------------------------------------------- dispatch
+
+    def _dispatch(self, conn: Connection, event: RequestIn) -> None:
+        req = event.request
+        sid = conn.sid
+        assert sid is not None
+        table = self.table
+        auth = conn.session.authenticator(event)
+        op = req.opcode
+        key: bytes | None = None
+        try:
+            if op in (Opcode.CLOSE, Opcode.WAIT, Opcode.POST, Opcode.GETVALUE):
+                key = table.key_for_handle(sid, req.handle)
+            if op is Opcode.OPEN:
+                opened = table.open(
+                    sid, req.name,
+                    create=bool(req.oflag & OpenFlag.CREAT),
+                    excl=bool(req.oflag & OpenFlag.EXCL),
+                    mode=req.mode, value=req.value, key=req.key,
+                    robust=bool(req.oflag & OpenFlag.ROBUST), keyed=event.mac is not None,
+                    now_wall=time.time(), auth=auth,
+                )
+                key = opened.key
+                reply = Reply(op, req.req_id, Status.OK, handle=opened.handle,
+                              created=opened.created)
+            elif op is Opcode.WAIT:
+                now = asyncio.get_running_loop().time()
+                deadline = now + req.timeout_ns / 1e9 if req.wait_mode is WaitMode.TIMED else None
+                done = table.wait(sid, req.handle, req.req_id, mode=req.wait_mode, now=now,
+                                  deadline=deadline, auth=auth)
+                if done is None:
+                    return  # queued: answered later by a grant, timeout or cancel
+                reply = Reply(op, req.req_id, Status.OK)
+            elif op is Opcode.POST:
+                granted = table.post(sid, req.handle, auth=auth)
+                reply = Reply(op, req.req_id, Status.OK)
+                if granted is not None:
+                    self._deliver([granted])
+            elif op is Opcode.GETVALUE:
+                value = table.getvalue(sid, req.handle, auth=auth)
+                reply = Reply(op, req.req_id, Status.OK, value=value)
+            elif op is Opcode.CLOSE:
+                self._deliver(table.close(sid, req.handle, auth=auth))
+                reply = Reply(op, req.req_id, Status.OK)
+            elif op is Opcode.UNLINK:
+                key = table.key_for_name(req.name)
+                table.unlink(sid, req.name, auth=auth)
+                reply = Reply(op, req.req_id, Status.OK)
+            elif op is Opcode.CANCEL:
+                cancelled = table.cancel(sid, req.target)
+                if cancelled is not None:
+                    self._deliver([cancelled])
+                reply = Reply(op, req.req_id, Status.OK, value=int(cancelled is not None))
+            elif op is Opcode.ATTACH:
+                opened = table.attach(sid, req.handle, auth=auth)
+                key = opened.key
+                reply = Reply(op, req.req_id, Status.OK, handle=opened.handle)
+            elif op is Opcode.LIST:
+                reply = Reply(op, req.req_id, Status.OK, data=self._list_page(req.offset))
+            elif op is Opcode.STAT:
+                info = dataclasses.asdict(table.info(req.name))
+                reply = Reply(op, req.req_id, Status.OK, data=json.dumps(info).encode())
+            else:
+                reply = Reply(op, req.req_id, Status.OK)
+        except CoreError as exc:
+            cred = table.session_cred(sid)
+            log.info("session %d pid=%d uid=%d refused %s: %s %s", sid, cred.pid, cred.uid,
+                     op.name, exc.status.name, exc.message)
+            reply = Reply(op, req.req_id, exc.status, message=exc.message)
+        mac = event.mac is not None and key is not None and reply.status is not Status.EKEYREJECTED
+        conn.session.send_reply(reply, mac_key=key if mac else None)
+
+    def _list_page(self, offset: int) -> bytes:
+        infos = self.table.infos()
+        entries: list[str] = []
+        size = 64
+        for info in infos[offset:]:
+            entry = json.dumps(dataclasses.asdict(info))
+            if size + len(entry) + 1 > LIST_PAGE_BUDGET and entries:
+                break
+            entries.append(entry)
+            size += len(entry) + 1
+        return f'{{"total": {len(infos)}, "offset": {offset}, "entries": [{",".join(entries)}]}}'.encode()
+
+    def _deliver(self, done: list[WaitDone]) -> None:
+        """Answer waits that ended outside their own request (grant, timeout, cancel)."""
+        for d in done:
+            conn = self._conns[d.sid]  # a session leaves the table when it leaves _conns
+            reply = Reply(Opcode.WAIT, d.req_id, d.status, message=_END_TEXT.get(d.status, ""))
+            conn.session.send_reply(reply, mac_key=d.key)
+            self._dirty.add(conn)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for conn in dirty:
+            conn.flush()
+
+    # ----------------------------------------------------------------- timers
+
+    def _arm_timer(self) -> None:
+        when = self.table.next_deadline()
+        if when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when is not None:
+            self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._deliver(self.table.expire(asyncio.get_running_loop().time()))
+        self._arm_timer()
+        self._flush()
+
+    def close_all(self) -> None:
+        for conn in list(self._conns.values()):
+            self._detach(conn, "service stopping")
+            conn.abort()
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: a thin adapter between the transport and the Service."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.session = ServerSession(service._static_private)
+        self.sid: int | None = None
+        self.transport: asyncio.Transport | None = None
+        self._paused = False
+
+    def __repr__(self) -> str:
+        return f"<Connection sid={self.sid} {self.session!r}>"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        transport = self.transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        sock = transport.get_extra_info("socket")
+        self.sid = self.service._attach(self, peer_cred(sock))
+        if self.sid is None:  # refused: say why, then hang up
+            self.flush()
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.sid is not None:
+            self.service._received(self, data)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.service._detach(self, "disconnected" if exc is None else f"lost: {exc}")
+
+    def pause_writing(self) -> None:
+        if self.transport is not None and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def flush(self) -> None:
+        data = self.session.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
