@@ -98,9 +98,8 @@ class EsemSemaphore:
                 raise ExistentialError(f"semaphore {self.name} has been closed")
             entry = self._tokens.get(pid)
             if entry is not None:
-                client, token = entry
-                if client.failed is not None:
-                    raise client.failed
+                if entry[0].failed is not None:
+                    raise entry[0].failed
                 return entry
             # Inherited across fork: attach through this process's own session, with
             # the token of the nearest ancestor that used the handle.

@@ -17,6 +17,7 @@ hang. The client never starts a service.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -271,10 +272,8 @@ class Client:
             if isinstance(exc, IntegrityError):
                 exc.add_note("the esem session was closed; its handles are no longer usable")
             if self._sock is not None:
-                try:
+                with contextlib.suppress(OSError):
                     self._sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
             self._cond.notify_all()
         return self._failure
 

@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from esem.core import Quotas
@@ -35,7 +35,7 @@ class StartupError(Exception):
 class ServeConfig:
     state_dir: Path
     socket_path: Path
-    quotas: Quotas = Quotas()
+    quotas: Quotas = field(default_factory=Quotas)
     socket_mode: int = 0o666  # every local uid may connect; semaphores carry their own modes
 
 
@@ -54,10 +54,14 @@ def load_or_create_key(state_dir: Path) -> bytes:
                 "chmod 600 it or remove it to make a new key"
             ) from None
         if st.st_uid != os.geteuid():
-            raise StartupError(f"{path} belongs to uid {st.st_uid}, not to this service")
+            raise StartupError(
+                f"{path} belongs to uid {st.st_uid}, not to this service"
+            ) from None
         key = path.read_bytes()
         if len(key) != KEY_BYTES:
-            raise StartupError(f"{path} holds {len(key)} bytes, not a {KEY_BYTES}-byte key")
+            raise StartupError(
+                f"{path} holds {len(key)} bytes, not a {KEY_BYTES}-byte key"
+            ) from None
         return key
     key = generate_static_key()
     with os.fdopen(fd, "wb") as f:

@@ -24,7 +24,7 @@ from esem.core import CoreError, Cred, Quotas, SemTable, Status, WaitDone, WaitM
 from esem.errors import EsemError
 from esem.protocol.constants import MAX_PLAINTEXT, Opcode, OpenFlag
 from esem.protocol.messages import Reply
-from esem.protocol.session import RequestIn, ServerSession, State
+from esem.protocol.session import RequestIn, ServerSession
 
 log = logging.getLogger("esem.server")
 
@@ -196,7 +196,8 @@ class Service:
                 break
             entries.append(entry)
             size += len(entry) + 1
-        return f'{{"total": {len(infos)}, "offset": {offset}, "entries": [{",".join(entries)}]}}'.encode()
+        page = f'{{"total": {len(infos)}, "offset": {offset}, "entries": [{",".join(entries)}]}}'
+        return page.encode()
 
     def _deliver(self, done: list[WaitDone]) -> None:
         """Answer waits that ended outside their own request (grant, timeout, cancel)."""

@@ -1,0 +1,102 @@
+"""The esem command line, against a real daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from esem.api import O_CREAT, USE_ESEM, _current_umask, sem_open
+from esem.client.blocking import Client
+from esem.server.embedded import EmbeddedService
+
+
+def esem(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "esem", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedService:
+    with EmbeddedService(tmp_path_factory.mktemp("cli")) as service:
+        yield service  # type: ignore[misc]
+
+
+def test_help_explains_every_command() -> None:
+    out = esem("--help").stdout
+    for command in ("serve", "ls", "stat", "unlink", "demo", "bench"):
+        assert command in out
+    assert "exit status" in out
+
+
+def test_ls_stat_unlink(svc: EmbeddedService) -> None:
+    name = f"/cli-{uuid.uuid4().hex[:8]}"
+    client = Client(svc.socket_path)
+    sem = sem_open(name, O_CREAT, 0o640, 3, flags=USE_ESEM, client=client,
+                   key=b"k" * 16)
+    sem.wait()
+    sock = ["--socket", str(svc.socket_path)]
+    listing = json.loads(esem("ls", "--json", *sock).stdout)
+    entry = next(e for e in listing if e["name"] == name)
+    assert entry["value"] == 2 and entry["handles"] == 1 and entry["key_bound"] is True
+    assert entry["owner_uid"] == os.getuid()
+    assert entry["mode"] == 0o640 & ~_current_umask()
+    human = esem("ls", *sock).stdout
+    assert name in human and "KEY" in human
+    info = json.loads(esem("stat", name, "--json", *sock).stdout)
+    assert info["holders"] == [[os.getpid(), 1]]
+    assert info["waits"] == 1
+    assert "holders" in esem("stat", name, *sock).stdout
+    refused = esem("unlink", name, *sock)  # key-bound: refused without the key
+    assert refused.returncode == 1 and "key" in refused.stderr
+    assert esem("unlink", name, "--key-hex", (b"k" * 16).hex(), *sock).returncode == 0
+    missing = esem("stat", name, *sock)
+    assert missing.returncode == 1 and "no semaphore" in missing.stderr
+    client.close()
+
+
+def test_no_service_exit_code(tmp_path: Path) -> None:
+    result = esem("ls", "--socket", str(tmp_path / "none.sock"))
+    assert result.returncode == 3
+    assert "none.sock" in result.stderr
+
+
+def test_bad_name_is_usage_error(svc: EmbeddedService) -> None:
+    result = esem("unlink", "no-slash", "--socket", str(svc.socket_path))
+    assert result.returncode == 2
+    assert "must start with '/'" in result.stderr
+
+
+def test_demo_json_shows_legacy_broken_and_esem_intact() -> None:
+    result = esem("demo", "--iterations", "60", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {(r["backend"], r["attack"]): r for r in json.loads(result.stdout)}
+    assert set(rows) == {("legacy", "none"), ("legacy", "tamper"),
+                         ("esem", "none"), ("esem", "tamper")}
+    for attack in ("none", "tamper"):
+        assert rows[("esem", attack)]["lost_updates"] == 0
+        assert rows[("esem", attack)]["max_inside"] == 1
+        assert rows[("esem", attack)]["counted"] == rows[("esem", attack)]["increments"]
+    assert rows[("legacy", "none")]["lost_updates"] == 0
+    # The attack is real: the same adversary breaks the legacy semaphore.
+    assert rows[("legacy", "tamper")]["max_inside"] > 1
+    assert rows[("legacy", "tamper")]["lost_updates"] > 0
+    assert "running" in result.stderr  # progress
+
+
+def test_bench_micro_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "micro.json"
+    result = esem("bench", "micro", "-n", "20", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    cases = {(r["backend"], r["case"]) for r in report["results"]}
+    for op in ("open", "close", "unlink", "post", "wait", "trywait", "getvalue", "handoff"):
+        assert ("esem", op) in cases and ("legacy", op) in cases
+    assert ("floor", "uds-roundtrip") in cases
+    assert all(r["value"] > 0 for r in report["results"])
+    assert "esem/legacy" in result.stdout
