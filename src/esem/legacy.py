@@ -8,6 +8,7 @@ by side. Its count lives in shared memory that any process of the same uid can r
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Iterator
 from types import TracebackType
 
@@ -15,6 +16,7 @@ import posix_ipc
 
 from esem import errors
 from esem.core.limits import SEM_VALUE_MAX
+from esem.core.status import Status
 
 
 @contextlib.contextmanager
@@ -31,8 +33,12 @@ def _mapped() -> Iterator[None]:
     except posix_ipc.SignalError as exc:
         raise errors.SignalError(str(exc)) from exc
     except OSError as exc:
-        if exc.errno == 75:  # EOVERFLOW
-            raise errors.SemaphoreOverflow("semaphore is at SEM_VALUE_MAX") from exc
+        if exc.errno == errno.EOVERFLOW:
+            # With its status, so ``.errno`` is EOVERFLOW as for posix_ipc's OSError and
+            # for the esem backend's SemaphoreOverflow (``except OSError`` code checks it).
+            raise errors.SemaphoreOverflow(
+                "semaphore is at SEM_VALUE_MAX", status=Status.EOVERFLOW
+            ) from exc
         raise
 
 

@@ -562,6 +562,43 @@ def test_block_wait_has_no_deadline(table: SemTable) -> None:
     assert table.info("/t").waiters == 1
 
 
+def test_ended_timed_waits_do_not_accumulate() -> None:
+    # One live timed wait with an early deadline sits at the top of the deadline heap;
+    # behind it, a tenant within every quota (two waiters at most) makes and cancels
+    # timed waits with later deadlines, again and again. Memory must stay bounded by
+    # what is live, as the quotas promise ("every limit counts live objects").
+    import gc
+    import tracemalloc
+
+    table = SemTable(quotas=Quotas(waiters_per_session=2, waiters_per_uid=2))
+    table.add_session(1, ALICE)
+    h = table.open(1, "/leak", create=True, excl=True, mode=0o600, value=0,
+                   now_wall=0.0).handle
+    table.wait(1, h, 0, mode=WaitMode.TIMED, now=0.0, deadline=86_400.0)
+
+    def cycles(first: int, n: int) -> None:
+        for req in range(first, first + n):
+            table.wait(1, h, req, mode=WaitMode.TIMED, now=0.0, deadline=172_800.0)
+            table.cancel(1, req)
+            table.next_deadline()  # what the server's timer asks after every request
+            table.expire(1.0)
+
+    cycles(1, 1_000)  # warm up: let every lazily-built structure reach its size
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        cycles(1_001, 20_000)
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    table.check_invariants()
+    assert table.statistics()["waiters"] == 1
+    # about 200 bytes leak per cycle (4 MB here); a bounded table stays well under 256 KB
+    assert after - before < 256 * 1024, f"{after - before} bytes retained"
+
+
 # ------------------------------------------------------------------ cancel
 
 
@@ -590,7 +627,7 @@ def test_cancel_after_grant_returns_none(table: SemTable) -> None:
 
 
 def test_cancel_unknown_request_returns_none(table: SemTable) -> None:
-    h = create(table, S_ALICE, "/c", 0, 0o666)
+    create(table, S_ALICE, "/c", 0, 0o666)
     h_b = reopen(table, S_BOB, "/c").handle
     block_wait(table, S_BOB, h_b, 1)
     before = snapshot(table)
@@ -598,7 +635,6 @@ def test_cancel_unknown_request_returns_none(table: SemTable) -> None:
     assert ok(table, table.cancel, S_ALICE, 1) is None
     assert ok(table, table.cancel, S_BOB, 2) is None
     assert snapshot(table) == before
-    del h
 
 
 def test_cancelled_request_id_can_be_reused(table: SemTable) -> None:
@@ -976,8 +1012,7 @@ def test_key_bound_with_valid_auth(table: SemTable) -> None:
 
 def test_key_bound_refusing_callback_changes_nothing(table: SemTable) -> None:
     h = _key_bound(table, 1)
-    block_h = create(table, S_BOB, "/other")
-    del block_h
+    create(table, S_BOB, "/other")  # a bystander, to show nothing else moves either
     fails(table, Status.EKEYREJECTED, table.post, S_ALICE, h, auth=refuse)
     fails(table, Status.EKEYREJECTED, table.wait, S_ALICE, h, 1, mode=WaitMode.TRY,
           now=0.0, auth=refuse)
@@ -1001,6 +1036,32 @@ def test_opening_plain_semaphore_with_key_is_rejected(table: SemTable) -> None:
     for create_flag in (False, True):
         fails(table, Status.EKEYREJECTED, table.open, S_BOB, "/plain", create=create_flag,
               excl=False, mode=0o600, value=0, now_wall=0.0, key=KEY, auth=accept)
+
+
+def test_keyed_caller_refuses_plain_semaphore(table: SemTable) -> None:
+    # a caller that holds a key (its requests carry MACs) must not silently get a
+    # semaphore nobody can authenticate: an A4 adversary could have pre-created it
+    create(table, S_ALICE, "/plain", 0, 0o666)
+    for create_flag in (False, True):
+        fails(table, Status.EKEYREJECTED, table.open, S_BOB, "/plain", create=create_flag,
+              excl=False, mode=0o600, value=0, now_wall=0.0, keyed=True, auth=accept)
+
+
+def test_keyed_caller_without_key_cannot_create(table: SemTable) -> None:
+    fails(table, Status.EKEYREJECTED, table.open, S_ALICE, "/new", create=True, excl=False,
+          mode=0o600, value=0, now_wall=0.0, keyed=True, auth=accept)
+    assert table.infos(include_unlinked=True) == []
+    fails(table, Status.ENOENT, table.open, S_ALICE, "/new", create=False, excl=False,
+          mode=0o600, value=0, now_wall=0.0, keyed=True, auth=accept)
+
+
+def test_keyed_caller_opens_key_bound(table: SemTable) -> None:
+    _key_bound(table)
+    opened = ok(table, table.open, S_BOB, "/kb", create=False, excl=False, mode=0, value=0,
+                now_wall=0.0, keyed=True, auth=accept)
+    assert opened.key == KEY and not opened.created
+    fails(table, Status.EKEYREJECTED, table.open, S_BOB, "/kb", create=False, excl=False,
+          mode=0, value=0, now_wall=0.0, keyed=True, auth=refuse)
 
 
 def test_plain_semaphore_ignores_authenticator(table: SemTable) -> None:

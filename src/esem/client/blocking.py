@@ -62,6 +62,11 @@ class Client:
         self._keepalive = keepalive
         self.pid = os.getpid()
         self._lock = threading.Lock()
+        # Always enter the lock as ``with self._lock``, never ``with self._cond``: the
+        # Condition's __enter__ is Python code, so a signal handler that raises (the
+        # documented way to interrupt a wait) can fire after it took the lock and before
+        # the with-block began; the lock then stays held and every thread of the process
+        # deadlocks on this client. The C lock's __enter__ leaves no such gap.
         self._cond = threading.Condition(self._lock)
         self._sock: socket.socket | None = None
         self._session: ClientSession | None = None
@@ -89,7 +94,7 @@ class Client:
 
     def close(self) -> None:
         """End the session: the service closes its handles and drops its waits."""
-        with self._cond:
+        with self._lock:
             if self._failure is None:
                 self._failure = ServiceUnavailable("client closed")
             sock, self._sock = self._sock, None
@@ -179,13 +184,20 @@ class Client:
         """Block until the reply to ``req_id`` arrives. Interruptible by signals: an
         exception from a signal handler propagates, and the request stays pending (its
         reply is kept and can still be awaited)."""
-        with self._cond:
+        with self._lock:
             while True:
                 reply = self._replies.pop(req_id, None)
                 if reply is not None:
                     return reply
                 if self._failure is not None:
                     raise self._failure
+                if self._session is not None and not self._session.is_pending(req_id):
+                    # Answered, yet the reply is nowhere: a signal handler raised inside
+                    # the reader between receiving and filing it. Waiting would hang and
+                    # guessing the answer could lose a unit, so the session ends here.
+                    raise self._fail_locked(ServiceUnavailable(
+                        f"esem session lost the reply to request {req_id} (a signal "
+                        "handler raised inside the client); the session is closed"))
                 if not self._reading:
                     self._reading = True
                     break
@@ -197,7 +209,7 @@ class Client:
         try:
             while True:
                 data = self._recv()
-                with self._cond:
+                with self._lock:
                     if data is None:
                         continue
                     assert self._session is not None
@@ -217,7 +229,7 @@ class Client:
                     if mine is not None:
                         return mine
         finally:
-            with self._cond:
+            with self._lock:
                 self._reading = False
                 self.stats.reader_handoffs += 1
                 self._cond.notify_all()

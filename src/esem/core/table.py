@@ -158,6 +158,7 @@ class SemTable:
         self._sessions: dict[int, _Session] = {}
         self._tokens: dict[bytes, _Handle] = {}  # every open handle, for attach
         self._deadlines: list[tuple[float, int, _Waiter]] = []  # heap, lazily cleaned
+        self._stale_deadlines = 0  # heap entries of waits that already ended
         self._next_sem_id = 1
         self._heap_seq = 0
         self._sems_by_uid: Counter[int] = Counter()
@@ -333,14 +334,18 @@ class SemTable:
         self._drop_handle(sess, handle)
         return done
 
-    def unlink(self, sid: int, name: str, *, auth: Authenticator | None = None) -> None:
-        """``sem_unlink``: the name goes at once; open handles keep the semaphore."""
+    def unlink(self, sid: int, name: str, *, keyed: bool = False,
+               auth: Authenticator | None = None) -> None:
+        """``sem_unlink``: the name goes at once; open handles keep the semaphore.
+        ``keyed``: the caller holds a key and refuses to unlink an unbound semaphore."""
         sess = self._session(sid)
         check_name(name)
         sem = self._names.get(name)
         if sem is None:
             raise CoreError(Status.ENOENT, f"no semaphore {name}")
         check_unlink(sess.cred, sem.owner_uid, name)
+        if sem.key is None and keyed:
+            raise CoreError(Status.EKEYREJECTED, f"semaphore {name} is not key-bound")
         self._authenticate(sem, auth)
         del self._names[name]
         sem.linked = False
@@ -375,6 +380,12 @@ class SemTable:
         """``sem_wait``/``sem_trywait``/``sem_timedwait``. Returns the grant when a unit
         was free, or None when the wait was queued (its end comes from ``post``,
         ``expire``, ``cancel``, ``close`` or ``end_session``)."""
+        try:
+            mode = WaitMode(mode)
+        except ValueError:
+            raise CoreError(Status.EINVAL, f"unknown wait mode {mode!r}") from None
+        if mode is not WaitMode.TIMED:
+            deadline = None  # only a timed wait has one
         sess, handle = self._handle(sid, token)
         sem = handle.sem
         self._authenticate(sem, auth)
@@ -401,7 +412,7 @@ class SemTable:
             raise CoreError(
                 Status.EDQUOT, f"uid {uid} has {self.quotas.waiters_per_uid} waits queued (quota)"
             )
-        waiter = _Waiter(sid, req_id, handle, deadline if mode is WaitMode.TIMED else None)
+        waiter = _Waiter(sid, req_id, handle, deadline)
         sem.waiters[(sid, req_id)] = waiter
         sess.waits[req_id] = waiter
         self._waiters_by_uid[uid] += 1
@@ -449,8 +460,10 @@ class SemTable:
         done: list[WaitDone] = []
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, waiter = heapq.heappop(self._deadlines)
-            if waiter.active:
-                self._unqueue(waiter)
+            if not waiter.active:
+                self._stale_deadlines -= 1
+            else:
+                self._unqueue(waiter, in_heap=False)
                 sem = waiter.handle.sem
                 done.append(
                     WaitDone(waiter.sid, waiter.req_id, waiter.handle.token, sem.key,
@@ -461,6 +474,7 @@ class SemTable:
     def next_deadline(self) -> float | None:
         while self._deadlines and not self._deadlines[0][2].active:
             heapq.heappop(self._deadlines)
+            self._stale_deadlines -= 1
         return self._deadlines[0][0] if self._deadlines else None
 
     # ----------------------------------------------------------------- views
@@ -506,6 +520,11 @@ class SemTable:
         for sem in self._alive.values():
             assert sem.handles == sum(1 for h in self._tokens.values() if h.sem is sem)
         assert sum(self._sems_by_uid.values()) == len(self._alive)
+        stale = sum(1 for e in self._deadlines if not e[2].active)
+        assert stale == self._stale_deadlines, "stale deadline count drifted"
+        live_timed = sum(1 for s in self._sessions.values() for w in s.waits.values()
+                         if w.deadline is not None)
+        assert len(self._deadlines) - stale == live_timed
 
     # --------------------------------------------------------------- helpers
 
@@ -561,12 +580,20 @@ class SemTable:
         sem.holdings[sess.sid] = sem.holdings.get(sess.sid, 0) + 1
         sess.held.add(sem)
 
-    def _unqueue(self, waiter: _Waiter) -> None:
+    def _unqueue(self, waiter: _Waiter, *, in_heap: bool = True) -> None:
         sem = waiter.handle.sem
         del sem.waiters[(waiter.sid, waiter.req_id)]
         sess = self._sessions[waiter.sid]
         del sess.waits[waiter.req_id]
         waiter.active = False
+        if waiter.deadline is not None and in_heap:
+            # Its heap entry is now stale. Compact when stale entries dominate, so the
+            # heap is bounded by live timed waits (the quotas), not by waits ever made.
+            self._stale_deadlines += 1
+            if self._stale_deadlines > 64 and 2 * self._stale_deadlines > len(self._deadlines):
+                self._deadlines = [e for e in self._deadlines if e[2].active]
+                heapq.heapify(self._deadlines)
+                self._stale_deadlines = 0
         uid = sess.cred.uid
         self._waiters_by_uid[uid] -= 1
         if not self._waiters_by_uid[uid]:

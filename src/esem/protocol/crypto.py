@@ -92,6 +92,10 @@ class Responder:
     """Service side of Noise NK with the service's static private key."""
 
     def __init__(self, static_private: bytes) -> None:
+        # Misuse raises ValueError, as Initiator does; noise would raise its own
+        # NoiseValueError (not a ValueError) for a wrong-sized key.
+        if len(static_private) != KEY_BYTES:
+            raise ValueError(f"service private key must be {KEY_BYTES} bytes")
         self._noise = NoiseConnection.from_name(NOISE_PROTOCOL_NAME)
         self._noise.set_as_responder()
         self._noise.set_prologue(NOISE_PROLOGUE)

@@ -37,6 +37,12 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _U8 = struct.Struct(">B")
 
+# Masks of the defined flag bits, as plain ints. Not ``~MsgFlag.HAS_MAC``: since Python
+# 3.11 inverting an IntFlag complements only within its defined members (~HAS_MAC is
+# NONE), so ``flags & ~MsgFlag.HAS_MAC`` is always 0 and unknown bits would slip through.
+_KNOWN_MSG_FLAGS = int(MsgFlag.HAS_MAC)
+_KNOWN_OPEN_FLAGS = int(OpenFlag.CREAT | OpenFlag.EXCL | OpenFlag.ROBUST)
+
 # Opcodes whose request names a semaphore by handle (16-byte token first in the payload).
 HANDLE_OPS = frozenset(
     {Opcode.CLOSE, Opcode.WAIT, Opcode.POST, Opcode.GETVALUE, Opcode.ATTACH}
@@ -157,7 +163,7 @@ def decode_request(data: bytes) -> tuple[Request, bytes, bytes | None]:
     version, opcode, flags, req_id = r.unpack(_REQ)
     if version != VERSION:
         raise ProtocolError(f"unsupported protocol version {version}")
-    if flags & ~MsgFlag.HAS_MAC:
+    if flags & ~_KNOWN_MSG_FLAGS:
         raise ProtocolError(f"unknown flags {flags:#x}")
     mac: bytes | None = None
     if flags & MsgFlag.HAS_MAC:
@@ -177,7 +183,7 @@ def decode_request(data: bytes) -> tuple[Request, bytes, bytes | None]:
 def _decode_request_body(op: Opcode, req_id: int, r: _Reader) -> Request:
     if op is Opcode.OPEN:
         oflag, mode, value = r.unpack(_OPEN)
-        if oflag & ~(OpenFlag.CREAT | OpenFlag.EXCL | OpenFlag.ROBUST):
+        if oflag & ~_KNOWN_OPEN_FLAGS:
             raise ProtocolError(f"unknown open flags {oflag:#x}")
         key = r.short_bytes(0, KEY_MAX_BYTES, "key")
         if key and len(key) < KEY_MIN_BYTES:
@@ -231,7 +237,7 @@ def decode_reply(data: bytes) -> tuple[Reply, bytes, bytes | None]:
     version, opcode, flags, req_id, status = r.unpack(_REP)
     if version != VERSION:
         raise ProtocolError(f"unsupported protocol version {version}")
-    if flags & ~MsgFlag.HAS_MAC:
+    if flags & ~_KNOWN_MSG_FLAGS:
         raise ProtocolError(f"unknown flags {flags:#x}")
     mac: bytes | None = None
     if flags & MsgFlag.HAS_MAC:

@@ -27,6 +27,7 @@ from esem.core.status import CoreError, Status
 from esem.errors import EsemError, IntegrityError, ProtocolError, error_for
 from esem.protocol.constants import (
     MAX_MESSAGE_BYTES,
+    MAX_PLAINTEXT,
     VERSION,
     Direction,
     FrameKind,
@@ -69,6 +70,16 @@ class RequestIn:
     request: Request
     signed: bytes
     mac: bytes | None
+
+
+def _fits(plaintext: bytes) -> bytes:
+    """Refuse an oversized message *before* it is encrypted: encrypting advances the
+    direction's nonce counter, so a message encrypted and then refused by
+    ``encode_frame`` would leave the peer one counter behind and fail every later
+    frame of the session."""
+    if len(plaintext) > MAX_PLAINTEXT:
+        raise ValueError(f"message of {len(plaintext)} bytes exceeds {MAX_PLAINTEXT}")
+    return plaintext
 
 
 def _handshake_frame(kind: FrameKind, payload: bytes) -> bytes:
@@ -199,7 +210,7 @@ class ServerSession(_Session):
         body = encode_reply(reply, mac=mac_key is not None)
         if mac_key is not None:
             body += keybind_mac(mac_key, self.session_id, Direction.TO_CLIENT, body)
-        self._out += encode_frame(self._transport.encrypt(body))
+        self._out += encode_frame(self._transport.encrypt(_fits(body)))
 
 
 @dataclass(slots=True)
@@ -228,6 +239,10 @@ class ClientSession(_Session):
     def pending(self) -> int:
         return len(self._pending)
 
+    def is_pending(self, req_id: int) -> bool:
+        """True until the reply to ``req_id`` has come out of ``receive_data``."""
+        return req_id in self._pending
+
     def start(self) -> bytes:
         """The HELLO frame that opens the handshake."""
         if self.state is not State.START or self._initiator is None:
@@ -250,7 +265,7 @@ class ClientSession(_Session):
         body = encode_request(req, mac=key is not None)
         if key is not None:
             body += keybind_mac(key, self.session_id, Direction.TO_SERVICE, body)
-        frame = encode_frame(self._transport.encrypt(body))
+        frame = encode_frame(self._transport.encrypt(_fits(body)))
         self._pending[req.req_id] = _Pending(req.opcode, key)
         return frame
 
@@ -282,6 +297,10 @@ class ClientSession(_Session):
                 status = Status(int.from_bytes(payload[:2], "big"))
             except ValueError:
                 raise ProtocolError("refusal with unknown status") from None
+            # A refusal that claims OK is not the protocol; error_for(OK) would raise a
+            # bare EsemError outside the ProtocolError/mapped-refusal contract.
+            if status is Status.OK:
+                raise ProtocolError("refusal with status OK")
             text = payload[2:].decode("utf-8", "replace")
             raise error_for(status, f"service refused the session: {text}")
         if kind is not FrameKind.WELCOME or self._initiator is None:

@@ -20,7 +20,7 @@ import struct
 import time
 from typing import cast
 
-from esem.core import CoreError, Cred, Quotas, SemTable, Status, WaitDone, WaitMode
+from esem.core import CoreError, Cred, Quotas, SemInfo, SemTable, Status, WaitDone, WaitMode
 from esem.errors import EsemError
 from esem.protocol.constants import MAX_PLAINTEXT, Opcode, OpenFlag
 from esem.protocol.messages import Reply
@@ -39,6 +39,27 @@ _END_TEXT = {
     Status.ECANCELED: "wait cancelled",
     Status.EBADF: "handle closed while waiting",
 }
+
+
+# At most this many holders, dead holders and queued waiters are listed by STAT (the
+# counts stay exact), so a reply fits a frame however long the queue grows.
+STAT_LIST_CAP = 64
+
+
+def _summary(info: SemInfo) -> dict[str, object]:
+    """The fields of ``esem ls``: everything but the per-process lists."""
+    d = dataclasses.asdict(info)
+    for name in ("holders", "dead_holders", "queue"):
+        del d[name]
+    return d
+
+
+def _stat_json(info: SemInfo) -> bytes:
+    d = dataclasses.asdict(info)
+    for name in ("holders", "dead_holders", "queue"):
+        d[f"{name}_total"] = len(d[name])
+        d[name] = d[name][:STAT_LIST_CAP]
+    return json.dumps(d).encode()
 
 
 def peer_cred(sock: socket.socket) -> Cred:
@@ -160,7 +181,7 @@ class Service:
                 reply = Reply(op, req.req_id, Status.OK)
             elif op is Opcode.UNLINK:
                 key = table.key_for_name(req.name)
-                table.unlink(sid, req.name, auth=auth)
+                table.unlink(sid, req.name, keyed=event.mac is not None, auth=auth)
                 reply = Reply(op, req.req_id, Status.OK)
             elif op is Opcode.CANCEL:
                 cancelled = table.cancel(sid, req.target)
@@ -174,8 +195,7 @@ class Service:
             elif op is Opcode.LIST:
                 reply = Reply(op, req.req_id, Status.OK, data=self._list_page(req.offset))
             elif op is Opcode.STAT:
-                info = dataclasses.asdict(table.info(req.name))
-                reply = Reply(op, req.req_id, Status.OK, data=json.dumps(info).encode())
+                reply = Reply(op, req.req_id, Status.OK, data=_stat_json(table.info(req.name)))
             else:
                 reply = Reply(op, req.req_id, Status.OK)
         except CoreError as exc:
@@ -191,7 +211,7 @@ class Service:
         entries: list[str] = []
         size = 64
         for info in infos[offset:]:
-            entry = json.dumps(dataclasses.asdict(info))
+            entry = json.dumps(_summary(info))
             if size + len(entry) + 1 > LIST_PAGE_BUDGET and entries:
                 break
             entries.append(entry)
