@@ -54,6 +54,7 @@ def test_ls_stat_unlink(svc: EmbeddedService) -> None:
     assert "holders" in esem("stat", name, *sock).stdout
     refused = esem("unlink", name, *sock)  # key-bound: refused without the key
     assert refused.returncode == 1 and "key" in refused.stderr
+    assert "refused UNLINK: EKEYREJECTED" in svc.log_path.read_text()  # one line per refusal
     assert esem("unlink", name, "--key-hex", (b"k" * 16).hex(), *sock).returncode == 0
     missing = esem("stat", name, *sock)
     assert missing.returncode == 1 and "no semaphore" in missing.stderr

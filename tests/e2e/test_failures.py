@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -381,7 +382,10 @@ def test_service_killed_mid_wait_fails_waiters_promptly(fresh_service: EmbeddedS
         sem_open(sem_name, flags=USE_ESEM)
     with pytest.raises(ServiceUnavailable):
         sem_open(sem_name + "-new", CREX, 0o600, 1, flags=USE_ESEM)
-    assert not fresh_service._answers()
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with pytest.raises(OSError):  # nothing listens: no service was started behind our back
+        probe.connect(str(fresh_service.socket_path))
+    probe.close()
 
 
 def test_service_killed_while_main_thread_waits(fresh_service: EmbeddedService,

@@ -113,3 +113,24 @@ def test_session_quota_refuses_with_clear_error(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
         assert "refused connection" in svc.log_path.read_text()
+
+
+def test_refusal_reaches_a_client_whose_hello_comes_late(tmp_path: Path) -> None:
+    """The service writes its refusal at once; a client that sends HELLO only after that
+    must still read the reason, not a reset connection."""
+    from esem.protocol.session import ClientSession
+
+    with EmbeddedService(tmp_path, ["--quota-sessions", "1"]) as svc:
+        holder = Client(svc.socket_path)
+        holder.connect()
+        for _ in range(3):
+            session = ClientSession(svc.pubkey)
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            raw.settimeout(5)
+            raw.connect(str(svc.socket_path))
+            time.sleep(0.2)  # the REFUSED frame is written by now
+            raw.sendall(session.start())
+            with pytest.raises(QuotaExceeded, match="sessions"):
+                session.receive_data(raw.recv(4096))
+            raw.close()
+        holder.close()

@@ -75,6 +75,7 @@ class Client:
         self._failure: EsemError | None = None
         self._ping_sent_at: float | None = None
         self._pings: set[int] = set()
+        self._poller = select.poll()  # registered with the socket once connected
         self.stats = ClientStats()
         _all_clients.add(self)
 
@@ -134,7 +135,10 @@ class Client:
             raise ServiceUnavailable(f"no esem service at {self.socket_path}: {exc}") from exc
         session = ClientSession(pub)
         try:
-            sock.sendall(session.start())
+            # A service that refuses us (a quota) writes its reason and hangs up,
+            # possibly before our HELLO is out: read the reason before giving up.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(session.start())
             while not session.established:
                 data = sock.recv(RECV_BYTES)
                 if not data:
@@ -152,6 +156,8 @@ class Client:
             sock.close()
             raise
         sock.settimeout(None)
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
         self._sock, self._session = sock, session
 
     # -------------------------------------------------------------- calls
@@ -162,8 +168,7 @@ class Client:
             self._ensure_connected()
             assert self._session is not None and self._sock is not None
             req_id = self._session.next_request_id()
-            req = _with_id(build, req_id)
-            frame = self._session.send_request(req, key=key)
+            frame = self._session.send_request(build, key=key, req_id=req_id)
             try:
                 self._sock.sendall(frame)
             except OSError as exc:
@@ -239,9 +244,7 @@ class Client:
         sock = self._sock
         if sock is None:
             raise self._fail(ServiceUnavailable("client closed"))
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        if not poller.poll(self._keepalive * 1000):
+        if not self._poller.poll(self._keepalive * 1000):
             self._keepalive_tick()
             return None
         try:
@@ -288,12 +291,6 @@ class Client:
                     self._sock.shutdown(socket.SHUT_RDWR)
             self._cond.notify_all()
         return self._failure
-
-
-def _with_id(req: Request, req_id: int) -> Request:
-    from dataclasses import replace
-
-    return replace(req, req_id=req_id)
 
 
 # ----------------------------------------------------------- per-process client

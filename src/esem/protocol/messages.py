@@ -41,12 +41,19 @@ _U8 = struct.Struct(">B")
 # 3.11 inverting an IntFlag complements only within its defined members (~HAS_MAC is
 # NONE), so ``flags & ~MsgFlag.HAS_MAC`` is always 0 and unknown bits would slip through.
 _KNOWN_MSG_FLAGS = int(MsgFlag.HAS_MAC)
+_HAS_MAC = int(MsgFlag.HAS_MAC)
+# Wire value -> enum member by dict lookup: calling an Enum class costs about a
+# microsecond, and decoding is on every request's path.
+_OPCODES = {int(m): m for m in Opcode}
+_STATUSES = {int(m): m for m in Status}
+_WAIT_MODES = {int(m): m for m in WaitMode}
 _KNOWN_OPEN_FLAGS = int(OpenFlag.CREAT | OpenFlag.EXCL | OpenFlag.ROBUST)
 
 # Opcodes whose request names a semaphore by handle (16-byte token first in the payload).
 HANDLE_OPS = frozenset(
     {Opcode.CLOSE, Opcode.WAIT, Opcode.POST, Opcode.GETVALUE, Opcode.ATTACH}
 )
+_PLAIN_HANDLE_OPS = HANDLE_OPS - {Opcode.WAIT}  # payload: exactly the handle
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +131,14 @@ def _short(raw: bytes) -> bytes:
 
 
 def _flags(mac: bool) -> int:
-    return int(MsgFlag.HAS_MAC) if mac else 0
+    return _HAS_MAC if mac else 0
 
 
-def encode_request(req: Request, *, mac: bool = False) -> bytes:
+def encode_request(req: Request, *, mac: bool = False, req_id: int | None = None) -> bytes:
     """Body of ``req`` without its MAC; with ``mac`` the HAS_MAC flag is set, and the
-    caller appends the MAC computed over exactly these bytes."""
-    head = _REQ.pack(VERSION, req.opcode, _flags(mac), req.req_id)
+    caller appends the MAC computed over exactly these bytes. ``req_id`` overrides
+    ``req.req_id`` (so a caller can reuse one Request template)."""
+    head = _REQ.pack(VERSION, req.opcode, _flags(mac), req.req_id if req_id is None else req_id)
     op = req.opcode
     if op is Opcode.OPEN:
         key = req.key or b""
@@ -166,15 +174,16 @@ def decode_request(data: bytes) -> tuple[Request, bytes, bytes | None]:
     if flags & ~_KNOWN_MSG_FLAGS:
         raise ProtocolError(f"unknown flags {flags:#x}")
     mac: bytes | None = None
-    if flags & MsgFlag.HAS_MAC:
+    if flags & _HAS_MAC:
         if len(data) < _REQ.size + MAC_BYTES:
             raise ProtocolError("message truncated")
         mac = data[-MAC_BYTES:]
         r.data = data = data[:-MAC_BYTES]
-    try:
-        op = Opcode(opcode)
-    except ValueError:
-        raise ProtocolError(f"unknown opcode {opcode}") from None
+    op = _OPCODES.get(opcode)
+    if op is None:
+        raise ProtocolError(f"unknown opcode {opcode}")
+    if op in _PLAIN_HANDLE_OPS and len(data) == _REQ.size + HANDLE_BYTES:  # the hot path
+        return Request(op, req_id, handle=data[_REQ.size :]), data, mac
     req = _decode_request_body(op, req_id, r)
     r.end()
     return req, data, mac
@@ -197,10 +206,9 @@ def _decode_request_body(op: Opcode, req_id: int, r: _Reader) -> Request:
         if op is not Opcode.WAIT:
             return Request(op, req_id, handle=handle)
         wait_mode, timeout_ns = r.unpack(_WAIT)
-        try:
-            wm = WaitMode(wait_mode)
-        except ValueError:
-            raise ProtocolError(f"unknown wait mode {wait_mode}") from None
+        wm = _WAIT_MODES.get(wait_mode)
+        if wm is None:
+            raise ProtocolError(f"unknown wait mode {wait_mode}")
         if timeout_ns > MAX_TIMEOUT_NS or (timeout_ns and wm is not WaitMode.TIMED):
             raise ProtocolError("timeout out of range")
         return Request(op, req_id, handle=handle, wait_mode=wm, timeout_ns=timeout_ns)
@@ -240,16 +248,14 @@ def decode_reply(data: bytes) -> tuple[Reply, bytes, bytes | None]:
     if flags & ~_KNOWN_MSG_FLAGS:
         raise ProtocolError(f"unknown flags {flags:#x}")
     mac: bytes | None = None
-    if flags & MsgFlag.HAS_MAC:
+    if flags & _HAS_MAC:
         if len(data) < _REP.size + MAC_BYTES:
             raise ProtocolError("message truncated")
         mac = data[-MAC_BYTES:]
         r.data = data = data[:-MAC_BYTES]
-    try:
-        op = Opcode(opcode)
-        st = Status(status)
-    except ValueError:
-        raise ProtocolError(f"unknown opcode {opcode} or status {status}") from None
+    op, st = _OPCODES.get(opcode), _STATUSES.get(status)
+    if op is None or st is None:
+        raise ProtocolError(f"unknown opcode {opcode} or status {status}")
     if st is not Status.OK:
         raw = r.take(len(r.data) - r.pos)
         if len(raw) > MAX_MESSAGE_BYTES:

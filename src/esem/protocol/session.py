@@ -255,18 +255,23 @@ class ClientSession(_Session):
         self._next_req_id += 1
         return req_id
 
-    def send_request(self, req: Request, *, key: bytes | None = None) -> bytes:
-        """Encrypt ``req`` (its id from ``next_request_id``, used once) into a frame;
-        with ``key`` it carries the key-binding MAC and its reply must carry one back."""
+    def send_request(
+        self, req: Request, *, key: bytes | None = None, req_id: int | None = None
+    ) -> bytes:
+        """Encrypt ``req`` into a frame, under ``req_id`` (default ``req.req_id``; from
+        ``next_request_id``, used once); with ``key`` it carries the key-binding MAC and
+        its reply must carry one back."""
         if self.state is not State.OPEN or self._transport is None:
             raise RuntimeError(f"cannot send in state {self.state.value}")
-        if req.req_id in self._pending:
-            raise RuntimeError(f"request id {req.req_id} is in flight")
-        body = encode_request(req, mac=key is not None)
+        if req_id is None:
+            req_id = req.req_id
+        if req_id in self._pending:
+            raise RuntimeError(f"request id {req_id} is in flight")
+        body = encode_request(req, mac=key is not None, req_id=req_id)
         if key is not None:
             body += keybind_mac(key, self.session_id, Direction.TO_SERVICE, body)
         frame = encode_frame(self._transport.encrypt(_fits(body)))
-        self._pending[req.req_id] = _Pending(req.opcode, key)
+        self._pending[req_id] = _Pending(req.opcode, key)
         return frame
 
     def receive_data(self, data: bytes) -> list[Reply]:

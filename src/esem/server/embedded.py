@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,9 @@ class EmbeddedService:
 
     def start(self, timeout: float = 15.0) -> EmbeddedService:
         self.dir.mkdir(parents=True, exist_ok=True)
+        # The service publishes its key only once it listens: that is the readiness
+        # signal (a probe connection would hold a session and skew quota tests).
+        pubkey_path(self.socket_path).unlink(missing_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             self.proc = subprocess.Popen(
@@ -62,21 +64,11 @@ class EmbeddedService:
                     f"esem service exited with {self.proc.returncode}: "
                     f"{self.log_path.read_text(errors='replace')[-2000:]}"
                 )
-            if pubkey_path(self.socket_path).exists() and self._answers():
+            if pubkey_path(self.socket_path).exists():
                 return self
             time.sleep(0.02)
         self.kill()
         raise RuntimeError(f"esem service did not start within {timeout}s")
-
-    def _answers(self) -> bool:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(self.socket_path))
-            return True
-        except OSError:
-            return False
-        finally:
-            probe.close()
 
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.proc is None:

@@ -31,6 +31,7 @@ log = logging.getLogger("esem.server")
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # Pause reading from a client whose replies pile up unread (adversary A7).
 WRITE_HIGH_WATER = 256 * 1024
+REFUSED_LINGER = 1.0  # seconds a refused connection may stay open for its HELLO
 LIST_PAGE_BUDGET = MAX_PLAINTEXT - 1024  # bytes of JSON per LIST reply, header room left
 
 
@@ -142,7 +143,9 @@ class Service:
         sid = conn.sid
         assert sid is not None
         table = self.table
-        auth = conn.session.authenticator(event)
+        # Only a request with a MAC can prove a key; without one the core refuses any
+        # key-bound semaphore (auth None), which is the same answer, cheaper.
+        auth = conn.session.authenticator(event) if event.mac is not None else None
         op = req.opcode
         key: bytes | None = None
         try:
@@ -279,11 +282,16 @@ class Connection(asyncio.Protocol):
         self.sid = self.service._attach(self, peer_cred(sock))
         if self.sid is None:  # refused: say why, then hang up
             self.flush()
-            transport.close()
+            # Close once the client's HELLO has been read (closing with it unread would
+            # reset the connection and could destroy our reason before the client reads
+            # it), or after REFUSED_LINGER seconds at the latest.
+            asyncio.get_running_loop().call_later(REFUSED_LINGER, transport.close)
 
     def data_received(self, data: bytes) -> None:
         if self.sid is not None:
             self.service._received(self, data)
+        elif self.transport is not None:
+            self.transport.close()
 
     def eof_received(self) -> bool:
         return False  # close our side too
