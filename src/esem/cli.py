@@ -1,7 +1,8 @@
 """The ``esem`` command: run the service, inspect it, and the tools around it.
 
 Exit status: 0 success; 1 the service refused the operation (no such name, permission,
-key); 2 bad usage; 3 no service answers (or it failed to start); 4 tampering detected.
+key), or for ``esem attack`` an esem row was broken; 2 bad usage; 3 no service answers
+(or it failed to start); 4 tampering detected.
 """
 
 from __future__ import annotations
@@ -83,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="increments per process (default 200)")
     p.add_argument("--json", action="store_true", help="print the result rows as JSON")
 
+    p = sub.add_parser("attack", help="play every adversary of the threat model",
+                       description="Run the attack suite (DESIGN.md section 2, adversaries "
+                       "A1-A7) on an embedded service in a temporary directory, or on a "
+                       "running one with --socket, legacy POSIX semaphores beside esem. "
+                       "Exit status 0 when every esem row is 'defended' or 'n/a'.")
+    p.add_argument("--only", action="append", metavar="ID",
+                   help="run only this attack (A1..A7); repeatable")
+    _add_socket(p)
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    p.add_argument("--quick", action="store_true", help="smaller sizes (for CI)")
+
     p = sub.add_parser("bench", help="benchmarks (esem beside legacy)")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH")
     b = bsub.add_parser("micro", help="median latency of each operation",
@@ -117,6 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from esem.demo import run_demo
 
             return run_demo(iterations=args.iterations, as_json=args.json)
+        if args.command == "attack":
+            from esem.attack.runner import main as attack_main
+
+            only = [a.upper() for a in args.only] if args.only else None
+            return attack_main(only, args.socket, args.json, args.quick)
         if args.command == "bench":
             if args.bench != "micro":
                 parser.parse_args(["bench", "--help"])

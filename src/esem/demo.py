@@ -90,7 +90,9 @@ def _worker(sem: Any, iterations: int, counter: Synchronized, inside: Synchroniz
     os._exit(code)
 
 
-def run_case(backend: str, attack: str, iterations: int) -> Row:
+def run_case(backend: str, attack: str, iterations: int, workers: int = WORKERS) -> Row:
+    """Run the critical section in ``workers`` processes under ``backend``; with
+    ``attack='tamper'`` an A1 adversary rewrites the legacy count meanwhile."""
     ctx = mp.get_context("fork")
     name = f"/esem-demo-{uuid.uuid4().hex[:12]}"
     flags = USE_ESEM if backend == "esem" else 0
@@ -106,12 +108,12 @@ def run_case(backend: str, attack: str, iterations: int) -> Row:
         adversary = ctx.Process(target=_tamperer, args=(name, stop, found))
         adversary.start()
     start = time.perf_counter()
-    workers = [ctx.Process(target=_worker,
+    procs = [ctx.Process(target=_worker,
                            args=(sem, iterations, counter, inside, max_inside, meter))
-               for _ in range(WORKERS)]
-    for w in workers:
+               for _ in range(workers)]
+    for w in procs:
         w.start()
-    for w in workers:
+    for w in procs:
         w.join()
     seconds = time.perf_counter() - start
     stop.set()
@@ -119,10 +121,10 @@ def run_case(backend: str, attack: str, iterations: int) -> Row:
         adversary.join()
     sem.close()
     sem_unlink(name, flags=flags)
-    failed = [w.exitcode for w in workers if w.exitcode]
+    failed = [w.exitcode for w in procs if w.exitcode]
     if failed:
         raise RuntimeError(f"{backend} workers failed with exit codes {failed}")
-    expected = WORKERS * iterations
+    expected = workers * iterations
     if attack == "none":
         evidence = "no adversary"
     elif found.value:
@@ -130,7 +132,7 @@ def run_case(backend: str, attack: str, iterations: int) -> Row:
     else:
         evidence = f"adversary found no {legacy_sem_path(name)}: the count is in the service"
     counted, most_inside = int(counter.value), int(max_inside.value)
-    return Row(backend, attack, WORKERS, expected, counted, expected - counted,
+    return Row(backend, attack, workers, expected, counted, expected - counted,
                most_inside, round(seconds, 3), evidence)
 
 

@@ -1,0 +1,92 @@
+"""``esem attack``: run the adversaries and print what legacy loses and esem keeps.
+
+Exit status 0 when every esem row is ``defended`` or ``n/a``; 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import tempfile
+import textwrap
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from esem.attack.base import Outcome, Target
+
+# id -> module implementing ``run(target: Target) -> list[Outcome]``
+ATTACKS: dict[str, str] = {
+    "A1": "esem.attack.a1_tamper",
+    "A2": "esem.attack.a2_mitm",
+    "A3": "esem.attack.a3_rogue",
+    "A4": "esem.attack.a4_forger",
+    "A5": "esem.attack.a5_impersonator",
+    "A6": "esem.attack.a6_fuzz",
+    "A7": "esem.attack.a7_exhaust",
+}
+
+
+def load(attack_id: str) -> Callable[[Target], list[Outcome]]:
+    module = importlib.import_module(ATTACKS[attack_id])
+    run: Callable[[Target], list[Outcome]] = module.run
+    return run
+
+
+def esem_rows_hold(rows: list[Outcome]) -> bool:
+    return all(r.outcome in ("defended", "n/a") for r in rows if r.backend != "legacy")
+
+
+def run_attacks(only: list[str] | None = None, sock: str | None = None,
+                quick: bool = False) -> list[Outcome]:
+    from esem.client import blocking
+    from esem.paths import read_pubkey
+    from esem.server.embedded import EmbeddedService
+
+    wanted = only or list(ATTACKS)
+    for attack_id in wanted:
+        if attack_id not in ATTACKS:
+            raise ValueError(f"unknown attack {attack_id!r}; choose from {', '.join(ATTACKS)}")
+    service = None
+    with tempfile.TemporaryDirectory(prefix="esem-attack-") as work:
+        os.chmod(work, 0o755)  # adversaries of other uids must reach the service's socket
+        if sock is None:
+            service = EmbeddedService(Path(work) / "service").start()
+            os.chmod(service.dir, 0o755)
+            sock_path = service.socket_path
+        else:
+            sock_path = Path(sock)
+        os.environ["ESEM_SOCKET"] = str(sock_path)
+        blocking._process_client = None
+        target = Target(sock_path, read_pubkey(sock_path), Path(work), quick)
+        rows: list[Outcome] = []
+        try:
+            for attack_id in wanted:
+                print(f"running {attack_id} ...", file=sys.stderr, flush=True)
+                rows += load(attack_id)(target)
+        finally:
+            if service is not None:
+                service.cleanup()
+    return rows
+
+
+def print_table(rows: list[Outcome]) -> None:
+    width = max([len(r.attack) for r in rows] + [6])
+    print(f"{'attack':{width}}  {'backend':8}  {'outcome':8}  evidence")
+    print("-" * (width + 40))
+    for r in rows:
+        lines = textwrap.wrap(r.evidence, 90) or [""]
+        print(f"{r.attack:{width}}  {r.backend:8}  {r.outcome:8}  {lines[0]}")
+        for more in lines[1:]:
+            print(f"{'':{width}}  {'':8}  {'':8}  {more}")
+
+
+def main(only: list[str] | None, sock: str | None, as_json: bool, quick: bool) -> int:
+    rows = run_attacks(only, sock, quick)
+    if as_json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+    else:
+        print_table(rows)
+    return 0 if esem_rows_hold(rows) else 1
