@@ -1410,3 +1410,13 @@ def test_conservation_over_a_busy_sequence(table: SemTable) -> None:
     # holding it (robust: it went to group's second wait); group's post put it back
     assert (info.value, info.holders, info.waiters) == (1, (), 0)
     assert (info.posts, info.waits, info.robust_releases) == (2, 3, 1)
+
+
+def test_keyed_unlink_refuses_plain_semaphore(table: SemTable) -> None:
+    # A caller that proves a key must not remove a name that no key protects (and get a
+    # success it cannot authenticate): refused, and the name stays.
+    create(table, S_ALICE, "/plain")
+    fails(table, Status.EKEYREJECTED, table.unlink, S_ALICE, "/plain", keyed=True, auth=accept)
+    assert [i.name for i in table.infos()] == ["/plain"]
+    ok(table, table.unlink, S_ALICE, "/plain")
+    assert table.infos() == []

@@ -233,6 +233,9 @@ def test_key_is_refused_where_unbound_or_misused(service: Any, sem_name: str) ->
     sem_open(sem_name, CREX, 0o600, 0, flags=USE_ESEM)
     with pytest.raises(KeyRejected):
         sem_open(sem_name, flags=USE_ESEM, key=key)
+    with pytest.raises(KeyRejected):  # a keyed unlink of an unbound name changes nothing
+        sem_unlink(sem_name, flags=USE_ESEM, key=key)
+    assert sem_open(sem_name, flags=USE_ESEM).getvalue() == 0  # the name is still there
     with pytest.raises((KeyRejected, ExistentialError)):
         sem_open(sem_name + "-missing", flags=USE_ESEM, key=key)
     with pytest.raises(ValueError):
