@@ -204,7 +204,10 @@ def _ls(args: argparse.Namespace) -> int:
         print(json.dumps(entries, indent=2))
         return EXIT_OK
     header = ("NAME", "VALUE", "WAITERS", "HANDLES", "OWNER", "MODE", "KEY", "CREATED")
-    rows = [(e["name"], str(e["value"]), str(e["waiters"]), str(e["handles"]),
+    def shown(v: object) -> str:
+        return "-" if v is None else str(v)  # None: no read permission
+
+    rows = [(e["name"], shown(e["value"]), shown(e["waiters"]), shown(e["handles"]),
              f"{e['owner_uid']}:{e['owner_gid']}", f"{e['mode']:04o}",
              "yes" if e["key_bound"] else "no", _fmt_time(e["created"])) for e in entries]
     _table(header, rows)

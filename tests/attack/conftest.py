@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +15,14 @@ from esem.server.embedded import EmbeddedService
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    work = tmp_path_factory.mktemp("attack")
+def target() -> Iterator[Target]:
+    # Not under pytest's tmp_path: its base directory is 0700, and the adversaries that
+    # drop to other uids must be able to reach the socket.
+    with tempfile.TemporaryDirectory(prefix="esem-attack-") as tmp:
+        yield from _target(Path(tmp))
+
+
+def _target(work: Path) -> Iterator[Target]:
     os.chmod(work, 0o755)
     with EmbeddedService(work / "service") as svc:
         os.chmod(svc.dir, 0o755)

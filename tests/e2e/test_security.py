@@ -262,3 +262,28 @@ def test_key_bound_other_uid_needs_mode_and_key(service: Any, sem_names: Callabl
     assert run_forked(try_open(everyone, key)) == ALLOWED
     for name in (owner_only, everyone):
         sem_unlink(name, flags=USE_ESEM, key=key)
+
+
+def test_other_uid_sees_only_public_fields(service: Any, sem_name: str, umask0: None) -> None:
+    """``esem stat`` and ``esem ls`` reveal a semaphore's count and activity only to a
+    caller that may read it (as reading /dev/shm/sem.NAME would need); anyone sees its
+    name, owner and mode (as ``ls -l /dev/shm`` shows them)."""
+    from esem.client import admin
+    from esem.client.blocking import get_client
+
+    sem_open(sem_name, CREX, 0o600, 3, flags=USE_ESEM)
+    assert stat(sem_name)["value"] == 3  # the owner reads it
+
+    def nobody_stat() -> int:
+        return outcome(lambda: admin.stat_semaphore(get_client(), sem_name), PermissionsError)
+
+    assert run_forked(as_nobody(nobody_stat)) == REFUSED
+    owner = os.getuid()
+
+    def nobody_ls() -> int:
+        entry = next(e for e in admin.list_semaphores(get_client()) if e["name"] == sem_name)
+        public = entry["owner_uid"] == owner and entry["mode"] == 0o600
+        hidden = entry["value"] is None and entry["handles"] is None
+        return ALLOWED if public and hidden else WRONG_ERROR
+
+    assert run_forked(as_nobody(nobody_ls)) == ALLOWED

@@ -25,6 +25,9 @@ class Outcome:
     backend: str  # one of BACKENDS
     outcome: OutcomeKind
     evidence: str
+    # True for a row the threat model expects to break: a documented limit (A4 on a
+    # semaphore without a key), shown so that the limit is measured, not hidden.
+    documented_limit: bool = False
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,14 @@ def may_access(cred: Cred, owner_uid: int, owner_gid: int, mode: int) -> bool:
     return bits & 0o6 == 0o6
 
 
+def may_read(cred: Cred, owner_uid: int, owner_gid: int, mode: int) -> bool:
+    """Read permission: what reading ``/dev/shm/sem.NAME`` (its count) would need."""
+    if cred.uid == ROOT_UID:
+        return True
+    shift = 6 if cred.uid == owner_uid else 3 if cred.gid == owner_gid else 0
+    return bool((mode >> shift) & 0o4)
+
+
 def check_access(cred: Cred, owner_uid: int, owner_gid: int, mode: int, name: str) -> None:
     if not may_access(cred, owner_uid, owner_gid, mode):
         raise CoreError(

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from esem.core.limits import SEM_VALUE_MAX, check_key, check_name, check_value
-from esem.core.policy import Cred, Quotas, check_access, check_unlink
+from esem.core.policy import Cred, Quotas, check_access, check_unlink, may_read
 from esem.core.status import CoreError, Status
 
 TOKEN_BYTES = 16  # handle capability: 128 random bits, unguessable (adversary A3)
@@ -485,6 +485,19 @@ class SemTable:
         if sem is None:
             raise CoreError(Status.ENOENT, f"no semaphore {name}")
         return self._info(sem)
+
+    def stat(self, sid: int, name: str) -> SemInfo:
+        """``info`` for session ``sid``: its count, holders and queue are what reading the
+        semaphore would reveal, so they need read permission (EACCES otherwise)."""
+        info = self.info(name)
+        if not self.readable(sid, info):
+            raise CoreError(Status.EACCES, f"uid {self._session(sid).cred.uid} may not read "
+                            f"{name} (owner {info.owner_uid}:{info.owner_gid}, "
+                            f"mode {info.mode:04o})")
+        return info
+
+    def readable(self, sid: int, info: SemInfo) -> bool:
+        return may_read(self._session(sid).cred, info.owner_uid, info.owner_gid, info.mode)
 
     def infos(self, *, include_unlinked: bool = False) -> list[SemInfo]:
         sems = self._alive.values() if include_unlinked else self._names.values()

@@ -47,11 +47,20 @@ _END_TEXT = {
 STAT_LIST_CAP = 64
 
 
-def _summary(info: SemInfo) -> dict[str, object]:
-    """The fields of ``esem ls``: everything but the per-process lists."""
+# What anyone may see of a semaphore, as ``ls -l /dev/shm`` shows it; the rest (its
+# count and activity) only a caller with read permission.
+_PUBLIC_FIELDS = ("sem_id", "name", "linked", "owner_uid", "owner_gid", "mode", "key_bound",
+                  "robust", "created")
+
+
+def _summary(info: SemInfo, *, full: bool) -> dict[str, object]:
+    """The fields of ``esem ls``: everything but the per-process lists; without read
+    permission, the public fields and nulls."""
     d = dataclasses.asdict(info)
     for name in ("holders", "dead_holders", "queue"):
         del d[name]
+    if not full:
+        d = {k: (v if k in _PUBLIC_FIELDS else None) for k, v in d.items()}
     return d
 
 
@@ -196,9 +205,11 @@ class Service:
                 key = opened.key
                 reply = Reply(op, req.req_id, Status.OK, handle=opened.handle)
             elif op is Opcode.LIST:
-                reply = Reply(op, req.req_id, Status.OK, data=self._list_page(req.offset))
+                reply = Reply(op, req.req_id, Status.OK,
+                              data=self._list_page(sid, req.offset))
             elif op is Opcode.STAT:
-                reply = Reply(op, req.req_id, Status.OK, data=_stat_json(table.info(req.name)))
+                reply = Reply(op, req.req_id, Status.OK,
+                              data=_stat_json(table.stat(sid, req.name)))
             else:
                 reply = Reply(op, req.req_id, Status.OK)
         except CoreError as exc:
@@ -209,12 +220,12 @@ class Service:
         mac = event.mac is not None and key is not None and reply.status is not Status.EKEYREJECTED
         conn.session.send_reply(reply, mac_key=key if mac else None)
 
-    def _list_page(self, offset: int) -> bytes:
+    def _list_page(self, sid: int, offset: int) -> bytes:
         infos = self.table.infos()
         entries: list[str] = []
         size = 64
         for info in infos[offset:]:
-            entry = json.dumps(_summary(info))
+            entry = json.dumps(_summary(info, full=self.table.readable(sid, info)))
             if size + len(entry) + 1 > LIST_PAGE_BUDGET and entries:
                 break
             entries.append(entry)
