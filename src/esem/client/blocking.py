@@ -74,6 +74,7 @@ class Client:
         self._reading = False
         self._failure: EsemError | None = None
         self._ping_sent_at: float | None = None
+        self._progress_at = 0.0  # when the reader last decoded a reply (or took the role)
         self._pings: set[int] = set()
         self._poller = select.poll()  # registered with the socket once connected
         self.stats = ClientStats()
@@ -139,7 +140,14 @@ class Client:
             # possibly before our HELLO is out: read the reason before giving up.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall(session.start())
+            deadline = time.monotonic() + self._connect_timeout
             while not session.established:
+                # One deadline for the whole handshake: a peer that trickles its answer
+                # byte by byte must not stretch it (each recv gets what is left).
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
                 data = sock.recv(RECV_BYTES)
                 if not data:
                     raise ServiceUnavailable(
@@ -211,6 +219,7 @@ class Client:
 
     def _read_until(self, req_id: int) -> Reply:
         """Hold the reader role until our reply arrives; then pass the role on."""
+        self._progress_at = time.monotonic()
         try:
             while True:
                 data = self._recv()
@@ -222,6 +231,8 @@ class Client:
                         replies = self._session.receive_data(data)
                     except EsemError as exc:
                         raise self._fail_locked(exc) from None
+                    if replies:
+                        self._progress_at = time.monotonic()
                     for reply in replies:
                         if reply.opcode is Opcode.PING and reply.req_id in self._pings:
                             self._pings.discard(reply.req_id)
@@ -240,11 +251,15 @@ class Client:
                 self._cond.notify_all()
 
     def _recv(self) -> bytes | None:
-        """One recv, or None after a quiet keepalive interval (a PING is then in flight)."""
+        """One recv, or None after a keepalive interval without a decoded reply (a PING is
+        then in flight). Quiet is measured in replies, not bytes: a peer that trickles a
+        frame byte by byte is as quiet as one that sends nothing."""
         sock = self._sock
         if sock is None:
             raise self._fail(ServiceUnavailable("client closed"))
-        if not self._poller.poll(self._keepalive * 1000):
+        since = self._ping_sent_at if self._ping_sent_at is not None else self._progress_at
+        left = self._keepalive - (time.monotonic() - since)
+        if left <= 0 or not self._poller.poll(left * 1000):
             self._keepalive_tick()
             return None
         try:
@@ -263,7 +278,7 @@ class Client:
         now = time.monotonic()
         with self._lock:
             if self._ping_sent_at is not None:
-                if now - self._ping_sent_at >= self._keepalive:
+                if now - self._ping_sent_at >= self._keepalive * 0.999:
                     raise self._fail_locked(
                         ServiceUnavailable(
                             f"esem service at {self.socket_path} stopped answering "
