@@ -134,3 +134,17 @@ def test_refusal_reaches_a_client_whose_hello_comes_late(tmp_path: Path) -> None
                 session.receive_data(raw.recv(4096))
             raw.close()
         holder.close()
+
+
+def test_refuses_state_dir_of_another_uid_or_writable_by_others(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, 65534, 65534)  # nobody's: it could swap the key clients pin
+    result = _serve(foreign)
+    assert result.returncode == 3 and "belongs to uid 65534" in result.stderr
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    result = _serve(open_dir)
+    assert result.returncode == 3 and "writable by others" in result.stderr
+    assert not (open_dir / KEY_NAME).exists()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from esem.errors import EsemError, IntegrityError, ServiceUnavailable, error_for
-from esem.paths import read_pubkey, socket_path
+from esem.paths import is_default_location, read_pubkey, socket_path
 from esem.protocol.constants import Opcode
 from esem.protocol.messages import Reply, Request
 from esem.protocol.session import ClientSession
@@ -57,6 +57,7 @@ class Client:
         keepalive: float = KEEPALIVE_INTERVAL,
     ) -> None:
         self.socket_path = Path(socket_path(sock))
+        self._default_location = is_default_location(sock)
         self._explicit_pubkey = pubkey
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive
@@ -122,18 +123,32 @@ class Client:
         if os.getpid() != self.pid:
             raise RuntimeError("esem client used across fork; use get_client()")
         try:
-            pub = read_pubkey(self.socket_path, self._explicit_pubkey)
+            pub = read_pubkey(self.socket_path, self._explicit_pubkey,
+                              default_location=self._default_location)
         except (OSError, ValueError) as exc:
             raise ServiceUnavailable(
                 f"no esem service at {self.socket_path} (cannot read its public key: {exc})"
             ) from exc
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self._connect_timeout)
-        try:
-            sock.connect(str(self.socket_path))
-        except OSError as exc:
-            sock.close()
-            raise ServiceUnavailable(f"no esem service at {self.socket_path}: {exc}") from exc
+        give_up = time.monotonic() + self._connect_timeout
+        while True:
+            try:
+                sock.connect(str(self.socket_path))
+                break
+            except BlockingIOError as exc:
+                # EAGAIN: the service's listen backlog is full (perhaps another tenant's
+                # connection storm); a Unix socket does not queue us, so try again.
+                if time.monotonic() >= give_up:
+                    sock.close()
+                    raise ServiceUnavailable(
+                        f"esem service at {self.socket_path} is not accepting connections "
+                        f"(backlog full for {self._connect_timeout}s)") from exc
+                time.sleep(0.002)
+            except OSError as exc:
+                sock.close()
+                raise ServiceUnavailable(
+                    f"no esem service at {self.socket_path}: {exc}") from exc
         session = ClientSession(pub)
         try:
             # A service that refuses us (a quota) writes its reason and hangs up,

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -25,6 +26,11 @@ from esem.protocol.crypto import KEY_BYTES, generate_static_key, public_key_of
 from esem.server.service import Service
 
 log = logging.getLogger("esem.server")
+
+
+# Pending connections the kernel queues for us (capped by net.core.somaxconn): deep, so
+# a tenant's connection storm cannot fill it for everyone (adversary A7).
+LISTEN_BACKLOG = 4096
 
 
 class StartupError(Exception):
@@ -111,8 +117,30 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+def check_state_dir(path: Path) -> None:
+    """The directory that holds the key and the published public key must be ours and
+    writable by no one else: whoever could write there could swap the key clients pin."""
+    st = os.stat(path)
+    if st.st_uid != os.geteuid():
+        raise StartupError(f"{path} belongs to uid {st.st_uid}, not to this service "
+                           f"(uid {os.geteuid()})")
+    if st.st_mode & 0o022:
+        raise StartupError(f"{path} is writable by others (mode "
+                           f"{stat.S_IMODE(st.st_mode):04o}); chmod 755 it")
+
+
+def raise_fd_limit() -> None:
+    """Every session is a descriptor: use all the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def _serve(config: ServeConfig, ready: asyncio.Event | None = None) -> None:
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+    check_state_dir(config.state_dir)
+    raise_fd_limit()
     private = load_or_create_key(config.state_dir)
     config.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     claim_socket(config.socket_path)
@@ -120,7 +148,9 @@ async def _serve(config: ServeConfig, ready: asyncio.Event | None = None) -> Non
     loop = asyncio.get_running_loop()
     old_umask = os.umask(0o177)  # no window in which the socket has a wider mode
     try:
-        server = await loop.create_unix_server(service.protocol_factory, str(config.socket_path))
+        server = await loop.create_unix_server(
+            service.protocol_factory, str(config.socket_path), backlog=LISTEN_BACKLOG
+        )
     finally:
         os.umask(old_umask)
     os.chmod(config.socket_path, config.socket_mode)
