@@ -101,3 +101,15 @@ def test_bench_micro_smoke(tmp_path: Path) -> None:
     assert ("floor", "uds-roundtrip") in cases
     assert all(r["value"] > 0 for r in report["results"])
     assert "esem/legacy" in result.stdout
+
+
+def test_attack_cli_json_and_exit_status() -> None:
+    result = esem("attack", "--only", "a1", "--quick", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert {"attack", "backend", "outcome", "evidence"} <= set(rows[0])
+    assert {r["backend"]: r["outcome"] for r in rows} == {"legacy": "broken",
+                                                          "esem": "defended"}
+    assert "running A1" in result.stderr  # progress
+    unknown = esem("attack", "--only", "A9")
+    assert unknown.returncode == 2 and "unknown attack" in unknown.stderr
