@@ -42,7 +42,6 @@ import pwd
 import secrets
 import select
 import shutil
-import signal
 import socket
 import struct
 import threading
@@ -52,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from esem.api import O_CREAT, USE_ESEM, sem_open
-from esem.attack.base import Outcome, Target
+from esem.attack.base import Outcome, Target, reap
 from esem.client.blocking import Client
 from esem.core.status import Status
 from esem.errors import EsemError, IntegrityError
@@ -306,14 +305,7 @@ def _read_child(pid: int, fd: int, timeout: float, ready_only: bool = False) -> 
             break
         data += chunk
     os.close(fd)
-    end = time.monotonic() + 2  # it has reported (or timed out): let it exit
-    done, _ = os.waitpid(pid, os.WNOHANG)
-    while done == 0 and time.monotonic() < end:
-        time.sleep(0.01)
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    if done == 0:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+    reap(pid, 2)  # it has reported (or timed out): let it exit
     try:
         result: dict[str, object] = json.loads(data.removeprefix(b"r") or b"null") or {}
     except ValueError:

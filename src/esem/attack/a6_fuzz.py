@@ -35,7 +35,6 @@ import random
 import re
 import secrets
 import select
-import signal
 import socket
 import struct
 import threading
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from esem.api import O_CREAT, O_EXCL, USE_ESEM, EsemSemaphore, sem_open, sem_unlink
-from esem.attack.base import Outcome, Target
+from esem.attack.base import Outcome, Target, reap
 from esem.client.admin import list_semaphores, stat_semaphore
 from esem.client.blocking import Client
 from esem.core.status import Status
@@ -394,14 +393,7 @@ def _collect(pid: int, out_r: int, timeout: float) -> dict[str, Any]:
             if not chunk:
                 break
             chunks.append(chunk)
-    end = time.monotonic() + 5  # it has reported (or timed out): let it exit
-    done, _ = os.waitpid(pid, os.WNOHANG)
-    while done == 0 and time.monotonic() < end:
-        time.sleep(0.01)
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    if done == 0:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+    reap(pid, 5)  # it has reported (or timed out): let it exit
     try:
         result: dict[str, Any] = json.loads(b"".join(chunks))
     except ValueError:

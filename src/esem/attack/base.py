@@ -11,6 +11,9 @@ is what was observed, in words a reviewer can check.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,3 +41,16 @@ class Target:
     pubkey: bytes
     workdir: Path
     quick: bool = False  # smaller sizes (tests, CI); the full run is the default
+
+
+def reap(pid: int, grace: float) -> None:
+    """Let a child process that has reported exit within ``grace`` seconds; else kill it
+    (only ever a pid this process started)."""
+    end = time.monotonic() + grace
+    done, _ = os.waitpid(pid, os.WNOHANG)
+    while done == 0 and time.monotonic() < end:
+        time.sleep(0.01)
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    if done == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
