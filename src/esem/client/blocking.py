@@ -18,6 +18,7 @@ hang. The client never starts a service.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import socket
@@ -179,8 +180,7 @@ class Client:
             sock.close()
             raise
         sock.settimeout(None)
-        self._poller = select.poll()
-        self._poller.register(sock, select.POLLIN)
+        self._poller.register(sock, select.POLLIN)  # a client connects once (failure is final)
         self._sock, self._session = sock, session
 
     # -------------------------------------------------------------- calls
@@ -274,7 +274,8 @@ class Client:
             raise self._fail(ServiceUnavailable("client closed"))
         since = self._ping_sent_at if self._ping_sent_at is not None else self._progress_at
         left = self._keepalive - (time.monotonic() - since)
-        if left <= 0 or not self._poller.poll(left * 1000):
+        # Rounded up: poll() must not wake before the interval is really over.
+        if left <= 0 or not self._poller.poll(math.ceil(left * 1000)):
             self._keepalive_tick()
             return None
         try:
@@ -293,7 +294,7 @@ class Client:
         now = time.monotonic()
         with self._lock:
             if self._ping_sent_at is not None:
-                if now - self._ping_sent_at >= self._keepalive * 0.999:
+                if now - self._ping_sent_at >= self._keepalive:
                     raise self._fail_locked(
                         ServiceUnavailable(
                             f"esem service at {self.socket_path} stopped answering "

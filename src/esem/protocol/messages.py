@@ -37,10 +37,10 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _U8 = struct.Struct(">B")
 
-# Masks of the defined flag bits, as plain ints. Not ``~MsgFlag.HAS_MAC``: since Python
-# 3.11 inverting an IntFlag complements only within its defined members (~HAS_MAC is
-# NONE), so ``flags & ~MsgFlag.HAS_MAC`` is always 0 and unknown bits would slip through.
-_KNOWN_MSG_FLAGS = int(MsgFlag.HAS_MAC)
+# Flag bits as plain ints (HAS_MAC is the only message flag). Not ``~MsgFlag.HAS_MAC``:
+# since Python 3.11 inverting an IntFlag complements only within its defined members
+# (~HAS_MAC is NONE), so ``flags & ~MsgFlag.HAS_MAC`` is always 0 and unknown bits would
+# slip through.
 _HAS_MAC = int(MsgFlag.HAS_MAC)
 # Wire value -> enum member by dict lookup: calling an Enum class costs about a
 # microsecond, and decoding is on every request's path.
@@ -134,6 +134,31 @@ def _flags(mac: bool) -> int:
     return _HAS_MAC if mac else 0
 
 
+def _open_message(
+    data: bytes, header: struct.Struct, what: str
+) -> tuple[_Reader, tuple[int, ...], bytes | None]:
+    """What requests and replies share: the size limit, the header (whose first three
+    fields are version, opcode, flags), and the optional trailing MAC. Returns a reader
+    past the header over exactly the bytes the MAC covers, the header fields, and the
+    MAC (None without one)."""
+    if len(data) > MAX_PLAINTEXT:
+        raise ProtocolError(f"{what} too large")
+    r = _Reader(data, 0)
+    fields = r.unpack(header)
+    version, _, flags = fields[:3]
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}")
+    if flags & ~_HAS_MAC:
+        raise ProtocolError(f"unknown flags {flags:#x}")
+    mac: bytes | None = None
+    if flags & _HAS_MAC:
+        if len(data) < header.size + MAC_BYTES:
+            raise ProtocolError("message truncated")
+        mac = data[-MAC_BYTES:]
+        r.data = data[:-MAC_BYTES]
+    return r, fields, mac
+
+
 def encode_request(req: Request, *, mac: bool = False, req_id: int | None = None) -> bytes:
     """Body of ``req`` without its MAC; with ``mac`` the HAS_MAC flag is set, and the
     caller appends the MAC computed over exactly these bytes. ``req_id`` overrides
@@ -165,20 +190,8 @@ def encode_request(req: Request, *, mac: bool = False, req_id: int | None = None
 def decode_request(data: bytes) -> tuple[Request, bytes, bytes | None]:
     """Parse one request body. Returns the request, the bytes its MAC covers, and the MAC
     (None when the request carries none)."""
-    if len(data) > MAX_PLAINTEXT:
-        raise ProtocolError("request too large")
-    r = _Reader(data, 0)
-    version, opcode, flags, req_id = r.unpack(_REQ)
-    if version != VERSION:
-        raise ProtocolError(f"unsupported protocol version {version}")
-    if flags & ~_KNOWN_MSG_FLAGS:
-        raise ProtocolError(f"unknown flags {flags:#x}")
-    mac: bytes | None = None
-    if flags & _HAS_MAC:
-        if len(data) < _REQ.size + MAC_BYTES:
-            raise ProtocolError("message truncated")
-        mac = data[-MAC_BYTES:]
-        r.data = data = data[:-MAC_BYTES]
+    r, (_, opcode, _, req_id), mac = _open_message(data, _REQ, "request")
+    data = r.data
     op = _OPCODES.get(opcode)
     if op is None:
         raise ProtocolError(f"unknown opcode {opcode}")
@@ -239,20 +252,8 @@ def encode_reply(rep: Reply, *, mac: bool = False) -> bytes:
 
 def decode_reply(data: bytes) -> tuple[Reply, bytes, bytes | None]:
     """Parse one reply body: the reply, the bytes its MAC covers, and the MAC or None."""
-    if len(data) > MAX_PLAINTEXT:
-        raise ProtocolError("reply too large")
-    r = _Reader(data, 0)
-    version, opcode, flags, req_id, status = r.unpack(_REP)
-    if version != VERSION:
-        raise ProtocolError(f"unsupported protocol version {version}")
-    if flags & ~_KNOWN_MSG_FLAGS:
-        raise ProtocolError(f"unknown flags {flags:#x}")
-    mac: bytes | None = None
-    if flags & _HAS_MAC:
-        if len(data) < _REP.size + MAC_BYTES:
-            raise ProtocolError("message truncated")
-        mac = data[-MAC_BYTES:]
-        r.data = data = data[:-MAC_BYTES]
+    r, (_, opcode, _, req_id, status), mac = _open_message(data, _REP, "reply")
+    data = r.data
     op, st = _OPCODES.get(opcode), _STATUSES.get(status)
     if op is None or st is None:
         raise ProtocolError(f"unknown opcode {opcode} or status {status}")
