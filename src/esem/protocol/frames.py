@@ -34,6 +34,11 @@ class FrameDecoder:
     def feed(self, data: bytes) -> list[bytes]:
         """Add ``data``; return every frame body now complete, in order."""
         buf = self._buf
+        if not buf and len(data) >= LENGTH_BYTES:
+            # The common case, one whole frame per read: no copy through the buffer.
+            (n,) = _LEN.unpack_from(data)
+            if len(data) == LENGTH_BYTES + n and 1 <= n <= MAX_FRAME_BODY:
+                return [data[LENGTH_BYTES:]]
         buf += data
         frames: list[bytes] = []
         while len(buf) >= LENGTH_BYTES:

@@ -54,9 +54,14 @@ HANDLE_OPS = frozenset(
     {Opcode.CLOSE, Opcode.WAIT, Opcode.POST, Opcode.GETVALUE, Opcode.ATTACH}
 )
 _PLAIN_HANDLE_OPS = HANDLE_OPS - {Opcode.WAIT}  # payload: exactly the handle
+_REPLY_WITH_BODY = frozenset({Opcode.OPEN, Opcode.ATTACH, Opcode.GETVALUE, Opcode.CANCEL,
+                              Opcode.LIST, Opcode.STAT})  # replies that carry more than a header
 
 
-@dataclass(frozen=True, slots=True)
+# Messages are values: built once, never changed. They are not ``frozen=True`` because a
+# frozen dataclass sets each field through ``object.__setattr__``, which made building
+# one cost 1.5-2 us instead of 0.4 us, several times per operation on the hot path.
+@dataclass(slots=True)
 class Request:
     """One client request. Fields an opcode does not use keep their defaults."""
 
@@ -74,7 +79,7 @@ class Request:
     offset: int = 0  # LIST: index of the first entry wanted
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reply:
     """The service's answer to request ``req_id``. Payload fields are set only for OK."""
 
@@ -136,27 +141,27 @@ def _flags(mac: bool) -> int:
 
 def _open_message(
     data: bytes, header: struct.Struct, what: str
-) -> tuple[_Reader, tuple[int, ...], bytes | None]:
+) -> tuple[tuple[int, ...], bytes, bytes | None]:
     """What requests and replies share: the size limit, the header (whose first three
-    fields are version, opcode, flags), and the optional trailing MAC. Returns a reader
-    past the header over exactly the bytes the MAC covers, the header fields, and the
-    MAC (None without one)."""
-    if len(data) > MAX_PLAINTEXT:
+    fields are version, opcode, flags), and the optional trailing MAC. Returns the header
+    fields, exactly the bytes the MAC covers (header included), and the MAC (None
+    without one)."""
+    size = len(data)
+    if size > MAX_PLAINTEXT:
         raise ProtocolError(f"{what} too large")
-    r = _Reader(data, 0)
-    fields = r.unpack(header)
+    if size < header.size:
+        raise ProtocolError("message truncated")
+    fields = header.unpack_from(data)
     version, _, flags = fields[:3]
     if version != VERSION:
         raise ProtocolError(f"unsupported protocol version {version}")
+    if not flags:
+        return fields, data, None
     if flags & ~_HAS_MAC:
         raise ProtocolError(f"unknown flags {flags:#x}")
-    mac: bytes | None = None
-    if flags & _HAS_MAC:
-        if len(data) < header.size + MAC_BYTES:
-            raise ProtocolError("message truncated")
-        mac = data[-MAC_BYTES:]
-        r.data = data[:-MAC_BYTES]
-    return r, fields, mac
+    if size < header.size + MAC_BYTES:
+        raise ProtocolError("message truncated")
+    return fields, data[:-MAC_BYTES], data[-MAC_BYTES:]
 
 
 def encode_request(req: Request, *, mac: bool = False, req_id: int | None = None) -> bytes:
@@ -190,13 +195,13 @@ def encode_request(req: Request, *, mac: bool = False, req_id: int | None = None
 def decode_request(data: bytes) -> tuple[Request, bytes, bytes | None]:
     """Parse one request body. Returns the request, the bytes its MAC covers, and the MAC
     (None when the request carries none)."""
-    r, (_, opcode, _, req_id), mac = _open_message(data, _REQ, "request")
-    data = r.data
+    (_, opcode, _, req_id), data, mac = _open_message(data, _REQ, "request")
     op = _OPCODES.get(opcode)
     if op is None:
         raise ProtocolError(f"unknown opcode {opcode}")
     if op in _PLAIN_HANDLE_OPS and len(data) == _REQ.size + HANDLE_BYTES:  # the hot path
         return Request(op, req_id, handle=data[_REQ.size :]), data, mac
+    r = _Reader(data, _REQ.size)
     req = _decode_request_body(op, req_id, r)
     r.end()
     return req, data, mac
@@ -252,16 +257,18 @@ def encode_reply(rep: Reply, *, mac: bool = False) -> bytes:
 
 def decode_reply(data: bytes) -> tuple[Reply, bytes, bytes | None]:
     """Parse one reply body: the reply, the bytes its MAC covers, and the MAC or None."""
-    r, (_, opcode, _, req_id, status), mac = _open_message(data, _REP, "reply")
-    data = r.data
+    (_, opcode, _, req_id, status), data, mac = _open_message(data, _REP, "reply")
     op, st = _OPCODES.get(opcode), _STATUSES.get(status)
     if op is None or st is None:
         raise ProtocolError(f"unknown opcode {opcode} or status {status}")
     if st is not Status.OK:
-        raw = r.take(len(r.data) - r.pos)
+        raw = data[_REP.size :]
         if len(raw) > MAX_MESSAGE_BYTES:
             raise ProtocolError("refusal text too long")
         return Reply(op, req_id, st, message=raw.decode("utf-8", "replace")), data, mac
+    if len(data) == _REP.size and op not in _REPLY_WITH_BODY:  # the hot path
+        return Reply(op, req_id, st), data, mac
+    r = _Reader(data, _REP.size)
     rep = Reply(op, req_id, st)
     if op in (Opcode.OPEN, Opcode.ATTACH):
         handle = r.take(HANDLE_BYTES)

@@ -62,7 +62,7 @@ class State(Enum):
     CLOSED = "closed"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value; not frozen for speed, as messages.Request
 class RequestIn:
     """A decrypted, well-formed request. ``signed``/``mac`` are what its key-binding MAC
     covers and the MAC itself (None if it carried none)."""
