@@ -16,10 +16,12 @@ from esem.api import (
     USE_ESEM,
     EsemSemaphore,
     Semaphore,
+    connect,
     sem_open,
     sem_unlink,
 )
 from esem.client.blocking import Client, get_client
+from esem.client.switchless import SwitchlessUnavailable
 from esem.core.limits import SEM_VALUE_MAX
 from esem.errors import (
     BusyError,
@@ -62,6 +64,8 @@ __all__ = [
     "SemaphoreOverflow",
     "ServiceUnavailable",
     "SignalError",
+    "SwitchlessUnavailable",
+    "connect",
     "get_client",
     "sem_open",
     "sem_unlink",

@@ -17,6 +17,7 @@ import weakref
 from types import TracebackType
 from typing import Protocol
 
+import esem.client.blocking as _blocking
 from esem.client.blocking import Client, get_client
 from esem.core.limits import check_key, check_name, check_value
 from esem.core.status import CoreError, Status
@@ -259,6 +260,39 @@ def sem_open(
     reply = client.call(req, key=bytes(key) if key is not None else None)
     return EsemSemaphore(client, name, reply.handle, bytes(key) if key else None,
                          reply.created, mode)
+
+
+def connect(*, switchless: bool | None = None) -> Client:
+    """Open this process's esem session now and return its client (the one
+    ``get_client()`` returns and ``sem_open`` uses).
+
+    ``switchless=True`` asks for the shared-memory fast path and raises
+    ``SwitchlessUnavailable`` (a ``ServiceUnavailable``) if the service does not offer it;
+    ``False`` keeps the socket. The choice holds for this process and for the children it
+    forks later, each of which opens its own session in the same mode. ``None`` keeps an
+    earlier choice, or else follows ``ESEM_SWITCHLESS`` (falling back to the socket, with
+    a warning, if the service does not offer it). Call it before the first operation: a
+    process whose session is already open in the other mode gets ``RuntimeError`` (its
+    open handles belong to that session).
+    """
+    if switchless is not None and not isinstance(switchless, bool):
+        raise TypeError(f"switchless must be a bool or None, not {switchless!r}")
+    with _blocking._process_lock:
+        current = _blocking._process_client
+        usable = (current is not None and current.pid == os.getpid()
+                  and current.failed is None)
+        if usable and current is not None and current._session is not None:
+            if switchless is not None and (current.mode == "switchless") != switchless:
+                raise RuntimeError(
+                    f"this process's esem session is already open in {current.mode} mode; "
+                    "call esem.connect() before its first operation")
+        elif usable and switchless is not None:
+            _blocking._process_client = None  # not connected yet: made anew in this mode
+        if switchless is not None:
+            _blocking._process_switchless = switchless
+    client = get_client()
+    client.connect()
+    return client
 
 
 def sem_unlink(name: str, *, flags: int = 0, key: bytes | None = None,

@@ -255,11 +255,11 @@ def test_esem_semaphore_lives_only_in_the_service(service: Any, sem_name: str) -
 # --------------------------------------------------------------- posix_ipc surface
 
 
-@pytest.fixture(params=["posix_ipc", "esem.posix_ipc"])
+@pytest.fixture(params=["posix_ipc", "esem.posix_ipc-socket", "esem.posix_ipc-switchless"])
 def pmod(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
-    """The real posix_ipc package (legacy) and esem's drop-in for it."""
-    if request.param == "esem.posix_ipc":
-        request.getfixturevalue("service")
+    """The real posix_ipc package (legacy) and esem's drop-in for it (in both modes)."""
+    if request.param.startswith("esem."):
+        request.getfixturevalue(request.param.split("-")[1] + "_service")
         yield esem_posix_ipc
     else:
         yield real_posix_ipc

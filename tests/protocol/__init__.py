@@ -83,6 +83,7 @@ def _request_strategies(rid: st.SearchStrategy[int]) -> dict[Opcode, st.SearchSt
             lambda i, o: Request(Opcode.LIST, i, offset=o), rid, st.integers(0, U32_MAX)
         ),
         Opcode.PING: st.builds(lambda i: Request(Opcode.PING, i), rid),
+        Opcode.SWITCHLESS: st.builds(lambda i: Request(Opcode.SWITCHLESS, i), rid),
     }
     for op in (Opcode.CLOSE, Opcode.POST, Opcode.GETVALUE, Opcode.ATTACH):
         by_op[op] = st.builds(lambda i, h, op=op: Request(op, i, handle=h), rid, handles)
@@ -103,7 +104,7 @@ _refusal_text = st.text(max_size=200).filter(
 def _ok_reply(op: Opcode, rid: int, draw: st.DrawFn) -> Reply:
     if op in (Opcode.OPEN, Opcode.ATTACH):
         return Reply(op, rid, Status.OK, handle=draw(handles), created=draw(st.booleans()))
-    if op is Opcode.GETVALUE:
+    if op in (Opcode.GETVALUE, Opcode.SWITCHLESS):  # SWITCHLESS: the ring capacity
         return Reply(op, rid, Status.OK, value=draw(st.integers(0, U32_MAX)))
     if op is Opcode.CANCEL:
         return Reply(op, rid, Status.OK, value=draw(st.integers(0, 1)))

@@ -59,12 +59,14 @@ EXAMPLE_REQUESTS = {
     Opcode.LIST: Request(Opcode.LIST, 7, offset=40),
     Opcode.STAT: Request(Opcode.STAT, 7, name="/sem"),
     Opcode.PING: Request(Opcode.PING, 7),
+    Opcode.SWITCHLESS: Request(Opcode.SWITCHLESS, 7),
 }
 EXAMPLE_OK_REPLIES = {
     Opcode.OPEN: Reply(Opcode.OPEN, 7, Status.OK, handle=H, created=True),
     Opcode.ATTACH: Reply(Opcode.ATTACH, 7, Status.OK, handle=H),
     Opcode.GETVALUE: Reply(Opcode.GETVALUE, 7, Status.OK, value=2**31 - 1),
     Opcode.CANCEL: Reply(Opcode.CANCEL, 7, Status.OK, value=1),
+    Opcode.SWITCHLESS: Reply(Opcode.SWITCHLESS, 7, Status.OK, value=65536),
     Opcode.LIST: Reply(Opcode.LIST, 7, Status.OK, data=b'{"total": 0}'),
     Opcode.STAT: Reply(Opcode.STAT, 7, Status.OK, data=b'{"name": "/sem"}'),
     **{op: Reply(op, 7, Status.OK)

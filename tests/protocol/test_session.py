@@ -285,6 +285,7 @@ def test_every_opcode_goes_through_and_back() -> None:
         Request(Opcode.LIST, 0, offset=0),
         Request(Opcode.STAT, 0, name="/a"),
         Request(Opcode.PING, 0),
+        Request(Opcode.SWITCHLESS, 0),
     ]
     assert {r.opcode for r in sent} == set(Opcode)
     stream = b"".join(pair.request(r) for r in sent)
@@ -298,6 +299,7 @@ def test_every_opcode_goes_through_and_back() -> None:
         Opcode.ATTACH: {"handle": H},
         Opcode.GETVALUE: {"value": 3},
         Opcode.CANCEL: {"value": 0},
+        Opcode.SWITCHLESS: {"value": 65536},
         Opcode.LIST: {"data": b'{"total": 0, "offset": 0, "entries": []}'},
         Opcode.STAT: {"data": b"{}"},
     }

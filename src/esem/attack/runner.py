@@ -21,6 +21,7 @@ from esem.attack.base import Outcome, Target
 ATTACKS: dict[str, str] = {
     "A1": "esem.attack.a1_tamper",
     "A2": "esem.attack.a2_mitm",
+    "A2-RING": "esem.attack.a2_ring",  # A2 against switchless sessions' shared rings
     "A3": "esem.attack.a3_rogue",
     "A4": "esem.attack.a4_forger",
     "A5": "esem.attack.a5_impersonator",
@@ -55,7 +56,9 @@ def run_attacks(only: list[str] | None = None, sock: str | None = None,
     with tempfile.TemporaryDirectory(prefix="esem-attack-") as work:
         os.chmod(work, 0o755)  # adversaries of other uids must reach the service's socket
         if sock is None:
-            service = EmbeddedService(Path(work) / "service").start()
+            # --switchless, so that A2-RING has rings to attack; sessions that do not
+            # ask for them (every other attack's) are plain socket sessions.
+            service = EmbeddedService(Path(work) / "service", switchless=True).start()
             os.chmod(service.dir, 0o755)
             sock_path = service.socket_path
         else:

@@ -27,12 +27,16 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from esem.errors import EsemError, IntegrityError, ServiceUnavailable, error_for
 from esem.paths import is_default_location, read_pubkey, socket_path
 from esem.protocol.constants import Opcode
 from esem.protocol.messages import Reply, Request
 from esem.protocol.session import ClientSession
+
+if TYPE_CHECKING:
+    from esem.client.switchless import ClientRing
 
 CONNECT_TIMEOUT = 5.0  # seconds for connect + handshake
 KEEPALIVE_INTERVAL = 5.0  # seconds of silence with requests pending before a PING
@@ -56,6 +60,7 @@ class Client:
         *,
         connect_timeout: float = CONNECT_TIMEOUT,
         keepalive: float = KEEPALIVE_INTERVAL,
+        switchless: bool | None = None,
     ) -> None:
         self.socket_path = Path(socket_path(sock))
         self._default_location = is_default_location(sock)
@@ -82,6 +87,10 @@ class Client:
         self._progress_at = 0.0  # when the reader last decoded a reply (or took the role)
         self._pings: set[int] = set()
         self._poller = select.poll()  # registered with the socket once connected
+        # Switchless: True insists, False refuses, None follows ESEM_SWITCHLESS (see
+        # esem.client.switchless); ``_ring`` replaces the socket once upgraded.
+        self._switchless = switchless
+        self._ring: ClientRing | None = None
         self.stats = ClientStats()
         _all_clients.add(self)
 
@@ -95,6 +104,12 @@ class Client:
     def failed(self) -> EsemError | None:
         return self._failure
 
+    @property
+    def mode(self) -> str:
+        """How the session's frames travel: "switchless" (shared-memory rings) or
+        "socket" (also before the session is connected)."""
+        return "switchless" if self._ring is not None else "socket"
+
     def connect(self) -> None:
         with self._lock:
             self._ensure_connected()
@@ -105,9 +120,14 @@ class Client:
             if self._failure is None:
                 self._failure = ServiceUnavailable("client closed")
             sock, self._sock = self._sock, None
+            ring, self._ring = self._ring, None  # unmapped once no reader holds it
+            if ring is not None:
+                ring.shutdown()  # wakes a reader asleep on the rings
             self._cond.notify_all()
         if sock is not None and os.getpid() == self.pid:
             sock.close()
+            if ring is not None:
+                ring.close()
 
     def _forked_away(self) -> None:
         """In a fork child: drop the inherited descriptor, send nothing, and fail every
@@ -117,6 +137,9 @@ class Client:
         self._failure = ServiceUnavailable("esem session belongs to the parent process")
         if sock is not None:
             sock.close()
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.forget()  # the parent's rings: never touched from here
 
     def _ensure_connected(self) -> None:
         """Called with the lock held."""
@@ -173,6 +196,7 @@ class Client:
                         f"esem service at {self.socket_path} closed during the handshake"
                     )
                 session.receive_data(data)
+            ring = self._upgrade(sock, session, deadline)
         except TimeoutError as exc:
             sock.close()
             raise ServiceUnavailable(f"esem service at {self.socket_path} did not answer") from exc
@@ -184,7 +208,16 @@ class Client:
             raise
         sock.settimeout(None)
         self._poller.register(sock, select.POLLIN)  # a client connects once (failure is final)
-        self._sock, self._session = sock, session
+        self._sock, self._session, self._ring = sock, session, ring
+
+    def _upgrade(self, sock: socket.socket, session: ClientSession,
+                 deadline: float) -> ClientRing | None:
+        from esem.client import switchless
+
+        want = switchless.from_environment() if self._switchless is None else self._switchless
+        if not want:
+            return None
+        return switchless.upgrade(sock, session, deadline, strict=self._switchless is True)
 
     # -------------------------------------------------------------- calls
 
@@ -196,11 +229,16 @@ class Client:
             req_id = self._session.next_request_id()
             frame = self._session.send_request(build, key=key, req_id=req_id)
             try:
-                self._sock.sendall(frame)
+                if self._ring is not None:
+                    self._ring.send(frame)
+                else:
+                    self._sock.sendall(frame)
             except OSError as exc:
                 raise self._fail_locked(
                     ServiceUnavailable(f"esem service at {self.socket_path} went away: {exc}")
                 ) from exc
+            except EsemError as exc:  # the rings: service gone, or tampered
+                raise self._fail_locked(exc) from None
             self.stats.requests += 1
             return req_id
 
@@ -282,6 +320,14 @@ class Client:
             raise self._fail(ServiceUnavailable("client closed"))
         since = self._ping_sent_at if self._ping_sent_at is not None else self._progress_at
         left = self._keepalive - (time.monotonic() - since)
+        if self._ring is not None:
+            try:
+                data = self._ring.recv(left)
+            except EsemError as exc:
+                raise self._fail(exc) from None
+            if data is None:
+                self._keepalive_tick()
+            return data
         # Rounded up: poll() must not wake before the interval is really over.
         if left <= 0 or not self._poller.poll(math.ceil(left * 1000)):
             self._keepalive_tick()
@@ -328,6 +374,8 @@ class Client:
             if self._sock is not None:
                 with contextlib.suppress(OSError):
                     self._sock.shutdown(socket.SHUT_RDWR)
+            if self._ring is not None:
+                self._ring.shutdown()
             self._cond.notify_all()
         return self._failure
 
@@ -337,6 +385,9 @@ class Client:
 _process_client: Client | None = None
 _all_clients: weakref.WeakSet[Client] = weakref.WeakSet()
 _process_lock = threading.Lock()
+# The process's switchless choice (``esem.connect``); None follows ESEM_SWITCHLESS. Kept
+# across fork, so children open their own sessions in the same mode.
+_process_switchless: bool | None = None
 
 
 def get_client() -> Client:
@@ -346,7 +397,7 @@ def get_client() -> Client:
     with _process_lock:
         client = _process_client
         if client is None or client.pid != os.getpid() or client.failed is not None:
-            client = _process_client = Client()
+            client = _process_client = Client(switchless=_process_switchless)
         return client
 
 

@@ -52,6 +52,7 @@ class Opcode(IntEnum):
     LIST = 9
     STAT = 10
     PING = 11
+    SWITCHLESS = 12  # move this session's frames to shared-memory rings (PROTOCOL.md 15)
 
 
 class MsgFlag(IntFlag):

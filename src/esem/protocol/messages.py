@@ -55,7 +55,10 @@ HANDLE_OPS = frozenset(
 )
 _PLAIN_HANDLE_OPS = HANDLE_OPS - {Opcode.WAIT}  # payload: exactly the handle
 _REPLY_WITH_BODY = frozenset({Opcode.OPEN, Opcode.ATTACH, Opcode.GETVALUE, Opcode.CANCEL,
-                              Opcode.LIST, Opcode.STAT})  # replies that carry more than a header
+                              Opcode.LIST, Opcode.STAT,
+                              Opcode.SWITCHLESS})  # replies that carry more than a header
+# OK replies whose payload is one u32 ``value`` (SWITCHLESS: the ring capacity in bytes).
+_U32_REPLIES = frozenset({Opcode.GETVALUE, Opcode.CANCEL, Opcode.SWITCHLESS})
 
 
 # Messages are values: built once, never changed. They are not ``frozen=True`` because a
@@ -248,7 +251,7 @@ def encode_reply(rep: Reply, *, mac: bool = False) -> bytes:
     op = rep.opcode
     if op in (Opcode.OPEN, Opcode.ATTACH):
         return head + rep.handle + _U8.pack(rep.created)
-    if op in (Opcode.GETVALUE, Opcode.CANCEL):
+    if op in _U32_REPLIES:
         return head + _U32.pack(rep.value)
     if op in (Opcode.LIST, Opcode.STAT):
         return head + rep.data
@@ -276,7 +279,7 @@ def decode_reply(data: bytes) -> tuple[Reply, bytes, bytes | None]:
         if created > 1:
             raise ProtocolError("created flag out of range")
         rep = Reply(op, req_id, st, handle=handle, created=bool(created))
-    elif op in (Opcode.GETVALUE, Opcode.CANCEL):
+    elif op in _U32_REPLIES:
         (value,) = r.unpack(_U32)
         rep = Reply(op, req_id, st, value=value)
     elif op in (Opcode.LIST, Opcode.STAT):

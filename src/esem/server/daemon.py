@@ -43,6 +43,7 @@ class ServeConfig:
     socket_path: Path
     quotas: Quotas = field(default_factory=Quotas)
     socket_mode: int = 0o666  # every local uid may connect; semaphores carry their own modes
+    switchless: bool = False  # offer sessions the shared-memory fast path (switchless.py)
 
 
 def load_or_create_key(state_dir: Path) -> bytes:
@@ -145,6 +146,10 @@ async def _serve(config: ServeConfig, ready: asyncio.Event | None = None) -> Non
     config.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     claim_socket(config.socket_path)
     service = Service(private, config.quotas)
+    if config.switchless:
+        from esem.server.switchless import enable
+
+        enable(service)
     loop = asyncio.get_running_loop()
     old_umask = os.umask(0o177)  # no window in which the socket has a wider mode
     try:
@@ -160,8 +165,9 @@ async def _serve(config: ServeConfig, ready: asyncio.Event | None = None) -> Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info(
-        "esem service listening on %s (key %s, loop %s)",
+        "esem service listening on %s (key %s, loop %s%s)",
         config.socket_path, public_key_of(private).hex()[:16], type(loop).__module__,
+        ", switchless" if config.switchless else "",
     )
     if ready is not None:
         ready.set()

@@ -20,7 +20,10 @@ from esem.paths import SOCKET_NAME, pubkey_path
 
 class EmbeddedService:
     def __init__(self, directory: str | os.PathLike[str] | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, *, switchless: bool = False) -> None:
+        """``switchless=True`` starts it with ``--switchless``: sessions may then move
+        to shared-memory rings (clients ask with ``ESEM_SWITCHLESS=1`` or
+        ``esem.connect(switchless=True)``; ``env()`` does not ask for them)."""
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if directory is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="esem-")
@@ -28,12 +31,14 @@ class EmbeddedService:
         self.dir = Path(directory)
         self.socket_path = self.dir / SOCKET_NAME
         self.log_path = self.dir / "service.log"
-        self.extra_args = extra_args or []
+        self.switchless = switchless
+        self.extra_args = [*(extra_args or []), *(["--switchless"] if switchless else [])]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
         pid = self.proc.pid if self.proc else None
-        return f"<EmbeddedService {self.socket_path} pid={pid}>"
+        mode = " switchless" if self.switchless else ""
+        return f"<EmbeddedService {self.socket_path} pid={pid}{mode}>"
 
     @property
     def pubkey(self) -> bytes:

@@ -18,12 +18,13 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import cast
 
 from esem.core import CoreError, Cred, Quotas, SemInfo, SemTable, Status, WaitDone, WaitMode
 from esem.errors import EsemError
 from esem.protocol.constants import MAX_PLAINTEXT, Opcode, OpenFlag
-from esem.protocol.messages import Reply
+from esem.protocol.messages import Reply, Request
 from esem.protocol.session import RequestIn, ServerSession
 
 log = logging.getLogger("esem.server")
@@ -91,6 +92,10 @@ class Service:
         self._timer_at: float | None = None
         self._dirty: set[Connection] = set()
         self.sessions_started = 0
+        # What accepts connections: ``esem.server.switchless.enable`` swaps in the
+        # connections that can move to shared-memory rings (``esem serve --switchless``).
+        self.connection_factory: Callable[[Service], Connection] = Connection
+        self.switchboard: object | None = None  # the switchless poller, when enabled
 
     def __repr__(self) -> str:
         return f"<Service connections={len(self._conns)} {self.table!r}>"
@@ -100,7 +105,7 @@ class Service:
                 **self.table.statistics()}
 
     def protocol_factory(self) -> Connection:
-        return Connection(self)
+        return self.connection_factory(self)
 
     # -------------------------------------------------------- connection events
 
@@ -207,6 +212,8 @@ class Service:
             elif op is Opcode.LIST:
                 reply = Reply(op, req.req_id, Status.OK,
                               data=self._list_page(sid, req.offset))
+            elif op is Opcode.SWITCHLESS:
+                reply = conn.upgrade(req)
             elif op is Opcode.STAT:
                 reply = Reply(op, req.req_id, Status.OK,
                               data=_stat_json(table.stat(sid, req.name)))
@@ -324,6 +331,13 @@ class Connection(asyncio.Protocol):
         data = self.session.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    def upgrade(self, req: Request) -> Reply:
+        """SWITCHLESS: a service started without ``--switchless`` refuses (the session
+        goes on over the socket); ``esem.server.switchless`` overrides this."""
+        return Reply(Opcode.SWITCHLESS, req.req_id, Status.EINVAL,
+                     message="switchless mode is not enabled on this service "
+                     "(start it with esem serve --switchless)")
 
     def abort(self) -> None:
         if self.transport is not None:

@@ -1,0 +1,141 @@
+"""The end-to-end suite runs in both transport modes: socket and switchless.
+
+Each esem test runs once against a plain daemon, its session over the socket, and once
+against a daemon started with ``--switchless`` with ``ESEM_SWITCHLESS=1`` in the
+environment (so this process and every child it forks upgrade their sessions to the
+shared-memory rings). After a switchless test the process's client is checked to have
+really been switchless: the environment alone would fall back to the socket, with only a
+warning, if the upgrade were refused.
+
+The daemons are shared by a test module, one per mode; each test points this process at
+the one of its mode (``ESEM_SOCKET``, ``ESEM_SWITCHLESS``) and drops the per-process
+client before and after, so a session is never reused across modes or services. Legacy
+tests (no service) run once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import pytest
+from conftest import Backend  # tests/conftest.py (tests/ is not a package)
+
+import esem.client.blocking as blocking
+from esem.api import USE_ESEM
+from esem.server.embedded import EmbeddedService
+
+MODES = ("socket", "switchless")
+
+
+def _drop_process_client() -> blocking.Client | None:
+    stale = blocking._process_client
+    blocking._process_client = None
+    return stale if stale is not None and stale.pid == os.getpid() else None
+
+
+def _start(mode: str) -> EmbeddedService:
+    svc = EmbeddedService(switchless=mode == "switchless")
+    # Other uids (the tests' `nobody` children) must reach the socket and the published
+    # public key; the private key stays 0600 inside.
+    os.chmod(svc.dir, 0o755)
+    return svc.start()
+
+
+@contextlib.contextmanager
+def _pointed_at(svc: EmbeddedService, mode: str) -> Iterator[EmbeddedService]:
+    """This process (and children forked meanwhile) use ``svc`` in ``mode``."""
+    saved = {k: os.environ.get(k) for k in ("ESEM_SOCKET", "ESEM_PUBKEY", "ESEM_SWITCHLESS")}
+    os.environ.pop("ESEM_PUBKEY", None)  # would pin another service's key
+    os.environ["ESEM_SOCKET"] = str(svc.socket_path)
+    if mode == "switchless":
+        os.environ["ESEM_SWITCHLESS"] = "1"
+    else:
+        os.environ.pop("ESEM_SWITCHLESS", None)
+    stale = _drop_process_client()
+    if stale is not None:
+        stale.close()
+    try:
+        yield svc
+        used = _drop_process_client()
+        if used is not None:
+            try:
+                if mode == "switchless" and used.failed is None and used._session is not None:
+                    assert used.mode == "switchless", "the session fell back to the socket"
+            finally:
+                used.close()
+    finally:
+        blocking._process_switchless = None  # an esem.connect() choice ends with the test
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def socket_daemon() -> Iterator[EmbeddedService]:
+    svc = _start("socket")
+    try:
+        yield svc
+    finally:
+        svc.cleanup()
+
+
+@pytest.fixture(scope="module")
+def switchless_daemon() -> Iterator[EmbeddedService]:
+    svc = _start("switchless")
+    try:
+        yield svc
+    finally:
+        svc.cleanup()
+
+
+@pytest.fixture
+def socket_service(socket_daemon: EmbeddedService) -> Iterator[EmbeddedService]:
+    """The module's plain daemon, this process's sessions on the socket."""
+    with _pointed_at(socket_daemon, "socket"):
+        yield socket_daemon
+
+
+@pytest.fixture
+def switchless_service(switchless_daemon: EmbeddedService) -> Iterator[EmbeddedService]:
+    """The module's --switchless daemon, this process's sessions on the rings."""
+    with _pointed_at(switchless_daemon, "switchless"):
+        yield switchless_daemon
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    """The transport of this test's esem sessions."""
+    return str(request.param)
+
+
+@pytest.fixture
+def service(request: pytest.FixtureRequest, mode: str) -> EmbeddedService:
+    """The module's daemon of this test's mode, this process pointed at it."""
+    svc: EmbeddedService = request.getfixturevalue(f"{mode}_service")
+    return svc
+
+
+@pytest.fixture
+def fresh_service(mode: str) -> Iterator[EmbeddedService]:
+    """A daemon of this test alone, in this test's mode (for tests that kill it)."""
+    svc = _start(mode)
+    try:
+        with _pointed_at(svc, mode):
+            yield svc
+    finally:
+        svc.cleanup()
+
+
+@pytest.fixture(params=["legacy", "esem-socket", "esem-switchless"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """The same test against real POSIX semaphores and against the esem service, over
+    the socket and over the rings."""
+    if request.param == "legacy":
+        yield Backend("legacy", 0)
+        return
+    request.getfixturevalue(f"{request.param.removeprefix('esem-')}_service")
+    yield Backend("esem", USE_ESEM)
