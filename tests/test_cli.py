@@ -73,23 +73,6 @@ def test_bad_name_is_usage_error(svc: EmbeddedService) -> None:
     assert "must start with '/'" in result.stderr
 
 
-def test_demo_json_shows_legacy_broken_and_esem_intact() -> None:
-    result = esem("demo", "--iterations", "60", "--json")
-    assert result.returncode == 0, result.stderr
-    rows = {(r["backend"], r["attack"]): r for r in json.loads(result.stdout)}
-    assert set(rows) == {("legacy", "none"), ("legacy", "tamper"),
-                         ("esem", "none"), ("esem", "tamper")}
-    for attack in ("none", "tamper"):
-        assert rows[("esem", attack)]["lost_updates"] == 0
-        assert rows[("esem", attack)]["max_inside"] == 1
-        assert rows[("esem", attack)]["counted"] == rows[("esem", attack)]["increments"]
-    assert rows[("legacy", "none")]["lost_updates"] == 0
-    # The attack is real: the same adversary breaks the legacy semaphore.
-    assert rows[("legacy", "tamper")]["max_inside"] > 1
-    assert rows[("legacy", "tamper")]["lost_updates"] > 0
-    assert "running" in result.stderr  # progress
-
-
 def test_bench_micro_smoke(tmp_path: Path) -> None:
     out = tmp_path / "micro.json"
     result = esem("bench", "micro", "-n", "20", "--json", str(out))

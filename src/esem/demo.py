@@ -1,174 +1,104 @@
-"""``esem demo``: two processes share a critical section, under legacy and under esem.
+"""``esem demo``: the FILE VAULT case study, legacy POSIX semaphores beside esem.
 
-An embedded esem service runs in a temporary directory. For each backend, two worker
-processes increment a shared counter with a deliberate read-modify-write window, guarded
-by a semaphore of initial value 1. Once without an attack, once while a process of the
-same uid rewrites the legacy semaphore's count in ``/dev/shm`` (adversary A1). The harm
-is measured, not inferred: the most processes seen inside at once, and lost updates.
+An embedded esem service runs in a temporary directory. For each backend (legacy, esem)
+and each attack (none, filetree-race, service-blocking), ``esem.vault.workload`` runs a
+fresh vault server (TLS on 127.0.0.1, its own process) with N concurrent clients storing
+M random files each and reading them back, then verifies every file byte for byte. The
+only difference between the two backends in the vault's code is the ``USE_ESEM`` flag
+(and the key) at its two ``sem_open`` calls. The harm is measured, not inferred: files
+lost or corrupted when the file tree's lock is broken, requests refused by the 5-slot
+sealing engine when its gate is.
+
+The critical-section demo that was here before lives on as adversary A1's measuring
+stick in ``esem.attack.critical``; its names stay importable from here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
-import multiprocessing as mp
 import os
-import struct
 import sys
 import time
-import uuid
-from dataclasses import asdict, dataclass
-from multiprocessing.sharedctypes import Synchronized
-from pathlib import Path
-from typing import Any
 
-from esem.api import O_CREAT, O_EXCL, USE_ESEM, sem_open, sem_unlink
+from esem.attack.critical import legacy_sem_path, run_case, tamper_word
+from esem.vault.workload import (
+    ATTACKS,
+    BACKENDS,
+    DEFAULT_CLIENTS,
+    DEFAULT_FILES,
+    DEFAULT_SIZE,
+    Row,
+    run_workload,
+)
 
-WORKERS = 2
-RMW_WINDOW_S = 0.0002  # time between reading and writing the counter: where races bite
-TAMPER_VALUE = 5
-SHM_DIR = Path("/dev/shm")
+__all__ = ["legacy_sem_path", "run_case", "run_demo", "tamper_word"]
 
-
-@dataclass
-class Row:
-    backend: str
-    attack: str
-    processes: int
-    increments: int
-    counted: int
-    lost_updates: int
-    max_inside: int
-    seconds: float
-    evidence: str
+COLUMNS = (  # (header, Row field, width)
+    ("backend", "backend", 7), ("attack", "attack", 16), ("written", "files_written", 7),
+    ("intact", "files_intact", 6), ("lost/corrupt", "files_lost_or_corrupt", 12),
+    ("slot failures", "slot_failures", 13), ("requests/s", "requests_per_s", 10),
+)
 
 
-def legacy_sem_path(name: str) -> Path:
-    """glibc keeps the named semaphore ``/NAME`` in ``/dev/shm/sem.NAME``."""
-    return SHM_DIR / f"sem.{name.lstrip('/')}"
-
-
-def tamper_word(path: Path, value: int) -> None:
-    """Rewrite the count of a glibc ``sem_t`` in place. On 64-bit Linux glibc's
-    ``struct new_sem`` starts with ``uint64_t data``: the value in the low 32 bits,
-    the number of waiters in the high 32 bits (little-endian), so the value is the
-    first 4 bytes of the file."""
-    with open(path, "r+b") as f:
-        f.write(struct.pack("<I", value))
-
-
-def _tamperer(name: str, stop: Any, found: Synchronized) -> None:  # type: ignore[type-arg]
-    path = legacy_sem_path(name)
-    while not stop.is_set():
-        if path.exists():
-            found.value = 1
-            with contextlib.suppress(FileNotFoundError):
-                tamper_word(path, TAMPER_VALUE)
-        time.sleep(0.0005)
-    os._exit(0)
-
-
-def _worker(sem: Any, iterations: int, counter: Synchronized, inside: Synchronized,  # type: ignore[type-arg]
-            max_inside: Synchronized, meter: Any) -> None:  # type: ignore[type-arg]
-    code = 0
-    try:
-        for _ in range(iterations):
-            sem.wait()
-            with meter:
-                inside.value += 1
-                max_inside.value = max(max_inside.value, inside.value)
-            value = counter.value  # read ...
-            time.sleep(RMW_WINDOW_S)
-            counter.value = value + 1  # ... modify, write: lost if another got in between
-            with meter:
-                inside.value -= 1
-            sem.post()
-    except BaseException as exc:
-        print(f"worker {os.getpid()}: {exc!r}", file=sys.stderr)
-        code = 1
-    os._exit(code)
-
-
-def run_case(backend: str, attack: str, iterations: int, workers: int = WORKERS) -> Row:
-    """Run the critical section in ``workers`` processes under ``backend``; with
-    ``attack='tamper'`` an A1 adversary rewrites the legacy count meanwhile."""
-    ctx = mp.get_context("fork")
-    name = f"/esem-demo-{uuid.uuid4().hex[:12]}"
-    flags = USE_ESEM if backend == "esem" else 0
-    sem = sem_open(name, O_CREAT | O_EXCL, 0o600, 1, flags=flags)
-    counter = ctx.Value(ctypes.c_long, 0, lock=False)
-    inside = ctx.Value(ctypes.c_int, 0, lock=False)
-    max_inside = ctx.Value(ctypes.c_int, 0, lock=False)
-    meter = ctx.Lock()  # guards only the bookkeeping, never the counter
-    stop = ctx.Event()
-    found = ctx.Value(ctypes.c_int, 0, lock=False)
-    adversary = None
-    if attack == "tamper":
-        adversary = ctx.Process(target=_tamperer, args=(name, stop, found))
-        adversary.start()
-    start = time.perf_counter()
-    procs = [ctx.Process(target=_worker,
-                           args=(sem, iterations, counter, inside, max_inside, meter))
-               for _ in range(workers)]
-    for w in procs:
-        w.start()
-    for w in procs:
-        w.join()
-    seconds = time.perf_counter() - start
-    stop.set()
-    if adversary is not None:
-        adversary.join()
-    sem.close()
-    sem_unlink(name, flags=flags)
-    failed = [w.exitcode for w in procs if w.exitcode]
-    if failed:
-        raise RuntimeError(f"{backend} workers failed with exit codes {failed}")
-    expected = workers * iterations
-    if attack == "none":
-        evidence = "no adversary"
-    elif found.value:
-        evidence = f"adversary rewrote {legacy_sem_path(name)} to {TAMPER_VALUE} repeatedly"
-    else:
-        evidence = f"adversary found no {legacy_sem_path(name)}: the count is in the service"
-    counted, most_inside = int(counter.value), int(max_inside.value)
-    return Row(backend, attack, workers, expected, counted, expected - counted,
-               most_inside, round(seconds, 3), evidence)
-
-
-def run_demo(iterations: int = 200, as_json: bool = False) -> int:
+def run_demo(clients: int = DEFAULT_CLIENTS, files: int = DEFAULT_FILES,
+             size: int = DEFAULT_SIZE, as_json: bool = False) -> int:
+    """Run the six cases and print the table (or JSON); 0 when every esem row kept every
+    file and had no slot failure."""
     from esem.client import blocking
     from esem.server.embedded import EmbeddedService
 
-    if iterations < 1:
-        raise ValueError("--iterations must be at least 1")
+    for label, value, low in (("--clients", clients, 1), ("--files", files, 1),
+                              ("--size", size, 0)):
+        if value < low:
+            raise ValueError(f"{label} must be at least {low}, not {value}")
     rows: list[Row] = []
+    started = time.perf_counter()
     with EmbeddedService() as service:
+        # Children (the vault servers, the adversaries) inherit this and find the service.
         os.environ.update(service.env())
-        blocking._process_client = None  # point this process at the embedded service
-        print(f"esem demo: embedded service at {service.socket_path}", file=sys.stderr)
-        for backend in ("legacy", "esem"):
-            for attack in ("none", "tamper"):
-                print(f"  running {backend:6} attack={attack:6} "
-                      f"({WORKERS} processes x {iterations} increments) ...",
-                      file=sys.stderr, flush=True)
-                rows.append(run_case(backend, attack, iterations))
+        blocking._process_client = None
+        print(f"esem demo: embedded esem service at {service.socket_path}; "
+              f"{clients} clients x {files} files of {size} bytes per case", file=sys.stderr)
+        total = len(BACKENDS) * len(ATTACKS)
+        for backend in BACKENDS:
+            for attack in ATTACKS:
+                case = f"[{len(rows) + 1}/{total}] {backend:6} {attack:16}"
+                print(f"  {case} running ...", file=sys.stderr, flush=True)
+
+                def progress(msg: str, case: str = case) -> None:
+                    print(f"  {case} {msg}", file=sys.stderr, flush=True)
+
+                rows.append(run_workload(backend, attack, clients=clients, files=files,
+                                         size=size, esem_socket=service.socket_path,
+                                         progress=progress))
+    print(f"esem demo: done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     if as_json:
-        print(json.dumps([asdict(r) for r in rows], indent=2))
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
         _print_rows(rows)
-    esem_ok = all(r.lost_updates == 0 and r.max_inside == 1 for r in rows if r.backend == "esem")
+    esem_ok = all(r.files_lost_or_corrupt == 0 and r.slot_failures == 0
+                  and r.files_written == clients * files
+                  for r in rows if r.backend == "esem")
     return 0 if esem_ok else 1
 
 
 def _print_rows(rows: list[Row]) -> None:
-    header = f"{'backend':8} {'attack':7} {'expected':>8} {'counted':>8} {'lost':>5} " \
-             f"{'max inside':>10} {'seconds':>8}  evidence"
+    header = "  ".join(h.ljust(w) if i < 2 else h.rjust(w)
+                       for i, (h, _, w) in enumerate(COLUMNS))
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r.backend:8} {r.attack:7} {r.increments:8} {r.counted:8} {r.lost_updates:5} "
-              f"{r.max_inside:10} {r.seconds:8.2f}  {r.evidence}")
+        cells = []
+        for i, (_, field, w) in enumerate(COLUMNS):
+            v = getattr(r, field)
+            text = f"{v:.1f}" if isinstance(v, float) else str(v)
+            cells.append(text.ljust(w) if i < 2 else text.rjust(w))
+        print("  ".join(cells))
     print()
-    print("lost > 0 or max inside > 1 means mutual exclusion broke. The legacy count lives in "
-          "/dev/shm, writable by any process of the same uid; esem's lives only in the service.")
+    for r in rows:
+        if r.attack != "none":
+            print(f"{r.backend} {r.attack}: {r.evidence}")
+    print()
+    print("The vault's only code difference between the rows is flags=USE_ESEM (and key=) "
+          "at its two sem_open calls.\nLegacy counts live in /dev/shm, writable by any "
+          "process of the same uid; esem's live only in the service, bound to a key.")

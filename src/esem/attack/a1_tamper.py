@@ -17,7 +17,7 @@ Against esem the same adversary finds no file to write.
 from __future__ import annotations
 
 from esem.attack.base import Outcome, Target
-from esem.demo import run_case
+from esem.attack.critical import run_case
 
 WORKERS = 4
 
