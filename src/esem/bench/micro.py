@@ -8,229 +8,281 @@ semaphores: what a cross-process wake-up costs with shared memory and futexes) a
 processes, no protocol and no crypto: the least any socket design can cost). esem's
 contended hand-off (``esem/handoff``) is measured the same way as legacy's.
 
-Nothing here passes or fails on a time.
+Waits are measured uncontended (value > 0): for legacy that is glibc's user-space fast
+path, no syscall. For esem each loop also reports the CPU the clients and the service
+spent on it (``cpu_per_mop``). Nothing here passes or fails on a time.
 """
 
 from __future__ import annotations
 
-import json
-import multiprocessing as mp
-import os
-import platform
 import socket
-import statistics
-import sys
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
 
 from esem.api import O_CREAT, USE_ESEM, sem_open, sem_unlink
+from esem.bench.common import (
+    NO_MODE,
+    Options,
+    Row,
+    Table,
+    Target,
+    Workers,
+    check_transport,
+    cpu_rows,
+    emit,
+    esem_target,
+    latency_rows,
+    lookup,
+    make_report,
+    num,
+    progress,
+    ratio,
+    self_cpu,
+)
 
+BENCH = "micro"
 OPS = ("open", "close", "unlink", "post", "wait", "trywait", "getvalue")
+CASES = (*OPS, "handoff")
+DEFAULT_ITERATIONS = 2000
+SMOKE_ITERATIONS = 30
+# Loops with CPU rows, and the calls each iteration makes (open+close share one loop;
+# the unlink loop also creates and closes, so it has none of its own).
+CPU_CASES = {"open+close": 2, "post": 1, "wait": 1, "trywait": 1, "getvalue": 1,
+             "handoff": 4}
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        import uvloop  # noqa: F401
+@dataclass
+class Measured:
+    """Latency samples per case (us) and the CPU of each CPU case: (calls, client s,
+    service s)."""
 
-        loop = "uvloop"
-    except ImportError:
-        loop = "asyncio"
-    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version(), "esem_mode": "socket", "service_loop": loop}
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, tuple[int, float, float | None]] = field(default_factory=dict)
 
 
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+class _CpuMeter:
+    """Client (this process, plus what children report) and service CPU over a loop."""
+
+    def __init__(self, target: Target | None) -> None:
+        self.target = target
+        self.client0 = self_cpu()
+        self.service0 = target.service_cpu() if target else None
+
+    def done(self, calls: int, extra_client: float = 0.0) -> tuple[int, float, float | None]:
+        client = self_cpu() - self.client0 + extra_client
+        service = None
+        if self.target is not None and self.service0 is not None:
+            now = self.target.service_cpu()
+            service = None if now is None else now - self.service0
+        return calls, client, service
 
 
-def _time_each(n: int, op: Callable[[int], None]) -> list[float]:
+def _time_each(n: int, op: Callable[[], object]) -> list[float]:
     samples = []
     clock = time.perf_counter_ns
-    for i in range(n):
+    for _ in range(n):
         t0 = clock()
-        op(i)
+        op()
         samples.append((clock() - t0) / 1000.0)
     return samples
 
 
-def measure_ops(backend: str, n: int) -> dict[str, list[float]]:
-    """Per-operation samples in microseconds. Waits are uncontended (value > 0): for
-    legacy that is glibc's user-space fast path, no syscall."""
+def measure_ops(backend: str, n: int, target: Target | None = None) -> Measured:
+    """Per-operation samples in microseconds (and, with a target, CPU per loop)."""
     flags = USE_ESEM if backend == "esem" else 0
     tag = uuid.uuid4().hex[:10]
     name = f"/esem-bench-{tag}"
     base = sem_open(name, O_CREAT, 0o600, 0, flags=flags)
-    out: dict[str, list[float]] = {"open": [], "close": []}
+    if target is not None:
+        check_transport(target.mode)
+    m = Measured()
+    opens, closes = m.samples.setdefault("open", []), m.samples.setdefault("close", [])
     clock = time.perf_counter_ns
+    meter = _CpuMeter(target)
     for _ in range(n):  # in pairs, so no session ever holds more than two handles
         t0 = clock()
         handle = sem_open(name, 0, flags=flags)
         t1 = clock()
         handle.close()
-        out["open"].append((t1 - t0) / 1000.0)
-        out["close"].append((clock() - t1) / 1000.0)
-    out["post"] = _time_each(n, lambda i: base.post())
-    out["wait"] = _time_each(n, lambda i: base.wait())
+        opens.append((t1 - t0) / 1000.0)
+        closes.append((clock() - t1) / 1000.0)
+    m.cpu["open+close"] = meter.done(2 * n)
+    for op, fn in (("post", base.post), ("wait", base.wait)):
+        meter = _CpuMeter(target)
+        m.samples[op] = _time_each(n, fn)
+        m.cpu[op] = meter.done(n)
     for _ in range(n):
         base.post()
-    out["trywait"] = _time_each(n, lambda i: base.trywait())
-
-    def getvalue(i: int) -> None:
-        base.getvalue()
-
-    out["getvalue"] = _time_each(n, getvalue)
-    out["unlink"] = []
+    meter = _CpuMeter(target)
+    m.samples["trywait"] = _time_each(n, base.trywait)
+    m.cpu["trywait"] = meter.done(n)
+    meter = _CpuMeter(target)
+    m.samples["getvalue"] = _time_each(n, base.getvalue)
+    m.cpu["getvalue"] = meter.done(n)
+    unlinks = m.samples.setdefault("unlink", [])
     for i in range(n):  # one at a time: never near the per-uid semaphore quota
         victim = f"/esem-bench-{tag}-{i}"
         sem_open(victim, O_CREAT, 0o600, 0, flags=flags).close()
         t0 = clock()
         sem_unlink(victim, flags=flags)
-        out["unlink"].append((clock() - t0) / 1000.0)
+        unlinks.append((clock() - t0) / 1000.0)
     base.close()
     sem_unlink(name, flags=flags)
-    return out
+    return m
 
 
-def _pong(ping_name: str, pong_name: str, flags: int, rounds: int) -> None:
-    code = 0
-    try:
-        ping = sem_open(ping_name, 0, flags=flags)
-        pong = sem_open(pong_name, 0, flags=flags)
-        for _ in range(rounds):
-            ping.wait()
-            pong.post()
-    except BaseException as exc:
-        print(f"bench pong: {exc!r}", file=sys.stderr)
-        code = 1
-    os._exit(code)
-
-
-def measure_handoff(backend: str, rounds: int) -> list[float]:
-    """One-way hand-off latency between two processes: half of each ping-pong, in us."""
+def measure_handoff(backend: str, rounds: int,
+                    target: Target | None = None) -> tuple[list[float], tuple[int, float,
+                                                                              float | None]]:
+    """One-way hand-off latency between two processes: half of each ping-pong, in us;
+    and the CPU of both processes and the service over the rounds."""
     flags = USE_ESEM if backend == "esem" else 0
     tag = uuid.uuid4().hex[:10]
     ping_name, pong_name = f"/esem-ping-{tag}", f"/esem-pong-{tag}"
     ping = sem_open(ping_name, O_CREAT, 0o600, 0, flags=flags)
     pong = sem_open(pong_name, O_CREAT, 0o600, 0, flags=flags)
-    child = mp.get_context("fork").Process(target=_pong,
-                                           args=(ping_name, pong_name, flags, rounds))
-    child.start()
-    samples = []
-    clock = time.perf_counter_ns
-    for _ in range(rounds):
-        t0 = clock()
+
+    def pong_side() -> float:
+        p_ping = sem_open(ping_name, 0, flags=flags)
+        p_pong = sem_open(pong_name, 0, flags=flags)
+        p_ping.wait()  # the warm-up round: both sessions are up before the clock starts
+        p_pong.post()
+        if target is not None:
+            check_transport(target.mode)
+        c0 = self_cpu()
+        for _ in range(rounds):
+            p_ping.wait()
+            p_pong.post()
+        return self_cpu() - c0
+
+    workers = Workers([pong_side]).start()
+    try:
         ping.post()
         pong.wait()
-        samples.append((clock() - t0) / 2000.0)
-    child.join()
-    for sem, nm in ((ping, ping_name), (pong, pong_name)):
-        sem.close()
-        sem_unlink(nm, flags=flags)
-    return samples
-
-
-def _echo(sock: socket.socket, rounds: int) -> None:
-    for _ in range(rounds):
-        sock.sendall(sock.recv(64))
-    os._exit(0)
+        if target is not None:
+            check_transport(target.mode)
+        samples = []
+        clock = time.perf_counter_ns
+        meter = _CpuMeter(target)
+        for _ in range(rounds):
+            t0 = clock()
+            ping.post()
+            pong.wait()
+            samples.append((clock() - t0) / 2000.0)
+        (child_cpu,) = workers.results(timeout=60 + rounds * 0.05)
+        cpu = meter.done(4 * rounds, extra_client=float(child_cpu))
+    finally:
+        workers.stop()
+        for sem, nm in ((ping, ping_name), (pong, pong_name)):
+            sem.close()
+            sem_unlink(nm, flags=flags)
+    return samples, cpu
 
 
 def measure_uds_roundtrip(rounds: int) -> list[float]:
     """A bare request/reply (32 bytes each way) between two Python processes, in us."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    child = mp.get_context("fork").Process(target=_echo, args=(b, rounds))
-    child.start()
-    msg = b"x" * 32
-    samples = []
-    clock = time.perf_counter_ns
-    for _ in range(rounds):
-        t0 = clock()
-        a.sendall(msg)
-        a.recv(64)
-        samples.append((clock() - t0) / 1000.0)
-    child.join()
-    a.close()
+
+    def echo() -> None:
+        a.close()
+        for _ in range(rounds + 1):
+            b.sendall(b.recv(64))
+
+    workers = Workers([echo]).start()
     b.close()
+    try:
+        msg = b"x" * 32
+        a.sendall(msg)  # warm-up
+        a.recv(64)
+        samples = []
+        clock = time.perf_counter_ns
+        for _ in range(rounds):
+            t0 = clock()
+            a.sendall(msg)
+            a.recv(64)
+            samples.append((clock() - t0) / 1000.0)
+        workers.results(timeout=60)
+    finally:
+        workers.stop()
+        a.close()
     return samples
 
 
-def _row(backend: str, case: str, samples: list[float]) -> list[dict[str, Any]]:
-    return [
-        {"bench": "micro", "backend": backend, "mode": "socket" if backend == "esem" else "-",
-         "case": case, "metric": metric, "value": round(value, 3), "unit": "us"}
-        for metric, value in (("median", statistics.median(samples)),
-                              ("p99", _percentile(samples, 0.99)))
-    ]
+def _esem_rows(target: Target, n: int) -> list[Row]:
+    rows: list[Row] = []
+    progress(f"micro: esem ({target.mode}) operations, {n} samples each ...")
+    m = measure_ops("esem", n, target)
+    progress(f"micro: esem ({target.mode}) hand-off between two processes ...")
+    m.samples["handoff"], m.cpu["handoff"] = measure_handoff("esem", n, target)
+    for case in CASES:
+        rows += latency_rows(BENCH, "esem", target.mode, case, m.samples[case])
+    for case, (calls, client, service) in m.cpu.items():
+        rows += cpu_rows(BENCH, "esem", target.mode, case, calls, client, service)
+    return rows
 
 
-def run_micro(iterations: int = 2000, sock: str | None = None,
-              json_out: str | None = None) -> int:
-    from esem.client import blocking
-    from esem.server.embedded import EmbeddedService
-
-    if iterations < 10:
+def collect(opts: Options, iterations: int | None = None) -> list[Row]:
+    """Every micro row: legacy and the floor once, esem once per mode."""
+    n = iterations or (SMOKE_ITERATIONS if opts.smoke else DEFAULT_ITERATIONS)
+    if n < 10:
         raise ValueError("--iterations must be at least 10")
-    service = None
-    if sock is None:
-        service = EmbeddedService().start()
-        os.environ.update(service.env())
-    else:
-        os.environ["ESEM_SOCKET"] = sock
-    blocking._process_client = None
-    results: list[dict[str, Any]] = []
-    try:
-        for backend in ("legacy", "esem"):
-            print(f"measuring {backend} operations ({iterations} samples each) ...",
-                  file=sys.stderr, flush=True)
-            for op, samples in measure_ops(backend, iterations).items():
-                results += _row(backend, op, samples)
-            print(f"measuring {backend} hand-off between two processes ...",
-                  file=sys.stderr, flush=True)
-            results += _row(backend, "handoff", measure_handoff(backend, iterations))
-        print("measuring the bare Unix-socket round trip ...", file=sys.stderr, flush=True)
-        results += _row("floor", "uds-roundtrip", measure_uds_roundtrip(iterations))
-    finally:
-        if service is not None:
-            service.cleanup()
-    report = {"machine": machine(), "results": results}
-    if json_out == "-":
-        print(json.dumps(report, indent=2))
-    else:
-        print_report(report)
-        if json_out:
-            with open(json_out, "w") as f:
-                json.dump(report, f, indent=2)
+    rows: list[Row] = []
+    progress(f"micro: legacy operations, {n} samples each ...")
+    m = measure_ops("legacy", n)
+    progress("micro: legacy hand-off between two processes ...")
+    m.samples["handoff"], m.cpu["handoff"] = measure_handoff("legacy", n)
+    for case in CASES:
+        rows += latency_rows(BENCH, "legacy", NO_MODE, case, m.samples[case])
+    for case, (calls, client, _) in m.cpu.items():
+        rows += cpu_rows(BENCH, "legacy", NO_MODE, case, calls, client, None)
+    progress("micro: the bare Unix-socket round trip ...")
+    rows += latency_rows(BENCH, "floor", NO_MODE, "uds-roundtrip", measure_uds_roundtrip(n))
+    for mode in opts.modes:
+        with esem_target(mode, opts.socket) as target:
+            rows += _esem_rows(target, n)
+    return rows
+
+
+def tables(results: list[Row]) -> list[Table]:
+    rows = [r for r in results if r["bench"] == BENCH]
+    modes = sorted({r["mode"] for r in rows if r["backend"] == "esem"})
+    floor = lookup(rows, backend="floor", case="uds-roundtrip", metric="median")
+    out = []
+    for mode in modes:
+        body = []
+        for case in CASES:
+            lm = lookup(rows, backend="legacy", case=case, metric="median")
+            em = lookup(rows, backend="esem", mode=mode, case=case, metric="median")
+            cpu_case = {"open": "open+close", "close": "-"}.get(case, case)
+            cc = lookup(rows, backend="esem", mode=mode, case=f"{cpu_case}/client-cpu")
+            sc = lookup(rows, backend="esem", mode=mode, case=f"{cpu_case}/service-cpu")
+            lc = lookup(rows, backend="legacy", case=f"{cpu_case}/client-cpu")
+            body.append([case, num(lm, 2),
+                         num(lookup(rows, backend="legacy", case=case, metric="p99"), 2),
+                         num(em, 2),
+                         num(lookup(rows, backend="esem", mode=mode, case=case,
+                                    metric="p99"), 2),
+                         ratio(em, lm), ratio(em, floor), num(lc, 2), num(cc, 1),
+                         num(sc, 1)])
+        notes = []
+        if floor is not None:
+            fp = lookup(rows, backend="floor", case="uds-roundtrip", metric="p99")
+            notes.append(f"floor: bare Unix-socket round trip between two Python processes, "
+                         f"median {floor:.2f} us, p99 {num(fp, 2)} us")
+        notes.append("cpu: CPU microseconds per semaphore call (= seconds per million) of "
+                     "the legacy and esem clients and of the esem service; the open row's are "
+                     "for its loop of open+close; handoff counts both processes")
+        out.append(Table(
+            f"micro: latency per operation, microseconds (esem {mode} mode)",
+            ["operation", "legacy med", "p99", "esem med", "p99", "esem/legacy",
+             "esem/floor", "legacy cpu", "esem cpu", "service cpu"], body, notes))
+    return out
+
+
+def run(opts: Options, iterations: int | None, json_out: str | None) -> int:
+    report = make_report(opts, collect(opts, iterations))
+    emit(report, tables(report["results"]), json_out)
     return 0
 
-
-def print_report(report: dict[str, Any]) -> None:
-    med: dict[tuple[str, str], float] = {}
-    p99: dict[tuple[str, str], float] = {}
-    for r in report["results"]:
-        (med if r["metric"] == "median" else p99)[(r["backend"], r["case"])] = r["value"]
-    m = report["machine"]
-    print(f"machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, "
-          f"Python {m['python']}, esem {m['esem_mode']} mode ({m['service_loop']})")
-    floor = med.get(("floor", "uds-roundtrip"))
-    print(f"{'operation':10} {'legacy med':>10} {'p99':>8} {'esem med':>10} {'p99':>8} "
-          f"{'esem/legacy':>11} {'esem/floor':>10}   (microseconds)")
-    for case in (*OPS, "handoff"):
-        lm, em = med[("legacy", case)], med[("esem", case)]
-        print(f"{case:10} {lm:10.2f} {p99[('legacy', case)]:8.2f} {em:10.2f} "
-              f"{p99[('esem', case)]:8.2f} {em / lm:10.1f}x "
-              f"{(em / floor if floor else float('nan')):9.2f}x")
-    if floor is not None:
-        print(f"{'floor':10} uds-roundtrip median {floor:.2f} us, "
-              f"p99 {p99[('floor', 'uds-roundtrip')]:.2f} us")

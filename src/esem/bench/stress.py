@@ -1,0 +1,282 @@
+"""``esem bench stress``: a port of stress-ng's POSIX semaphore stressor (``--sem``), the
+one the Phoronix suite runs, for esem and legacy; and stress-ng itself when installed.
+
+The stressor, as stress-ng 0.15 (the Debian 12 package) runs it: one worker process per
+CPU, each with its own semaphore of initial value 1 shared by 2 threads (``--sem-procs``),
+each thread looping {getvalue; on odd turns a trywait, on even turns a timed wait whose
+deadline has already passed; when the unit was taken, count one bogo op and post it
+back; yield the CPU}. A failed attempt skips the count, the post and the yield, as there.
+Throughput is bogo ops per second of wall time, summed over the workers.
+
+Differences that are not ours to remove: stress-ng's semaphore is an unnamed ``sem_init``
+one; ours are named (legacy: ``/dev/shm/sem.*`` through posix_ipc; esem: in the service),
+since named semaphores are what esem replaces. And a passed deadline is ``timedwait(0)``
+through the common interface: esem's service computes deadline = now and fails at once
+unless a unit is free, exactly like glibc's ``sem_timedwait`` with a past ``abstime``;
+posix_ipc turns a zero timeout into ``sem_trywait``, which takes the same atomic fast
+path and differs only by the futex syscall glibc makes before reporting ETIMEDOUT. (A
+tiny positive timeout would not be a passed deadline: posix_ipc then sleeps for the
+kernel's timer slack, about 50 us.) Python threads share the GIL where C threads run in
+parallel; the C figure from stress-ng is printed beside ours for that reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any
+
+from esem.api import O_CREAT, O_EXCL, USE_ESEM, sem_open, sem_unlink
+from esem.bench.common import (
+    NO_MODE,
+    Options,
+    Row,
+    Sync,
+    Table,
+    Target,
+    check_transport,
+    cpu_rows,
+    emit,
+    esem_target,
+    lookup,
+    make_report,
+    num,
+    progress,
+    ratio,
+    row,
+    self_cpu,
+)
+from esem.errors import BusyError, EsemError
+
+BENCH = "stress"
+DEFAULT_SECONDS, SMOKE_SECONDS = 5.0, 0.5
+DEFAULT_THREADS = 2  # stress-ng's default --sem-procs
+MAX_WORKERS, MAX_THREADS = 64, 64  # stress-ng's own bound on --sem-procs is 64
+PASSED_DEADLINE = 0.0  # the relative form of an absolute deadline already in the past
+
+
+def case_name(workers: int, threads: int) -> str:
+    return f"workers={workers},threads={threads}"
+
+
+def _thrash(sem: Any, stop_at: list[float], go: threading.Event,
+            out: list[Any], k: int) -> None:
+    """One stressor thread (stress-ng's semaphore thrash loop)."""
+    ops = calls = 0
+    i = 0
+    try:
+        go.wait()
+        end = stop_at[0]
+        clock = time.monotonic
+        while clock() < end:
+            sem.getvalue()
+            try:
+                if i & 1:
+                    sem.trywait()
+                else:
+                    sem.timedwait(PASSED_DEADLINE)
+            except BusyError:
+                calls += 2
+                i += 1
+                continue
+            ops += 1  # the unit is ours here: one bogo op
+            sem.post()
+            calls += 3
+            os.sched_yield()
+            i += 1
+        out[k] = (ops, calls)
+    except BaseException as exc:
+        out[k] = exc
+
+
+def _worker(flags: int, mode: str, name: str, threads: int, seconds: float,
+            sync: Sync) -> Callable[[], dict[str, Any]]:
+    def run() -> dict[str, Any]:
+        sem = sem_open(name, O_CREAT | O_EXCL, 0o600, 1, flags=flags)
+        sem.getvalue()  # the session is up before the clock starts
+        if mode != NO_MODE:
+            check_transport(mode)
+        go = threading.Event()
+        stop_at = [0.0]
+        out: list[Any] = [None] * threads
+        pool = [threading.Thread(target=_thrash, args=(sem, stop_at, go, out, k))
+                for k in range(threads)]
+        for t in pool:
+            t.start()
+        try:
+            sync.start()
+        except BaseException:
+            go.set()  # with stop_at 0: the threads end at once
+            for t in pool:
+                t.join()
+            raise
+        t0, c0 = time.monotonic(), self_cpu()
+        stop_at[0] = t0 + seconds
+        go.set()
+        for t in pool:
+            t.join()
+        elapsed, cpu = time.monotonic() - t0, self_cpu() - c0
+        sync.end()
+        sem.close()
+        sem_unlink(name, flags=flags)
+        for r in out:
+            if isinstance(r, BaseException):
+                raise r
+        return {"ops": sum(r[0] for r in out), "calls": sum(r[1] for r in out),
+                "elapsed": elapsed, "cpu": cpu}
+    return run
+
+
+def measure(backend: str, target: Target | None, workers: int, threads: int,
+            seconds: float) -> list[Row]:
+    flags = USE_ESEM if backend == "esem" else 0
+    mode = target.mode if target else NO_MODE
+    tag = uuid.uuid4().hex[:10]
+    names = [f"/esem-stress-{tag}-{w}" for w in range(workers)]
+    sync = Sync(workers, timeout=seconds + 60.0)
+    try:
+        results, service_cpu = sync.run(
+            [_worker(flags, mode, n, threads, seconds, sync) for n in names],
+            target.service_cpu if target else lambda: None)
+    finally:
+        for n in names:  # normally unlinked by their workers
+            with suppress(EsemError):
+                sem_unlink(n, flags=flags)
+    ops = sum(r["ops"] for r in results)
+    calls = sum(r["calls"] for r in results)
+    wall = max(r["elapsed"] for r in results)
+    case = case_name(workers, threads)
+    rows = [row(BENCH, backend, mode, case, "ops_per_s", ops / wall, "ops/s"),
+            row(BENCH, backend, mode, case, "calls_per_s", calls / wall, "calls/s")]
+    rows += cpu_rows(BENCH, backend, mode, case, calls, sum(r["cpu"] for r in results),
+                     service_cpu)
+    return rows
+
+
+_METRIC_LINE = re.compile(r"\bsem\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
+
+
+def stress_ng(workers: int, threads: int, seconds: float) -> list[Row]:
+    """``stress-ng --sem`` with the same workers, threads and duration; its bogo ops/s
+    (real time). No rows when the binary is not installed."""
+    exe = shutil.which("stress-ng")
+    if exe is None:
+        progress("stress: stress-ng is not installed (apt-get install stress-ng): "
+                 "no C reference row")
+        return []
+    whole = max(1, round(seconds))  # stress-ng times whole seconds
+    progress(f"stress: stress-ng --sem {workers} --sem-procs {threads} for {whole}s ...")
+    cmd = [exe, "--sem", str(workers), "--sem-procs", str(threads), "--timeout",
+           f"{whole}s", "--metrics-brief"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=whole + 60)
+    except subprocess.TimeoutExpired:
+        progress("stress: stress-ng did not finish in time: no C reference row")
+        return []
+    match = _METRIC_LINE.search(done.stdout + done.stderr)
+    if done.returncode != 0 or match is None:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+        progress(f"stress: stress-ng exited {done.returncode} without a sem metric line: "
+                 + " | ".join(tail))
+        return []
+    return [row(BENCH, "stress-ng", NO_MODE, case_name(workers, threads), "ops_per_s",
+                float(match.group(5)), "ops/s")]
+
+
+def collect(opts: Options, seconds: float | None = None, workers: int | None = None,
+            threads: int | None = None) -> list[Row]:
+    seconds = seconds or (SMOKE_SECONDS if opts.smoke else DEFAULT_SECONDS)
+    workers = workers or min(os.cpu_count() or 1, MAX_WORKERS)
+    threads = threads or DEFAULT_THREADS
+    if not 0 < seconds <= 3600:
+        raise ValueError(f"--seconds must be in (0, 3600], not {seconds}")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"--workers must be 1..{MAX_WORKERS}, not {workers}")
+    if not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"--threads must be 1..{MAX_THREADS}, not {threads}")
+    label = f"{workers} workers x {threads} threads, {seconds:g}s"
+    progress(f"stress: legacy, {label} ...")
+    rows = measure("legacy", None, workers, threads, seconds)
+    for mode in opts.modes:
+        with esem_target(mode, opts.socket) as target:
+            progress(f"stress: esem ({mode}), {label} ...")
+            rows += measure("esem", target, workers, threads, seconds)
+            if mode == "socket" and target.service_pid is not None:
+                rows += capacity(target, opts.smoke)
+    rows += stress_ng(workers, threads, seconds)
+    return rows
+
+
+CAPACITY_CASE = "capacity"
+CAPACITY_OPS = 100_000  # per load generator; smoke: 2,000
+
+
+def capacity(target: Target, smoke: bool) -> list[Row]:
+    """The service's own limit (esem.bench.capacity): pipelined pre-encrypted requests
+    from two load generators, so the service, not Python clients, is the bottleneck."""
+    from esem.bench.capacity import measure_capacity
+
+    assert target.service_pid is not None
+    ops = 2_000 if smoke else CAPACITY_OPS
+    progress(f"stress: esem service capacity, 2 pipelined generators x {ops} ops ...")
+    c = measure_capacity(target.socket_path, target.service_pid, clients=2,
+                         ops_per_client=ops)
+    return [row(BENCH, "esem", target.mode, CAPACITY_CASE, "ops_per_s", c.ops_per_s, "ops/s"),
+            row(BENCH, "esem", target.mode, CAPACITY_CASE, "ops_per_cpu_s", c.ops_per_cpu_s,
+                "ops/s")]
+
+
+def tables(results: list[Row]) -> list[Table]:
+    rows = [r for r in results if r["bench"] == BENCH and r["case"] != CAPACITY_CASE]
+    cap = [r for r in results if r["bench"] == BENCH and r["case"] == CAPACITY_CASE]
+    out = _stress_tables(rows)
+    if cap:
+        out.append(Table(
+            "stress: esem service capacity (authenticated operations, pipelined load)",
+            ["mode", "ops/s achieved", "ops per service CPU-second"],
+            [[r["mode"], num(r["value"], 0),
+              num(lookup(cap, mode=r["mode"], metric="ops_per_cpu_s"), 0)]
+             for r in cap if r["metric"] == "ops_per_s"],
+            ["two generators send pre-encrypted POST/TRYWAIT in batches of 64; every reply "
+             "is decrypted and checked after the clock stops"]))
+    return out
+
+
+def _stress_tables(rows: list[Row]) -> list[Table]:
+    body = []
+    for case in dict.fromkeys(r["case"] for r in rows if r["metric"] == "ops_per_s"):
+        leg = lookup(rows, backend="legacy", case=case, metric="ops_per_s")
+        keys = sorted({(r["backend"], r["mode"]) for r in rows
+                       if r["case"] == case and r["metric"] == "ops_per_s"},
+                      key=lambda k: ("legacy", "esem", "stress-ng").index(k[0]))
+        for backend, mode in keys:
+            ops = lookup(rows, backend=backend, mode=mode, case=case, metric="ops_per_s")
+            body.append([case, backend, mode, num(ops, 0),
+                         num(lookup(rows, backend=backend, mode=mode, case=case,
+                                    metric="calls_per_s"), 0),
+                         ratio(ops, leg),
+                         num(lookup(rows, backend=backend, mode=mode,
+                                    case=f"{case}/client-cpu")),
+                         num(lookup(rows, backend=backend, mode=mode,
+                                    case=f"{case}/service-cpu"))])
+    return [Table("stress: stress-ng's semaphore stressor, bogo ops per second",
+                  ["case", "backend", "mode", "ops/s", "calls/s", "x legacy", "client cpu",
+                   "service cpu"], body,
+                  ["calls: every getvalue, trywait/timedwait and post; cpu: CPU "
+                   "microseconds per call (= seconds per million)",
+                   "stress-ng: the C stressor itself (bogo ops/s, real time), same workers "
+                   "and threads"])]
+
+
+def run(opts: Options, json_out: str | None, seconds: float | None, workers: int | None,
+        threads: int | None) -> int:
+    report = make_report(opts, collect(opts, seconds, workers, threads))
+    emit(report, tables(report["results"]), json_out)
+    return 0
