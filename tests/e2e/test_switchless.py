@@ -13,7 +13,6 @@ found the memfd in ``/proc/PID/fd`` as any same-uid process can, rewrites it.
 
 from __future__ import annotations
 
-import mmap
 import os
 import signal
 import socket
@@ -38,6 +37,7 @@ from esem import (
     get_client,
     sem_open,
 )
+from esem.attack.a2_ring import Tap
 from esem.client import admin as admin_calls
 from esem.client import switchless
 from esem.client.blocking import Client
@@ -47,13 +47,11 @@ from esem.errors import ProtocolError
 from esem.protocol.constants import Opcode
 from esem.protocol.messages import Request
 from esem.protocol.ring import (
-    HEADER_BYTES,
     MASK64,
     REP_HEAD,
     REP_TAIL,
     REQ_HEAD,
     REQ_TAIL,
-    Region,
 )
 from esem.protocol.session import ClientSession
 from esem.server.embedded import EmbeddedService
@@ -118,42 +116,6 @@ def ring_inodes(pid: int | str = "self") -> set[int]:
     return inodes
 
 
-class Tamperer:
-    """The adversary's hands on a victim's rings: its memfd, reopened through /proc (the
-    memory is shared; nothing else of the victim is needed)."""
-
-    def __init__(self, pid: int, fd_number: int) -> None:
-        path = f"/proc/{pid}/fd/{fd_number}"
-        assert os.readlink(path).startswith("/memfd:esem-ring")
-        fd = os.open(path, os.O_RDWR)
-        try:
-            size = os.fstat(fd).st_size
-            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
-        self.cap = (size - HEADER_BYTES) // 2
-        self.region = Region(self.mm, self.cap)
-        self.ctl = self.region.ctl
-
-    def reply_offset(self, counter: int) -> int:
-        return HEADER_BYTES + self.cap + (counter & (self.cap - 1))
-
-    def unread_replies(self) -> int:
-        return (self.ctl[REP_HEAD] - self.ctl[REP_TAIL]) & MASK64
-
-    def wait_for_unread(self, n: int, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.unread_replies() < n:
-            assert time.monotonic() < deadline, "no reply reached the ring"
-            time.sleep(0.001)
-
-    def append_reply_bytes(self, data: bytes) -> None:
-        head = self.ctl[REP_HEAD]
-        for i, b in enumerate(data):
-            self.mm[self.reply_offset(head + i)] = b
-        self.ctl[REP_HEAD] = (head + len(data)) & MASK64
-
-
 def raw_switchless(svc: EmbeddedService) -> tuple[socket.socket, ClientSession,
                                                   switchless.ClientRing]:
     """A hand-driven switchless session: the real protocol, no client library policy."""
@@ -169,14 +131,14 @@ def raw_switchless(svc: EmbeddedService) -> tuple[socket.socket, ClientSession,
     return sock, session, ring
 
 
-def adversary(victim: Client, act: Callable[[Tamperer], None]) -> None:
+def adversary(victim: Client, act: Callable[[Tap], None]) -> None:
     """Run ``act`` in a forked process that maps the rings of ``victim`` (a client of
     this process) through /proc."""
     assert victim._ring is not None
     pid, fd_number = os.getpid(), victim._ring.memfd
 
     def child() -> int:
-        act(Tamperer(pid, fd_number))
+        act(Tap(pid, fd_number))
         return 0
 
     assert run_forked(child) == 0
@@ -284,8 +246,8 @@ def test_flipped_grant_in_the_ring_is_an_integrity_error(victim: Client, admin: 
     wait_until(lambda: stat_of(admin, sem_name)["waiters"] == 1, what="queued wait")
     base.post()  # the service grants; the grant waits unread in the victim's ring
 
-    def flip(t: Tamperer) -> None:
-        t.wait_for_unread(GRANT_FRAME)
+    def flip(t: Tap) -> None:
+        assert t.wait_unread(GRANT_FRAME, timeout=10.0), "no reply reached the ring"
         at = t.reply_offset(t.ctl[REP_TAIL] + 10)
         t.mm[at] ^= 0x01
 
@@ -307,10 +269,9 @@ def test_replayed_grant_is_an_integrity_error(victim: Client, admin: Client,
     req_id = victim.send(wait_request(token))  # value 0 now: queued
     wait_until(lambda: stat_of(admin, sem_name)["waiters"] == 1, what="queued wait")
 
-    def replay(t: Tamperer) -> None:
-        head = t.ctl[REP_HEAD]
-        grant = bytes(t.mm[t.reply_offset(head - GRANT_FRAME + i)] for i in range(GRANT_FRAME))
-        t.append_reply_bytes(grant)  # the earlier grant, as the answer to the new wait
+    def replay(t: Tap) -> None:
+        grant = t.last_bytes(True, GRANT_FRAME)
+        t.append(True, grant)  # the earlier grant, as the answer to the new wait
 
     adversary(victim, replay)
     with pytest.raises(IntegrityError):
@@ -325,7 +286,7 @@ def test_injected_garbage_is_an_integrity_error(victim: Client, admin: Client,
     req_id = victim.send(wait_request(token_of(opened(sem_name, victim))))
     wait_until(lambda: stat_of(admin, sem_name)["waiters"] == 1, what="queued wait")
     forged = (GRANT_FRAME - 4).to_bytes(4, "big") + os.urandom(GRANT_FRAME - 4)
-    adversary(victim, lambda t: t.append_reply_bytes(forged))
+    adversary(victim, lambda t: t.append(True, forged))
     with pytest.raises(IntegrityError):
         victim.wait_reply(req_id)
     assert stat_of(admin, sem_name)["waits"] == 0
@@ -339,7 +300,7 @@ def test_garbage_indices_are_caught_by_the_client(victim: Client, admin: Client,
     req_id = victim.send(wait_request(token))
     wait_until(lambda: stat_of(admin, sem_name)["waiters"] == 1, what="queued wait")
 
-    def corrupt(t: Tamperer) -> None:
+    def corrupt(t: Tap) -> None:
         if where == "reply-head":
             t.ctl[REP_HEAD] = (t.ctl[REP_TAIL] + t.cap + 7) & MASK64
         else:
@@ -363,7 +324,7 @@ def test_garbage_indices_are_caught_by_the_service(victim: Client, admin: Client
     req_id = victim.send(wait_request(token_of(opened(sem_name, victim))))
     wait_until(lambda: stat_of(admin, sem_name)["waiters"] == 1, what="queued wait")
 
-    def corrupt(t: Tamperer) -> None:
+    def corrupt(t: Tap) -> None:
         if where == "request-head":
             t.ctl[REQ_HEAD] = (t.ctl[REQ_TAIL] + t.cap + 1) & MASK64
         else:

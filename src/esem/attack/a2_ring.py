@@ -144,6 +144,10 @@ class Tap:
     def _at(self, base: int, counter: int) -> int:
         return base + (counter & (self.cap - 1))
 
+    def reply_offset(self, counter: int) -> int:
+        """Where byte ``counter`` of the reply stream lies in the mapping."""
+        return self._at(HEADER_BYTES + self.cap, counter)
+
     def unread_replies(self) -> int:
         return (self.ctl[REP_HEAD] - self.ctl[REP_TAIL]) & MASK64
 
@@ -156,7 +160,7 @@ class Tap:
         return True
 
     def flip_unread_reply(self, offset: int) -> None:
-        i = self._at(HEADER_BYTES + self.cap, self.ctl[REP_TAIL] + offset)
+        i = self.reply_offset(self.ctl[REP_TAIL] + offset)
         self.mm[i] ^= 1 << secrets.randbelow(8)
 
     def last_bytes(self, reply: bool, n: int) -> bytes:
