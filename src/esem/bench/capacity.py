@@ -17,13 +17,17 @@ utime + stime from /proc), which is what one core can sustain.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from esem.bench.common import BenchError, process_cpu
 from esem.core.status import Status
 from esem.core.table import WaitMode
 from esem.paths import read_pubkey
@@ -50,9 +54,11 @@ def _roundtrip(sock: socket.socket, session: ClientSession, frame: bytes) -> lis
             return replies
 
 
-def generate_load(socket_path: str, ops: int) -> LoadResult:
+def generate_load(socket_path: str, ops: int,
+                  ready: Callable[[], object] = lambda: None) -> LoadResult:
     """One load generator: ``ops`` authenticated requests (POST then WAIT, alternating,
-    on a semaphore of value 1 so no WAIT ever blocks), pipelined in batches of BATCH."""
+    on a semaphore of value 1 so no WAIT ever blocks), pipelined in batches of BATCH.
+    ``ready()`` is called once every frame is built, right before the timed stream."""
     pub = read_pubkey(Path(socket_path))
     session = ClientSession(pub)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -80,6 +86,7 @@ def generate_load(socket_path: str, ops: int) -> LoadResult:
         ]
         counter = FrameDecoder()  # counts whole frames; decryption waits for the end
         received: list[bytes] = []
+        ready()
         t0 = time.perf_counter()
         for n, batch in enumerate(batches):
             sock.sendall(batch)
@@ -105,20 +112,13 @@ def generate_load(socket_path: str, ops: int) -> LoadResult:
         sock.close()
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid`` (all its threads), from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _generator(socket_path: str, ops: int, start: mp.synchronize.Event,
+def _generator(socket_path: str, ops: int, ready: mp.synchronize.Barrier,
                out: mp.queues.Queue[tuple[int, float] | str]) -> None:
     try:
-        start.wait()
-        r = generate_load(socket_path, ops)
+        r = generate_load(socket_path, ops, ready=ready.wait)
         out.put((r.ops, r.seconds))
     except Exception as exc:  # reported to the parent, which raises
+        ready.abort()  # a generator that fails before the barrier must not hang the rest
         out.put(f"{type(exc).__name__}: {exc}")
 
 
@@ -144,23 +144,25 @@ def measure_capacity(socket_path: str, service_pid: int, *, clients: int = 2,
     """Run ``clients`` pipelined load generators against the service at ``socket_path``
     (whose process is ``service_pid``, for its CPU clock) and measure."""
     ctx = mp.get_context("fork")
-    start = ctx.Event()
+    # Every generator connects and encrypts its whole stream first; the clock and the
+    # service's CPU clock start when all of them (and this process) reach the barrier.
+    ready = ctx.Barrier(clients + 1)
     out: mp.queues.Queue[tuple[int, float] | str] = ctx.Queue()
-    procs = [ctx.Process(target=_generator, args=(socket_path, ops_per_client, start, out))
+    procs = [ctx.Process(target=_generator, args=(socket_path, ops_per_client, ready, out))
              for _ in range(clients)]
     for p in procs:
         p.start()
-    # Frames are built before ``start``; give the generators time to finish that, so
-    # the service CPU counted below is spent on the timed stream only.
-    time.sleep(0.2 + ops_per_client / 400_000)
-    cpu0, t0 = proc_cpu_seconds(service_pid), time.perf_counter()
-    start.set()
+    with contextlib.suppress(threading.BrokenBarrierError):  # a failure: reported below
+        ready.wait()
+    cpu0, t0 = process_cpu(service_pid), time.perf_counter()
     results = [out.get() for _ in procs]
-    wall, cpu1 = time.perf_counter() - t0, proc_cpu_seconds(service_pid)
+    wall, cpu1 = time.perf_counter() - t0, process_cpu(service_pid)
     for p in procs:
         p.join()
     errors = [r for r in results if isinstance(r, str)]
     if errors:
         raise RuntimeError("load generator failed: " + "; ".join(errors))
+    if cpu0 is None or cpu1 is None:
+        raise BenchError(f"cannot read the CPU clock of the service (pid {service_pid})")
     ops = sum(r[0] for r in results if not isinstance(r, str))
     return Capacity(clients, ops, wall, cpu1 - cpu0)
