@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_vault(sub)  # esem vault ...: its options and handlers live in esem/vault/cli.py
 
     p = sub.add_parser("attack", help="play every adversary of the threat model",
-                       description="Run the attack suite (DESIGN.md section 2, adversaries "
+                       description="Run the attack suite (docs/design.md section 2, adversaries "
                        "A1-A7) on an embedded service in a temporary directory, or on a "
                        "running one with --socket, legacy POSIX semaphores beside esem. "
                        "Exit status 0 when every esem row is 'defended' or 'n/a'.")
@@ -271,8 +271,6 @@ def _unlink(args: argparse.Namespace) -> int:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    from esem.tables import print_table
+
+    print_table(header, rows)

@@ -21,6 +21,7 @@ import sys
 import time
 
 from esem.attack.critical import legacy_sem_path, run_case, tamper_word
+from esem.tables import print_table
 from esem.vault.workload import (
     ATTACKS,
     BACKENDS,
@@ -33,10 +34,10 @@ from esem.vault.workload import (
 
 __all__ = ["legacy_sem_path", "run_case", "run_demo", "tamper_word"]
 
-COLUMNS = (  # (header, Row field, width)
-    ("backend", "backend", 7), ("attack", "attack", 16), ("written", "files_written", 7),
-    ("intact", "files_intact", 6), ("lost/corrupt", "files_lost_or_corrupt", 12),
-    ("slot failures", "slot_failures", 13), ("requests/s", "requests_per_s", 10),
+COLUMNS = (  # (header, Row field)
+    ("backend", "backend"), ("attack", "attack"), ("written", "files_written"),
+    ("intact", "files_intact"), ("lost/corrupt", "files_lost_or_corrupt"),
+    ("slot failures", "slot_failures"), ("requests/s", "requests_per_s"),
 )
 
 
@@ -83,17 +84,9 @@ def run_demo(clients: int = DEFAULT_CLIENTS, files: int = DEFAULT_FILES,
 
 
 def _print_rows(rows: list[Row]) -> None:
-    header = "  ".join(h.ljust(w) if i < 2 else h.rjust(w)
-                       for i, (h, _, w) in enumerate(COLUMNS))
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        cells = []
-        for i, (_, field, w) in enumerate(COLUMNS):
-            v = getattr(r, field)
-            text = f"{v:.1f}" if isinstance(v, float) else str(v)
-            cells.append(text.ljust(w) if i < 2 else text.rjust(w))
-        print("  ".join(cells))
+    body = [[f"{v:.1f}" if isinstance(v := getattr(r, fld), float) else str(v)
+             for _, fld in COLUMNS] for r in rows]
+    print_table([h for h, _ in COLUMNS], body, right=range(2, len(COLUMNS)))
     print()
     for r in rows:
         if r.attack != "none":

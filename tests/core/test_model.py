@@ -1,4 +1,4 @@
-"""Stateful property test: SemTable against a small reference model (DESIGN.md section 4).
+"""Stateful property test: SemTable against a small reference model (docs/design.md section 4).
 
 The model is deliberately naive (plain dicts and lists, no heaps, no lazy deletion) and
 predicts, for every operation, the exact status and the exact answers owed to waiters.

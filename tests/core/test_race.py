@@ -1,5 +1,5 @@
 """The classic race: a wait cancelled, timed out or orphaned by its session's death at the
-same moment as a grant (DESIGN.md section 4).
+same moment as a grant (docs/design.md section 4).
 
 The server may see the grant and the wait's end in either order. Whatever the order, the
 unit must not be lost or duplicated: it goes to exactly one waiter, or back to the count.

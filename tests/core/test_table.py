@@ -1,4 +1,4 @@
-"""Unit tests of the trusted core's semaphore table (DESIGN.md section 4).
+"""Unit tests of the trusted core's semaphore table (docs/design.md section 4).
 
 Every step is followed by ``check_invariants``, and every refused operation is checked to
 leave the whole observable table (every semaphore's info, the statistics, the next

@@ -12,7 +12,7 @@ handle token (which it is given, as if it had read it), unlink. Afterwards the v
 looks through its own handles.
 
 * plain esem: ``broken``, by design. That is the documented limit of uid-based checks
-  (DESIGN.md section 2): whoever the kernel calls the owner is the owner. Key binding
+  (docs/design.md section 2): whoever the kernel calls the owner is the owner. Key binding
   exists for exactly this adversary.
 * key-bound esem: ``defended`` only when every operation was refused with
   ``KeyRejected`` (the raw handle operations, which name a token of another session, are
@@ -229,7 +229,7 @@ def run(target: Target) -> list[Outcome]:
     rows.append(Outcome(
         "A4 forged uid", "esem", kind,
         f"{who}: {summary(plain_res)}. After: {_describe_view(views['esem'])}. This is the "
-        "documented limit of uid-based checks (DESIGN.md section 2): the service can only "
+        "documented limit of uid-based checks (docs/design.md section 2): the service can only "
         "trust the uid the kernel vouches for, so a kernel that lies about it (or root "
         "taking the uid) passes every owner and mode check. Key binding exists for this "
         "adversary: see the esem+key row.", documented_limit=True))

@@ -1,7 +1,7 @@
 """What every adversary of the threat model returns, and what it is given.
 
 An attack is a function ``run(target) -> list[Outcome]``: it plays one adversary of
-DESIGN.md section 2 for real (processes, sockets, uids) against the running service in
+docs/design.md section 2 for real (processes, sockets, uids) against the running service in
 ``target`` and, where it applies, against legacy POSIX semaphores, and reports one row
 per backend. A row is ``broken`` when the adversary achieved what the threat model says
 it must not (a grant the service did not give, a changed count, a refused tenant), and

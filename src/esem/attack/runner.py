@@ -10,7 +10,6 @@ import json
 import os
 import sys
 import tempfile
-import textwrap
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -78,15 +77,12 @@ def run_attacks(only: list[str] | None = None, sock: str | None = None,
 
 
 def print_table(rows: list[Outcome]) -> None:
-    width = max([len(r.attack) for r in rows] + [6])
-    print(f"{'attack':{width}}  {'backend':8}  {'outcome':8}  evidence")
-    print("-" * (width + 40))
-    for r in rows:
-        evidence = ("(documented limit) " if r.documented_limit else "") + r.evidence
-        lines = textwrap.wrap(evidence, 90) or [""]
-        print(f"{r.attack:{width}}  {r.backend:8}  {r.outcome:8}  {lines[0]}")
-        for more in lines[1:]:
-            print(f"{'':{width}}  {'':8}  {'':8}  {more}")
+    from esem.tables import print_table as render
+
+    render(["attack", "backend", "outcome", "evidence"],
+           [[r.attack, r.backend, r.outcome,
+             ("(documented limit) " if r.documented_limit else "") + r.evidence]
+            for r in rows], wrap={3: 90})
 
 
 def main(only: list[str] | None, sock: str | None, as_json: bool, quick: bool) -> int:

@@ -34,6 +34,10 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import IO, Any
 
+# The benches' tables are the one renderer's, re-exported so a benchmark module (and
+# esem.bench.app's contract) imports everything from here.
+from esem.tables import Table as Table
+
 BACKENDS = ("esem", "legacy", "floor", "redis", "stress-ng")
 MODES = ("socket", "switchless")
 NO_MODE = "-"  # the mode of rows that do not run through esem
@@ -504,39 +508,6 @@ class Sync:
         return workers.results(self.timeout), delta
 
 
-# ---------------------------------------------------------------- tables
-
-
-@dataclass
-class Table:
-    title: str
-    header: list[str]
-    body: list[list[str]]
-    notes: list[str] = field(default_factory=list)
-
-    def text(self) -> str:
-        widths = [max([len(h), *(len(r[i]) for r in self.body)])
-                  for i, h in enumerate(self.header)]
-        lines = [self.title, "  ".join(h.rjust(w) if i else h.ljust(w)
-                                      for i, (h, w) in enumerate(zip(self.header, widths,
-                                                                     strict=True)))]
-        lines.append("-" * len(lines[-1]))
-        for r in self.body:
-            lines.append("  ".join(c.rjust(w) if i else c.ljust(w)
-                                   for i, (c, w) in enumerate(zip(r, widths, strict=True))))
-        lines += self.notes
-        return "\n".join(lines)
-
-    def markdown(self) -> str:
-        lines = [f"### {self.title}", "", "| " + " | ".join(self.header) + " |",
-                 "| " + " | ".join("---" if i == 0 else "---:"
-                                   for i in range(len(self.header))) + " |"]
-        lines += ["| " + " | ".join(r) + " |" for r in self.body]
-        if self.notes:
-            lines += ["", *self.notes]
-        return "\n".join(lines) + "\n"
-
-
 # ----------------------------------------------------------------- reports
 
 
@@ -581,7 +552,7 @@ def emit(report: dict[str, Any], tables: Sequence[Table], json_out: str | None) 
     print(machine_line(report["machine"]), file=out)
     for t in tables:
         print(file=out)
-        print(t.text(), file=out)
+        t.print(out)
     out.flush()
     if json_out:
         write_json(report, json_out)

@@ -31,7 +31,7 @@ def other_tables(results: Sequence[Row]) -> list[Table]:
 
 
 def headline(results: Sequence[Row]) -> list[str]:
-    """The few ratios the issue asks about, for each esem mode measured."""
+    """The few ratios the project's goals are stated in, for each esem mode measured."""
     lines = []
     floor = lookup(results, bench="micro", backend="floor", metric="median")
     for mode in sorted({r["mode"] for r in results if r["backend"] == "esem"}):

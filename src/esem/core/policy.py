@@ -5,7 +5,7 @@ Permission checks follow POSIX named semaphores, which Linux implements as files
 usual owner/group/other mode bits, unlinking needs ownership (``/dev/shm`` is sticky),
 and uid 0 bypasses both. The caller's identity comes from the kernel (``SO_PEERCRED``);
 the core trusts it exactly as much as the kernel is trusted, which is why key-bound
-semaphores exist (see the A4 adversary in DESIGN.md).
+semaphores exist (see the A4 adversary in docs/design.md section 2).
 
 Only the primary gid is considered: ``SO_PEERCRED`` vouches for nothing else.
 """

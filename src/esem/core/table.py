@@ -5,7 +5,7 @@ reads (the caller passes ``now``), no randomness except through the injected tok
 factory. One caller drives it from one thread; every method either completes its whole
 change or raises ``CoreError`` having changed nothing.
 
-Semantics (DESIGN.md section 4):
+Semantics (docs/design.md section 4):
 
 * POSIX named semaphores: O_CREAT/O_EXCL, mode, initial value 0..SEM_VALUE_MAX, post
   past the maximum is EOVERFLOW, unlink removes the name at once while open handles keep

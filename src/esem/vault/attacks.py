@@ -69,7 +69,7 @@ class Evidence:
 
     def describe(self) -> str:
         if self.rewrites:
-            a1 = (f"rewrote {self.shm_path} to {TAMPER_VALUE} {self.rewrites} times")
+            a1 = f"rewrote {self.shm_path} {self.rewrites} times, to {TAMPER_VALUE} each time"
         elif self.file_found:
             a1 = f"found {self.shm_path} but could not rewrite it"
         else:

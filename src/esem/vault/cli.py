@@ -243,11 +243,12 @@ def _client_command(command: str, args: argparse.Namespace) -> int:
 
 
 def _print_listing(files: list[Any]) -> None:
+    from esem.tables import print_table
+
     if not files:
         print("(no files)")
         return
-    width = max(4, *(len(f.name) for f in files))
-    print(f"{'NAME':{width}}  {'SIZE':>10}  CREATED")
-    for f in files:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f.created))
-        print(f"{f.name:{width}}  {f.size:>10}  {created}")
+    print_table(["NAME", "SIZE", "CREATED"],
+                [[f.name, str(f.size),
+                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f.created))]
+                 for f in files], right=[1])
