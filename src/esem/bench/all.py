@@ -31,6 +31,7 @@ from esem.bench.common import (
     app_module,
     emit,
     make_report,
+    phase,
     progress,
     write_json,
 )
@@ -58,9 +59,10 @@ def run(opts: Options, out: str) -> int:
     else:
         notes.append(f"app skipped: {APP_MODULE} is not part of this build")
         progress(notes[-1])
-    for name, step in steps:
-        progress(f"all: {name} ...")
-        results += step()
+    with phase("all", len(steps)) as ph:
+        for name, step in steps:
+            ph.step(f"all: {name} ...")
+            results += step()
     rep = make_report(opts, results)
     write_json(rep, str(outdir / "results.json"))
     others: list[Table] = (app.tables(results) if app is not None and hasattr(app, "tables")

@@ -19,13 +19,14 @@ from esem.bench.common import (
     NO_MODE,
     BenchError,
     Options,
+    Phase,
     Row,
     Table,
     esem_target,
     lookup,
     median,
     num,
-    progress,
+    phase,
     row,
 )
 
@@ -50,22 +51,31 @@ def run(opts: Options, args: argparse.Namespace | None = None) -> list[Row]:
     clients, files, size, repeats = (SMOKE if opts.smoke
                                      else (CLIENTS, FILES, SIZE, REPEATS))
     rows: list[Row] = []
-    for mode in opts.modes:
-        with esem_target(mode, opts.socket) as target:
-            legacy: list[float] = []
-            esem: list[float] = []
-            for i in range(repeats):
-                progress(f"app: vault run {i + 1}/{repeats}, {clients} clients x {files} "
-                         f"files, legacy then esem ({mode})")
-                legacy.append(_one("legacy", None, clients, files, size))
-                esem.append(_one("esem", target.socket_path, clients, files, size))
-            leg, es = median(legacy), median(esem)
-            if mode == opts.modes[0]:
-                rows.append(row(BENCH, "legacy", NO_MODE, CASE, "requests_per_s", leg, "req/s"))
-            rows.append(row(BENCH, "esem", mode, CASE, "requests_per_s", es, "req/s"))
-            # Overhead in percent of legacy's rate; negative (esem faster: noise) shows as 0.
-            rows.append(row(BENCH, "esem", mode, CASE, "overhead",
-                            max(0.0, (leg - es) / leg * 100), "%"))
+    with phase("app", 2 * repeats * len(opts.modes)) as ph:
+        for mode in opts.modes:
+            rows += _mode(opts, mode, ph, clients, files, size, repeats)
+    return rows
+
+
+def _mode(opts: Options, mode: str, ph: Phase, clients: int, files: int, size: int,
+          repeats: int) -> list[Row]:
+    rows: list[Row] = []
+    with esem_target(mode, opts.socket) as target:
+        legacy: list[float] = []
+        esem: list[float] = []
+        for i in range(repeats):
+            what = f"{clients} clients x {files} files"
+            ph.step(f"app: vault run {i + 1}/{repeats}, {what}, legacy")
+            legacy.append(_one("legacy", None, clients, files, size))
+            ph.step(f"app: vault run {i + 1}/{repeats}, {what}, esem ({mode})")
+            esem.append(_one("esem", target.socket_path, clients, files, size))
+        leg, es = median(legacy), median(esem)
+        if mode == opts.modes[0]:
+            rows.append(row(BENCH, "legacy", NO_MODE, CASE, "requests_per_s", leg, "req/s"))
+        rows.append(row(BENCH, "esem", mode, CASE, "requests_per_s", es, "req/s"))
+        # Overhead in percent of legacy's rate; negative (esem faster: noise) shows as 0.
+        rows.append(row(BENCH, "esem", mode, CASE, "overhead",
+                        max(0.0, (leg - es) / leg * 100), "%"))
     return rows
 
 

@@ -4,6 +4,9 @@
 it, so the benchmarks' options live beside the benchmarks. Heavy imports (matplotlib,
 redis) happen only in the command that needs them.
 
+``peer`` and ``all`` need the ``bench`` extra (redis-py, matplotlib); without it they
+exit 2 with the ``pip install`` line before measuring anything.
+
 ``esem bench app`` appears when the module ``esem.bench.app`` exists (the contract is in
 ``esem.bench.all``): it gets the common options here, any of its own through an optional
 ``add_arguments(parser)``, and runs as ``run(opts, args)``.
@@ -12,6 +15,7 @@ redis) happen only in the command that needs them.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import textwrap
 from typing import Any
@@ -24,6 +28,7 @@ from esem.bench.common import (
     app_module,
     parse_modes,
 )
+from esem.bench.progress import set_quiet
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -31,8 +36,9 @@ DESCRIPTION = """\
 Benchmarks: every figure esem claims, measured in the same run beside legacy POSIX
 semaphores (and, for peer, a Redis semaphore), so the ratios hold on any machine.
 Each command runs on a fresh embedded esem service (a real daemon in a temporary
-directory) unless --socket names a running one, prints progress on stderr and a table
-on stdout, and writes its rows as JSON with --json FILE ('-' for stdout). --smoke uses
+directory) unless --socket names a running one, prints progress on stderr (bars with
+an ETA on a terminal, one line per step otherwise, none with --quiet) and a table on
+stdout, and writes its rows as JSON with --json FILE ('-' for stdout). --smoke uses
 tiny sizes (seconds), for CI. Benchmarks print numbers; they never fail on a time.
 """
 
@@ -98,6 +104,9 @@ def _common(p: argparse.ArgumentParser, modes: bool = True) -> None:
                        "shared-memory fast path; clients get ESEM_SWITCHLESS=1), or both")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes that finish in seconds (for CI; not for comparison)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress on stderr (by default: bars with an ETA on a "
+                   "terminal, one line per step otherwise)")
 
 
 def _json(p: argparse.ArgumentParser) -> None:
@@ -170,7 +179,8 @@ def register(sub: Any) -> None:
         "through redis-py) on a redis-server the benchmark starts on 127.0.0.1 "
         "(persistence off), beside esem and legacy: latency of post, wait and the "
         "hand-off between two processes, and wait+post throughput of several "
-        "processes, uncontended and contended. Needs redis-server on PATH."),
+        "processes, uncontended and contended. Needs redis-server on PATH and the bench "
+        "extra (pip install 'esem[bench]')."),
         epilog=JSON_SCHEMA)
     b.add_argument("-n", "--iterations", type=_bounded(int, 10, 10**7), metavar="N",
                    help="latency samples (default 2000; smoke 30)")
@@ -190,7 +200,8 @@ def register(sub: Any) -> None:
         "OUT/results.json (all rows, the same schema), OUT/report.md (Markdown tables "
         "with esem/legacy and esem/floor ratios) and PNG plots: latency by operation, "
         "latency by pairs and restart ratio, throughput. peer is skipped when "
-        "redis-server is not installed."), epilog=JSON_SCHEMA)
+        "redis-server is not installed. Needs the bench extra (matplotlib, redis-py: "
+        "pip install 'esem[bench]')."), epilog=JSON_SCHEMA)
     b.add_argument("--out", required=True, metavar="DIR", help="directory for the report")
     _common(b)
 
@@ -211,10 +222,35 @@ def _app() -> Any:
     return app_module()
 
 
+# The Python packages of the ``bench`` extra each command imports (peer talks to Redis
+# through redis-py; all also plots with matplotlib). A plain ``pip install .`` leaves
+# them out, so they are checked before anything is measured, not minutes into a run.
+NEEDS = {"peer": ("redis",), "all": ("matplotlib", "redis")}
+EXTRA_HINT = "pip install 'esem[bench]'"
+
+
+def missing_modules(command: str) -> list[str]:
+    """The modules ``esem bench COMMAND`` needs that cannot be imported here."""
+    missing = []
+    for name in NEEDS.get(command, ()):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the ``bench`` command ``args`` names; its exit status."""
     if args.bench is None:
         args.bench_parser.print_help()
+        return EXIT_USAGE
+    set_quiet(getattr(args, "quiet", False))
+    missing = missing_modules(args.bench)
+    if missing:
+        print(f"esem bench {args.bench}: needs the Python package(s) {', '.join(missing)} "
+              f"of the bench extra, which this installation lacks; install it with: "
+              f"{EXTRA_HINT}", file=sys.stderr)
         return EXIT_USAGE
     try:
         opts = Options(socket=getattr(args, "socket", None),

@@ -34,8 +34,11 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import IO, Any
 
-# The benches' tables are the one renderer's, re-exported so a benchmark module (and
-# esem.bench.app's contract) imports everything from here.
+# Progress (bars or lines on stderr) and the tables (the one renderer's) are
+# re-exported so a benchmark module (and esem.bench.app's contract) imports them here.
+from esem.bench.progress import Phase as Phase
+from esem.bench.progress import phase as phase
+from esem.bench.progress import progress as progress
 from esem.tables import Table as Table
 
 BACKENDS = ("esem", "legacy", "floor", "redis", "stress-ng")
@@ -74,15 +77,6 @@ def app_module() -> ModuleType | None:
     return importlib.import_module(APP_MODULE)
 
 
-# ------------------------------------------------------------------ progress
-
-
-_T0 = time.monotonic()
-
-
-def progress(message: str) -> None:
-    """One line on stderr, so stdout stays the table (or the JSON)."""
-    print(f"[{time.monotonic() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------- rows

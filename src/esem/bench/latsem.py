@@ -26,6 +26,7 @@ from esem.api import O_CREAT, USE_ESEM, sem_open, sem_unlink
 from esem.bench.common import (
     NO_MODE,
     Options,
+    Phase,
     Row,
     Sync,
     Table,
@@ -39,7 +40,7 @@ from esem.bench.common import (
     make_report,
     median,
     num,
-    progress,
+    phase,
     ratio,
     row,
     self_cpu,
@@ -178,17 +179,18 @@ def collect(opts: Options, pairs: Sequence[int] | None = None,
             raise ValueError(f"a restart ratio is a probability in 0..1, not {r}")
     rows: list[Row] = []
 
-    def sweep(backend: str, target: Target | None) -> None:
+    def sweep(backend: str, target: Target | None, ph: Phase) -> None:
         for p in pairs:
             for r in restart:
                 label = backend + (f" ({target.mode})" if target else "")
-                progress(f"latsem: {label} {case_name(p, r)}, {reps} x {rounds} rounds ...")
+                ph.step(f"latsem: {label} {case_name(p, r)}, {reps} x {rounds} rounds ...")
                 rows.extend(measure(backend, target, p, r, reps, rounds))
 
-    sweep("legacy", None)
-    for mode in opts.modes:
-        with esem_target(mode, opts.socket) as target:
-            sweep("esem", target)
+    with phase("latsem", (1 + len(opts.modes)) * len(pairs) * len(restart)) as ph:
+        sweep("legacy", None, ph)
+        for mode in opts.modes:
+            with esem_target(mode, opts.socket) as target:
+                sweep("esem", target, ph)
     return rows
 
 

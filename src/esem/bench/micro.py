@@ -25,6 +25,7 @@ from esem.api import O_CREAT, USE_ESEM, sem_open, sem_unlink
 from esem.bench.common import (
     NO_MODE,
     Options,
+    Phase,
     Row,
     Table,
     Target,
@@ -37,7 +38,7 @@ from esem.bench.common import (
     lookup,
     make_report,
     num,
-    progress,
+    phase,
     ratio,
     self_cpu,
 )
@@ -210,11 +211,11 @@ def measure_uds_roundtrip(rounds: int) -> list[float]:
     return samples
 
 
-def _esem_rows(target: Target, n: int) -> list[Row]:
+def _esem_rows(target: Target, n: int, ph: Phase) -> list[Row]:
     rows: list[Row] = []
-    progress(f"micro: esem ({target.mode}) operations, {n} samples each ...")
+    ph.step(f"micro: esem ({target.mode}) operations, {n} samples each ...")
     m = measure_ops("esem", n, target)
-    progress(f"micro: esem ({target.mode}) hand-off between two processes ...")
+    ph.step(f"micro: esem ({target.mode}) hand-off between two processes ...")
     m.samples["handoff"], m.cpu["handoff"] = measure_handoff("esem", n, target)
     for case in CASES:
         rows += latency_rows(BENCH, "esem", target.mode, case, m.samples[case])
@@ -229,19 +230,21 @@ def collect(opts: Options, iterations: int | None = None) -> list[Row]:
     if n < 10:
         raise ValueError("--iterations must be at least 10")
     rows: list[Row] = []
-    progress(f"micro: legacy operations, {n} samples each ...")
-    m = measure_ops("legacy", n)
-    progress("micro: legacy hand-off between two processes ...")
-    m.samples["handoff"], m.cpu["handoff"] = measure_handoff("legacy", n)
-    for case in CASES:
-        rows += latency_rows(BENCH, "legacy", NO_MODE, case, m.samples[case])
-    for case, (calls, client, _) in m.cpu.items():
-        rows += cpu_rows(BENCH, "legacy", NO_MODE, case, calls, client, None)
-    progress("micro: the bare Unix-socket round trip ...")
-    rows += latency_rows(BENCH, "floor", NO_MODE, "uds-roundtrip", measure_uds_roundtrip(n))
-    for mode in opts.modes:
-        with esem_target(mode, opts.socket) as target:
-            rows += _esem_rows(target, n)
+    with phase("micro", 3 + 2 * len(opts.modes)) as ph:
+        ph.step(f"micro: legacy operations, {n} samples each ...")
+        m = measure_ops("legacy", n)
+        ph.step("micro: legacy hand-off between two processes ...")
+        m.samples["handoff"], m.cpu["handoff"] = measure_handoff("legacy", n)
+        for case in CASES:
+            rows += latency_rows(BENCH, "legacy", NO_MODE, case, m.samples[case])
+        for case, (calls, client, _) in m.cpu.items():
+            rows += cpu_rows(BENCH, "legacy", NO_MODE, case, calls, client, None)
+        ph.step("micro: the bare Unix-socket round trip ...")
+        rows += latency_rows(BENCH, "floor", NO_MODE, "uds-roundtrip",
+                             measure_uds_roundtrip(n))
+        for mode in opts.modes:
+            with esem_target(mode, opts.socket) as target:
+                rows += _esem_rows(target, n, ph)
     return rows
 
 

@@ -36,6 +36,7 @@ from esem.bench.common import (
     NO_MODE,
     BenchError,
     Options,
+    Phase,
     Row,
     Sync,
     Table,
@@ -49,8 +50,8 @@ from esem.bench.common import (
     lookup,
     make_report,
     num,
+    phase,
     process_cpu,
-    progress,
     ratio,
     row,
     self_cpu,
@@ -328,12 +329,12 @@ def throughput(b: Backend, case: str, procs: int, seconds: float) -> list[Row]:
                       service)]
 
 
-def _measure(b: Backend, n: int, procs: int, seconds: float) -> list[Row]:
+def _measure(b: Backend, n: int, procs: int, seconds: float, ph: Phase) -> list[Row]:
     label = b.name + (f" ({b.mode})" if b.mode != NO_MODE else "")
-    progress(f"peer: {label} latency of post, wait and hand-off, {n} samples ...")
+    ph.step(f"peer: {label} latency of post, wait and hand-off, {n} samples ...")
     rows = latency(b, n)
     for case in THROUGHPUT_CASES:
-        progress(f"peer: {label} {case}, {procs} processes, {seconds:g}s ...")
+        ph.step(f"peer: {label} {case}, {procs} processes, {seconds:g}s ...", seconds)
         rows += throughput(b, case, procs, seconds)
     return rows
 
@@ -349,13 +350,14 @@ def collect(opts: Options, iterations: int | None = None, procs: int | None = No
         raise ValueError(f"--procs must be 1..64, not {procs}")
     if not 0 < seconds <= 3600:
         raise ValueError(f"--seconds must be in (0, 3600], not {seconds}")
-    with redis_server() as server:
-        progress(f"peer: redis-server pid {server.pid} on 127.0.0.1:{server.port}")
-        rows = _measure(redis_backend(server), n, procs, seconds)
-    rows += _measure(posix_backend(None), n, procs, seconds)
-    for mode in opts.modes:
-        with esem_target(mode, opts.socket) as target:
-            rows += _measure(posix_backend(target), n, procs, seconds)
+    with phase("peer", (2 + len(opts.modes)) * (1 + len(THROUGHPUT_CASES))) as ph:
+        with redis_server() as server:
+            ph.message(f"peer: redis-server pid {server.pid} on 127.0.0.1:{server.port}")
+            rows = _measure(redis_backend(server), n, procs, seconds, ph)
+        rows += _measure(posix_backend(None), n, procs, seconds, ph)
+        for mode in opts.modes:
+            with esem_target(mode, opts.socket) as target:
+                rows += _measure(posix_backend(target), n, procs, seconds, ph)
     return rows
 
 

@@ -37,6 +37,7 @@ from esem.api import O_CREAT, O_EXCL, USE_ESEM, sem_open, sem_unlink
 from esem.bench.common import (
     NO_MODE,
     Options,
+    Phase,
     Row,
     Sync,
     Table,
@@ -48,6 +49,7 @@ from esem.bench.common import (
     lookup,
     make_report,
     num,
+    phase,
     progress,
     ratio,
     row,
@@ -163,7 +165,8 @@ def measure(backend: str, target: Target | None, workers: int, threads: int,
 _METRIC_LINE = re.compile(r"\bsem\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
 
 
-def stress_ng(workers: int, threads: int, seconds: float) -> list[Row]:
+def stress_ng(workers: int, threads: int, seconds: float,
+              ph: Phase | None = None) -> list[Row]:
     """``stress-ng --sem`` with the same workers, threads and duration; its bogo ops/s
     (real time). No rows when the binary is not installed."""
     exe = shutil.which("stress-ng")
@@ -172,7 +175,11 @@ def stress_ng(workers: int, threads: int, seconds: float) -> list[Row]:
                  "no C reference row")
         return []
     whole = max(1, round(seconds))  # stress-ng times whole seconds
-    progress(f"stress: stress-ng --sem {workers} --sem-procs {threads} for {whole}s ...")
+    if ph is not None:
+        ph.step(f"stress: stress-ng --sem {workers} --sem-procs {threads} for {whole}s ...",
+                whole)
+    else:
+        progress(f"stress: stress-ng --sem {workers} --sem-procs {threads} for {whole}s ...")
     cmd = [exe, "--sem", str(workers), "--sem-procs", str(threads), "--timeout",
            f"{whole}s", "--metrics-brief"]
     try:
@@ -202,15 +209,17 @@ def collect(opts: Options, seconds: float | None = None, workers: int | None = N
     if not 1 <= threads <= MAX_THREADS:
         raise ValueError(f"--threads must be 1..{MAX_THREADS}, not {threads}")
     label = f"{workers} workers x {threads} threads, {seconds:g}s"
-    progress(f"stress: legacy, {label} ...")
-    rows = measure("legacy", None, workers, threads, seconds)
-    for mode in opts.modes:
-        with esem_target(mode, opts.socket) as target:
-            progress(f"stress: esem ({mode}), {label} ...")
-            rows += measure("esem", target, workers, threads, seconds)
-            if mode == "socket" and target.service_pid is not None:
-                rows += capacity(target, opts.smoke)
-    rows += stress_ng(workers, threads, seconds)
+    steps = 1 + len(opts.modes) + ("socket" in opts.modes) + 1  # + capacity, stress-ng
+    with phase("stress", steps) as ph:
+        ph.step(f"stress: legacy, {label} ...", seconds)
+        rows = measure("legacy", None, workers, threads, seconds)
+        for mode in opts.modes:
+            with esem_target(mode, opts.socket) as target:
+                ph.step(f"stress: esem ({mode}), {label} ...", seconds)
+                rows += measure("esem", target, workers, threads, seconds)
+                if mode == "socket" and target.service_pid is not None:
+                    rows += capacity(target, opts.smoke, ph)
+        rows += stress_ng(workers, threads, seconds, ph)
     return rows
 
 
@@ -218,14 +227,15 @@ CAPACITY_CASE = "capacity"
 CAPACITY_OPS = 100_000  # per load generator; smoke: 2,000
 
 
-def capacity(target: Target, smoke: bool) -> list[Row]:
+def capacity(target: Target, smoke: bool, ph: Phase | None = None) -> list[Row]:
     """The service's own limit (esem.bench.capacity): pipelined pre-encrypted requests
     from two load generators, so the service, not Python clients, is the bottleneck."""
     from esem.bench.capacity import measure_capacity
 
     assert target.service_pid is not None
     ops = 2_000 if smoke else CAPACITY_OPS
-    progress(f"stress: esem service capacity, 2 pipelined generators x {ops} ops ...")
+    (ph.step if ph else progress)(
+        f"stress: esem service capacity, 2 pipelined generators x {ops} ops ...")
     c = measure_capacity(target.socket_path, target.service_pid, clients=2,
                          ops_per_client=ops)
     return [row(BENCH, "esem", target.mode, CAPACITY_CASE, "ops_per_s", c.ops_per_s, "ops/s"),
