@@ -105,6 +105,7 @@ def latsem_keys(pairs: Iterable[int], restart: Iterable[float],
         for r in restart:
             case = latsem.case_name(p, r)
             expected |= {("legacy", "-", case, "median"), ("esem", mode, case, "median"),
+                         ("legacy", "-", case, "p99"), ("esem", mode, case, "p99"),
                          ("legacy", "-", f"{case}/client-cpu", "cpu_per_mop"),
                          ("esem", mode, f"{case}/client-cpu", "cpu_per_mop"),
                          ("esem", mode, f"{case}/service-cpu", "cpu_per_mop")}

@@ -36,13 +36,12 @@ from esem.bench.common import (
     cpu_rows,
     emit,
     esem_target,
+    latency_rows,
     lookup,
     make_report,
-    median,
     num,
     phase,
     ratio,
-    row,
     self_cpu,
 )
 from esem.errors import EsemError
@@ -157,7 +156,8 @@ def measure(backend: str, target: Target | None, pairs: int, restart: float, rep
                     sem_unlink(n, flags=flags)
     latencies = [x for r in results for x in r["lat"]]
     case = case_name(pairs, restart)
-    rows = [row(BENCH, backend, mode, case, "median", median(latencies), "us")]
+    # median and p99 over every repetition of every pair (each one a mean of its rounds)
+    rows = latency_rows(BENCH, backend, mode, case, latencies)
     rows += cpu_rows(BENCH, backend, mode, case, sum(r["calls"] for r in results),
                      sum(r["cpu"] for r in results), service_cpu)
     return rows

@@ -5,10 +5,11 @@ A benchmark's run is a *phase* of known *steps* (each configuration it measures)
 may last a known wall time (a throughput run of S seconds), and then its bar fills with
 the clock. On a terminal (``rich.progress``) each step prints its line above the bar,
 and the bar shows how far the phase is (steps done of all, filling with the clock during
-a timed step), the time elapsed and an estimate of the time left; the bar disappears when the phase ends. Off a terminal (CI logs, pipes) every step
-is one line with the elapsed time, its number and, once a step has finished, an
-estimate of the time left; no ANSI codes. ``--quiet`` prints no progress at all (errors
-still go to stderr). stdout stays the tables or the JSON.
+a timed step), the time elapsed and an estimate of the time left; the bar disappears
+when the phase ends. Off a terminal (CI logs, pipes) every step is one line with the
+elapsed time, its number and, once a step has finished, an estimate of the time left;
+no ANSI codes. ``--quiet`` prints no progress at all (errors still go to stderr).
+stdout stays the tables or the JSON.
 
 Only the measuring parent process reports progress; forked workers never touch it.
 Updates happen between measured spans, never inside one.

@@ -1,8 +1,9 @@
 """The report of ``esem bench all``: Markdown tables and PNG plots, made from the result
 rows alone (so a ``results.json`` from any commit can be rendered again).
 
-Plots use matplotlib's Agg backend (no display). Latencies are on log scales: esem and
-legacy differ by orders of magnitude, and the ratios are what carries across machines.
+Plots use matplotlib's Agg backend (no display); the rules they keep are written above
+the plotting code. ``figures`` returns the matplotlib objects (the tests read them),
+``plot_all`` writes them as PNGs.
 """
 
 from __future__ import annotations
@@ -102,10 +103,22 @@ def markdown(report: dict[str, Any], plots: Sequence[str] = (),
 
 
 # ------------------------------------------------------------------ plots
+#
+# Rules every figure keeps, so a reader can trust it: values are markers, never bars (a
+# bar's length means nothing on a log axis, and these axes must be log: esem and legacy
+# differ by orders of magnitude); a log axis says so in its label; a latency is shown as
+# its median with a whisker up to its p99; one axis carries one unit; the legend sits
+# outside the axes, over nothing; a smoke run is stamped across every figure.
 
 
 COLORS = {"legacy": "tab:blue", "esem socket": "tab:orange", "esem switchless": "tab:red",
           "redis": "tab:green", "stress-ng": "tab:purple", "floor": "black"}
+SERIES_ORDER = ("legacy", "esem socket", "esem switchless", "redis", "stress-ng")
+SMOKE_MARK = "SMOKE RUN: sizes too small to compare"
+SMOKE_GID = "smoke-marker"
+LATENCY_LABEL = "latency, microseconds (log scale)"
+THROUGHPUT_LABEL = "operations per second (log scale)"
+STYLES = ("-", "--", ":", "-.")
 
 
 def _series_key(r: Row) -> str:
@@ -116,110 +129,189 @@ def _color(series: str) -> str | None:
     return COLORS.get(series)
 
 
-def plot_all(report: dict[str, Any], out: Path) -> list[str]:
-    """Write the PNGs that have data; return their file names."""
+def _ordered(series: Sequence[str]) -> list[str]:
+    rank = {s: i for i, s in enumerate(SERIES_ORDER)}
+    return sorted(dict.fromkeys(series), key=lambda s: rank.get(s, len(rank)))
+
+
+def _value(rows: Sequence[Row], series: str, case: str, metric: str) -> float | None:
+    return next((float(r["value"]) for r in rows if _series_key(r) == series
+                 and r["case"] == case and r["metric"] == metric), None)
+
+
+def _legend_outside(ax: Any) -> None:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8,
+              frameon=False)
+
+
+def _mark_smoke(fig: Any, report: dict[str, Any]) -> None:
+    """A red banner above the axes (over no data) on every figure of a smoke run."""
+    if report["machine"].get("smoke"):
+        fig.text(0.5, 1.0, SMOKE_MARK, ha="center", va="bottom", fontsize=14, color="red",
+                 weight="bold", gid=SMOKE_GID)
+
+
+def _plain_log_ticks(ax: Any) -> None:
+    """Log-axis tick labels as plain numbers (600, not 6x10^2); when fewer than two powers
+    of ten fall inside the axis, 2x and 5x ticks are labelled too, so it is readable."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    def plain(v: float, _: object) -> str:
+        return f"{v:,.0f}" if v >= 10 else f"{v:g}"
+
+    ax.yaxis.set_major_formatter(FuncFormatter(plain))
+    lo, hi = ax.get_ylim()
+    if math.floor(math.log10(hi)) - math.ceil(math.log10(lo)) + 1 < 2:
+        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(FuncFormatter(plain))
+
+
+def _whiskers(ax: Any, xs: list[float], med: list[float], p99: list[float | None],
+              **style: Any) -> None:
+    """Markers at the medians, whiskers up to the p99s (none where no p99 was recorded)."""
+    up = [0.0 if q is None else max(0.0, q - m) for m, q in zip(med, p99, strict=True)]
+    ax.errorbar(xs, med, yerr=[[0.0] * len(med), up], capsize=3, elinewidth=1, **style)
+
+
+def figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures that have data, by file name (matplotlib Figure objects, Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     results: list[Row] = report["results"]
-    made = []
+    out = {}
     for name, fn in ((PLOTS[0], _plot_ops), (PLOTS[1], _plot_pairs),
                      (PLOTS[2], _plot_throughput)):
         fig = fn(plt, results)
         if fig is not None:
-            fig.tight_layout()
-            fig.savefig(out / name, dpi=110)
-            plt.close(fig)
-            made.append(name)
+            _mark_smoke(fig, report)
+            out[name] = fig
+    return out
+
+
+def plot_all(report: dict[str, Any], out: Path) -> list[str]:
+    """Write the PNGs that have data; return their file names."""
+    import matplotlib.pyplot as plt
+
+    made = []
+    for name, fig in figures(report).items():
+        fig.savefig(out / name, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        made.append(name)
     return made
 
 
 def _plot_ops(plt: Any, results: Sequence[Row]) -> Any:
-    """Median latency by operation: micro (legacy, esem per mode) and Redis from peer."""
-    rows = [r for r in results if r["metric"] == "median" and (
+    """Latency by operation: micro (legacy, esem per mode) and Redis from peer."""
+    rows = [r for r in results if r["metric"] in ("median", "p99") and r["unit"] == "us" and (
         (r["bench"] == "micro" and r["backend"] in ("legacy", "esem"))
         or (r["bench"] == "peer" and r["backend"] == "redis"))]
     if not rows:
         return None
     cases = list(micro.CASES)
-    series = list(dict.fromkeys(_series_key(r) for r in rows))
-    fig, ax = plt.subplots(figsize=(9, 5))
-    width = 0.8 / len(series)
+    series = _ordered([_series_key(r) for r in rows])
+    fig, ax = plt.subplots(figsize=(10, 5))
+    step = 0.8 / len(series)
     for i, s in enumerate(series):
-        xs, ys = [], []
+        xs, med, p99 = [], [], []
         for j, case in enumerate(cases):
-            v = next((r["value"] for r in rows if _series_key(r) == s and r["case"] == case),
-                     None)
-            if v:
-                xs.append(j + (i - (len(series) - 1) / 2) * width)
-                ys.append(v)
-        ax.bar(xs, ys, width, label=s, color=_color(s))
+            m = _value(rows, s, case, "median")
+            if m:
+                xs.append(j + (i - (len(series) - 1) / 2) * step)
+                med.append(m)
+                p99.append(_value(rows, s, case, "p99"))
+        _whiskers(ax, xs, med, p99, fmt="o", color=_color(s), label=s)
     floor = lookup(results, bench="micro", backend="floor", metric="median")
     if floor:
         ax.axhline(floor, color="black", linestyle="--", linewidth=1,
-                   label=f"floor: Unix-socket round trip ({floor:.1f} us)")
+                   label=f"floor: bare Unix-socket\nround trip, median ({floor:.1f} us)")
     ax.set_xticks(range(len(cases)), cases)
+    ax.set_xlim(-0.6, len(cases) - 0.4)
     ax.set_yscale("log")
-    ax.set_ylabel("median latency (us, log scale)")
-    ax.set_title("Latency by operation")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(LATENCY_LABEL)
+    _plain_log_ticks(ax)
+    ax.set_title("Latency by operation (marker: median; whisker: up to p99)")
+    ax.grid(axis="y", which="major", alpha=0.3)
+    _legend_outside(ax)
     return fig
 
 
+def _pairs_of(case: str) -> int:
+    return int(case.split(",")[0].split("=")[1])
+
+
 def _plot_pairs(plt: Any, results: Sequence[Row]) -> Any:
-    rows = [r for r in results if r["bench"] == "latsem" and r["metric"] == "median"]
+    rows = [r for r in results if r["bench"] == "latsem" and r["metric"] in ("median", "p99")]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5))
-    styles = ["-", "--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(10, 5))
     restarts = list(dict.fromkeys(r["case"].split(",")[1] for r in rows))
-    for s in dict.fromkeys(_series_key(r) for r in rows):
+    for s in _ordered([_series_key(r) for r in rows]):
         for k, rs in enumerate(restarts):
-            pts = sorted((int(r["case"].split(",")[0].split("=")[1]), r["value"])
-                         for r in rows if _series_key(r) == s and r["case"].split(",")[1] == rs)
-            if pts:
-                ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o",
-                        linestyle=styles[k % len(styles)], color=_color(s),
-                        label=f"{s}, {rs}")
-    pairs = sorted({int(r["case"].split(",")[0].split("=")[1]) for r in rows})
+            cases = sorted({r["case"] for r in rows if _series_key(r) == s
+                            and r["case"].split(",")[1] == rs}, key=_pairs_of)
+            xs, med, p99 = [], [], []
+            for case in cases:
+                m = _value(rows, s, case, "median")
+                if m is not None:
+                    xs.append(float(_pairs_of(case)))
+                    med.append(m)
+                    p99.append(_value(rows, s, case, "p99"))
+            if xs:
+                _whiskers(ax, xs, med, p99, fmt="o", linestyle=STYLES[k % len(STYLES)],
+                          color=_color(s), label=f"{s}, {rs}")
+    pairs = sorted({_pairs_of(r["case"]) for r in rows})
     ax.set_xscale("log", base=2)
     ax.set_xticks(pairs, [str(p) for p in pairs])
+    ax.minorticks_off()
     ax.set_yscale("log")
-    ax.set_xlabel("process pairs")
-    ax.set_ylabel("one-way hand-off latency (us, log scale)")
-    ax.set_title("Ping-pong latency by pairs and restart ratio")
-    ax.legend(fontsize=8)
+    _plain_log_ticks(ax)
+    ax.set_xlabel("process pairs (log2 scale)")
+    ax.set_ylabel("one-way hand-off " + LATENCY_LABEL)
+    ax.set_title("Ping-pong latency by pairs and restart ratio\n(marker: median of the "
+                 "repetitions; whisker: up to their p99)")
+    ax.grid(axis="y", which="major", alpha=0.3)
+    _legend_outside(ax)
     return fig
 
 
 def _plot_throughput(plt: Any, results: Sequence[Row]) -> Any:
+    """Operations per second of whole runs (one run each: no spread to show). The
+    stressor's rows, not the service-capacity row: that one measures another thing
+    (pipelined pre-encrypted load) and is in the tables."""
     panels: list[tuple[str, Callable[[Row], bool]]] = [
-        ("stress-ng semaphore stressor", lambda r: r["bench"] == "stress"),
+        ("stress-ng semaphore stressor",
+         lambda r: r["bench"] == "stress" and r["case"] != stress.CAPACITY_CASE),
         ("wait+post, several processes", lambda r: r["bench"] == "peer")]
     used = [(t, f) for t, f in panels
             if any(f(r) and r["metric"] == "ops_per_s" for r in results)]
     if not used:
         return None
-    fig, axes = plt.subplots(1, len(used), figsize=(6 * len(used), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(used), figsize=(7 * len(used), 5), squeeze=False)
     for ax, (title, keep) in zip(axes[0], used, strict=True):
         rows = [r for r in results if keep(r) and r["metric"] == "ops_per_s"]
         cases = list(dict.fromkeys(r["case"] for r in rows))
-        series = list(dict.fromkeys(_series_key(r) for r in rows))
-        width = 0.8 / len(series)
+        series = _ordered([_series_key(r) for r in rows])
+        step = 0.8 / len(series)
         for i, s in enumerate(series):
             xs, ys = [], []
             for j, case in enumerate(cases):
-                v = next((r["value"] for r in rows
-                          if _series_key(r) == s and r["case"] == case), None)
+                v = _value(rows, s, case, "ops_per_s")
                 if v:
-                    xs.append(j + (i - (len(series) - 1) / 2) * width)
+                    xs.append(j + (i - (len(series) - 1) / 2) * step)
                     ys.append(v)
-            ax.bar(xs, ys, width, label=s, color=_color(s))
+            ax.plot(xs, ys, "o", markersize=8, color=_color(s), label=s)
         ax.set_xticks(range(len(cases)), [c.replace(",", "\n") for c in cases], fontsize=8)
+        ax.set_xlim(-0.6, len(cases) - 0.4)
         ax.set_yscale("log")
-        ax.set_ylabel("operations per second (log scale)")
-        ax.set_title(title)
-        ax.legend(fontsize=8)
+        _plain_log_ticks(ax)
+        ax.set_ylabel(THROUGHPUT_LABEL)
+        ax.set_title(f"{title}\n(one run each)")
+        ax.grid(axis="y", which="major", alpha=0.3)
+        _legend_outside(ax)
+    fig.tight_layout()
     return fig
