@@ -243,7 +243,9 @@ def _stat(args: argparse.Namespace) -> int:
         ("waiters", info["waiters"]), ("open handles", info["handles"]),
         ("owner", f"uid {info['owner_uid']} gid {info['owner_gid']}"),
         ("mode", f"{info['mode']:04o}"), ("key-bound", "yes" if info["key_bound"] else "no"),
-        ("robust", "yes" if info["robust"] else "no"), ("created", _fmt_time(info["created"])),
+        ("robust", f"yes ({info['robust_releases']} released, {info['robust_forgiven']} "
+                   "forgiven)" if info["robust"] else "no"),
+        ("created", _fmt_time(info["created"])),
         ("posts", info["posts"]), ("granted waits", info["waits"]),
         ("holders", ", ".join(f"pid {p} x{n}" for p, n in info["holders"]) or "-"),
         ("dead holders", ", ".join(f"pid {p} x{n}" for p, n in info["dead_holders"]) or "-"),
