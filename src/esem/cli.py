@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "running one with --socket, legacy POSIX semaphores beside esem. "
                        "Exit status 0 when every esem row is 'defended' or 'n/a'.")
     p.add_argument("--only", action="append", metavar="ID",
-                   help="run only this attack (A1..A7, A2-RING); repeatable")
+                   help="run only this attack (A1..A7, A2-RING, A3-SQUAT, A3-ROBUST); repeatable")
     _add_socket(p)
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     p.add_argument("--quick", action="store_true", help="smaller sizes (for CI)")
