@@ -33,7 +33,7 @@ def test_legacy_adopts_the_squatted_name(rows: dict[str, Outcome]) -> None:
     row = rows["legacy"]
     assert row.outcome == "broken", row.evidence
     assert f"up to {a3_squat.WORKERS} inside at once" in row.evidence
-    assert "adopted it silently (value 1000" in row.evidence
+    assert "O_CREAT adopted it silently (value 1000;" in row.evidence
     assert "the squatter then unlinked the name: allowed" in row.evidence
 
 

@@ -89,11 +89,11 @@ def _hand_off_row(target: Target) -> Outcome:
     defended = value == 1 and most == 1 and lost == 0
     return Outcome(
         "A3 robust hand-off", "esem", "defended" if defended else "broken",
-        f"{rounds} rounds of: a process takes a robust mutex (value 1), its forked worker "
-        f"posts it back, the process exits -> value {value} (a naive release adds one per "
-        f"round), robust releases {info['robust_releases']}, forgiven "
-        f"{info['robust_forgiven']}; then {CONTENDERS} processes x {iterations} entries: "
-        f"up to {most} inside at once, {lost} updates lost",
+        f"after {rounds} hand-off rounds the mutex has value {value} (a naive release adds "
+        f"one per round); {CONTENDERS} processes x {iterations} entries: up to {most} "
+        f"inside at once, {lost} updates lost. A round: a process takes the robust mutex "
+        f"(value 1), its forked worker posts it back, the process exits; robust releases "
+        f"{info['robust_releases']}, forgiven {info['robust_forgiven']}",
     )
 
 
@@ -128,9 +128,9 @@ def _work_queue_row(target: Target) -> Outcome:
     defended = value == 0 and "empty" in extra
     return Outcome(
         "A3 robust work-queue", "esem", "defended" if defended else "broken",
-        f"a producer posted {JOBS} jobs into a robust value-0 semaphore, a consumer took "
-        f"{JOBS} and exited -> value {value} (a naive release gives back {JOBS}), robust "
-        f"releases {info['robust_releases']}, forgiven {info['robust_forgiven']}; {extra}",
+        f"value {value} after a consumer took all {JOBS} jobs a producer posted into a "
+        f"robust value-0 semaphore and exited (a naive release gives back {JOBS}); {extra}; "
+        f"robust releases {info['robust_releases']}, forgiven {info['robust_forgiven']}",
     )
 
 

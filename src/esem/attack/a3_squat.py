@@ -113,11 +113,12 @@ def _legacy_row(target: Target, uid: int, gid: int) -> Outcome:
     broken = most > SLOTS or refused < WORKERS
     return Outcome(
         "A3 squat O_CREAT", "legacy", "broken" if broken else "defended",
-        f"{ROGUE_USER} (uid {uid}) created {name} 0666 value {SQUAT_VALUE} first; the "
-        f"owner's sem_open O_CREAT 0600 value {SLOTS} adopted it silently (value {value}; "
-        f"the handle reports mode {reported:04o}, the file is {real:04o}); "
-        f"{WORKERS} owner workers in a section meant for {SLOTS}: up to {most} inside at "
-        f"once, {refused} refused; the squatter then unlinked the name: {unlinked}",
+        f"{WORKERS} owner workers (sem_open O_CREAT 0600 value {SLOTS}) in a section meant "
+        f"for {SLOTS}: up to {most} inside at once, {refused} refused; {ROGUE_USER} (uid "
+        f"{uid}) had created the name first, 0666 value {SQUAT_VALUE}, and the owner's "
+        f"O_CREAT adopted it silently (value {value}; the handle reports mode "
+        f"{reported:04o}, the file is {real:04o}); the squatter then unlinked the name: "
+        f"{unlinked}",
     )
 
 
@@ -146,10 +147,10 @@ def _esem_row(target: Target, uid: int, gid: int) -> Outcome:
     defended = most == 0 and refused == WORKERS and named
     return Outcome(
         "A3 squat O_CREAT", "esem", "defended" if defended else "broken",
-        f"{ROGUE_USER} (uid {uid}) created {name} 0666 value {SQUAT_VALUE} first; the "
-        f"owner's sem_open O_CREAT 0600 value {SLOTS} -> {error}; {WORKERS} owner workers "
-        f"in a section meant for {SLOTS}: up to {most} inside at once, {refused} refused "
-        "(accept_foreign=True would open it on purpose)",
+        f"{WORKERS} owner workers (sem_open O_CREAT 0600 value {SLOTS}) in a section meant "
+        f"for {SLOTS}: up to {most} inside at once, {refused} refused; {ROGUE_USER} (uid "
+        f"{uid}) had created the name first, 0666 value {SQUAT_VALUE}, and the owner's "
+        f"O_CREAT -> {error}",
     )
 
 
