@@ -217,9 +217,9 @@ class SemTable:
             sess.held.discard(sem)
             sem.held -= units
             if sem.robust:
-                # Restore units only up to the capacity: whatever of this holding has
-                # already come back (posted by a non-holder while a third session held,
-                # or taken from a work queue that producers filled) must not come twice.
+                # Restore units only up to the capacity. Units above it came from posts
+                # made while nobody held (a work queue's producer, a mutex "opened" with
+                # a post): a session that took those and died was done, not stuck.
                 free = min(units, max(0, sem.initial - sem.value - sem.held))
                 sem.robust_forgiven += units - free
                 sem.robust_releases += free
