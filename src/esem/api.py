@@ -236,6 +236,7 @@ def sem_open(
     flags: int = 0,
     key: bytes | None = None,
     robust: bool = False,
+    accept_foreign: bool = False,
     client: Client | None = None,
 ) -> EsemSemaphore | LegacySemaphore:
     """Open (``O_CREAT``: or create) the named semaphore ``name``.
@@ -243,18 +244,21 @@ def sem_open(
     ``flags=USE_ESEM`` keeps it in the esem service; ``key`` (16-32 bytes, esem only)
     binds a new semaphore to a secret, and is needed for every later use of it.
     ``robust`` (esem only) releases the units a process held when it dies. The mode is
-    masked by the process umask, as POSIX does.
+    masked by the process umask, as POSIX does. ``O_CREAT`` of an existing semaphore that
+    another non-root uid owns raises ``PermissionsError`` unless ``accept_foreign``.
     """
     _check_args(name, oflag, mode, value, flags, key)
     create, excl = bool(oflag & O_CREAT), bool(oflag & O_EXCL)
     mode &= ~_current_umask()
     if not flags & USE_ESEM:
-        if robust:
-            raise ValueError("robust semaphores need flags=USE_ESEM")
+        if robust or accept_foreign:
+            raise ValueError("robust= and accept_foreign= need flags=USE_ESEM")
         return LegacySemaphore(name, create=create, excl=excl, mode=mode, value=value)
     client = client or get_client()
     oflags = (OpenFlag.CREAT if create else OpenFlag.NONE) | (
         OpenFlag.EXCL if excl else OpenFlag.NONE) | (OpenFlag.ROBUST if robust else OpenFlag.NONE)
+    if accept_foreign:
+        oflags |= OpenFlag.FOREIGN
     req = Request(Opcode.OPEN, 0, name=name, oflag=oflags, mode=mode,
                   value=value if create else 0, key=key if create else None)
     reply = client.call(req, key=bytes(key) if key is not None else None)

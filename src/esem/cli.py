@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "running one with --socket, legacy POSIX semaphores beside esem. "
                        "Exit status 0 when every esem row is 'defended' or 'n/a'.")
     p.add_argument("--only", action="append", metavar="ID",
-                   help="run only this attack (A1..A7, A2-RING); repeatable")
+                   help="run only this attack (A1..A7, A2-RING, A3-SQUAT, A3-ROBUST); repeatable")
     _add_socket(p)
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     p.add_argument("--quick", action="store_true", help="smaller sizes (for CI)")
@@ -243,7 +243,9 @@ def _stat(args: argparse.Namespace) -> int:
         ("waiters", info["waiters"]), ("open handles", info["handles"]),
         ("owner", f"uid {info['owner_uid']} gid {info['owner_gid']}"),
         ("mode", f"{info['mode']:04o}"), ("key-bound", "yes" if info["key_bound"] else "no"),
-        ("robust", "yes" if info["robust"] else "no"), ("created", _fmt_time(info["created"])),
+        ("robust", f"yes ({info['robust_releases']} released, {info['robust_forgiven']} "
+                   "forgiven)" if info["robust"] else "no"),
+        ("created", _fmt_time(info["created"])),
         ("posts", info["posts"]), ("granted waits", info["waits"]),
         ("holders", ", ".join(f"pid {p} x{n}" for p, n in info["holders"]) or "-"),
         ("dead holders", ", ".join(f"pid {p} x{n}" for p, n in info["dead_holders"]) or "-"),

@@ -6,9 +6,10 @@ Code written against posix_ipc switches with one line and keeps working, hardene
 
 Same constants, same ``Semaphore`` class (``acquire(timeout=None)``, ``release()``,
 ``value``, ``name``, ``mode``, ``close()``, ``unlink()``, context manager), same
-``unlink_semaphore``, same exception names with the same meanings. Two additions:
+``unlink_semaphore``, same exception names with the same meanings. Three additions:
 ``key=`` binds a new semaphore to a secret (see key-bound semaphores), ``robust=``
-releases the units a dead process held.
+releases the units a dead process held, and ``accept_foreign=`` lets ``O_CREAT`` open a
+semaphore another uid created (refused by default: name squatting).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Semaphore:
         *,
         key: bytes | None = None,
         robust: bool = False,
+        accept_foreign: bool = False,
     ) -> None:
         if flags & ~O_CREX:
             raise ValueError(f"flags {flags!r} may hold only O_CREAT and O_EXCL")
@@ -65,12 +67,13 @@ class Semaphore:
                 except ExistentialError:
                     continue  # the random name was taken; draw another
         else:
-            self._h = self._open(name, oflag, mode, initial_value, key, robust)
+            self._h = self._open(name, oflag, mode, initial_value, key, robust, accept_foreign)
 
     @staticmethod
     def _open(name: str, oflag: int, mode: int, value: int, key: bytes | None,
-              robust: bool) -> EsemSemaphore:
-        handle = sem_open(name, oflag, mode, value, flags=USE_ESEM, key=key, robust=robust)
+              robust: bool, accept_foreign: bool = False) -> EsemSemaphore:
+        handle = sem_open(name, oflag, mode, value, flags=USE_ESEM, key=key, robust=robust,
+                          accept_foreign=accept_foreign)
         assert isinstance(handle, EsemSemaphore)
         return handle
 

@@ -66,11 +66,12 @@ class MSem:
     linked: bool = True
     handles: int = 0
     queue: list[MWait] = field(default_factory=list)
-    holdings: dict[int, int] = field(default_factory=dict)  # sid -> units, never 0
+    holdings: dict[int, int] = field(default_factory=dict)  # sid -> units, never 0, oldest first
     dead: dict[int, int] = field(default_factory=dict)  # pid -> units
     posts: int = 0
     waits: int = 0
     robust_releases: int = 0
+    robust_forgiven: int = 0
 
 
 @dataclass(eq=False)
@@ -83,7 +84,8 @@ class MSess:
 
 
 class Model:
-    def __init__(self) -> None:
+    def __init__(self, quotas: Quotas = QUOTAS) -> None:
+        self.quotas = quotas
         self.sessions: dict[int, MSess] = {}
         self.names: dict[str, MSem] = {}
         self.alive: dict[int, MSem] = {}
@@ -134,7 +136,7 @@ class Model:
 
     def add_session(self, sid: int, cred: Cred) -> Status:
         if sum(1 for s in self.sessions.values() if s.cred.uid == cred.uid) >= (
-            QUOTAS.sessions_per_uid
+            self.quotas.sessions_per_uid
         ):
             return Status.EDQUOT
         self.sessions[sid] = MSess(sid, cred)
@@ -142,12 +144,12 @@ class Model:
 
     def open(
         self, sid: int, name: str, create: bool, excl: bool, mode: int, value: int,
-        robust: bool, now: float, token: bytes,
+        robust: bool, now: float, token: bytes, accept_foreign: bool = False,
     ) -> tuple[Status, bool | None]:
         sess = self.sessions[sid]
         if excl and not create:
             return Status.EINVAL, None
-        if len(sess.handles) >= QUOTAS.handles_per_session:
+        if len(sess.handles) >= self.quotas.handles_per_session:
             return Status.EDQUOT, None
         sem = self.names.get(name)
         created = False
@@ -156,12 +158,14 @@ class Model:
                 return Status.EEXIST, None
             if not self.may_open(sess.cred, sem):
                 return Status.EACCES, None
+            if create and not accept_foreign and sem.owner_uid not in (0, sess.cred.uid):
+                return Status.EACCES, None  # O_CREAT never adopts a squatted name
         else:
             if not create:
                 return Status.ENOENT, None
             if not 0 <= value <= SEM_VALUE_MAX:
                 return Status.EINVAL, None
-            if self.sems_of_uid(sess.cred.uid) >= QUOTAS.semaphores_per_uid:
+            if self.sems_of_uid(sess.cred.uid) >= self.quotas.semaphores_per_uid:
                 return Status.EDQUOT, None
             sem = MSem(self.next_sem_id, name, value, value, sess.cred.uid, sess.cred.gid,
                        mode, robust, now)
@@ -192,9 +196,9 @@ class Model:
             return Status.ETIMEDOUT, None
         if req_id in sess.waits:
             return Status.EINVAL, None
-        if len(sess.waits) >= QUOTAS.waiters_per_session:
+        if len(sess.waits) >= self.quotas.waiters_per_session:
             return Status.EDQUOT, None
-        if self.waiters_of_uid(sess.cred.uid) >= QUOTAS.waiters_per_uid:
+        if self.waiters_of_uid(sess.cred.uid) >= self.quotas.waiters_per_uid:
             return Status.EDQUOT, None
         self.timed_seq += 1
         w = MWait(sid, req_id, token, deadline, self.timed_seq)
@@ -209,10 +213,12 @@ class Model:
             return Status.EBADF, None
         if not sem.queue and sem.value >= SEM_VALUE_MAX:
             return Status.EOVERFLOW, None
-        if sem.holdings.get(sid, 0) > 0:
-            sem.holdings[sid] -= 1
-            if not sem.holdings[sid]:
-                del sem.holdings[sid]
+        if sem.holdings:
+            # the poster's own unit, or else a hand-off: the longest-standing holder's
+            charged = sid if sid in sem.holdings else next(iter(sem.holdings))
+            sem.holdings[charged] -= 1
+            if not sem.holdings[charged]:
+                del sem.holdings[charged]
         sem.posts += 1
         return Status.OK, self.give_unit(sem)
 
@@ -241,7 +247,7 @@ class Model:
         owner = next((s for s in self.sessions.values() if token in s.handles), None)
         if owner is None or (owner.cred.uid != sess.cred.uid and sess.cred.uid != 0):
             return Status.EBADF
-        if len(sess.handles) >= QUOTAS.handles_per_session:
+        if len(sess.handles) >= self.quotas.handles_per_session:
             return Status.EDQUOT
         sem = owner.handles[token]
         sess.handles[new_token] = sem
@@ -282,9 +288,11 @@ class Model:
             if not units:
                 continue
             if sem.robust:
+                # restore units only while value + held stays within the capacity
                 for _ in range(units):
-                    if not sem.queue and sem.value >= SEM_VALUE_MAX:
-                        continue  # the count is full: the released unit is redundant
+                    if sem.value + sum(sem.holdings.values()) >= sem.initial:
+                        sem.robust_forgiven += 1
+                        continue
                     sem.robust_releases += 1
                     granted = self.give_unit(sem)
                     if granted is not None:
@@ -321,6 +329,7 @@ class Model:
                 posts=sem.posts,
                 waits=sem.waits,
                 robust_releases=sem.robust_releases,
+                robust_forgiven=sem.robust_forgiven,
                 holders=tuple(sorted((pid[sid], n) for sid, n in sem.holdings.items())),
                 dead_holders=tuple(sorted(sem.dead.items())),
                 queue=tuple((pid[w.sid], w.req_id, w.deadline) for w in sem.queue),
@@ -413,7 +422,7 @@ class TableVsModel(RuleBasedStateMachine):
             self.add_session(user)
         for who in range(len(self.model.sessions)):
             self.open(who, "/a", create=True, excl=False, mode=0o666, value=value,
-                      robust=robust)
+                      robust=robust, foreign=True)
 
     @precondition(lambda self: len(self.model.sessions) < 6)
     @rule(user=st.integers(0, len(USERS) - 1))
@@ -436,17 +445,19 @@ class TableVsModel(RuleBasedStateMachine):
         mode=st.sampled_from(MODES),
         value=st.sampled_from(VALUES),
         robust=st.booleans(),
+        foreign=st.booleans(),
     )
     def open(
         self, who: int, name: str, create: bool, excl: bool, mode: int, value: int,
-        robust: bool,
+        robust: bool, foreign: bool,
     ) -> None:
         sid = self.sid(who)
         status, opened = call(self.table.open, sid, name, create=create, excl=excl, mode=mode,
-                              value=value, now_wall=self.now, robust=robust)
+                              value=value, now_wall=self.now, robust=robust,
+                              accept_foreign=foreign)
         token = opened.handle if opened is not None else b"-"
         expected, created = self.model.open(sid, name, create, excl, mode, value, robust,
-                                            self.now, token)
+                                            self.now, token, foreign)
         assert status == expected
         event(f"open {status.name}")
         if status is Status.OK:
@@ -590,8 +601,13 @@ class TableVsModel(RuleBasedStateMachine):
         token_sem = {
             t: s.sem_id for sess in self.model.sessions.values() for t, s in sess.handles.items()
         }
+        within = {sem.sem_id for sem in self.model.alive.values()
+                  if sem.robust and sem.value + sum(sem.holdings.values()) <= sem.initial}
         expected = self.model.end_session(sid)
         got = self.table.end_session(sid)
+        for info in self.table.infos(include_unlinked=True):
+            if info.sem_id in within:  # a robust release never takes it past the capacity
+                assert info.value + sum(n for _, n in info.holders) <= info.initial
         # grants on one semaphore come in FIFO order; across semaphores any order will do
         for sem_id in {token_sem[e.handle] for e in got + expected}:
             assert [e for e in got if token_sem[e.handle] == sem_id] == [
@@ -644,3 +660,204 @@ TableVsModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_table_matches_model = TableVsModel.TestCase
+
+
+# ------------------------------------------- robust semaphores never create units
+#
+# The issue's two scenarios, replayed on the table and the model side by side, then two
+# machines of random hand-offs. In a disciplined use (every post returns a unit some live
+# session holds, whoever posts it), value + held must stay exactly the capacity whatever
+# dies when: no unit is created (two holders of a mutex) or lost.
+
+PARENT, WORKER, PRODUCER, CONSUMER = (Cred(1000, 1000, 10_000 + n) for n in range(4))
+
+
+def pair(*creds: Cred) -> tuple[SemTable, Model]:
+    counter = itertools.count(1)
+    table = SemTable(token_factory=lambda: next(counter).to_bytes(16, "big"))
+    model = Model(Quotas())
+    for sid, cred in enumerate(creds, 1):
+        table.add_session(sid, cred)
+        assert model.add_session(sid, cred) is Status.OK
+    return table, model
+
+
+def open_both(table: SemTable, model: Model, sid: int, value: int) -> bytes:
+    opened = table.open(sid, "/r", create=True, excl=False, mode=0o600, value=value,
+                        now_wall=0.0, robust=True)
+    assert model.open(sid, "/r", True, False, 0o600, value, True, 0.0, opened.handle) == (
+        Status.OK, opened.created)
+    return opened.handle
+
+
+def agree(table: SemTable, model: Model) -> SemInfo:
+    table.check_invariants()
+    (info,) = table.infos(include_unlinked=True)
+    assert [info] == model.infos()
+    return info
+
+
+def test_scenario_hand_off_then_holder_exits() -> None:
+    table, model = pair(PARENT, WORKER)
+    h_p, h_w = open_both(table, model, 1, 1), open_both(table, model, 2, 0)
+    assert table.wait(1, h_p, 1, mode=WM.TRY, now=0.0) == model.wait(1, h_p, 1, WM.TRY, 0.0,
+                                                                      None)[1]
+    assert table.post(2, h_w) is model.post(2, h_w)[1] is None  # the worker hands it back
+    agree(table, model)
+    assert table.end_session(1) == model.end_session(1) == []
+    info = agree(table, model)
+    assert (info.value, info.holders) == (1, ())  # the old rule made it 2
+
+
+def test_scenario_work_queue_consumer_exits() -> None:
+    table, model = pair(PRODUCER, CONSUMER)
+    h_p, h_c = open_both(table, model, 1, 0), open_both(table, model, 2, 0)
+    for _ in range(100):
+        table.post(1, h_p)
+        model.post(1, h_p)
+    for req in range(100):
+        assert table.wait(2, h_c, req, mode=WM.TRY, now=0.0) is not None
+        model.wait(2, h_c, req, WM.TRY, 0.0, None)
+    assert agree(table, model).holders == ((CONSUMER.pid, 100),)
+    assert table.end_session(2) == model.end_session(2) == []
+    info = agree(table, model)
+    assert (info.value, info.robust_releases, info.robust_forgiven) == (0, 0, 100)
+
+
+class RobustHandOffs(RuleBasedStateMachine):
+    """Sessions of one robust semaphore of capacity 1..3 take units, hand them to each
+    other (a post by any live session while someone holds), and die at random."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        counter = itertools.count(1)
+        self.table = SemTable(token_factory=lambda: next(counter).to_bytes(16, "big"))
+        self.model = Model(Quotas())
+        self.tokens: dict[int, bytes] = {}  # live sid -> its handle
+        self.next_sid = 1
+        self.capacity = 0
+
+    def spawn(self) -> None:
+        sid = self.next_sid
+        self.next_sid += 1
+        cred = Cred(1000, 1000, 20_000 + sid)
+        self.table.add_session(sid, cred)
+        assert self.model.add_session(sid, cred) is Status.OK
+        opened = self.table.open(sid, "/m", create=True, excl=False, mode=0o600,
+                                 value=self.capacity, now_wall=0.0, robust=True)
+        assert self.model.open(sid, "/m", True, False, 0o600, self.capacity, True, 0.0,
+                               opened.handle)[0] is Status.OK
+        self.tokens[sid] = opened.handle
+
+    def pick(self, n: int) -> int:
+        sids = sorted(self.tokens)
+        return sids[n % len(sids)]
+
+    def info(self) -> SemInfo:
+        (info,) = [i for i in self.table.infos() if i.name == "/m"]
+        return info
+
+    @initialize(capacity=st.integers(1, 3), sessions=st.integers(2, 4))
+    def start(self, capacity: int, sessions: int) -> None:
+        self.capacity = capacity
+        for _ in range(sessions):
+            self.spawn()
+
+    @rule(who=picks, block=st.booleans())
+    def wait(self, who: int, block: bool) -> None:
+        sid = self.pick(who)
+        sess = self.model.sessions[sid]
+        if block and sess.waits:
+            return  # one queued wait per session: a process blocks in one sem_wait
+        req = sess.next_req
+        sess.next_req += 1
+        mode = WM.BLOCK if block else WM.TRY
+        status, done = call(self.table.wait, sid, self.tokens[sid], req, mode=mode, now=0.0)
+        assert (status, done) == self.model.wait(sid, self.tokens[sid], req, mode, 0.0, None)
+
+    @precondition(lambda self: any(s.holdings for s in self.model.alive.values()))
+    @rule(who=picks)
+    def hand_back(self, who: int) -> None:
+        """Any live session posts a unit someone holds: its own, or one handed to it."""
+        sid = self.pick(who)
+        got = self.table.post(sid, self.tokens[sid])
+        assert (Status.OK, got) == self.model.post(sid, self.tokens[sid])
+
+    @precondition(lambda self: len(self.tokens) > 1)
+    @rule(who=picks, holder=st.booleans())
+    def die(self, who: int, holder: bool) -> None:
+        holders = [sid for s in self.model.alive.values() for sid in s.holdings]
+        sid = holders[who % len(holders)] if holder and holders else self.pick(who)
+        del self.tokens[sid]
+        assert self.table.end_session(sid) == self.model.end_session(sid)
+        self.spawn()  # a replacement worker
+
+    @invariant()
+    def conserved(self) -> None:
+        if not self.capacity:
+            return  # before initialize
+        self.table.check_invariants()
+        assert self.table.infos(include_unlinked=True) == self.model.infos()
+        info = self.info()
+        held = sum(n for _, n in info.holders)
+        assert info.value + held == self.capacity, "a unit was created or lost"
+        if self.capacity == 1:
+            assert held <= 1, "two holders of a mutex"
+        assert info.value == info.initial + info.posts - info.waits + info.robust_releases
+
+
+class RobustWorkQueue(RuleBasedStateMachine):
+    """A value-0 robust queue: producers post jobs, consumers take them and die at
+    random. A dead consumer's jobs were done: none comes back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table, self.model = pair(PRODUCER, CONSUMER)
+        self.producer = open_both(self.table, self.model, 1, 0)
+        self.consumers = {2: open_both(self.table, self.model, 2, 0)}
+        self.next_sid = 3
+        self.req = itertools.count(1)
+        self.produced = self.consumed = 0
+
+    @rule(jobs=st.integers(1, 5))
+    def produce(self, jobs: int) -> None:
+        for _ in range(jobs):
+            assert self.table.post(1, self.producer) == self.model.post(1, self.producer)[1]
+        self.produced += jobs
+
+    @rule(who=picks)
+    def consume(self, who: int) -> None:
+        sid = sorted(self.consumers)[who % len(self.consumers)]
+        req = next(self.req)
+        status, done = call(self.table.wait, sid, self.consumers[sid], req, mode=WM.TRY,
+                            now=0.0)
+        assert (status, done) == self.model.wait(sid, self.consumers[sid], req, WM.TRY, 0.0,
+                                                 None)
+        self.consumed += status is Status.OK
+
+    @rule(who=picks)
+    def consumer_dies(self, who: int) -> None:
+        sid = sorted(self.consumers)[who % len(self.consumers)]
+        del self.consumers[sid]
+        assert self.table.end_session(sid) == self.model.end_session(sid) == []
+        new = self.next_sid
+        self.next_sid += 1
+        self.table.add_session(new, Cred(1000, 1000, 30_000 + new))
+        self.model.add_session(new, Cred(1000, 1000, 30_000 + new))
+        self.consumers[new] = open_both(self.table, self.model, new, 0)
+
+    @invariant()
+    def jobs_conserved(self) -> None:
+        self.table.check_invariants()
+        assert self.table.infos(include_unlinked=True) == self.model.infos()
+        (info,) = self.table.infos()
+        assert info.value == self.produced - self.consumed
+        assert info.robust_releases == 0
+
+
+for machine in (RobustHandOffs, RobustWorkQueue):
+    machine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
+                                         deadline=None,
+                                         suppress_health_check=[HealthCheck.too_slow])
+test_robust_hand_offs = RobustHandOffs.TestCase
+test_robust_work_queue = RobustWorkQueue.TestCase

@@ -187,7 +187,7 @@ def test_create_new_semaphore(table: SemTable) -> None:
 def test_create_without_excl_opens_existing(table: SemTable) -> None:
     h1 = create(table, S_ALICE, "/a", 2, 0o666)
     before = table.info("/a")
-    opened = ok(table, table.open, S_BOB, "/a", create=True, excl=False, mode=0o600,
+    opened = ok(table, table.open, S_ALICE2, "/a", create=True, excl=False, mode=0o600,
                 value=77, now_wall=5.0)
     assert not opened.created
     assert opened.handle != h1
@@ -196,6 +196,59 @@ def test_create_without_excl_opens_existing(table: SemTable) -> None:
     assert after.sem_id == before.sem_id
     assert (after.value, after.initial, after.mode, after.owner_uid) == (2, 2, 0o666, 1000)
     assert after.handles == 2
+
+
+# ------------------------------------------------------- name squatting
+
+
+def test_create_refuses_to_adopt_another_uids_semaphore(table: SemTable) -> None:
+    # bob squats the name first, world-writable and with a large count
+    create(table, S_BOB, "/jobs", 1000, 0o666)
+    for sid in (S_ALICE, S_ROOT):  # a root server must not adopt a user's name either
+        err = fails(table, Status.EACCES, table.open, sid, "/jobs", create=True, excl=False,
+                    mode=0o600, value=4, now_wall=0.0)
+        assert "uid 1002 (gid 1002, mode 0666)" in err.message
+        assert "accept_foreign" in err.message
+    # refused even when a key is proven: the key binds nothing here (bob's is unkeyed)
+    fails(table, Status.EKEYREJECTED, table.open, S_ALICE, "/jobs", create=True, excl=False,
+          mode=0o600, value=4, now_wall=0.0, key=KEY, auth=accept)
+    # opening someone's semaphore on purpose (no O_CREAT) is what the mode allows
+    assert not reopen(table, S_ALICE, "/jobs").created
+    # and so is O_CREAT that explicitly accepts a foreign owner
+    opened = ok(table, table.open, S_ALICE, "/jobs", create=True, excl=False, mode=0o600,
+                value=4, now_wall=0.0, accept_foreign=True)
+    assert not opened.created
+    assert table.info("/jobs").owner_uid == BOB.uid
+
+
+def test_create_adopts_own_and_roots_semaphores(table: SemTable) -> None:
+    create(table, S_ALICE, "/mine", 1, 0o600)
+    assert not ok(table, table.open, S_ALICE2, "/mine", create=True, excl=False, mode=0o600,
+                  value=4, now_wall=0.0).created
+    create(table, S_ROOT, "/roots", 1, 0o666)
+    assert not ok(table, table.open, S_BOB, "/roots", create=True, excl=False, mode=0o600,
+                  value=4, now_wall=0.0).created
+
+
+def test_create_of_foreign_semaphore_checks_mode_first(table: SemTable) -> None:
+    # a squatted 0600 name: the caller may not open it at all, accepted or not
+    create(table, S_BOB, "/s", 1, 0o600)
+    for accept_foreign in (False, True):
+        fails(table, Status.EACCES, table.open, S_ALICE, "/s", create=True, excl=False,
+              mode=0o600, value=1, now_wall=0.0, accept_foreign=accept_foreign)
+
+
+def test_squatted_name_is_refused_to_a_keyed_owner(table: SemTable) -> None:
+    # unkeyed squat: a caller with a key never accepts a semaphore without one
+    create(table, S_BOB, "/k", 100, 0o666)
+    for accept_foreign in (False, True):
+        fails(table, Status.EKEYREJECTED, table.open, S_ALICE, "/k", create=True, excl=False,
+              mode=0o600, value=1, now_wall=0.0, key=KEY, auth=accept,
+              accept_foreign=accept_foreign)
+    # differently keyed squat: the owner's MAC does not verify under the squatter's key
+    create(table, S_BOB, "/k2", 100, 0o666, key=KEY32)
+    fails(table, Status.EKEYREJECTED, table.open, S_ALICE, "/k2", create=True, excl=False,
+          mode=0o600, value=1, now_wall=0.0, key=KEY, auth=refuse, accept_foreign=True)
 
 
 def test_open_existing_without_create(table: SemTable) -> None:
@@ -385,16 +438,21 @@ def test_post_at_max_is_eoverflow_and_changes_nothing(table: SemTable) -> None:
 
 
 def test_post_at_max_does_not_touch_holdings(table: SemTable) -> None:
-    h = create(table, S_ALICE, "/o", SEM_VALUE_MAX)
+    h = create(table, S_ALICE, "/o", SEM_VALUE_MAX - 1)
     ok(table, try_wait, table, S_ALICE, h)  # alice holds one
-    # someone else brings the count back to the max while alice holds her unit
+    ok(table, try_wait, table, S_ALICE, h)  # and two
     hr = ok(table, table.open, S_ROOT, "/o", create=False, excl=False, mode=0, value=0,
             now_wall=0.0).handle
+    # root hands two units back for alice: they are charged to her holding
     ok(table, table.post, S_ROOT, hr)
     assert table.info("/o").holders == ((ALICE.pid, 1),)
-    # alice's post overflows: her holding must not be decremented by a refused post
+    ok(table, table.post, S_ROOT, hr)
+    ok(table, table.post, S_ROOT, hr)  # nobody holds: a plain post, up to the max
+    assert table.info("/o").holders == ()
+    assert value_of(table, "/o") == SEM_VALUE_MAX
+    # the count is full, so nobody can hold a unit (value + held <= SEM_VALUE_MAX):
+    # the refused post has no holding to touch, and changes nothing (``fails``)
     fails(table, Status.EOVERFLOW, table.post, S_ALICE, h)
-    assert table.info("/o").holders == ((ALICE.pid, 1),)
 
 
 # ------------------------------------------------------------- waits, FIFO
@@ -756,10 +814,15 @@ def test_holdings_tracking(table: SemTable) -> None:
     assert table.info("/h").holders == ((ALICE.pid, 1), (BOB.pid, 1))
     ok(table, table.post, S_ALICE, h)
     assert table.info("/h").holders == ((BOB.pid, 1),)
-    # a post by a session that holds nothing does not go negative or touch others
+    # a post by a session that holds nothing while another holds is that unit handed
+    # back: charged to the holder (never negative)
     ok(table, table.post, S_ALICE, h)
-    assert table.info("/h").holders == ((BOB.pid, 1),)
+    assert table.info("/h").holders == ()
     assert value_of(table, "/h") == 3
+    # with nobody holding, a post just adds to the count
+    ok(table, table.post, S_ALICE, h)
+    assert value_of(table, "/h") == 4
+    ok(table, try_wait, table, S_BOB, h_b, 9)
     # a queued wait that is granted counts as held too
     ok(table, try_wait, table, S_ALICE, h, 3)
     ok(table, try_wait, table, S_ALICE, h, 4)
@@ -872,6 +935,146 @@ def test_end_session_only_own_holdings_released(table: SemTable) -> None:
     ok(table, table.end_session, S_BOB)
     info = table.info("/r")
     assert info.value == 1 and info.holders == ((ALICE.pid, 1),)
+
+
+# ------------------------------------------- robust releases never create units
+
+
+def held_units(info: SemInfo) -> int:
+    return sum(n for _, n in info.holders)
+
+
+def test_robust_hand_off_then_holder_dies(table: SemTable) -> None:
+    # a parent takes the mutex, its worker posts it back (a hand-off), the parent exits
+    h = create(table, S_ALICE, "/m", 1, 0o600, robust=True)
+    h_w = ok(table, table.attach, S_ALICE2, h).handle
+    ok(table, try_wait, table, S_ALICE, h)
+    ok(table, table.post, S_ALICE2, h_w)  # charged to alice, the holder
+    assert table.info("/m").holders == ()
+    assert ok(table, table.end_session, S_ALICE) == []
+    info = table.info("/m")
+    assert info.value == 1  # not 2: there is still one mutex
+    assert (info.robust_releases, info.robust_forgiven) == (0, 0)
+    ok(table, try_wait, table, S_ALICE2, h_w)
+    fails(table, Status.EAGAIN, try_wait, table, S_ALICE2, h_w, 2)
+
+
+def test_robust_hand_off_then_holder_dies_while_next_holds(table: SemTable) -> None:
+    # the hand-off is charged to the longest-standing holder even when another session
+    # takes the unit at once: after alice dies there is still at most one holder
+    h = create(table, S_ALICE, "/m", 1, 0o666, robust=True)
+    h_w = ok(table, table.attach, S_ALICE2, h).handle
+    h_b = reopen(table, S_BOB, "/m").handle
+    ok(table, try_wait, table, S_ALICE, h)
+    block_wait(table, S_BOB, h_b, 1)
+    assert ok(table, table.post, S_ALICE2, h_w) == granted(S_BOB, 1, h_b)
+    assert table.info("/m").holders == ((BOB.pid, 1),)
+    assert ok(table, table.end_session, S_ALICE) == []
+    info = table.info("/m")
+    assert (info.value, held_units(info)) == (0, 1)
+    # bob dies holding the mutex: it is released, once
+    assert ok(table, table.end_session, S_BOB) == []
+    info = table.info("/m")
+    assert (info.value, info.holders, info.robust_releases) == (1, (), 1)
+
+
+def test_robust_work_queue_consumer_exits(table: SemTable) -> None:
+    # a producer posts 100 jobs into a value-0 queue, a consumer takes all 100 and exits
+    h = create(table, S_ALICE, "/q", 0, 0o666, robust=True)
+    h_c = reopen(table, S_BOB, "/q").handle
+    for _ in range(100):
+        ok(table, table.post, S_ALICE, h)
+    for req in range(100):
+        ok(table, try_wait, table, S_BOB, h_c, req)
+    assert table.info("/q").holders == ((BOB.pid, 100),)
+    assert ok(table, table.end_session, S_BOB) == []
+    info = table.info("/q")
+    assert info.value == 0  # not 100: the jobs were done, not lost
+    assert (info.robust_releases, info.robust_forgiven) == (0, 100)
+    assert info.value == info.initial + info.posts - info.waits + info.robust_releases
+
+
+def test_robust_release_restores_at_most_the_capacity(table: SemTable) -> None:
+    # capacity 3: alice holds 2, bob 1; root's post while they hold is charged to
+    # alice, the longest-standing holder, so her death releases only one unit
+    h = create(table, S_ALICE, "/c", 3, 0o666, robust=True)
+    h_b = reopen(table, S_BOB, "/c").handle
+    h_r = reopen(table, S_ROOT, "/c").handle
+    ok(table, try_wait, table, S_ALICE, h, 1)
+    ok(table, try_wait, table, S_BOB, h_b, 1)
+    ok(table, try_wait, table, S_ALICE, h, 2)
+    ok(table, table.post, S_ROOT, h_r)
+    assert table.info("/c").holders == ((ALICE.pid, 1), (BOB.pid, 1))
+    ok(table, table.end_session, S_ALICE)
+    info = table.info("/c")
+    assert (info.value, info.holders) == (2, ((BOB.pid, 1),))
+    assert (info.robust_releases, info.robust_forgiven) == (1, 0)
+    # the count was filled past the capacity by plain posts: bob's death restores nothing
+    ok(table, table.post, S_ROOT, h_r)  # charged to bob
+    ok(table, try_wait, table, S_BOB, h_b, 2)  # bob holds one again: value 2 + 1 = 3
+    ok(table, table.post, S_ROOT, h_r)  # charged to bob: value 3, nobody holds
+    ok(table, table.post, S_ROOT, h_r)  # nobody holds: value 4, above the capacity
+    ok(table, try_wait, table, S_BOB, h_b, 3)
+    ok(table, table.end_session, S_BOB)
+    info = table.info("/c")
+    assert (info.value, info.robust_releases, info.robust_forgiven) == (3, 1, 1)
+
+
+def test_robust_created_at_zero_restores_nothing(table: SemTable) -> None:
+    # the documented consequence: "open it with a post" gives a robust mutex nothing back
+    h = create(table, S_ALICE, "/z", 0, 0o666, robust=True)
+    h_b = reopen(table, S_BOB, "/z").handle
+    ok(table, table.post, S_ALICE, h)
+    ok(table, try_wait, table, S_BOB, h_b)
+    ok(table, table.end_session, S_BOB)
+    info = table.info("/z")
+    assert (info.value, info.robust_releases, info.robust_forgiven) == (0, 0, 1)
+
+
+def test_robust_release_of_many_units_goes_to_waiters_then_count(table: SemTable) -> None:
+    h = create(table, S_ALICE, "/r", 5, 0o666, robust=True)
+    h_b = reopen(table, S_BOB, "/r").handle
+    for req in range(5):
+        ok(table, try_wait, table, S_ALICE, h, req)
+    block_wait(table, S_BOB, h_b, 1)
+    block_wait(table, S_BOB, h_b, 2)
+    assert ok(table, table.end_session, S_ALICE) == [granted(S_BOB, 1, h_b),
+                                                      granted(S_BOB, 2, h_b)]
+    info = table.info("/r")
+    assert (info.value, info.holders, info.robust_releases) == (3, ((BOB.pid, 2),), 5)
+
+
+def test_non_robust_hand_off_is_not_a_dead_holding(table: SemTable) -> None:
+    # plain semaphores get the same charging, so stat does not blame a process that
+    # handed its unit off
+    h = create(table, S_ALICE, "/n", 1, 0o600)
+    h_w = ok(table, table.attach, S_ALICE2, h).handle
+    ok(table, try_wait, table, S_ALICE, h)
+    ok(table, table.post, S_ALICE2, h_w)
+    ok(table, table.end_session, S_ALICE)
+    info = table.info("/n")
+    assert (info.value, info.dead_holders, info.robust_forgiven) == (1, (), 0)
+    # a holder that really dies with its unit is still on record
+    ok(table, try_wait, table, S_ALICE2, h_w)
+    ok(table, table.end_session, S_ALICE2)
+    assert table.info("/n").dead_holders == ((ALICE2.pid, 1),)
+
+
+def test_charge_goes_to_the_longest_standing_holder(table: SemTable) -> None:
+    h = create(table, S_ALICE, "/l", 3, 0o666)
+    h_b = reopen(table, S_BOB, "/l").handle
+    h_g = reopen(table, S_GROUP, "/l").handle
+    h_r = reopen(table, S_ROOT, "/l").handle
+    ok(table, try_wait, table, S_BOB, h_b, 1)
+    ok(table, try_wait, table, S_ALICE, h, 1)
+    ok(table, try_wait, table, S_BOB, h_b, 2)  # bob holds 2 and still holds longest
+    ok(table, table.post, S_ROOT, h_r)
+    assert table.info("/l").holders == ((ALICE.pid, 1), (BOB.pid, 1))
+    ok(table, table.post, S_ROOT, h_r)
+    assert table.info("/l").holders == ((ALICE.pid, 1),)
+    ok(table, try_wait, table, S_BOB, h_b, 3)  # bob starts holding again: now the newest
+    ok(table, table.post, S_GROUP, h_g)
+    assert table.info("/l").holders == ((BOB.pid, 1),)
 
 
 # ------------------------------------------------------------------ attach
@@ -1317,6 +1520,7 @@ def test_info_contents(table: SemTable) -> None:
         posts=0,
         waits=2,
         robust_releases=0,
+        robust_forgiven=0,
         holders=((ALICE.pid, 1), (GROUPMATE.pid, 1)),
         dead_holders=(),
         queue=((ALICE2.pid, 11, 7.5), (GROUPMATE.pid, 12, None), (ALICE.pid, 13, None)),

@@ -51,7 +51,7 @@ names = st.one_of(
     st.just("/" + "\u00e9" * (MAX_NAME_BYTES // 2)),  # 2-byte characters up to the bound
     st.just("/" + "\U0001f512" * (MAX_NAME_BYTES // 4)),  # 4-byte characters
 )
-open_flags = st.integers(0, 7).map(OpenFlag)
+open_flags = st.integers(0, 15).map(OpenFlag)
 
 
 def _request_strategies(rid: st.SearchStrategy[int]) -> dict[Opcode, st.SearchStrategy[Request]]:

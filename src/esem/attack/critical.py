@@ -93,6 +93,29 @@ def _worker(sem: Any, iterations: int, counter: Synchronized, inside: Synchroniz
     os._exit(code)
 
 
+def _run_workers(ctx: Any, sem: Any, iterations: int, workers: int, *shared: Any) -> None:
+    procs = [ctx.Process(target=_worker, args=(sem, iterations, *shared))
+             for _ in range(workers)]
+    for w in procs:
+        w.start()
+    for w in procs:
+        w.join()
+    failed = [w.exitcode for w in procs if w.exitcode]
+    if failed:
+        raise RuntimeError(f"{sem.backend} workers failed with exit codes {failed}")
+
+
+def contend(sem: Any, iterations: int, workers: int = WORKERS) -> tuple[int, int]:
+    """Run the critical section over an open semaphore ``sem`` (of either backend) in
+    ``workers`` forked processes; returns (most inside at once, lost updates)."""
+    ctx = mp.get_context("fork")
+    counter = ctx.Value(ctypes.c_long, 0, lock=False)
+    inside = ctx.Value(ctypes.c_int, 0, lock=False)
+    max_inside = ctx.Value(ctypes.c_int, 0, lock=False)
+    _run_workers(ctx, sem, iterations, workers, counter, inside, max_inside, ctx.Lock())
+    return int(max_inside.value), workers * iterations - int(counter.value)
+
+
 def run_case(backend: str, attack: str, iterations: int, workers: int = WORKERS) -> Row:
     """Run the critical section in ``workers`` processes under ``backend``; with
     ``attack='tamper'`` an A1 adversary rewrites the legacy count meanwhile."""
@@ -111,22 +134,15 @@ def run_case(backend: str, attack: str, iterations: int, workers: int = WORKERS)
         adversary = ctx.Process(target=_tamperer, args=(name, stop, found))
         adversary.start()
     start = time.perf_counter()
-    procs = [ctx.Process(target=_worker,
-                           args=(sem, iterations, counter, inside, max_inside, meter))
-               for _ in range(workers)]
-    for w in procs:
-        w.start()
-    for w in procs:
-        w.join()
-    seconds = time.perf_counter() - start
-    stop.set()
-    if adversary is not None:
-        adversary.join()
-    sem.close()
-    sem_unlink(name, flags=flags)
-    failed = [w.exitcode for w in procs if w.exitcode]
-    if failed:
-        raise RuntimeError(f"{backend} workers failed with exit codes {failed}")
+    try:
+        _run_workers(ctx, sem, iterations, workers, counter, inside, max_inside, meter)
+    finally:
+        seconds = time.perf_counter() - start
+        stop.set()
+        if adversary is not None:
+            adversary.join()
+        sem.close()
+        sem_unlink(name, flags=flags)
     expected = workers * iterations
     if attack == "none":
         evidence = "no adversary"

@@ -22,6 +22,8 @@ ATTACKS: dict[str, str] = {
     "A2": "esem.attack.a2_mitm",
     "A2-RING": "esem.attack.a2_ring",  # A2 against switchless sessions' shared rings
     "A3": "esem.attack.a3_rogue",
+    "A3-SQUAT": "esem.attack.a3_squat",  # A3 creating the owner's name first (O_CREAT)
+    "A3-ROBUST": "esem.attack.a3_robust",  # hand-offs and work queues on robust semaphores
     "A4": "esem.attack.a4_forger",
     "A5": "esem.attack.a5_impersonator",
     "A6": "esem.attack.a6_fuzz",

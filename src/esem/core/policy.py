@@ -79,6 +79,21 @@ def check_access(cred: Cred, owner_uid: int, owner_gid: int, mode: int, name: st
         )
 
 
+def check_adopt(cred: Cred, owner_uid: int, owner_gid: int, mode: int, name: str) -> None:
+    """``O_CREAT`` finding a semaphore of another uid: refuse to adopt it unless that uid
+    is root. POSIX would open it as if it were the caller's own, so another uid could
+    create the name first (with its own mode and value) and keep control of it (name
+    squatting); root callers are refused too, so a root server never adopts a user's."""
+    if owner_uid not in (cred.uid, ROOT_UID):
+        raise CoreError(
+            Status.EACCES,
+            f"{name} already exists and belongs to uid {owner_uid} (gid {owner_gid}, mode "
+            f"{mode:04o}), not to uid {cred.uid}: O_CREAT does not adopt another uid's "
+            "semaphore; open it without O_CREAT, or accept a foreign owner "
+            "(accept_foreign=True)",
+        )
+
+
 def check_unlink(cred: Cred, owner_uid: int, name: str) -> None:
     """Only the owner or root may remove a name (the sticky-bit rule of /dev/shm)."""
     if cred.uid not in (ROOT_UID, owner_uid):

@@ -16,8 +16,15 @@ Semantics (docs/design.md section 4):
   session. Because the table is the only place a unit can move and it moves it atomically,
   a cancel or timeout racing a grant either finds the wait still queued (and the unit goes
   to the next waiter or the count) or finds it already granted (and reports that).
-* Holdings: units a session took and has not given back. A dead session's holdings are
-  released for robust semaphores and kept on record (by pid) for the others.
+* Holdings: units a session took and has not given back. A post by a session that holds
+  nothing while others hold is a hand-off coming back: it is charged to the
+  longest-standing holder. A dead session's holdings are kept on record (by pid) for
+  plain semaphores and released for robust ones, but only up to the capacity (the
+  initial value): a release never makes ``value + held`` exceed it, so a unit already
+  posted back by someone else is never restored twice. Units not released are counted
+  as ``robust_forgiven``.
+* ``O_CREAT`` does not adopt an existing semaphore of another non-root uid (a squatted
+  name) unless the caller accepts a foreign owner.
 * Conservation, at every point between calls, for every semaphore::
 
       value == initial + posts - waits + robust_releases
@@ -36,7 +43,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from esem.core.limits import SEM_VALUE_MAX, check_key, check_name, check_value
-from esem.core.policy import Cred, Quotas, check_access, check_unlink, may_read
+from esem.core.policy import Cred, Quotas, check_access, check_adopt, check_unlink, may_read
 from esem.core.status import CoreError, Status
 
 TOKEN_BYTES = 16  # handle capability: 128 random bits, unguessable (adversary A3)
@@ -93,6 +100,7 @@ class SemInfo:
     posts: int
     waits: int
     robust_releases: int
+    robust_forgiven: int  # units dead robust holders had on record but were already back
     holders: tuple[tuple[int, int], ...]  # (pid, units) of live sessions holding units
     dead_holders: tuple[tuple[int, int], ...]  # (pid, units) that died holding them
     queue: tuple[tuple[int, int, float | None], ...]  # (pid, request id, deadline), FIFO
@@ -113,11 +121,14 @@ class _Sem:
     linked: bool = True
     handles: int = 0  # open handles over all sessions; alive while linked or handles > 0
     waiters: OrderedDict[tuple[int, int], _Waiter] = field(default_factory=OrderedDict)
-    holdings: dict[int, int] = field(default_factory=dict)  # sid -> units; all values > 0
+    # sid -> units, all > 0, in the order the holders began holding (oldest first)
+    holdings: dict[int, int] = field(default_factory=dict)
+    held: int = 0  # == sum(holdings.values()), kept so a release costs O(1)
     dead_holdings: dict[int, int] = field(default_factory=dict)  # pid -> units
     posts: int = 0
     waits: int = 0  # granted waits, immediate or queued
     robust_releases: int = 0
+    robust_forgiven: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -204,12 +215,18 @@ class SemTable:
         for sem in list(sess.held):
             units = sem.holdings.pop(sid)
             sess.held.discard(sem)
+            sem.held -= units
             if sem.robust:
-                for _ in range(units):
-                    sem.robust_releases += 1
-                    granted = self._release_unit(sem, overflow_ok=True)
-                    if granted is not None:
-                        done.append(granted)
+                # Restore units only up to the capacity. Units above it came from posts
+                # made while nobody held (a work queue's producer, a mutex "opened" with
+                # a post): a session that took those and died was done, not stuck.
+                free = min(units, max(0, sem.initial - sem.value - sem.held))
+                sem.robust_forgiven += units - free
+                sem.robust_releases += free
+                while free and sem.waiters:
+                    done.append(self._grant_first(sem))
+                    free -= 1
+                sem.value += free  # <= initial - held <= SEM_VALUE_MAX
             else:
                 pid = sess.cred.pid
                 sem.dead_holdings[pid] = sem.dead_holdings.get(pid, 0) + units
@@ -240,10 +257,12 @@ class SemTable:
         robust: bool = False,
         keyed: bool = False,
         auth: Authenticator | None = None,
+        accept_foreign: bool = False,
     ) -> Opened:
         """``sem_open``. ``key`` makes a newly created semaphore key-bound; for an existing
         key-bound one, ``auth`` must prove the key. ``keyed`` says the caller holds a key
-        and will not accept a semaphore that is not bound to one."""
+        and will not accept a semaphore that is not bound to one. ``accept_foreign`` lets
+        ``create`` open an existing semaphore of another non-root uid."""
         keyed = keyed or key is not None
         sess = self._session(sid)
         check_name(name)
@@ -264,6 +283,8 @@ class SemTable:
                     Status.EKEYREJECTED, f"semaphore {name} exists and is not key-bound"
                 )
             self._authenticate(sem, auth)
+            if create and not accept_foreign:
+                check_adopt(sess.cred, sem.owner_uid, sem.owner_gid, sem.mode, name)
             created = False
         else:
             if not create:
@@ -425,19 +446,21 @@ class SemTable:
         self, sid: int, token: bytes, *, auth: Authenticator | None = None
     ) -> WaitDone | None:
         """``sem_post``. Returns the grant when the unit went to a queued waiter."""
-        sess, handle = self._handle(sid, token)
+        _, handle = self._handle(sid, token)
         sem = handle.sem
         self._authenticate(sem, auth)
         if not sem.waiters and sem.value >= SEM_VALUE_MAX:
             raise CoreError(Status.EOVERFLOW, f"semaphore {sem.name} is at SEM_VALUE_MAX")
-        held = sem.holdings.get(sid, 0)
-        if held > 1:
-            sem.holdings[sid] = held - 1
-        elif held == 1:
-            del sem.holdings[sid]
-            sess.held.discard(sem)
+        if sem.holdings:
+            # A post by a non-holder while others hold returns a unit one of them took
+            # (a hand-off): charge the longest-standing holder, whose end must then not
+            # release that unit again. With nobody holding, the post adds a unit.
+            self._unhold(sem, sid if sid in sem.holdings else next(iter(sem.holdings)))
         sem.posts += 1
-        return self._release_unit(sem, overflow_ok=False)
+        if sem.waiters:
+            return self._grant_first(sem)
+        sem.value += 1
+        return None
 
     def getvalue(self, sid: int, token: bytes, *, auth: Authenticator | None = None) -> int:
         """``sem_getvalue``; Linux reports 0, never a negative count, while waiters queue."""
@@ -512,7 +535,10 @@ class SemTable:
             assert sem.linked == (self._names.get(sem.name) is sem)
             assert sem.linked or sem.handles > 0, "a dead semaphore is still alive"
             assert sem.value == sem.initial + sem.posts - sem.waits + sem.robust_releases
-            held = sum(sem.holdings.values()) + sum(sem.dead_holdings.values())
+            assert sem.held == sum(sem.holdings.values())
+            # only a post with nobody holding raises value + held, and it stops at the max
+            assert sem.value + sem.held <= SEM_VALUE_MAX
+            held = sem.held + sum(sem.dead_holdings.values())
             assert all(v > 0 for v in sem.holdings.values())
             assert held <= sem.waits, "more units held than ever taken"
             for (sid, req_id), w in sem.waiters.items():
@@ -588,10 +614,21 @@ class SemTable:
         for sid in sem.holdings:
             self._sessions[sid].held.discard(sem)
         sem.holdings.clear()
+        sem.held = 0
 
     def _hold(self, sem: _Sem, sess: _Session) -> None:
         sem.holdings[sess.sid] = sem.holdings.get(sess.sid, 0) + 1
+        sem.held += 1
         sess.held.add(sem)
+
+    def _unhold(self, sem: _Sem, sid: int) -> None:
+        left = sem.holdings[sid] - 1
+        sem.held -= 1
+        if left:
+            sem.holdings[sid] = left
+        else:
+            del sem.holdings[sid]
+            self._sessions[sid].held.discard(sem)
 
     def _unqueue(self, waiter: _Waiter, *, in_heap: bool = True) -> None:
         sem = waiter.handle.sem
@@ -612,21 +649,13 @@ class SemTable:
         if not self._waiters_by_uid[uid]:
             del self._waiters_by_uid[uid]
 
-    def _release_unit(self, sem: _Sem, *, overflow_ok: bool) -> WaitDone | None:
-        """Give one unit to the first waiter, else to the count."""
-        if sem.waiters:
-            waiter = next(iter(sem.waiters.values()))
-            self._unqueue(waiter)
-            sem.waits += 1
-            self._hold(sem, self._sessions[waiter.sid])
-            return WaitDone(waiter.sid, waiter.req_id, waiter.handle.token, sem.key, Status.OK)
-        if sem.value >= SEM_VALUE_MAX:
-            if overflow_ok:  # a robust release into a full count: the unit is redundant
-                sem.robust_releases -= 1
-                return None
-            raise CoreError(Status.EOVERFLOW, f"semaphore {sem.name} is at SEM_VALUE_MAX")
-        sem.value += 1
-        return None
+    def _grant_first(self, sem: _Sem) -> WaitDone:
+        """Give a unit that just became free to the first queued waiter."""
+        waiter = next(iter(sem.waiters.values()))
+        self._unqueue(waiter)
+        sem.waits += 1
+        self._hold(sem, self._sessions[waiter.sid])
+        return WaitDone(waiter.sid, waiter.req_id, waiter.handle.token, sem.key, Status.OK)
 
     def _info(self, sem: _Sem) -> SemInfo:
         pid_of = {sid: self._sessions[sid].cred.pid for sid in sem.holdings}
@@ -647,6 +676,7 @@ class SemTable:
             posts=sem.posts,
             waits=sem.waits,
             robust_releases=sem.robust_releases,
+            robust_forgiven=sem.robust_forgiven,
             holders=tuple(sorted((pid_of[sid], n) for sid, n in sem.holdings.items())),
             dead_holders=tuple(sorted(sem.dead_holdings.items())),
             queue=tuple(

@@ -65,6 +65,7 @@ class OpenFlag(IntFlag):
     CREAT = 1
     EXCL = 2
     ROBUST = 4  # esem extension: a dead holder's units are released
+    FOREIGN = 8  # esem extension: CREAT may open an existing semaphore of another uid
 
 
 REQUEST_HEADER = ">BBBQ"  # version, opcode, flags, request id

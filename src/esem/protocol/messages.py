@@ -47,7 +47,7 @@ _HAS_MAC = int(MsgFlag.HAS_MAC)
 _OPCODES = {int(m): m for m in Opcode}
 _STATUSES = {int(m): m for m in Status}
 _WAIT_MODES = {int(m): m for m in WaitMode}
-_KNOWN_OPEN_FLAGS = int(OpenFlag.CREAT | OpenFlag.EXCL | OpenFlag.ROBUST)
+_KNOWN_OPEN_FLAGS = int(OpenFlag.CREAT | OpenFlag.EXCL | OpenFlag.ROBUST | OpenFlag.FOREIGN)
 
 # Opcodes whose request names a semaphore by handle (16-byte token first in the payload).
 HANDLE_OPS = frozenset(

@@ -173,6 +173,7 @@ class Service:
                     mode=req.mode, value=req.value, key=req.key,
                     robust=bool(req.oflag & OpenFlag.ROBUST), keyed=event.mac is not None,
                     now_wall=time.time(), auth=auth,
+                    accept_foreign=bool(req.oflag & OpenFlag.FOREIGN),
                 )
                 key = opened.key
                 reply = Reply(op, req.req_id, Status.OK, handle=opened.handle,
