@@ -249,11 +249,12 @@ def run(target: Target) -> list[Outcome]:
     work = target.workdir / f"a5f-{secrets.token_hex(4)}"
     rows: list[Outcome] = []
     try:
-        for i, play in enumerate((
+        plays: list[Callable[[Path], Outcome]] = [
             lambda w: planted_link(w, nobody),
             lambda w: foreign_dir(w, nobody, private),
             lambda w: swapped_link(w, nobody, private, target.socket_path.parent),
-        )):
+        ]
+        for i, play in enumerate(plays):
             here = work / str(i)
             here.mkdir(mode=0o755, parents=True)
             os.chmod(work, 0o755)
