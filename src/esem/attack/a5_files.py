@@ -158,29 +158,31 @@ def planted_link(work: Path, nobody: pwd.struct_passwd) -> Outcome:
     said = printable(lines[-1].strip() if lines else "", limit=300)
     st = secret.stat()
     intact = secret.read_bytes() == SECRET and stat.S_IMODE(st.st_mode) == 0o600
-    where = (f"uid {nobody.pw_uid} owns {theirs} and planted {link.name} -> {secret} (root's, "
-             f"0600); root ran esem serve --socket {theirs}/{SOCKET_NAME}")
+    what = (f"uid {nobody.pw_uid} made the socket dir and planted {link.name} -> a root-only "
+            "0600 file; root ran esem serve there")
     after = (f"the file kept its {len(SECRET)} bytes and mode 0600" if intact else
              f"the file now holds {secret.read_bytes()[:80]!r} with mode "
              f"{stat.S_IMODE(st.st_mode):04o}")
+    paths = f"(socket dir {theirs}, file {secret})"
     if intact and proc.returncode == 3:
         return Outcome(PLANTED_LABEL, "esem", "defended",
-                       f"{where}: it refused to start (exit 3: {said}); {after}")
+                       f"{what}: {after}; it refused to start (exit 3: {said}) {paths}")
     return Outcome(PLANTED_LABEL, "esem", "broken",
-                   f"{where}: exit {proc.returncode} ({said}); {after}")
+                   f"{what}: {after}; exit {proc.returncode} ({said}) {paths}")
 
 
-def _judge(label: str, where: str, seen: dict[str, object], fake: dict[str, object]
-           ) -> Outcome:
+def _judge(label: str, what: str, paths: str, seen: dict[str, object],
+           fake: dict[str, object]) -> Outcome:
     fake_saw = (f"the fake {'was connected to' if fake.get('connected') else 'saw no client'}"
                 f" and decrypted {fake.get('requests')}")
     if "refused" in seen and not fake.get("requests"):
         return Outcome(label, "esem", "defended",
-                       f"{where}; the client refused: {seen['refused']}; {fake_saw}")
+                       f"{what}: refused, {fake_saw}: {seen['refused']} {paths}")
     if "accepted" in seen:
         return Outcome(label, "esem", "broken",
-                       f"{where}; the client accepted it: {seen['accepted']}; {fake_saw}")
-    return Outcome(label, "esem", "broken", f"{where}; the victim failed: {seen}; {fake_saw}")
+                       f"{what}: accepted, {fake_saw}: {seen['accepted']} {paths}")
+    return Outcome(label, "esem", "broken", f"{what}: the victim failed: {seen}; {fake_saw} "
+                   f"{paths}")
 
 
 def foreign_dir(work: Path, nobody: pwd.struct_passwd, private: bytes) -> Outcome:
@@ -193,10 +195,10 @@ def foreign_dir(work: Path, nobody: pwd.struct_passwd, private: bytes) -> Outcom
     v_pid, v_fd = _in_child(THIRD_UID, THIRD_UID, _victim(theirs / SOCKET_NAME))
     seen = _read_child(v_pid, v_fd, FAKE_WAIT * 2)
     fake = _read_child(f_pid, f_fd, FAKE_WAIT * 2)
-    where = (f"uid {nobody.pw_uid} owns {theirs} and runs a protocol-speaking service there "
-             f"with its own key published as {SOCKET_NAME}.pub; a client of uid {THIRD_UID} "
-             "is pointed at it (ESEM_SOCKET, no ESEM_PUBKEY)")
-    return _judge(FOREIGN_LABEL, where, seen, fake)
+    what = (f"uid {nobody.pw_uid} runs a protocol-speaking fake with its own {SOCKET_NAME}.pub "
+            f"in a directory it owns; a client of uid {THIRD_UID} pointed there (ESEM_SOCKET, "
+            "no ESEM_PUBKEY)")
+    return _judge(FOREIGN_LABEL, what, f"(directory {theirs})", seen, fake)
 
 
 def swapped_link(work: Path, nobody: pwd.struct_passwd, private: bytes,
@@ -224,11 +226,11 @@ def swapped_link(work: Path, nobody: pwd.struct_passwd, private: bytes,
     seen = _read_child(v_pid, v_fd, FAKE_WAIT * 2)
     fake = _read_child(f_pid, f_fd, FAKE_WAIT * 2)
     shown = {k: v for k, v in before.items() if k in ("refused", "accepted")} or before
-    where = (f"uid {nobody.pw_uid}'s link {link} pointed at the real service's {real_dir} "
-             f"(a client of uid {THIRD_UID} through it: {shown}), then was swapped to its "
-             f"own fake service's {theirs} ({'done' if swapped == {'done': True} else swapped})"
-             "; the client again")
-    return _judge(SWAPPED_LABEL, where, seen, fake)
+    what = (f"uid {nobody.pw_uid} swapped its link from the real service's directory to its "
+            f"own fake's; a client of uid {THIRD_UID} through the link")
+    paths = (f"(link {link}; before the swap, to {real_dir}: {shown}; after, to {theirs}: "
+             f"{'swapped' if swapped == {'done': True} else swapped})")
+    return _judge(SWAPPED_LABEL, what, paths, seen, fake)
 
 
 def run_legacy() -> list[Outcome]:
