@@ -276,6 +276,9 @@ def bind_socket(dir_fd: int, path: Path, mode: int) -> tuple[socket.socket, int]
     (through ``/proc/self/fd``, so the name is resolved in that very directory), born
     with ``mode`` (the umask is set for the bind: no window with a wider mode, and no
     chmod by name afterwards). Returns it and the inode it made."""
+    if not os.path.isdir(f"/proc/self/fd/{dir_fd}"):
+        raise StartupError("/proc is not mounted: the socket is bound through "
+                           "/proc/self/fd, inside the directory that was checked")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         old_umask = os.umask(0o777 & ~mode)
