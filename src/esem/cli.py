@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--switchless", action="store_true",
                    help="offer sessions the shared-memory fast path (clients ask for it with "
                    "esem.connect(switchless=True) or ESEM_SWITCHLESS=1)")
+    p.add_argument("--user", metavar="NAME",
+                   help="as root: drop to this user (and its group, no supplementary groups) "
+                   "once the key is read and the socket bound; refused if it does not exist")
+    p.add_argument("--print-systemd-unit", action="store_true",
+                   help="print the systemd unit shipped with esem (ExecStart set to this "
+                   "installation) and exit; see README, Running the service")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
 
     p = sub.add_parser("ls", help="list the service's semaphores")
@@ -172,6 +178,11 @@ def _serve(args: argparse.Namespace) -> int:
     from esem.core import Quotas
     from esem.server.daemon import ServeConfig, StartupError, serve
 
+    if args.print_systemd_unit:
+        from esem.server.unit import systemd_unit
+
+        sys.stdout.write(systemd_unit())
+        return EXIT_OK
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s esem[%(process)d] %(message)s")
     quotas = Quotas()
@@ -184,7 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
             quotas = replace(quotas, **{field: getattr(args, flag)})
     directory = state_dir(args.dir)
     config = ServeConfig(state_dir=directory, socket_path=socket_path(args.socket, directory),
-                         quotas=quotas, switchless=args.switchless)
+                         quotas=quotas, switchless=args.switchless, user=args.user)
     try:
         serve(config)
     except StartupError as exc:

@@ -8,9 +8,12 @@ environment (``ESEM_SOCKET``, ``ESEM_DIR``, ``ESEM_PUBKEY``), then the default d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
+
+from esem.trusted_path import UntrustedPath, check_entry, read_entry, trusted_dir
 
 SOCKET_NAME = "esem.sock"
 KEY_NAME = "service.key"
@@ -56,28 +59,26 @@ def is_default_location(explicit_socket: object = None) -> bool:
     )
 
 
-def check_published_key(sock: Path, *, default_location: bool) -> None:
-    """Refuse a published key that someone other than its rightful writer could have put
-    there (adversary A5 squatting a path). The key file and its directory must be
-    writable by their owner only; at the default location (which a client did not
-    choose, and which under /tmp anyone could create first) the directory must also
-    belong to root or to this user. Raises ``ValueError`` saying what is wrong."""
+def check_published_key(sock: Path, *, default_location: bool) -> bytes:
+    """The public key published beside ``sock``, read only if nobody but root or this
+    user could have put it there (adversary A5 steering the client through the
+    filesystem): the socket's directory, every component above it, the ``.pub`` file
+    and the socket itself must pass the rule of ``esem.trusted_path`` - the same rule
+    the service applied when it created them. Returns the file's bytes; raises
+    ``UntrustedPath`` (a ``ValueError``) saying what is wrong, or ``OSError``."""
     key = pubkey_path(sock)
-    d = os.stat(sock.parent)
-    k = os.lstat(key)
-    if not stat.S_ISREG(k.st_mode):
-        raise ValueError(f"{key} is not a regular file")
-    for path, st in ((sock.parent, d), (key, k)):
-        if st.st_mode & 0o022:
-            raise ValueError(f"{path} is writable by others (mode "
-                             f"{stat.S_IMODE(st.st_mode):04o}); not trusting its key")
-    trusted = {0, os.geteuid()}
-    if default_location and d.st_uid not in trusted:
-        raise ValueError(f"{sock.parent} belongs to uid {d.st_uid}, not to root or to this "
-                         "user; set ESEM_SOCKET (and ESEM_PUBKEY) to reach your service")
-    if k.st_uid not in trusted | {d.st_uid}:
-        raise ValueError(f"{key} belongs to uid {k.st_uid}, not to the owner of "
-                         f"{sock.parent}")
+    try:
+        with trusted_dir(sock.parent) as dfd:
+            data = read_entry(dfd, key.name, key)
+            with contextlib.suppress(FileNotFoundError):  # connect() reports a missing one
+                check_entry(os.stat(sock.name, dir_fd=dfd, follow_symlinks=False), sock,
+                            stat.S_IFSOCK)
+    except UntrustedPath as exc:
+        if not default_location:
+            raise
+        raise UntrustedPath(f"{exc}; set ESEM_SOCKET (and ESEM_PUBKEY) to reach your "
+                            "service") from None
+    return data
 
 
 def read_pubkey(sock: Path, explicit: bytes | str | None = None, *,
@@ -87,8 +88,8 @@ def read_pubkey(sock: Path, explicit: bytes | str | None = None, *,
     ``FileNotFoundError``/``ValueError``."""
     raw: bytes | str | None = explicit if explicit is not None else os.environ.get("ESEM_PUBKEY")
     if raw is None:
-        check_published_key(sock, default_location=default_location)
-        raw = pubkey_path(sock).read_text().strip()
+        raw = check_published_key(sock, default_location=default_location).decode(
+            "ascii", "replace").strip()
     if isinstance(raw, str):
         raw = bytes.fromhex(raw.strip())
     if len(raw) != 32:

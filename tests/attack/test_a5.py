@@ -16,7 +16,7 @@ from esem.attack.base import Outcome, Target
 def rows(target: Target) -> dict[tuple[str, str], Outcome]:
     result = a5_impersonator.run(target)
     table = {(r.attack, r.backend): r for r in result}
-    assert len(table) == len(result) == 4
+    assert len(table) == len(result) == 10
     return table
 
 
@@ -64,3 +64,31 @@ def test_squat_is_real_and_cleaned_up(rows: dict[tuple[str, str], Outcome]) -> N
     squatted = re.search(r"looks for (/tmp/esem-\d+)/esem.sock", row.evidence)
     assert squatted is not None, row.evidence
     assert not pathlib.Path(squatted.group(1)).exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to play two uids")
+@pytest.mark.parametrize("label", ["A5 planted link", "A5 foreign socket dir",
+                                   "A5 swapped link"])
+def test_filesystem_impersonator_is_refused(rows: dict[tuple[str, str], Outcome],
+                                            label: str) -> None:
+    row = rows[(label, "esem")]
+    assert row.outcome == "defended", row.evidence
+    assert "failed" not in row.evidence, row.evidence  # the attack itself was played
+    assert rows[(label, "legacy")].outcome == "n/a"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to play two uids")
+def test_filesystem_rows_say_what_refused(rows: dict[tuple[str, str], Outcome]) -> None:
+    planted = rows[("A5 planted link", "esem")].evidence
+    assert "refused to start (exit 3" in planted and "kept its" in planted
+    assert "belongs to uid 65534" in planted
+    foreign = rows[("A5 foreign socket dir", "esem")].evidence
+    assert "belongs to uid 65534" in foreign and "saw no client" in foreign
+    swapped = rows[("A5 swapped link", "esem")].evidence
+    assert swapped.count("is a symbolic link") == 2  # before and after the swap
+    assert "saw no client" in swapped
+
+
+def test_filesystem_attack_is_cleaned_up(target: Target,
+                                         rows: dict[tuple[str, str], Outcome]) -> None:
+    assert not list(target.workdir.glob("a5f-*"))

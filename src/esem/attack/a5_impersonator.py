@@ -30,6 +30,9 @@ its own but uses the default configuration of a non-root client without
 there; ``nobody`` creates that directory first with the protocol-speaking fake. The row
 is ``defended`` only if the client refuses it.
 
+The rows of ``a5_files`` (the impersonator steering the service's files: a planted
+link, a foreign socket directory, a swapped link) follow these.
+
 Legacy semaphores have no service, hence nothing to impersonate: ``n/a``.
 """
 
@@ -450,9 +453,13 @@ def run(target: Target) -> list[Outcome]:
         + "; ".join(_describe(a) for a in garbage),
     ))
     rows.append(squat(fake_private))
+    from esem.attack import a5_files  # A5 through the filesystem (imports this module)
+
+    rows.extend(r for r in a5_files.run(target) if r.backend != "legacy")
     rows.append(Outcome(
         LABEL, "legacy", "n/a",
         "legacy semaphores have no service and no channel, so no identity to check: any "
         "process of the owning uid that can write /dev/shm/sem.NAME is the semaphore (A1)",
     ))
+    rows.extend(r for r in a5_files.run_legacy())
     return rows
