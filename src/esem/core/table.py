@@ -17,10 +17,11 @@ Semantics (DESIGN.md section 4):
   a cancel or timeout racing a grant either finds the wait still queued (and the unit goes
   to the next waiter or the count) or finds it already granted (and reports that).
 * Holdings: units a session took and has not given back. A dead session's holdings are
-  released for robust semaphores and kept on record (by pid) for the others.
+  released for robust semaphores and kept on record (by pid) for the others, until the
+  owner (or root) reclaims them (``reclaim``, ``esem reclaim``).
 * Conservation, at every point between calls, for every semaphore::
 
-      value == initial + posts - waits + robust_releases
+      value == initial + posts - waits + robust_releases + reclaimed
 
   where ``waits`` counts granted waits; and no more units are held than were ever
   taken. ``check_invariants`` asserts these and the bookkeeping behind them.
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from esem.core.limits import SEM_VALUE_MAX, check_key, check_name, check_value
-from esem.core.policy import Cred, Quotas, check_access, check_unlink, may_read
+from esem.core.policy import ROOT_UID, Cred, Quotas, check_access, check_unlink, may_read
 from esem.core.status import CoreError, Status
 
 TOKEN_BYTES = 16  # handle capability: 128 random bits, unguessable (adversary A3)
@@ -96,6 +97,7 @@ class SemInfo:
     holders: tuple[tuple[int, int], ...]  # (pid, units) of live sessions holding units
     dead_holders: tuple[tuple[int, int], ...]  # (pid, units) that died holding them
     queue: tuple[tuple[int, int, float | None], ...]  # (pid, request id, deadline), FIFO
+    reclaimed: int = 0  # dead holders' units released by ``reclaim``
 
 
 @dataclass(eq=False, slots=True)
@@ -118,6 +120,7 @@ class _Sem:
     posts: int = 0
     waits: int = 0  # granted waits, immediate or queued
     robust_releases: int = 0
+    reclaimed: int = 0  # dead holders' units released by ``reclaim``
 
 
 @dataclass(eq=False, slots=True)
@@ -220,6 +223,44 @@ class SemTable:
         if not self._sessions_by_uid[sess.cred.uid]:
             del self._sessions_by_uid[sess.cred.uid]
         return done
+
+    def reclaim(self, sid: int, name: str, *, keyed: bool = False,
+                auth: Authenticator | None = None) -> tuple[int, list[WaitDone]]:
+        """Release the units recorded as held by dead processes on the semaphore ``name``
+        (a plain semaphore's holders that died; a robust one has none) to its waiters
+        or its count: recovery without restarting the service. Only the owner or root
+        may (EACCES); a key-bound semaphore needs its key, and ``keyed`` (the caller
+        holds a key) refuses one that is not key-bound. Returns the number of units
+        released and the waits they granted. Units that would lift the count past
+        SEM_VALUE_MAX stay on record: nothing is created, nothing lost."""
+        sess = self._session(sid)
+        check_name(name)
+        sem = self._names.get(name)
+        if sem is None:
+            raise CoreError(Status.ENOENT, f"no semaphore {name}")
+        if sess.cred.uid not in (ROOT_UID, sem.owner_uid):
+            raise CoreError(Status.EACCES, f"uid {sess.cred.uid} may not reclaim units of "
+                            f"{name} (owned by uid {sem.owner_uid})")
+        if sem.key is None and keyed:
+            raise CoreError(Status.EKEYREJECTED, f"semaphore {name} is not key-bound")
+        self._authenticate(sem, auth)
+        released = 0
+        done: list[WaitDone] = []
+        for pid in sorted(sem.dead_holdings):
+            while pid in sem.dead_holdings:
+                if not sem.waiters and sem.value >= SEM_VALUE_MAX:
+                    return released, done  # the count is full: the rest stay on record
+                left = sem.dead_holdings[pid] - 1
+                if left:
+                    sem.dead_holdings[pid] = left
+                else:
+                    del sem.dead_holdings[pid]
+                sem.reclaimed += 1
+                released += 1
+                granted = self._release_unit(sem, overflow_ok=False)  # checked above
+                if granted is not None:
+                    done.append(granted)
+        return released, done
 
     def session_cred(self, sid: int) -> Cred:
         return self._session(sid).cred
@@ -511,7 +552,8 @@ class SemTable:
             assert sem.value == 0 or not sem.waiters, "a unit is free while waiters queue"
             assert sem.linked == (self._names.get(sem.name) is sem)
             assert sem.linked or sem.handles > 0, "a dead semaphore is still alive"
-            assert sem.value == sem.initial + sem.posts - sem.waits + sem.robust_releases
+            assert sem.value == (sem.initial + sem.posts - sem.waits + sem.robust_releases
+                                 + sem.reclaimed)
             held = sum(sem.holdings.values()) + sum(sem.dead_holdings.values())
             assert all(v > 0 for v in sem.holdings.values())
             assert held <= sem.waits, "more units held than ever taken"
@@ -647,6 +689,7 @@ class SemTable:
             posts=sem.posts,
             waits=sem.waits,
             robust_releases=sem.robust_releases,
+            reclaimed=sem.reclaimed,
             holders=tuple(sorted((pid_of[sid], n) for sid, n in sem.holdings.items())),
             dead_holders=tuple(sorted(sem.dead_holdings.items())),
             queue=tuple(
