@@ -76,6 +76,16 @@ def _sem_name(text: str) -> str:
     return text
 
 
+def _metrics_address(text: str) -> str:
+    from esem.server.metrics import parse_address
+
+    try:
+        parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _add_name(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", type=_sem_name, help="semaphore name, e.g. /jobs")
 
@@ -160,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--switchless", action="store_true",
                    help="offer sessions the shared-memory fast path (clients ask for it with "
                    "esem.connect(switchless=True) or ESEM_SWITCHLESS=1)")
+    p.add_argument("--metrics", metavar="HOST:PORT", type=_metrics_address,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST "
+                   "defaults to 127.0.0.1: ':9464'; needs pip install 'esem[metrics]')")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
 
     p = sub.add_parser("ls", help="list the service's semaphores")
@@ -312,7 +325,7 @@ def _serve(args: argparse.Namespace) -> int:
             quotas = replace(quotas, **{field: getattr(args, flag)})
     directory = state_dir(args.dir)
     config = ServeConfig(state_dir=directory, socket_path=socket_path(args.socket, directory),
-                         quotas=quotas, switchless=args.switchless)
+                         quotas=quotas, switchless=args.switchless, metrics=args.metrics)
     try:
         serve(config)
     except StartupError as exc:

@@ -262,6 +262,12 @@ class SemTable:
                     done.append(granted)
         return released, done
 
+    def quota_use(self) -> dict[str, dict[int, int]]:
+        """What each uid holds of its per-uid quotas (for metrics): semaphores, sessions
+        and queued waits by uid, uids holding none left out."""
+        return {"semaphores": dict(self._sems_by_uid), "sessions": dict(self._sessions_by_uid),
+                "waiters": dict(self._waiters_by_uid)}
+
     def session_cred(self, sid: int) -> Cred:
         return self._session(sid).cred
 

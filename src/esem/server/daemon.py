@@ -44,6 +44,7 @@ class ServeConfig:
     quotas: Quotas = field(default_factory=Quotas)
     socket_mode: int = 0o666  # every local uid may connect; semaphores carry their own modes
     switchless: bool = False  # offer sessions the shared-memory fast path (switchless.py)
+    metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on (metrics.py)
 
 
 def load_or_create_key(state_dir: Path) -> bytes:
@@ -151,6 +152,15 @@ async def _serve(config: ServeConfig, ready: asyncio.Event | None = None) -> Non
 
         enable(service)
     loop = asyncio.get_running_loop()
+    metrics = None
+    if config.metrics is not None:
+        from esem.server.metrics import MetricsUnavailable
+        from esem.server.metrics import enable as enable_metrics
+
+        try:
+            metrics = enable_metrics(service, config.metrics, loop)
+        except (MetricsUnavailable, OSError) as exc:
+            raise StartupError(f"metrics on {config.metrics}: {exc}") from exc
     old_umask = os.umask(0o177)  # no window in which the socket has a wider mode
     try:
         server = await loop.create_unix_server(
@@ -175,6 +185,8 @@ async def _serve(config: ServeConfig, ready: asyncio.Event | None = None) -> Non
         await stop.wait()
     finally:
         log.info("esem service stopping")
+        if metrics is not None:
+            metrics.stop()
         server.close()
         service.close_all()
         await server.wait_closed()

@@ -19,7 +19,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from esem.core import CoreError, Cred, Quotas, SemInfo, SemTable, Status, WaitDone, WaitMode
 from esem.core.table import Authenticator
@@ -75,6 +75,16 @@ def _stat_json(info: SemInfo) -> bytes:
     return json.dumps(d).encode()
 
 
+class Observer(Protocol):
+    """What the service reports as it runs (``esem.server.metrics.Metrics``); called on
+    the event-loop thread, so it must be cheap."""
+
+    def request(self, op: Opcode, status: Status | None, seconds: float) -> None: ...
+    def wait_ended(self, status: Status) -> None: ...
+    def session_refused(self) -> None: ...
+    def protocol_error(self) -> None: ...
+
+
 def peer_cred(sock: socket.socket) -> Cred:
     pid, uid, gid = _PEERCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -98,6 +108,7 @@ class Service:
         # connections that can move to shared-memory rings (``esem serve --switchless``).
         self.connection_factory: Callable[[Service], Connection] = Connection
         self.switchboard: object | None = None  # the switchless poller, when enabled
+        self.observer: Observer | None = None  # metrics, when enabled (--metrics)
 
     def __repr__(self) -> str:
         return f"<Service connections={len(self._conns)} {self.table!r}>"
@@ -118,6 +129,8 @@ class Service:
             self.table.add_session(sid, cred)
         except CoreError as exc:
             log.warning("refused connection pid=%d uid=%d: %s", cred.pid, cred.uid, exc.message)
+            if self.observer is not None:
+                self.observer.session_refused()
             conn.session.refuse(exc.status, exc.message)
             return None
         self._conns[sid] = conn
@@ -142,19 +155,29 @@ class Service:
             events = conn.session.receive_data(data)
         except EsemError as exc:
             log.warning("session %s protocol error: %s; closing", conn.sid, exc)
+            if self.observer is not None:
+                self.observer.protocol_error()
             # Forget the session now, before any later grant could be sent to it.
             self._detach(conn, f"protocol error: {exc}")
             conn.abort()
             return
+        obs = self.observer
         for event in events:
-            self._dispatch(conn, event)
+            if obs is None:
+                self._dispatch(conn, event)
+            else:
+                start = time.perf_counter()
+                status = self._dispatch(conn, event)
+                obs.request(event.request.opcode, status, time.perf_counter() - start)
         self._dirty.add(conn)
         self._arm_timer()
         self._flush()
 
     # ------------------------------------------------------------- dispatch
 
-    def _dispatch(self, conn: Connection, event: RequestIn) -> None:
+    def _dispatch(self, conn: Connection, event: RequestIn) -> Status | None:
+        """Apply one request and send its reply; returns the reply's status, or None
+        for a wait that queued (answered later)."""
         req = event.request
         sid = conn.sid
         assert sid is not None
@@ -185,7 +208,7 @@ class Service:
                 done = table.wait(sid, req.handle, req.req_id, mode=req.wait_mode, now=now,
                                   deadline=deadline, auth=auth)
                 if done is None:
-                    return  # queued: answered later by a grant, timeout or cancel
+                    return None  # queued: answered later by a grant, timeout or cancel
                 reply = Reply(op, req.req_id, Status.OK)
             elif op is Opcode.POST:
                 granted = table.post(sid, req.handle, auth=auth)
@@ -231,6 +254,7 @@ class Service:
             reply = Reply(op, req.req_id, exc.status, message=exc.message)
         mac = event.mac is not None and key is not None and reply.status is not Status.EKEYREJECTED
         conn.session.send_reply(reply, mac_key=key if mac else None)
+        return reply.status
 
     def _reclaim(self, sid: int, req: Request, *, keyed: bool,
                  auth: Authenticator | None) -> Reply:
@@ -261,6 +285,8 @@ class Service:
         for d in done:
             conn = self._conns[d.sid]  # a session leaves the table when it leaves _conns
             reply = Reply(Opcode.WAIT, d.req_id, d.status, message=_END_TEXT.get(d.status, ""))
+            if self.observer is not None:
+                self.observer.wait_ended(d.status)
             conn.session.send_reply(reply, mac_key=d.key)
             self._dirty.add(conn)
 
