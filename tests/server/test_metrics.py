@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import socket as socket_mod
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -113,11 +115,14 @@ def test_refused_sessions_and_protocol_errors_counted(tmp_path: Path) -> None:
         first.connect()
         with pytest.raises(Exception, match="quota"):
             Client(svc.socket_path).connect()
-        import socket as socket_mod
-
         with socket_mod.socket(socket_mod.AF_UNIX) as raw:  # no session slot: refused too
             raw.connect(str(svc.socket_path))
         first.close()
+        # the slot is free once the service has seen that session end
+        deadline = time.monotonic() + 10
+        while scrape(svc)[("esem_sessions", ())] != 0:
+            assert time.monotonic() < deadline, "the session did not end"
+            time.sleep(0.01)
         with socket_mod.socket(socket_mod.AF_UNIX) as raw:
             raw.connect(str(svc.socket_path))
             raw.sendall(b"\x00\x00\x00\x05garbage")  # not a handshake
