@@ -1,9 +1,9 @@
 """Prometheus metrics of the service (``esem serve --metrics HOST:PORT``).
 
 What is counted as it happens, on the event-loop thread, costs one clock read on each
-side of a request and two pre-bound metric updates (a counter and a histogram); the
-rest (sessions, waiters, semaphores, per-uid quota use) is read from the table when
-Prometheus scrapes, so the hot path never pays for it. prometheus_client serves HTTP
+side of a request and three updates of plain Python counters (no lock: only that thread
+writes them); the rest (sessions, waiters, semaphores, per-uid quota use) is read from
+the table when Prometheus scrapes, so the hot path never pays for it. prometheus_client serves HTTP
 from its own thread; that thread never touches the table: a scrape asks the event loop
 for a snapshot and waits for it (``SCRAPE_TIMEOUT`` at most).
 
@@ -19,6 +19,7 @@ prometheus_client is the optional extra ``metrics`` (``pip install 'esem[metrics
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import ipaddress
 import logging
@@ -72,59 +73,45 @@ def _require() -> Any:
 
 
 class Metrics:
-    """The service's observer (``Service.observer``) and the metrics registry."""
+    """The service's observer (``Service.observer``) and the metrics registry.
+
+    The observer's counts are plain ints and lists touched only on the event-loop
+    thread, so the hot path takes no lock (prometheus_client's own Counter and
+    Histogram take one per update, which tripled the cost); a scrape copies them on
+    the loop thread, with the table's gauges, and builds the metric families there."""
 
     def __init__(self, service: Service, loop: asyncio.AbstractEventLoop) -> None:
         prom = _require()
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        self._gauge, self._counter = GaugeMetricFamily, CounterMetricFamily
         self.service = service
         self.loop = loop
         self.registry = prom.CollectorRegistry(auto_describe=False)
-        self._requests = prom.Counter(
-            "esem_requests", "Requests handled, by opcode and status (OK, a refusal such "
-            "as EAGAIN or EACCES, or QUEUED for a wait that queued)",
-            ["opcode", "status"], registry=self.registry)
-        self._latency = prom.Histogram(
-            "esem_request_duration_seconds", "Time to handle one request: parse, table "
-            "step, reply sealed (not the socket write)", ["opcode"],
-            buckets=LATENCY_BUCKETS, registry=self.registry)
-        self._wait_ends = prom.Counter(
-            "esem_queued_wait_ends", "Queued waits that ended, by status (OK granted, "
-            "ETIMEDOUT, ECANCELED, EBADF)", ["status"], registry=self.registry)
-        self._refused_sessions = prom.Counter(
-            "esem_sessions_refused", "Connections refused at the door (session quota)",
-            registry=self.registry)
-        self._protocol_errors = prom.Counter(
-            "esem_protocol_errors", "Sessions closed for breaking the protocol (or "
-            "tampering)", registry=self.registry)
         prom.ProcessCollector(registry=self.registry)
-        self.registry.register(_TableCollector(self))
-        # Children bound once: a labels() lookup costs more than the update itself.
-        self._latency_of = {op: self._latency.labels(op.name) for op in Opcode}
-        self._counter_of: dict[tuple[Opcode, Status | None], Any] = {}
-        self._wait_end_of = {st: self._wait_ends.labels(st.name) for st in Status}
+        self.registry.register(_Collector(self))
+        self.requests: dict[tuple[Opcode, Status | None], int] = {}
+        # per opcode: observations per bucket (last: above every bound), and their sum
+        self.buckets = {op: [0] * (len(LATENCY_BUCKETS) + 1) for op in Opcode}
+        self.seconds = dict.fromkeys(Opcode, 0.0)
+        self.wait_ends = dict.fromkeys(Status, 0)
+        self.sessions_refused = 0
+        self.protocol_errors = 0
         self._server: Any = None
 
     # -------------------------------------------------------- observer hooks
 
     def request(self, op: Opcode, status: Status | None, seconds: float) -> None:
-        counter = self._counter_of.get((op, status))
-        if counter is None:
-            label = QUEUED if status is None else status.name
-            counter = self._counter_of[(op, status)] = self._requests.labels(op.name, label)
-        counter.inc()
-        self._latency_of[op].observe(seconds)
+        key = (op, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.buckets[op][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.seconds[op] += seconds
 
     def wait_ended(self, status: Status) -> None:
-        self._wait_end_of[status].inc()
+        self.wait_ends[status] += 1
 
     def session_refused(self) -> None:
-        self._refused_sessions.inc()
+        self.sessions_refused += 1
 
     def protocol_error(self) -> None:
-        self._protocol_errors.inc()
+        self.protocol_errors += 1
 
     # ---------------------------------------------------------------- HTTP
 
@@ -143,18 +130,80 @@ class Metrics:
 
     # ------------------------------------------------------------ snapshot
 
-    def snapshot(self) -> dict[str, Any]:
-        """What the scrape reports from the table; runs on the event-loop thread."""
+    def snapshot(self) -> list[Any]:
+        """Every metric family but the process's; runs on the event-loop thread."""
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        out: list[Any] = []
+        requests = CounterMetricFamily(
+            "esem_requests", "Requests handled, by opcode and status (OK, a refusal such "
+            "as EAGAIN or EACCES, or QUEUED for a wait that queued)",
+            labels=["opcode", "status"])
+        def order(item: tuple[tuple[Opcode, Status | None], int]) -> tuple[int, int]:
+            op, status = item[0]
+            return op, -1 if status is None else status
+
+        for (op, status), count in sorted(self.requests.items(), key=order):
+            requests.add_metric([op.name, QUEUED if status is None else status.name], count)
+        out.append(requests)
+        latency = HistogramMetricFamily(
+            "esem_request_duration_seconds", "Time to handle one request: parse, table "
+            "step, reply sealed (not the socket write)", labels=["opcode"])
+        for op in Opcode:
+            counts = self.buckets[op]
+            if not any(counts):
+                continue
+            cumulative, total = [], 0
+            for bound, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), counts, strict=True):
+                total += n
+                cumulative.append((bound, total))
+            latency.add_metric([op.name], cumulative, sum_value=self.seconds[op])
+        out.append(latency)
+        ends = CounterMetricFamily(
+            "esem_queued_wait_ends", "Queued waits that ended, by status (OK granted, "
+            "ETIMEDOUT, ECANCELED, EBADF)", labels=["status"])
+        for status, count in self.wait_ends.items():
+            if count:
+                ends.add_metric([status.name], count)
+        out.append(ends)
+        out.append(CounterMetricFamily(
+            "esem_sessions_refused", "Connections refused at the door (session quota)",
+            value=self.sessions_refused))
+        out.append(CounterMetricFamily(
+            "esem_protocol_errors", "Sessions closed for breaking the protocol (or "
+            "tampering)", value=self.protocol_errors))
+        stats = self.service.statistics()
+        for name, what in (("connections", "Open client connections"),
+                           ("sessions", "Live sessions in the table"),
+                           ("semaphores", "Semaphores alive (named, or unlinked and open)"),
+                           ("names", "Named semaphores"),
+                           ("handles", "Open handles"),
+                           ("waiters", "Queued waits")):
+            out.append(GaugeMetricFamily(f"esem_{name}", what, value=stats[name]))
+        out.append(CounterMetricFamily(
+            "esem_sessions_started", "Sessions started since the service began",
+            value=stats["sessions_started"]))
+        for kind, by_uid in sorted(self.service.table.quota_use().items()):
+            family = GaugeMetricFamily(
+                f"esem_uid_{kind}", f"{kind.capitalize()} in use per uid (quota: "
+                f"esem_quota{{quota=\"{kind}_per_uid\"}})", labels=["uid"])
+            for uid, count in sorted(by_uid.items()):
+                family.add_metric([str(uid)], count)
+            out.append(family)
         quotas = self.service.table.quotas
-        return {
-            "statistics": self.service.statistics(),
-            "use": self.service.table.quota_use(),
-            "quotas": {f.name: getattr(quotas, f.name) for f in fields(quotas)},
-        }
+        limits = GaugeMetricFamily("esem_quota", "Configured quota limits", labels=["quota"])
+        for f in fields(quotas):
+            limits.add_metric([f.name], getattr(quotas, f.name))
+        out.append(limits)
+        return out
 
 
-class _TableCollector:
-    """Gauges read from the table at scrape time, through the event loop."""
+class _Collector:
+    """Hands a scrape (on prometheus_client's HTTP thread) to the event loop."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -163,38 +212,16 @@ class _TableCollector:
         return []  # nothing to check at registration (collect() needs the loop)
 
     def collect(self) -> Iterator[Any]:
-        m = self.metrics
-        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+        future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
 
         def take() -> None:
             try:
-                future.set_result(m.snapshot())
+                future.set_result(self.metrics.snapshot())
             except BaseException as exc:  # handed to the scraping thread
                 future.set_exception(exc)
 
-        m.loop.call_soon_threadsafe(take)
-        snap = future.result(timeout=SCRAPE_TIMEOUT)
-        stats = snap["statistics"]
-        gauge, counter = m._gauge, m._counter
-        for name, what in (("connections", "Open client connections"),
-                           ("sessions", "Live sessions in the table"),
-                           ("semaphores", "Semaphores alive (named, or unlinked and open)"),
-                           ("names", "Named semaphores"),
-                           ("handles", "Open handles"),
-                           ("waiters", "Queued waits")):
-            yield gauge(f"esem_{name}", what, value=stats[name])
-        yield counter("esem_sessions_started", "Sessions started since the service began",
-                      value=stats["sessions_started"])
-        for kind, by_uid in sorted(snap["use"].items()):
-            family = gauge(f"esem_uid_{kind}", f"{kind.capitalize()} in use per uid "
-                           f"(quota: esem_quota{{quota=\"{kind}_per_uid\"}})", labels=["uid"])
-            for uid, count in sorted(by_uid.items()):
-                family.add_metric([str(uid)], count)
-            yield family
-        limits = gauge("esem_quota", "Configured quota limits", labels=["quota"])
-        for name, limit in sorted(snap["quotas"].items()):
-            limits.add_metric([name], limit)
-        yield limits
+        self.metrics.loop.call_soon_threadsafe(take)
+        yield from future.result(timeout=SCRAPE_TIMEOUT)
 
 
 def enable(service: Service, address: str, loop: asyncio.AbstractEventLoop) -> Metrics:
