@@ -334,13 +334,25 @@ def sem_open(
     if not flags & USE_ESEM:
         if robust:
             raise ValueError("robust semaphores need flags=USE_ESEM")
-        return LegacySemaphore(name, create=create, excl=excl, mode=mode, value=value)
+        try:
+            return LegacySemaphore(name, create=create, excl=excl, mode=mode, value=value)
+        except ExistentialError as exc:
+            if create or not _exists_in_service(name, client):
+                raise
+            raise _missing(name, "POSIX semaphore", "an e-semaphore: pass flags=USE_ESEM",
+                           exc) from exc
     client = client or get_client()
     oflags = (OpenFlag.CREAT if create else OpenFlag.NONE) | (
         OpenFlag.EXCL if excl else OpenFlag.NONE) | (OpenFlag.ROBUST if robust else OpenFlag.NONE)
     req = Request(Opcode.OPEN, 0, name=name, oflag=oflags, mode=mode,
                   value=value if create else 0, key=key if create else None)
-    reply = client.call(req, key=key)
+    try:
+        reply = client.call(req, key=key)
+    except ExistentialError as exc:
+        if exc.status is not Status.ENOENT or not _exists_as_legacy(name):
+            raise
+        raise _missing(name, "e-semaphore", "a POSIX semaphore: drop flags=USE_ESEM",
+                       exc) from exc
     return EsemSemaphore(client, name, reply.handle, key, reply.created, mode)
 
 
@@ -381,9 +393,10 @@ def sem_unlink(name: str | bytes, *, flags: int = 0, key: bytes | None = None,
                client: Client | None = None) -> None:
     """Remove the name ``name``; open handles keep working until closed.
 
-    Without ``USE_ESEM`` this is the POSIX ``sem_unlink``; if that finds no such name
-    and a running esem service has one, the ``ExistentialError`` says so (pass
-    ``flags=USE_ESEM``) instead of just "no semaphore"."""
+    Without ``USE_ESEM`` this is the POSIX ``sem_unlink``. When the name is missing from
+    the backend asked but exists in the other one (a running esem service, or
+    ``/dev/shm``), the ``ExistentialError`` says so instead of just "no semaphore";
+    ``sem_open`` without ``O_CREAT`` does the same."""
     name = _name_arg(name)
     key = _key_arg(key)
     _need_int("flags", flags)
@@ -400,14 +413,33 @@ def sem_unlink(name: str | bytes, *, flags: int = 0, key: bytes | None = None,
         try:
             _legacy_unlink(name)
         except ExistentialError as exc:
-            if _exists_in_service(name, client):
-                raise ExistentialError(
-                    f"no POSIX semaphore {name}, but it exists as an e-semaphore: pass "
-                    "flags=USE_ESEM", status=Status.ENOENT) from exc
-            raise
+            if not _exists_in_service(name, client):
+                raise
+            raise _missing(name, "POSIX semaphore", "an e-semaphore: pass flags=USE_ESEM",
+                           exc) from exc
         return
     client = client or get_client()
-    client.call(Request(Opcode.UNLINK, 0, name=name), key=key)
+    try:
+        client.call(Request(Opcode.UNLINK, 0, name=name), key=key)
+    except ExistentialError as exc:
+        if exc.status is not Status.ENOENT or not _exists_as_legacy(name):
+            raise
+        raise _missing(name, "e-semaphore", "a POSIX semaphore: drop flags=USE_ESEM",
+                       exc) from exc
+
+
+def _missing(name: str, what: str, instead: str, exc: ExistentialError) -> ExistentialError:
+    """The "no such semaphore" error, saying where the name does exist."""
+    return ExistentialError(f"no {what} {name}, but it exists as {instead}",
+                            status=exc.status or Status.ENOENT)
+
+
+# Where glibc keeps a named semaphore "/NAME" (Linux).
+_LEGACY_DIR = "/dev/shm"
+
+
+def _exists_as_legacy(name: str) -> bool:
+    return os.path.exists(f"{_LEGACY_DIR}/sem.{name[1:]}")
 
 
 # A hint must never make an error slow: a service that exists but does not answer is

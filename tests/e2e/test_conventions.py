@@ -53,6 +53,31 @@ def test_legacy_unlink_of_an_e_semaphore_says_so(socket_service: EmbeddedService
     assert "e-semaphore" not in str(info.value)
 
 
+def test_legacy_open_of_an_e_semaphore_says_so(socket_service: EmbeddedService,
+                                               sem_name: str) -> None:
+    esem.sem_open(sem_name, CREX, 0o600, 1, flags=esem.USE_ESEM)
+    with pytest.raises(esem.ExistentialError, match="exists as an e-semaphore: pass "
+                       "flags=USE_ESEM"):
+        esem.sem_open(sem_name)
+    # O_CREAT makes a legacy semaphore of the same name: no error, so no hint
+    esem.sem_open(sem_name, esem.O_CREAT, 0o600, 0).unlink()
+
+
+def test_esem_open_and_unlink_of_a_posix_semaphore_say_so(socket_service: EmbeddedService,
+                                                          sem_name: str) -> None:
+    esem.sem_open(sem_name, CREX, 0o600, 1)  # a real POSIX semaphore in /dev/shm
+    with pytest.raises(esem.ExistentialError, match="exists as a POSIX semaphore: drop "
+                       "flags=USE_ESEM") as info:
+        esem.sem_open(sem_name, flags=esem.USE_ESEM)
+    assert info.value.status is not None and info.value.status.name == "ENOENT"
+    with pytest.raises(esem.ExistentialError, match="POSIX semaphore"):
+        esem.sem_unlink(sem_name, flags=esem.USE_ESEM)
+    esem.sem_unlink(sem_name)
+    with pytest.raises(esem.ExistentialError) as info:
+        esem.sem_open(sem_name, flags=esem.USE_ESEM)  # in neither now
+    assert "POSIX" not in str(info.value)
+
+
 def test_legacy_unlink_hint_for_a_key_bound_e_semaphore(socket_service: EmbeddedService,
                                                         sem_name: str) -> None:
     key = os.urandom(16)
