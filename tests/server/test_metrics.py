@@ -162,3 +162,14 @@ def test_missing_prometheus_client_says_what_to_install(tmp_path: Path) -> None:
     assert result.returncode == 3, result
     assert "esem[metrics]" in result.stderr
     assert not (tmp_path / "esem.sock").exists()
+
+
+def test_service_with_metrics_stops_cleanly(tmp_path: Path) -> None:
+    svc = EmbeddedService(tmp_path, ["--metrics", "127.0.0.1:0"]).start()
+    try:
+        url = _url(svc)
+        assert scrape(svc)[("esem_sessions", ())] == 0
+    finally:
+        assert svc.stop() == 0  # SIGTERM: exit status 0, the HTTP thread stopped with it
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url, timeout=5)
