@@ -115,3 +115,32 @@ def test_reclaim_leaves_live_holders_alone(table: SemTable) -> None:
     info = table.info("/n")
     assert info.holders == ((BOB.pid, 1),) and info.value == 2
     assert ALICE.uid == info.owner_uid
+
+
+def test_units_of_a_running_process_stay_on_record(table: SemTable) -> None:
+    """A session can end while its process lives on (its session failed) and may still
+    be inside its critical section: those units are not reclaimed."""
+    h_b = _dead_alice(table, "/n", 2, 1)
+    ok(table, try_wait, table, S_BOB, h_b, 1)
+    ok(table, table.end_session, S_BOB)  # bob's session ended too; bob's process runs
+    assert table.info("/n").dead_holders == ((ALICE2.pid, 1), (BOB.pid, 1))
+    asked: list[int] = []
+
+    def running(pid: int) -> bool:
+        asked.append(pid)
+        return pid == BOB.pid
+
+    assert ok(table, table.reclaim, S_ALICE, "/n", running=running) == (1, [])
+    assert sorted(asked) == [ALICE2.pid, BOB.pid]
+    info = table.info("/n")
+    assert info.dead_holders == ((BOB.pid, 1),) and info.value == 1 and info.reclaimed == 1
+
+
+def test_liveness_is_asked_only_of_an_allowed_caller(table: SemTable) -> None:
+    _dead_alice(table, "/n", 1, 1)
+
+    def never(pid: int) -> bool:
+        raise AssertionError("a refused caller made the shell look at processes")
+
+    fails(table, Status.EACCES, table.reclaim, S_BOB, "/n", running=never)
+    fails(table, Status.ENOENT, table.reclaim, S_ALICE, "/none", running=never)

@@ -22,6 +22,7 @@ import pytest
 import esem
 import esem.client.blocking
 from esem.cli import main as cli_main
+from esem.client.blocking import Client
 from esem.server.embedded import EmbeddedService
 
 from . import reap, run_forked, spawn, stat, wait_for_waiters, wait_until
@@ -76,6 +77,26 @@ def test_owner_reclaims_a_dead_holders_unit(socket_service: EmbeddedService,
     again = esem_cli("reclaim", sem_name)
     assert again.returncode == 0 and "reclaimed 0 unit(s)" in again.stdout
     sem.post()
+
+
+def test_a_running_process_keeps_its_units(socket_service: EmbeddedService,
+                                           sem_name: str) -> None:
+    """Attack on reclaim: a holder whose session ended while its process lives on (here:
+    this very process, its second session closed) may still be inside its critical
+    section. Reclaiming its unit would let a second process in: refused."""
+    sem = esem.sem_open(sem_name, CREX, 0o600, 1, flags=esem.USE_ESEM)
+    lost = Client(socket_service.socket_path)
+    esem.sem_open(sem_name, flags=esem.USE_ESEM, client=lost).wait()
+    lost.close()  # the session ends holding the unit; the process runs on
+    wait_until(lambda: [os.getpid(), 1] in stat(sem_name)["dead_holders"], what="record")
+    result = esem_cli("reclaim", sem_name)
+    assert result.returncode == 0 and "reclaimed 0 unit(s)" in result.stdout
+    info = stat(sem_name)
+    assert info["dead_holders"] == [[os.getpid(), 1]] and info["value"] == 0
+    with pytest.raises(esem.BusyError):
+        sem.trywait()
+    assert f"kept those of running pid(s) [{os.getpid()}]" in (
+        socket_service.log_path.read_text())
 
 
 def test_reclaim_key_bound_needs_the_key(socket_service: EmbeddedService, sem_name: str,

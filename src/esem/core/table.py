@@ -225,14 +225,19 @@ class SemTable:
         return done
 
     def reclaim(self, sid: int, name: str, *, keyed: bool = False,
-                auth: Authenticator | None = None) -> tuple[int, list[WaitDone]]:
+                auth: Authenticator | None = None,
+                running: Callable[[int], bool] | None = None) -> tuple[int, list[WaitDone]]:
         """Release the units recorded as held by dead processes on the semaphore ``name``
-        (a plain semaphore's holders that died; a robust one has none) to its waiters
-        or its count: recovery without restarting the service. Only the owner or root
-        may (EACCES); a key-bound semaphore needs its key, and ``keyed`` (the caller
-        holds a key) refuses one that is not key-bound. Returns the number of units
-        released and the waits they granted. Units that would lift the count past
-        SEM_VALUE_MAX stay on record: nothing is created, nothing lost."""
+        (a plain semaphore's holders whose sessions ended; a robust one has none) to its
+        waiters or its count: recovery without restarting the service. Only the owner
+        or root may (EACCES); a key-bound semaphore needs its key, and ``keyed`` (the
+        caller holds a key) refuses one that is not key-bound. ``running(pid)`` says
+        whether a recorded pid's process still runs (the I/O shell looks; asked only
+        once the caller is allowed): a session can end while its process lives on
+        inside its critical section (its session failed), so those units stay on
+        record. Returns the number of units released and the
+        waits they granted. Units that would lift the count past SEM_VALUE_MAX stay on
+        record too: nothing is created, nothing lost."""
         sess = self._session(sid)
         check_name(name)
         sem = self._names.get(name)
@@ -247,6 +252,8 @@ class SemTable:
         released = 0
         done: list[WaitDone] = []
         for pid in sorted(sem.dead_holdings):
+            if running is not None and running(pid):
+                continue
             while pid in sem.dead_holdings:
                 if not sem.waiters and sem.value >= SEM_VALUE_MAX:
                     return released, done  # the count is full: the rest stay on record

@@ -85,6 +85,21 @@ class Observer(Protocol):
     def protocol_error(self) -> None: ...
 
 
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` (in this service's pid namespace) exists and is not a
+    zombie. A reused pid reads as running: the safe answer for ``reclaim``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return True  # cannot tell: assume it runs
+    # "pid (comm) S ...": comm may hold spaces and parentheses, so split at the last ")"
+    state = stat.rpartition(b")")[2].split(maxsplit=1)[:1]
+    return state not in ([b"Z"], [b"X"])
+
+
 def peer_cred(sock: socket.socket) -> Cred:
     pid, uid, gid = _PEERCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -258,12 +273,24 @@ class Service:
 
     def _reclaim(self, sid: int, req: Request, *, keyed: bool,
                  auth: Authenticator | None) -> Reply:
-        units, done = self.table.reclaim(sid, req.name, keyed=keyed, auth=auth)
+        # A recorded holder whose process still runs lost its session, not its critical
+        # section: its units stay (the core decides; this shell only looks in /proc).
+        running: set[int] = set()
+
+        def still_running(pid: int) -> bool:
+            if process_running(pid):
+                running.add(pid)
+                return True
+            return False
+
+        units, done = self.table.reclaim(sid, req.name, keyed=keyed, auth=auth,
+                                         running=still_running)
         cred = self.table.session_cred(sid)
         # An operator's recovery changes a count outside the normal flow: visible at -q.
         log.log(logging.WARNING if units else logging.INFO,
-                "session %d pid=%d uid=%d reclaimed %d unit(s) of %s held by dead processes",
-                sid, cred.pid, cred.uid, units, printable(req.name))
+                "session %d pid=%d uid=%d reclaimed %d unit(s) of %s held by dead processes%s",
+                sid, cred.pid, cred.uid, units, printable(req.name),
+                f"; kept those of running pid(s) {sorted(running)}" if running else "")
         self._deliver(done)
         return Reply(Opcode.RECLAIM, req.req_id, Status.OK, value=units)
 
