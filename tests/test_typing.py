@@ -32,6 +32,8 @@ def use(flags: int) -> None:
     handle: esem.EsemSemaphore = esem.sem_open("/x", flags=esem.USE_ESEM, key=b"k" * 16)
     wrong: esem.EsemSemaphore = esem.sem_open("/x")
     reveal_type(esem.posix_ipc.Semaphore("/x").value)
+    esem.posix_ipc.SharedMemory("/x", esem.posix_ipc.O_CREX, size=4096).close_fd()
+    esem.posix_ipc.unlink_shared_memory("/x")
 """
 
 
@@ -84,7 +86,8 @@ def test_users_type_checker_sees_sem_open_typed_by_its_flags(tmp_path: Path) -> 
         "esem.api.EsemSemaphore | esem.legacy.LegacySemaphore",
         "int",
     ], out
-    # the one wrong assignment, and nothing else, is an error
+    # the one wrong assignment, and nothing else (posix_ipc's re-exported names are
+    # seen), is an error
     errors = [line for line in out.splitlines() if ": error:" in line]
     assert len(errors) == 1 and "prog.py:9:" in errors[0], out
     assert "LegacySemaphore" in errors[0]

@@ -41,24 +41,40 @@ from esem.core.limits import check_name as _check_name
 from esem.core.status import CoreError as _CoreError
 from esem.core.status import Status as _Status
 
-# Everything posix_ipc offers, as posix_ipc's own objects; the semaphore API below
-# replaces its two names.
+# Everything posix_ipc offers but its semaphores, as posix_ipc's own objects, re-exported
+# unchanged: named one by one so that users' type checkers see them, then whatever a
+# later posix_ipc adds.
+BusyError = _real.BusyError
+Error = _real.Error
+ExistentialError = _real.ExistentialError
+MESSAGE_QUEUES_SUPPORTED = _real.MESSAGE_QUEUES_SUPPORTED
+MessageQueue = _real.MessageQueue
+O_CREAT = _real.O_CREAT
+O_CREX = _real.O_CREX
+O_EXCL = _real.O_EXCL
+O_NONBLOCK = _real.O_NONBLOCK
+O_RDONLY = _real.O_RDONLY
+O_RDWR = _real.O_RDWR
+O_TRUNC = _real.O_TRUNC
+O_WRONLY = _real.O_WRONLY
+PAGE_SIZE = _real.PAGE_SIZE
+PermissionsError = _real.PermissionsError
+QUEUE_MESSAGES_MAX_DEFAULT = _real.QUEUE_MESSAGES_MAX_DEFAULT
+QUEUE_MESSAGE_SIZE_MAX_DEFAULT = _real.QUEUE_MESSAGE_SIZE_MAX_DEFAULT
+QUEUE_PRIORITY_MAX = _real.QUEUE_PRIORITY_MAX
+SEMAPHORE_TIMEOUT_SUPPORTED = _real.SEMAPHORE_TIMEOUT_SUPPORTED
+SEMAPHORE_VALUE_MAX = _real.SEMAPHORE_VALUE_MAX
+SEMAPHORE_VALUE_SUPPORTED = _real.SEMAPHORE_VALUE_SUPPORTED
+SharedMemory = _real.SharedMemory
+SignalError = _real.SignalError
+USER_SIGNAL_MAX = _real.USER_SIGNAL_MAX
+USER_SIGNAL_MIN = _real.USER_SIGNAL_MIN
+VERSION = _real.VERSION
+unlink_message_queue = _real.unlink_message_queue
+unlink_shared_memory = _real.unlink_shared_memory
 _HARDENED = frozenset({"Semaphore", "unlink_semaphore"})
 _REEXPORTED = sorted(n for n in dir(_real) if not n.startswith("_") and n not in _HARDENED)
-globals().update({n: getattr(_real, n) for n in _REEXPORTED})
-
-# Named again for type checkers and readers (the same objects as the loop above set).
-O_CREAT: int = _real.O_CREAT
-O_EXCL: int = _real.O_EXCL
-O_CREX: int = _real.O_CREX
-SEMAPHORE_TIMEOUT_SUPPORTED: bool = _real.SEMAPHORE_TIMEOUT_SUPPORTED
-SEMAPHORE_VALUE_SUPPORTED: bool = _real.SEMAPHORE_VALUE_SUPPORTED
-SEMAPHORE_VALUE_MAX: int = _real.SEMAPHORE_VALUE_MAX  # glibc's, the same as esem's
-Error: type[Exception] = _real.Error
-ExistentialError: type[Exception] = _real.ExistentialError
-BusyError: type[Exception] = _real.BusyError
-PermissionsError: type[Exception] = _real.PermissionsError
-SignalError: type[Exception] = _real.SignalError
+globals().update({n: getattr(_real, n) for n in _REEXPORTED if n not in globals()})
 
 
 def _both(esem_cls: type[_errors.EsemError],
