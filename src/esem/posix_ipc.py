@@ -14,7 +14,11 @@ with or without the leading slash (glibc drops it, so ``"jobs"`` and ``"/jobs"``
 semaphore; ``.name`` is the name as given); the same exception for the same misuse
 (``TypeError`` for a wrong type, ``ValueError`` for a bad name or value, a ``TypeError``
 for a negative timeout, as posix_ipc raises); flag bits other than ``O_CREAT`` and
-``O_EXCL`` are ignored, as ``sem_open`` ignores them. A refusal raises an exception that
+``O_EXCL`` are ignored, as ``sem_open`` ignores them. Stricter in two places, where
+posix_ipc passes garbage to the kernel: a mode outside 0..0o7777 is a ``ValueError``,
+and so is an initial value above 2**32 (which posix_ipc truncates). ``unlink_semaphore``
+of a name that cannot exist raises ``ExistentialError``, as glibc answers ENOENT for
+it. A refusal raises an exception that
 is both posix_ipc's class (``except posix_ipc.ExistentialError`` catches it) and esem's
 (``except esem.ExistentialError`` too). What posix_ipc has no name for stays esem's
 alone, on purpose: ``IntegrityError`` (tampering), ``ServiceUnavailable`` and
