@@ -11,11 +11,13 @@ Arguments are checked here, before anything is sent, and misuse raises ``ValueEr
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
 import weakref
 from types import TracebackType
-from typing import Protocol
+from typing import Final, Literal, Protocol, overload
 
 import esem.client.blocking as _blocking
 from esem.client.blocking import Client, get_client
@@ -30,8 +32,10 @@ from esem.protocol.messages import Request
 
 O_CREAT = os.O_CREAT
 O_EXCL = os.O_EXCL
-USE_ESEM = 1  # ``flags`` bit: keep this semaphore in the esem service
+USE_ESEM: Final = 1  # ``flags`` bit: keep this semaphore in the esem service
 _FLAGS = USE_ESEM
+
+log = logging.getLogger("esem.client")
 
 
 class Semaphore(Protocol):
@@ -63,6 +67,33 @@ def _current_umask() -> int:
 
 def _argument_error(exc: CoreError) -> ValueError:
     return ValueError(exc.message)
+
+
+def _need_int(what: str, value: object) -> None:
+    """``TypeError`` unless ``value`` is an int (a bool is not a count, a mode or flags)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+
+
+def _name_arg(name: object) -> str:
+    """The semaphore name as ``str``: a ``str`` as given, ``bytes`` decoded as UTF-8 (the
+    wire's encoding); anything else is a ``TypeError``. Its form is checked later."""
+    if isinstance(name, str):
+        return name
+    if isinstance(name, bytes | bytearray):
+        try:
+            return bytes(name).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"semaphore name {bytes(name)!r} is not valid UTF-8") from None
+    raise TypeError(f"semaphore name must be str or bytes, not {type(name).__name__}")
+
+
+def _key_arg(key: object) -> bytes | None:
+    if key is None:
+        return None
+    if not isinstance(key, bytes | bytearray | memoryview):
+        raise TypeError(f"key must be bytes, not {type(key).__name__}")
+    return bytes(key)
 
 
 class EsemSemaphore:
@@ -208,6 +239,11 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def _check_args(name: str, oflag: int, mode: int, value: int, flags: int,
                 key: bytes | None) -> None:
+    """Every argument's type (``TypeError``), then its value (``ValueError``)."""
+    _need_int("oflag", oflag)
+    _need_int("mode", mode)
+    _need_int("value", value)
+    _need_int("flags", flags)
     try:
         check_name(name)
         if oflag & O_CREAT:
@@ -215,20 +251,65 @@ def _check_args(name: str, oflag: int, mode: int, value: int, flags: int,
         check_key(key)
     except CoreError as exc:
         raise _argument_error(exc) from None
-    if isinstance(oflag, bool) or not isinstance(oflag, int) or oflag & ~(O_CREAT | O_EXCL):
+    if oflag & ~(O_CREAT | O_EXCL):
         raise ValueError(f"oflag {oflag!r} may hold only O_CREAT and O_EXCL")
     if oflag & O_EXCL and not oflag & O_CREAT:
         raise ValueError("O_EXCL needs O_CREAT")
-    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+    if not 0 <= mode <= 0o7777:
         raise ValueError(f"mode {mode!r} is not a permission mode (0..0o7777)")
-    if isinstance(flags, bool) or not isinstance(flags, int) or flags & ~_FLAGS:
+    if flags & ~_FLAGS:
         raise ValueError(f"flags {flags!r} may hold only USE_ESEM")
     if key is not None and not flags & USE_ESEM:
         raise ValueError("key binding needs flags=USE_ESEM (legacy semaphores have no keys)")
 
 
+@overload
 def sem_open(
-    name: str,
+    name: str | bytes,
+    oflag: int = ...,
+    mode: int = ...,
+    value: int = ...,
+    *,
+    flags: Literal[1],
+    key: bytes | None = ...,
+    robust: bool = ...,
+    accept_foreign: bool = ...,
+    client: Client | None = ...,
+) -> EsemSemaphore: ...
+
+
+@overload
+def sem_open(
+    name: str | bytes,
+    oflag: int = ...,
+    mode: int = ...,
+    value: int = ...,
+    *,
+    flags: Literal[0] = ...,
+    key: None = ...,
+    robust: Literal[False] = ...,
+    accept_foreign: Literal[False] = ...,
+    client: None = ...,
+) -> LegacySemaphore: ...
+
+
+@overload
+def sem_open(
+    name: str | bytes,
+    oflag: int = ...,
+    mode: int = ...,
+    value: int = ...,
+    *,
+    flags: int = ...,
+    key: bytes | None = ...,
+    robust: bool = ...,
+    accept_foreign: bool = ...,
+    client: Client | None = ...,
+) -> EsemSemaphore | LegacySemaphore: ...
+
+
+def sem_open(
+    name: str | bytes,
     oflag: int = 0,
     mode: int = 0o600,
     value: int = 0,
@@ -246,14 +327,25 @@ def sem_open(
     ``robust`` (esem only) releases the units a process held when it dies. The mode is
     masked by the process umask, as POSIX does. ``O_CREAT`` of an existing semaphore that
     another non-root uid owns raises ``PermissionsError`` unless ``accept_foreign``.
+    Wrong types raise ``TypeError``, bad values ``ValueError``, before anything is sent.
     """
+    name = _name_arg(name)
+    key = _key_arg(key)
     _check_args(name, oflag, mode, value, flags, key)
+    if not isinstance(robust, bool):
+        raise TypeError(f"robust must be a bool, not {type(robust).__name__}")
     create, excl = bool(oflag & O_CREAT), bool(oflag & O_EXCL)
     mode &= ~_current_umask()
     if not flags & USE_ESEM:
         if robust or accept_foreign:
             raise ValueError("robust= and accept_foreign= need flags=USE_ESEM")
-        return LegacySemaphore(name, create=create, excl=excl, mode=mode, value=value)
+        try:
+            return LegacySemaphore(name, create=create, excl=excl, mode=mode, value=value)
+        except ExistentialError as exc:
+            if create or not _exists_in_service(name, client):
+                raise
+            raise _missing(name, "POSIX semaphore", "an e-semaphore: pass flags=USE_ESEM",
+                           exc) from exc
     client = client or get_client()
     oflags = (OpenFlag.CREAT if create else OpenFlag.NONE) | (
         OpenFlag.EXCL if excl else OpenFlag.NONE) | (OpenFlag.ROBUST if robust else OpenFlag.NONE)
@@ -261,9 +353,14 @@ def sem_open(
         oflags |= OpenFlag.FOREIGN
     req = Request(Opcode.OPEN, 0, name=name, oflag=oflags, mode=mode,
                   value=value if create else 0, key=key if create else None)
-    reply = client.call(req, key=bytes(key) if key is not None else None)
-    return EsemSemaphore(client, name, reply.handle, bytes(key) if key else None,
-                         reply.created, mode)
+    try:
+        reply = client.call(req, key=key)
+    except ExistentialError as exc:
+        if exc.status is not Status.ENOENT or not _exists_as_legacy(name):
+            raise
+        raise _missing(name, "e-semaphore", "a POSIX semaphore: drop flags=USE_ESEM",
+                       exc) from exc
+    return EsemSemaphore(client, name, reply.handle, key, reply.created, mode)
 
 
 def connect(*, switchless: bool | None = None) -> Client:
@@ -299,18 +396,81 @@ def connect(*, switchless: bool | None = None) -> Client:
     return client
 
 
-def sem_unlink(name: str, *, flags: int = 0, key: bytes | None = None,
+def sem_unlink(name: str | bytes, *, flags: int = 0, key: bytes | None = None,
                client: Client | None = None) -> None:
-    """Remove the name ``name``; open handles keep working until closed."""
+    """Remove the name ``name``; open handles keep working until closed.
+
+    Without ``USE_ESEM`` this is the POSIX ``sem_unlink``. When the name is missing from
+    the backend asked but exists in the other one (a running esem service, or
+    ``/dev/shm``), the ``ExistentialError`` says so instead of just "no semaphore";
+    ``sem_open`` without ``O_CREAT`` does the same."""
+    name = _name_arg(name)
+    key = _key_arg(key)
+    _need_int("flags", flags)
     try:
         check_name(name)
         check_key(key)
     except CoreError as exc:
         raise _argument_error(exc) from None
+    if flags & ~_FLAGS:
+        raise ValueError(f"flags {flags!r} may hold only USE_ESEM")
     if not flags & USE_ESEM:
         if key is not None:
             raise ValueError("key binding needs flags=USE_ESEM")
-        _legacy_unlink(name)
+        try:
+            _legacy_unlink(name)
+        except ExistentialError as exc:
+            if not _exists_in_service(name, client):
+                raise
+            raise _missing(name, "POSIX semaphore", "an e-semaphore: pass flags=USE_ESEM",
+                           exc) from exc
         return
     client = client or get_client()
-    client.call(Request(Opcode.UNLINK, 0, name=name), key=bytes(key) if key else None)
+    try:
+        client.call(Request(Opcode.UNLINK, 0, name=name), key=key)
+    except ExistentialError as exc:
+        if exc.status is not Status.ENOENT or not _exists_as_legacy(name):
+            raise
+        raise _missing(name, "e-semaphore", "a POSIX semaphore: drop flags=USE_ESEM",
+                       exc) from exc
+
+
+def _missing(name: str, what: str, instead: str, exc: ExistentialError) -> ExistentialError:
+    """The "no such semaphore" error, saying where the name does exist."""
+    return ExistentialError(f"no {what} {name}, but it exists as {instead}",
+                            status=exc.status or Status.ENOENT)
+
+
+# Where glibc keeps a named semaphore "/NAME" (Linux).
+_LEGACY_DIR = "/dev/shm"
+
+
+def _exists_as_legacy(name: str) -> bool:
+    return os.path.exists(f"{_LEGACY_DIR}/sem.{name[1:]}")
+
+
+# A hint must never make an error slow: a service that exists but does not answer is
+# given about this long (connect + handshake, then one keepalive round) before the
+# hint is dropped.
+_HINT_TIMEOUT = 1.0
+
+
+def _exists_in_service(name: str, client: Client | None) -> bool:
+    """Whether an esem service that is already running has a semaphore ``name``.
+    Never starts a service; any failure to ask means "don't know", hence False."""
+    own = client is None
+    try:
+        if own:
+            client = Client(connect_timeout=_HINT_TIMEOUT, keepalive=_HINT_TIMEOUT,
+                            switchless=False)
+        assert client is not None
+        reply = client.wait_reply(client.send(Request(Opcode.STAT, 0, name=name)))
+    except (EsemError, OSError, ValueError) as exc:
+        log.debug("could not ask the esem service about %s: %s", name, exc)
+        return False
+    finally:
+        if own and client is not None:
+            with contextlib.suppress(EsemError, OSError):
+                client.close()
+    # Refusals that still prove the name exists: no read permission, or a key needed.
+    return reply.status in (Status.OK, Status.EACCES, Status.EKEYREJECTED)

@@ -1,8 +1,13 @@
 """The ``esem`` command: run the service, inspect it, and the tools around it.
 
 Exit status: 0 success; 1 the service refused the operation (no such name, permission,
-key), or for ``esem attack`` an esem row was broken; 2 bad usage; 3 no service answers
-(or it failed to start); 4 tampering detected.
+key), or for ``esem attack`` an esem row was broken; 2 bad usage (checked before anything
+is sent); 3 no service answers (or it failed to start); 4 tampering detected; 141 the
+reader of the output went away (``esem ls | head``), as for a tool killed by SIGPIPE.
+
+Keys of key-bound semaphores are read from a file, an environment variable or stdin,
+as hex text: a key on the command line (``--key-hex``, deprecated) is visible to every
+user through ``ps``.
 """
 
 from __future__ import annotations
@@ -10,22 +15,124 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from esem import errors
+from esem.core.limits import check_name
+from esem.core.status import CoreError
 from esem.paths import socket_path, state_dir
+from esem.safe_text import printable
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTEGRITY = 0, 1, 2, 3, 4
+EXIT_PIPE = 128 + 13  # SIGPIPE: what a shell reports for a tool killed by it
 
 EPILOG = """\
-exit status: 0 ok, 1 refused by the service, 2 bad usage, 3 no service (or it could not
-start), 4 tampering detected.
+exit status: 0 ok, 1 refused by the service, 2 bad usage (a bad name, option or key;
+checked before anything is sent), 3 no service (or it could not start), 4 tampering
+detected, 141 output pipe closed early (as SIGPIPE).
 environment: ESEM_SOCKET (socket path), ESEM_DIR (state directory), ESEM_PUBKEY (hex key
 to pin instead of the published one).
 """
+
+
+class UsageError(ValueError):
+    """Bad command-line input found after parsing (a key that does not decode...)."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("esem")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from esem import __version__
+
+        return __version__
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked for (the metadata read costs a few ms)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"esem {_version()}")
+        parser.exit()
+
+
+def _sem_name(text: str) -> str:
+    """argparse type of a semaphore name: a bad one is a usage error (exit 2) before
+    anything is sent."""
+    try:
+        check_name(text)
+    except CoreError as exc:
+        raise argparse.ArgumentTypeError(printable(exc.message)) from None
+    return text
+
+
+def _metrics_address(text: str) -> str:
+    from esem.server.metrics import parse_address
+
+    try:
+        parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _add_name(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", type=_sem_name, help="semaphore name, e.g. /jobs")
+
+
+def _add_key(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "key of a key-bound semaphore",
+        "hex text (whitespace ignored); from a file, the environment or stdin, never the "
+        "command line, where ps shows it to every user")
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("--key-file", metavar="PATH", help="read the key from PATH")
+    m.add_argument("--key-env", metavar="VAR", help="read the key from environment variable VAR")
+    m.add_argument("--key-stdin", action="store_true", help="read the key from standard input")
+    m.add_argument("--key-hex", metavar="HEX",
+                   help="deprecated: the key itself, visible to other users in ps")
+
+
+def _read_key(args: argparse.Namespace) -> bytes | None:
+    """The key the options name, or None; ``UsageError`` for one that cannot be read or
+    is not hex (its length is checked by the API, also before anything is sent)."""
+    if args.key_file is not None:
+        where = f"--key-file {args.key_file}"
+        try:
+            with open(args.key_file, encoding="ascii", errors="replace") as f:
+                text = f.read(4096)
+        except OSError as exc:
+            raise UsageError(f"{where}: {exc.strerror}") from None
+    elif args.key_env is not None:
+        where = f"--key-env {args.key_env}"
+        if args.key_env not in os.environ:
+            raise UsageError(f"{where}: no such environment variable")
+        text = os.environ[args.key_env]
+    elif args.key_stdin:
+        where = "--key-stdin"
+        text = sys.stdin.read(4096)
+    elif args.key_hex is not None:
+        where = "--key-hex"
+        print("esem: warning: --key-hex puts the key on the command line, where other users "
+              "see it (ps); use --key-file, --key-env or --key-stdin", file=sys.stderr)
+        text = args.key_hex
+    else:
+        return None
+    try:
+        return bytes.fromhex("".join(text.split()))
+    except ValueError:
+        raise UsageError(f"{where}: the key is not hex text") from None
+
 
 
 def _add_socket(p: argparse.ArgumentParser) -> None:
@@ -40,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "one trusted process, reached over an authenticated, encrypted channel.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=_VersionAction, help="print esem's version")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the service in the foreground",
@@ -68,21 +176,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-systemd-unit", action="store_true",
                    help="print the systemd unit shipped with esem (ExecStart set to this "
                    "installation) and exit; see README, Running the service")
+    p.add_argument("--metrics", metavar="HOST:PORT", type=_metrics_address,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST "
+                   "defaults to 127.0.0.1: ':9464'; needs pip install 'esem[metrics]')")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
 
     p = sub.add_parser("ls", help="list the service's semaphores")
     _add_socket(p)
     p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--wide", action="store_true",
+                   help=f"never shorten names (on a terminal, names longer than "
+                   f"{NAME_COLUMN} characters are shortened in the middle)")
 
     p = sub.add_parser("stat", help="show one semaphore, its holders and waiters")
-    p.add_argument("name", help="semaphore name, e.g. /jobs")
+    _add_name(p)
     _add_socket(p)
     p.add_argument("--json", action="store_true", help="print a JSON object")
 
     p = sub.add_parser("unlink", help="remove a semaphore's name")
-    p.add_argument("name", help="semaphore name, e.g. /jobs")
+    _add_name(p)
     _add_socket(p)
-    p.add_argument("--key-hex", help="key of a key-bound semaphore, in hex")
+    _add_key(p)
+
+    p = sub.add_parser("reclaim", help="release the units a dead process held",
+                       description="Release the units of a semaphore that processes held "
+                       "when they died (its 'dead holders' in esem stat; a robust semaphore "
+                       "releases them by itself) to its waiters and count, without "
+                       "restarting the service. Only the owner or root may. The service "
+                       "logs it; esem stat shows the total as 'reclaimed'.")
+    _add_name(p)
+    _add_socket(p)
+    _add_key(p)
+    p.add_argument("--json", action="store_true", help="print a JSON object")
 
     p = sub.add_parser("demo", help="the FILE VAULT case study: legacy vs esem, under attack",
                        description="Start an embedded esem service and, for each backend "
@@ -125,6 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
+        return status
+    except BrokenPipeError:
+        # The reader went away (esem ls | head -1): stop quietly, as a C tool killed by
+        # SIGPIPE would, and keep the interpreter's final flush from complaining.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -139,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stat(args)
         if args.command == "unlink":
             return _unlink(args)
+        if args.command == "reclaim":
+            return _reclaim(args)
         if args.command == "demo":
             from esem.demo import run_demo
 
@@ -164,10 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"esem: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except errors.EsemError as exc:
-        print(f"esem: {exc}", file=sys.stderr)
+        print(f"esem: {printable(str(exc))}", file=sys.stderr)
         return EXIT_REFUSED
     except ValueError as exc:
-        print(f"esem: {exc}", file=sys.stderr)
+        print(f"esem: {printable(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_USAGE
 
@@ -184,7 +325,7 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stdout.write(systemd_unit())
         return EXIT_OK
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s esem[%(process)d] %(message)s")
+                        format="%(asctime)s esem[%(process)d] %(levelname)s %(message)s")
     quotas = Quotas()
     for flag, field in (("quota_semaphores", "semaphores_per_uid"),
                         ("quota_sessions", "sessions_per_uid"),
@@ -195,7 +336,8 @@ def _serve(args: argparse.Namespace) -> int:
             quotas = replace(quotas, **{field: getattr(args, flag)})
     directory = state_dir(args.dir)
     config = ServeConfig(state_dir=directory, socket_path=socket_path(args.socket, directory),
-                         quotas=quotas, switchless=args.switchless, user=args.user)
+                         quotas=quotas, switchless=args.switchless, user=args.user,
+                         metrics=args.metrics)
     try:
         serve(config)
     except StartupError as exc:
@@ -229,10 +371,11 @@ def _ls(args: argparse.Namespace) -> int:
     def shown(v: object) -> str:
         return "-" if v is None else str(v)  # None: no read permission
 
-    rows = [(e["name"], shown(e["value"]), shown(e["waiters"]), shown(e["handles"]),
+    rows = [(_shown_name(e["name"], args.wide), shown(e["value"]), shown(e["waiters"]),
+             shown(e["handles"]),
              f"{e['owner_uid']}:{e['owner_gid']}", f"{e['mode']:04o}",
              "yes" if e["key_bound"] else "no", _fmt_time(e["created"])) for e in entries]
-    _table(header, rows)
+    _table(header, rows, fit=not args.wide)
     if not rows:
         print("(no semaphores)")
     return EXIT_OK
@@ -258,6 +401,7 @@ def _stat(args: argparse.Namespace) -> int:
                    "forgiven)" if info["robust"] else "no"),
         ("created", _fmt_time(info["created"])),
         ("posts", info["posts"]), ("granted waits", info["waits"]),
+        ("reclaimed", info.get("reclaimed", 0)),
         ("holders", ", ".join(f"pid {p} x{n}" for p, n in info["holders"]) or "-"),
         ("dead holders", ", ".join(f"pid {p} x{n}" for p, n in info["dead_holders"]) or "-"),
         ("waiter queue", ", ".join(
@@ -273,17 +417,52 @@ def _unlink(args: argparse.Namespace) -> int:
     from esem.api import USE_ESEM, sem_unlink
     from esem.client.blocking import Client
 
-    key = bytes.fromhex(args.key_hex) if args.key_hex else None
+    key = _read_key(args)
     client = Client(args.socket)
     try:
         sem_unlink(args.name, flags=USE_ESEM, key=key, client=client)
     finally:
         client.close()
-    print(f"unlinked {args.name}")
+    print(f"unlinked {printable(args.name)}")
     return EXIT_OK
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+def _reclaim(args: argparse.Namespace) -> int:
+    from esem.core.limits import check_key
+    from esem.protocol.constants import Opcode
+    from esem.protocol.messages import Request
+
+    key = _read_key(args)
+    try:
+        check_key(key)
+    except CoreError as exc:
+        raise UsageError(exc.message) from None
+    client = _client(args)
+    try:
+        reply = client.call(Request(Opcode.RECLAIM, 0, name=args.name), key=key)
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps({"name": args.name, "reclaimed": reply.value}))
+    else:
+        print(f"reclaimed {reply.value} unit(s) of {printable(args.name)}")
+    return EXIT_OK
+
+
+NAME_COLUMN = 40  # widest name esem ls prints on a terminal without --wide
+
+
+def _shown_name(name: str, wide: bool) -> str:
+    """A name for the terminal: on a terminal shortened in the middle (both ends stay:
+    prefixes and unique suffixes) unless ``--wide``; a pipe gets it whole. Not escaped
+    here: the table renderer escapes every cell (``esem.safe_text.printable``)."""
+    if wide or len(printable(name)) <= NAME_COLUMN or not sys.stdout.isatty():
+        return name
+    keep = NAME_COLUMN - 3
+    return name[: keep - keep // 2] + "..." + name[-(keep // 2):]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, fit: bool = True) -> None:
     from esem.tables import print_table
 
-    print_table(header, rows)
+    print_table(header, rows, fit=fit)

@@ -111,11 +111,12 @@ class Table:
             lines += ["", *(_safe(n) for n in self.notes)]
         return "\n".join(lines) + "\n"
 
-    def print(self, file: IO[str] | None = None) -> None:
-        """Render to ``file`` (default stdout): styled on a terminal, plain elsewhere."""
+    def print(self, file: IO[str] | None = None, *, fit: bool = True) -> None:
+        """Render to ``file`` (default stdout): styled on a terminal, plain elsewhere.
+        ``fit=False``: plain even on a terminal, no cell cut to the terminal's width."""
         out = sys.stdout if file is None else file
         console = Console(file=out, highlight=False)
-        if not console.is_terminal:
+        if not console.is_terminal or not fit:
             out.write(self.text() + "\n")
             out.flush()
             return
@@ -126,6 +127,8 @@ class Table:
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[object]], *,
                 title: str = "", notes: Sequence[str] = (), right: Sequence[int] = (),
-                wrap: Mapping[int, int] | None = None, file: IO[str] | None = None) -> None:
-    """Print one table; columns are left-aligned unless listed in ``right``."""
-    Table(title, header, rows, list(notes), right=right, wrap=wrap or {}).print(file)
+                wrap: Mapping[int, int] | None = None, file: IO[str] | None = None,
+                fit: bool = True) -> None:
+    """Print one table; columns are left-aligned unless listed in ``right``; ``fit=False``
+    never cuts a cell to the terminal's width (``esem ls --wide``)."""
+    Table(title, header, rows, list(notes), right=right, wrap=wrap or {}).print(file, fit=fit)

@@ -72,6 +72,7 @@ class MSem:
     waits: int = 0
     robust_releases: int = 0
     robust_forgiven: int = 0
+    reclaimed: int = 0
 
 
 @dataclass(eq=False)
@@ -266,6 +267,29 @@ class Model:
         self.maybe_destroy(sem)
         return Status.OK
 
+    def reclaim(self, sid: int, name: str) -> tuple[Status, int, list[WaitDone]]:
+        """The dead holders' units go back, oldest pid first, as far as the count has
+        room (the rest stay on record)."""
+        sess = self.sessions[sid]
+        sem = self.names.get(name)
+        if sem is None:
+            return Status.ENOENT, 0, []
+        if sess.cred.uid not in (0, sem.owner_uid):
+            return Status.EACCES, 0, []
+        units, done = 0, []
+        for pid in sorted(sem.dead):
+            while sem.dead.get(pid, 0) and (
+                    sem.queue or sem.value + sum(sem.holdings.values()) < SEM_VALUE_MAX):
+                sem.dead[pid] -= 1
+                if not sem.dead[pid]:
+                    del sem.dead[pid]
+                sem.reclaimed += 1
+                units += 1
+                granted = self.give_unit(sem)
+                if granted is not None:
+                    done.append(granted)
+        return Status.OK, units, done
+
     def expire(self, now: float) -> list[WaitDone]:
         due = [
             w
@@ -330,6 +354,7 @@ class Model:
                 waits=sem.waits,
                 robust_releases=sem.robust_releases,
                 robust_forgiven=sem.robust_forgiven,
+                reclaimed=sem.reclaimed,
                 holders=tuple(sorted((pid[sid], n) for sid, n in sem.holdings.items())),
                 dead_holders=tuple(sorted(sem.dead.items())),
                 queue=tuple((pid[w.sid], w.req_id, w.deadline) for w in sem.queue),
@@ -574,6 +599,21 @@ class TableVsModel(RuleBasedStateMachine):
         assert status == self.model.unlink(sid, name)
         event(f"unlink {status.name}")
 
+    @precondition(lambda self: self.model.sessions)
+    @rule(who=picks, name=st.sampled_from(NAMES), dead=st.booleans())
+    def reclaim(self, who: int, name: str, dead: bool) -> None:
+        if dead:  # usually a semaphore that has dead holders, when there is one
+            with_dead = sorted(n for n, s in self.model.names.items() if s.dead)
+            name = with_dead[who % len(with_dead)] if with_dead else name
+        sid = self.sid(who)
+        status, result = call(self.table.reclaim, sid, name)
+        expected, units, expected_done = self.model.reclaim(sid, name)
+        assert status == expected
+        if status is Status.OK:
+            assert result[0] == units
+            self.compare_events(result[1], expected_done)
+        event(f"reclaim {status.name} {'units' if units else 'none'}")
+
     @rule(dt=st.sampled_from([0.0, 0.5, 1.0, 2.5]))
     def advance(self, dt: float) -> None:
         self.now += dt  # the timer has not fired yet: grants may still reach overdue waits
@@ -639,13 +679,15 @@ class TableVsModel(RuleBasedStateMachine):
     @invariant()
     def conservation(self) -> None:
         for sem in self.model.alive.values():
-            assert sem.value == sem.initial + sem.posts - sem.waits + sem.robust_releases
+            assert sem.value == (sem.initial + sem.posts - sem.waits + sem.robust_releases
+                                 + sem.reclaimed)
             assert 0 <= sem.value <= SEM_VALUE_MAX
             assert sem.value == 0 or not sem.queue
             held = sum(sem.holdings.values()) + sum(sem.dead.values())
             assert held <= sem.waits
         for info in self.table.infos(include_unlinked=True):
-            assert info.value == info.initial + info.posts - info.waits + info.robust_releases
+            assert info.value == (info.initial + info.posts - info.waits + info.robust_releases
+                                  + info.reclaimed)
 
     @invariant()
     def grants_are_unique(self) -> None:

@@ -1521,6 +1521,7 @@ def test_info_contents(table: SemTable) -> None:
         waits=2,
         robust_releases=0,
         robust_forgiven=0,
+        reclaimed=0,
         holders=((ALICE.pid, 1), (GROUPMATE.pid, 1)),
         dead_holders=(),
         queue=((ALICE2.pid, 11, 7.5), (GROUPMATE.pid, 12, None), (ALICE.pid, 13, None)),

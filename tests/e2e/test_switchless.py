@@ -13,12 +13,12 @@ found the memfd in ``/proc/PID/fd`` as any same-uid process can, rewrites it.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -161,17 +161,21 @@ def test_switchless_session_uses_a_sealed_memfd_and_no_name(victim: Client) -> N
 
 
 def test_explicit_switchless_needs_a_switchless_service(socket_service: EmbeddedService,
-                                                        sem_name: str) -> None:
+                                                        sem_name: str,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(SwitchlessUnavailable, match="not enabled"):
         Client(switchless=True).connect()
     with pytest.raises(SwitchlessUnavailable):
         esem.connect(switchless=True)
     assert issubclass(SwitchlessUnavailable, ServiceUnavailable)
-    # The environment alone is a preference: a socket session, and a warning.
+    # The environment alone is a preference: a socket session, and a logged warning.
     os.environ["ESEM_SWITCHLESS"] = "1"
     client = Client()
-    with pytest.warns(RuntimeWarning, match="using socket mode"):
+    with caplog.at_level(logging.WARNING, logger="esem.client"):
         client.connect()
+    assert [r.levelname for r in caplog.records if "using socket mode" in r.getMessage()] == [
+        "WARNING"]
+    assert all(r.name == "esem.client" for r in caplog.records)
     try:
         assert client.mode == "socket"
         sem = opened(sem_name, client, CREX, 0o600, 1)
@@ -630,14 +634,15 @@ def select_readable(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0)[0])
 
 
-def test_env_value_other_than_0_or_1_warns(switchless_service: EmbeddedService) -> None:
+def test_env_value_other_than_0_or_1_warns(switchless_service: EmbeddedService,
+                                           caplog: pytest.LogCaptureFixture) -> None:
     os.environ["ESEM_SWITCHLESS"] = "maybe"
     client = Client()
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with caplog.at_level(logging.WARNING, logger="esem.client"):
             client.connect()
         assert client.mode == "socket"
-        assert any("neither 1 nor 0" in str(w.message) for w in caught)
+        assert any("neither 1 nor 0" in r.getMessage() and r.name == "esem.client"
+                   for r in caplog.records)
     finally:
         client.close()

@@ -87,7 +87,7 @@ def _request_strategies(rid: st.SearchStrategy[int]) -> dict[Opcode, st.SearchSt
     }
     for op in (Opcode.CLOSE, Opcode.POST, Opcode.GETVALUE, Opcode.ATTACH):
         by_op[op] = st.builds(lambda i, h, op=op: Request(op, i, handle=h), rid, handles)
-    for op in (Opcode.UNLINK, Opcode.STAT):
+    for op in (Opcode.UNLINK, Opcode.STAT, Opcode.RECLAIM):
         by_op[op] = st.builds(lambda i, n, op=op: Request(op, i, name=n), rid, names)
     assert set(by_op) == set(Opcode), "a new opcode needs a request strategy"
     return by_op
@@ -104,7 +104,8 @@ _refusal_text = st.text(max_size=200).filter(
 def _ok_reply(op: Opcode, rid: int, draw: st.DrawFn) -> Reply:
     if op in (Opcode.OPEN, Opcode.ATTACH):
         return Reply(op, rid, Status.OK, handle=draw(handles), created=draw(st.booleans()))
-    if op in (Opcode.GETVALUE, Opcode.SWITCHLESS):  # SWITCHLESS: the ring capacity
+    # SWITCHLESS: the ring capacity; RECLAIM: the units released
+    if op in (Opcode.GETVALUE, Opcode.SWITCHLESS, Opcode.RECLAIM):
         return Reply(op, rid, Status.OK, value=draw(st.integers(0, U32_MAX)))
     if op is Opcode.CANCEL:
         return Reply(op, rid, Status.OK, value=draw(st.integers(0, 1)))

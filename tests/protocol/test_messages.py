@@ -60,6 +60,7 @@ EXAMPLE_REQUESTS = {
     Opcode.STAT: Request(Opcode.STAT, 7, name="/sem"),
     Opcode.PING: Request(Opcode.PING, 7),
     Opcode.SWITCHLESS: Request(Opcode.SWITCHLESS, 7),
+    Opcode.RECLAIM: Request(Opcode.RECLAIM, 7, name="/sem"),
 }
 EXAMPLE_OK_REPLIES = {
     Opcode.OPEN: Reply(Opcode.OPEN, 7, Status.OK, handle=H, created=True),
@@ -67,6 +68,7 @@ EXAMPLE_OK_REPLIES = {
     Opcode.GETVALUE: Reply(Opcode.GETVALUE, 7, Status.OK, value=2**31 - 1),
     Opcode.CANCEL: Reply(Opcode.CANCEL, 7, Status.OK, value=1),
     Opcode.SWITCHLESS: Reply(Opcode.SWITCHLESS, 7, Status.OK, value=65536),
+    Opcode.RECLAIM: Reply(Opcode.RECLAIM, 7, Status.OK, value=3),
     Opcode.LIST: Reply(Opcode.LIST, 7, Status.OK, data=b'{"total": 0}'),
     Opcode.STAT: Reply(Opcode.STAT, 7, Status.OK, data=b'{"name": "/sem"}'),
     **{op: Reply(op, 7, Status.OK)

@@ -286,6 +286,7 @@ def test_every_opcode_goes_through_and_back() -> None:
         Request(Opcode.STAT, 0, name="/a"),
         Request(Opcode.PING, 0),
         Request(Opcode.SWITCHLESS, 0),
+        Request(Opcode.RECLAIM, 0, name="/a"),
     ]
     assert {r.opcode for r in sent} == set(Opcode)
     stream = b"".join(pair.request(r) for r in sent)
@@ -300,6 +301,7 @@ def test_every_opcode_goes_through_and_back() -> None:
         Opcode.GETVALUE: {"value": 3},
         Opcode.CANCEL: {"value": 0},
         Opcode.SWITCHLESS: {"value": 65536},
+        Opcode.RECLAIM: {"value": 2},
         Opcode.LIST: {"data": b'{"total": 0, "offset": 0, "entries": []}'},
         Opcode.STAT: {"data": b"{}"},
     }

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import math
 import mmap
 import os
@@ -37,13 +38,15 @@ import select
 import socket
 import stat
 import time
-import warnings
 
 from esem.errors import IntegrityError, ProtocolError, ServiceUnavailable
 from esem.protocol.constants import Opcode
 from esem.protocol.messages import Request
 from esem.protocol.ring import Region, check_capacity, region_size
 from esem.protocol.session import ClientSession
+from esem.safe_text import printable
+
+log = logging.getLogger("esem.client")
 
 # Seconds the reader spins on the reply ring before it sleeps: longer than the service
 # takes to answer a post (tens of us), far shorter than any blocking wait worth sleeping.
@@ -82,8 +85,7 @@ def from_environment() -> bool:
     if raw in _TRUE:
         return True
     if raw not in _FALSE:
-        warnings.warn(f"{ENV}={raw!r} is neither 1 nor 0; using socket mode",
-                      RuntimeWarning, stacklevel=3)
+        log.warning("%s=%s is neither 1 nor 0; using socket mode", ENV, printable(repr(raw)))
     return False
 
 
@@ -114,8 +116,7 @@ def upgrade(sock: socket.socket, session: ClientSession, deadline: float, *,
             reason = f"the esem service refused switchless mode: {reply.message}"
             if strict:
                 raise SwitchlessUnavailable(reason)
-            warnings.warn(f"{ENV} is set but {reason}; using socket mode", RuntimeWarning,
-                          stacklevel=2)
+            log.warning("%s is set but %s; using socket mode", ENV, printable(reason))
             return None
         if len(fds) != UPGRADE_FDS:
             raise IntegrityError(f"switchless upgrade carried {len(fds)} descriptors, "

@@ -19,15 +19,16 @@ Semantics (docs/design.md section 4):
 * Holdings: units a session took and has not given back. A post by a session that holds
   nothing while others hold is a hand-off coming back: it is charged to the
   longest-standing holder. A dead session's holdings are kept on record (by pid) for
-  plain semaphores and released for robust ones, but only up to the capacity (the
-  initial value): a release never makes ``value + held`` exceed it, so a unit already
-  posted back by someone else is never restored twice. Units not released are counted
-  as ``robust_forgiven``.
+  plain semaphores, until the owner (or root) reclaims them (``reclaim``, ``esem
+  reclaim``), and released for robust ones, but only up to the capacity (the initial
+  value): a release never makes ``value + held`` exceed it, so a unit already posted
+  back by someone else is never restored twice. Units not released are counted as
+  ``robust_forgiven``.
 * ``O_CREAT`` does not adopt an existing semaphore of another non-root uid (a squatted
   name) unless the caller accepts a foreign owner.
 * Conservation, at every point between calls, for every semaphore::
 
-      value == initial + posts - waits + robust_releases
+      value == initial + posts - waits + robust_releases + reclaimed
 
   where ``waits`` counts granted waits; and no more units are held than were ever
   taken. ``check_invariants`` asserts these and the bookkeeping behind them.
@@ -43,7 +44,15 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from esem.core.limits import SEM_VALUE_MAX, check_key, check_name, check_value
-from esem.core.policy import Cred, Quotas, check_access, check_adopt, check_unlink, may_read
+from esem.core.policy import (
+    ROOT_UID,
+    Cred,
+    Quotas,
+    check_access,
+    check_adopt,
+    check_unlink,
+    may_read,
+)
 from esem.core.status import CoreError, Status
 
 TOKEN_BYTES = 16  # handle capability: 128 random bits, unguessable (adversary A3)
@@ -101,6 +110,7 @@ class SemInfo:
     waits: int
     robust_releases: int
     robust_forgiven: int  # units dead robust holders had on record but were already back
+    reclaimed: int  # dead holders' units released by ``reclaim``
     holders: tuple[tuple[int, int], ...]  # (pid, units) of live sessions holding units
     dead_holders: tuple[tuple[int, int], ...]  # (pid, units) that died holding them
     queue: tuple[tuple[int, int, float | None], ...]  # (pid, request id, deadline), FIFO
@@ -129,6 +139,7 @@ class _Sem:
     waits: int = 0  # granted waits, immediate or queued
     robust_releases: int = 0
     robust_forgiven: int = 0
+    reclaimed: int = 0  # dead holders' units released by ``reclaim``
 
 
 @dataclass(eq=False, slots=True)
@@ -237,6 +248,58 @@ class SemTable:
         if not self._sessions_by_uid[sess.cred.uid]:
             del self._sessions_by_uid[sess.cred.uid]
         return done
+
+    def reclaim(self, sid: int, name: str, *, keyed: bool = False,
+                auth: Authenticator | None = None,
+                running: Callable[[int], bool] | None = None) -> tuple[int, list[WaitDone]]:
+        """Release the units recorded as held by dead processes on the semaphore ``name``
+        (a plain semaphore's holders whose sessions ended; a robust one has none) to its
+        waiters or its count: recovery without restarting the service. Only the owner
+        or root may (EACCES); a key-bound semaphore needs its key, and ``keyed`` (the
+        caller holds a key) refuses one that is not key-bound. ``running(pid)`` says
+        whether a recorded pid's process still runs (the I/O shell looks; asked only
+        once the caller is allowed): a session can end while its process lives on
+        inside its critical section (its session failed), so those units stay on
+        record. Returns the number of units released and the
+        waits they granted. Units that would lift the count past SEM_VALUE_MAX stay on
+        record too: nothing is created, nothing lost."""
+        sess = self._session(sid)
+        check_name(name)
+        sem = self._names.get(name)
+        if sem is None:
+            raise CoreError(Status.ENOENT, f"no semaphore {name}")
+        if sess.cred.uid not in (ROOT_UID, sem.owner_uid):
+            raise CoreError(Status.EACCES, f"uid {sess.cred.uid} may not reclaim units of "
+                            f"{name} (owned by uid {sem.owner_uid})")
+        if sem.key is None and keyed:
+            raise CoreError(Status.EKEYREJECTED, f"semaphore {name} is not key-bound")
+        self._authenticate(sem, auth)
+        released = 0
+        done: list[WaitDone] = []
+        for pid in sorted(sem.dead_holdings):
+            if running is not None and running(pid):
+                continue
+            while pid in sem.dead_holdings:
+                if not sem.waiters and sem.value + sem.held >= SEM_VALUE_MAX:
+                    return released, done  # the count is full: the rest stay on record
+                left = sem.dead_holdings[pid] - 1
+                if left:
+                    sem.dead_holdings[pid] = left
+                else:
+                    del sem.dead_holdings[pid]
+                sem.reclaimed += 1
+                released += 1
+                if sem.waiters:
+                    done.append(self._grant_first(sem))
+                else:
+                    sem.value += 1  # checked above
+        return released, done
+
+    def quota_use(self) -> dict[str, dict[int, int]]:
+        """What each uid holds of its per-uid quotas (for metrics): semaphores, sessions
+        and queued waits by uid, uids holding none left out."""
+        return {"semaphores": dict(self._sems_by_uid), "sessions": dict(self._sessions_by_uid),
+                "waiters": dict(self._waiters_by_uid)}
 
     def session_cred(self, sid: int) -> Cred:
         return self._session(sid).cred
@@ -534,7 +597,8 @@ class SemTable:
             assert sem.value == 0 or not sem.waiters, "a unit is free while waiters queue"
             assert sem.linked == (self._names.get(sem.name) is sem)
             assert sem.linked or sem.handles > 0, "a dead semaphore is still alive"
-            assert sem.value == sem.initial + sem.posts - sem.waits + sem.robust_releases
+            assert sem.value == (sem.initial + sem.posts - sem.waits + sem.robust_releases
+                                 + sem.reclaimed)
             assert sem.held == sum(sem.holdings.values())
             # only a post with nobody holding raises value + held, and it stops at the max
             assert sem.value + sem.held <= SEM_VALUE_MAX
@@ -677,6 +741,7 @@ class SemTable:
             waits=sem.waits,
             robust_releases=sem.robust_releases,
             robust_forgiven=sem.robust_forgiven,
+            reclaimed=sem.reclaimed,
             holders=tuple(sorted((pid_of[sid], n) for sid, n in sem.holdings.items())),
             dead_holders=tuple(sorted(sem.dead_holdings.items())),
             queue=tuple(

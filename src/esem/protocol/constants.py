@@ -53,6 +53,7 @@ class Opcode(IntEnum):
     STAT = 10
     PING = 11
     SWITCHLESS = 12  # move this session's frames to shared-memory rings (PROTOCOL.md 15)
+    RECLAIM = 13  # release a semaphore's dead holders' units (owner or root)
 
 
 class MsgFlag(IntFlag):

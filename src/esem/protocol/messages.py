@@ -55,10 +55,13 @@ HANDLE_OPS = frozenset(
 )
 _PLAIN_HANDLE_OPS = HANDLE_OPS - {Opcode.WAIT}  # payload: exactly the handle
 _REPLY_WITH_BODY = frozenset({Opcode.OPEN, Opcode.ATTACH, Opcode.GETVALUE, Opcode.CANCEL,
-                              Opcode.LIST, Opcode.STAT,
-                              Opcode.SWITCHLESS})  # replies that carry more than a header
-# OK replies whose payload is one u32 ``value`` (SWITCHLESS: the ring capacity in bytes).
-_U32_REPLIES = frozenset({Opcode.GETVALUE, Opcode.CANCEL, Opcode.SWITCHLESS})
+                              Opcode.LIST, Opcode.STAT, Opcode.SWITCHLESS,
+                              Opcode.RECLAIM})  # replies that carry more than a header
+# OK replies whose payload is one u32 ``value`` (SWITCHLESS: the ring capacity in bytes;
+# RECLAIM: the number of units released).
+_U32_REPLIES = frozenset({Opcode.GETVALUE, Opcode.CANCEL, Opcode.SWITCHLESS, Opcode.RECLAIM})
+# Requests whose payload is exactly one name.
+_NAME_OPS = frozenset({Opcode.UNLINK, Opcode.STAT, Opcode.RECLAIM})
 
 
 # Messages are values: built once, never changed. They are not ``frozen=True`` because a
@@ -71,7 +74,7 @@ class Request:
     opcode: Opcode
     req_id: int
     handle: bytes = b""  # CLOSE WAIT POST GETVALUE ATTACH
-    name: str = ""  # OPEN UNLINK STAT
+    name: str = ""  # OPEN UNLINK STAT RECLAIM
     oflag: OpenFlag = OpenFlag.NONE  # OPEN
     mode: int = 0  # OPEN
     value: int = 0  # OPEN
@@ -91,7 +94,7 @@ class Reply:
     status: Status
     handle: bytes = b""  # OPEN ATTACH
     created: bool = False  # OPEN
-    value: int = 0  # GETVALUE; CANCEL: 1 if the wait was still queued
+    value: int = 0  # GETVALUE; CANCEL: 1 if the wait was still queued; RECLAIM: units
     data: bytes = b""  # LIST STAT: UTF-8 JSON
     message: str = ""  # refusals: what was wrong, for a human
 
@@ -184,7 +187,7 @@ def encode_request(req: Request, *, mac: bool = False, req_id: int | None = None
         body = req.handle + _WAIT.pack(req.wait_mode, req.timeout_ns)
     elif op in HANDLE_OPS:
         body = req.handle
-    elif op in (Opcode.UNLINK, Opcode.STAT):
+    elif op in _NAME_OPS:
         body = _short(req.name.encode("utf-8"))
     elif op is Opcode.CANCEL:
         body = _U64.pack(req.target)
@@ -233,7 +236,7 @@ def _decode_request_body(op: Opcode, req_id: int, r: _Reader) -> Request:
         if timeout_ns > MAX_TIMEOUT_NS or (timeout_ns and wm is not WaitMode.TIMED):
             raise ProtocolError("timeout out of range")
         return Request(op, req_id, handle=handle, wait_mode=wm, timeout_ns=timeout_ns)
-    if op in (Opcode.UNLINK, Opcode.STAT):
+    if op in _NAME_OPS:
         return Request(op, req_id, name=r.name())
     if op is Opcode.CANCEL:
         (target,) = r.unpack(_U64)

@@ -62,6 +62,7 @@ class ServeConfig:
     socket_mode: int = 0o666  # every local uid may connect; semaphores carry their own modes
     switchless: bool = False  # offer sessions the shared-memory fast path (switchless.py)
     user: str | None = None  # drop to this user once the key is read and the socket bound
+    metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on (metrics.py)
 
 
 # -- hardening ---------------------------------------------------------------------------
@@ -359,6 +360,16 @@ async def _run(config: ServeConfig, private: bytes, listener: socket.socket, soc
     loop = asyncio.get_running_loop()
     server = await loop.create_unix_server(service.protocol_factory, sock=listener,
                                            backlog=LISTEN_BACKLOG)
+    metrics = None
+    if config.metrics is not None:  # bound before --user drops rights a low port needs
+        from esem.server.metrics import MetricsUnavailable
+        from esem.server.metrics import enable as enable_metrics
+
+        try:
+            metrics = enable_metrics(service, config.metrics, loop)
+        except (MetricsUnavailable, OSError) as exc:
+            server.close()
+            raise StartupError(f"metrics on {config.metrics}: {exc}") from exc
     if user is not None:
         drop_privileges(user)
     stop = asyncio.Event()
@@ -377,6 +388,8 @@ async def _run(config: ServeConfig, private: bytes, listener: socket.socket, soc
     finally:
         log.info("esem service stopping")
         notifier.send("STOPPING=1")
+        if metrics is not None:
+            metrics.stop()
         server.close()
         service.close_all()
         await server.wait_closed()

@@ -19,13 +19,15 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from esem.core import CoreError, Cred, Quotas, SemInfo, SemTable, Status, WaitDone, WaitMode
+from esem.core.table import Authenticator
 from esem.errors import EsemError
 from esem.protocol.constants import MAX_PLAINTEXT, Opcode, OpenFlag
 from esem.protocol.messages import Reply, Request
 from esem.protocol.session import RequestIn, ServerSession
+from esem.safe_text import printable
 
 log = logging.getLogger("esem.server")
 
@@ -73,6 +75,31 @@ def _stat_json(info: SemInfo) -> bytes:
     return json.dumps(d).encode()
 
 
+class Observer(Protocol):
+    """What the service reports as it runs (``esem.server.metrics.Metrics``); called on
+    the event-loop thread, so it must be cheap."""
+
+    def request(self, op: Opcode, status: Status | None, seconds: float) -> None: ...
+    def wait_ended(self, status: Status) -> None: ...
+    def session_refused(self) -> None: ...
+    def protocol_error(self) -> None: ...
+
+
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` (in this service's pid namespace) exists and is not a
+    zombie. A reused pid reads as running: the safe answer for ``reclaim``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return True  # cannot tell: assume it runs
+    # "pid (comm) S ...": comm may hold spaces and parentheses, so split at the last ")"
+    state = stat.rpartition(b")")[2].split(maxsplit=1)[:1]
+    return state not in ([b"Z"], [b"X"])
+
+
 def peer_cred(sock: socket.socket) -> Cred:
     pid, uid, gid = _PEERCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -96,6 +123,7 @@ class Service:
         # connections that can move to shared-memory rings (``esem serve --switchless``).
         self.connection_factory: Callable[[Service], Connection] = Connection
         self.switchboard: object | None = None  # the switchless poller, when enabled
+        self.observer: Observer | None = None  # metrics, when enabled (--metrics)
 
     def __repr__(self) -> str:
         return f"<Service connections={len(self._conns)} {self.table!r}>"
@@ -116,6 +144,8 @@ class Service:
             self.table.add_session(sid, cred)
         except CoreError as exc:
             log.warning("refused connection pid=%d uid=%d: %s", cred.pid, cred.uid, exc.message)
+            if self.observer is not None:
+                self.observer.session_refused()
             conn.session.refuse(exc.status, exc.message)
             return None
         self._conns[sid] = conn
@@ -140,19 +170,29 @@ class Service:
             events = conn.session.receive_data(data)
         except EsemError as exc:
             log.warning("session %s protocol error: %s; closing", conn.sid, exc)
+            if self.observer is not None:
+                self.observer.protocol_error()
             # Forget the session now, before any later grant could be sent to it.
             self._detach(conn, f"protocol error: {exc}")
             conn.abort()
             return
+        obs = self.observer
         for event in events:
-            self._dispatch(conn, event)
+            if obs is None:
+                self._dispatch(conn, event)
+            else:
+                start = time.perf_counter()
+                status = self._dispatch(conn, event)
+                obs.request(event.request.opcode, status, time.perf_counter() - start)
         self._dirty.add(conn)
         self._arm_timer()
         self._flush()
 
     # ------------------------------------------------------------- dispatch
 
-    def _dispatch(self, conn: Connection, event: RequestIn) -> None:
+    def _dispatch(self, conn: Connection, event: RequestIn) -> Status | None:
+        """Apply one request and send its reply; returns the reply's status, or None
+        for a wait that queued (answered later)."""
         req = event.request
         sid = conn.sid
         assert sid is not None
@@ -184,7 +224,7 @@ class Service:
                 done = table.wait(sid, req.handle, req.req_id, mode=req.wait_mode, now=now,
                                   deadline=deadline, auth=auth)
                 if done is None:
-                    return  # queued: answered later by a grant, timeout or cancel
+                    return None  # queued: answered later by a grant, timeout or cancel
                 reply = Reply(op, req.req_id, Status.OK)
             elif op is Opcode.POST:
                 granted = table.post(sid, req.handle, auth=auth)
@@ -201,6 +241,9 @@ class Service:
                 key = table.key_for_name(req.name)
                 table.unlink(sid, req.name, keyed=event.mac is not None, auth=auth)
                 reply = Reply(op, req.req_id, Status.OK)
+            elif op is Opcode.RECLAIM:
+                key = table.key_for_name(req.name)
+                reply = self._reclaim(sid, req, keyed=event.mac is not None, auth=auth)
             elif op is Opcode.CANCEL:
                 cancelled = table.cancel(sid, req.target)
                 if cancelled is not None:
@@ -227,6 +270,30 @@ class Service:
             reply = Reply(op, req.req_id, exc.status, message=exc.message)
         mac = event.mac is not None and key is not None and reply.status is not Status.EKEYREJECTED
         conn.session.send_reply(reply, mac_key=key if mac else None)
+        return reply.status
+
+    def _reclaim(self, sid: int, req: Request, *, keyed: bool,
+                 auth: Authenticator | None) -> Reply:
+        # A recorded holder whose process still runs lost its session, not its critical
+        # section: its units stay (the core decides; this shell only looks in /proc).
+        running: set[int] = set()
+
+        def still_running(pid: int) -> bool:
+            if process_running(pid):
+                running.add(pid)
+                return True
+            return False
+
+        units, done = self.table.reclaim(sid, req.name, keyed=keyed, auth=auth,
+                                         running=still_running)
+        cred = self.table.session_cred(sid)
+        # An operator's recovery changes a count outside the normal flow: visible at -q.
+        log.log(logging.WARNING if units else logging.INFO,
+                "session %d pid=%d uid=%d reclaimed %d unit(s) of %s held by dead processes%s",
+                sid, cred.pid, cred.uid, units, printable(req.name),
+                f"; kept those of running pid(s) {sorted(running)}" if running else "")
+        self._deliver(done)
+        return Reply(Opcode.RECLAIM, req.req_id, Status.OK, value=units)
 
     def _list_page(self, sid: int, offset: int) -> bytes:
         infos = self.table.infos()
@@ -246,6 +313,8 @@ class Service:
         for d in done:
             conn = self._conns[d.sid]  # a session leaves the table when it leaves _conns
             reply = Reply(Opcode.WAIT, d.req_id, d.status, message=_END_TEXT.get(d.status, ""))
+            if self.observer is not None:
+                self.observer.wait_ended(d.status)
             conn.session.send_reply(reply, mac_key=d.key)
             self._dirty.add(conn)
 

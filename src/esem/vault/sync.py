@@ -53,6 +53,8 @@ def semaphore_key(master_key: bytes) -> bytes:
 def open_semaphores(sync: Sync, names: SemNames, key: bytes) -> tuple[Semaphore, Semaphore]:
     """Create the vault's ``sem_service`` and ``sem_filetree``."""
     service, filetree = names.service, names.filetree
+    sem_service: Semaphore  # sem_open's type follows its flags: one of two handle types
+    sem_filetree: Semaphore
     if sync == "esem":
         sem_service = sem_open(service, CREATE, 0o600, ENGINE_SLOTS, flags=USE_ESEM, key=key)
         sem_filetree = sem_open(filetree, CREATE, 0o600, 1, flags=USE_ESEM, key=key)
