@@ -34,7 +34,14 @@ def svc(tmp_path: Path) -> Iterator[EmbeddedService]:
 
 
 def _url(svc: EmbeddedService) -> str:
-    found = re.search(r"metrics on (http://\S+/metrics)", svc.log_path.read_text())
+    # The service publishes its key (EmbeddedService's readiness) once its socket is
+    # bound; the metrics endpoint comes up a moment later, in the event loop.
+    give_up = time.monotonic() + 10
+    while True:
+        found = re.search(r"metrics on (http://\S+/metrics)", svc.log_path.read_text())
+        if found or time.monotonic() > give_up:
+            break
+        time.sleep(0.02)
     assert found, svc.log_path.read_text()
     return found.group(1)
 

@@ -316,6 +316,13 @@ def raise_fd_limit() -> None:
 async def _serve(config: ServeConfig, ready: asyncio.Event | None = None) -> None:
     make_non_dumpable()
     user = resolve_user(config.user) if config.user else None
+    if config.metrics is not None:  # refuse before anything is created or bound
+        from esem.server.metrics import MetricsUnavailable, _require
+
+        try:
+            _require()
+        except MetricsUnavailable as exc:
+            raise StartupError(str(exc)) from None
     notifier = Notifier()
     raise_fd_limit()
     state_fd = open_service_dir(config.state_dir)
@@ -369,6 +376,7 @@ async def _run(config: ServeConfig, private: bytes, listener: socket.socket, soc
             metrics = enable_metrics(service, config.metrics, loop)
         except (MetricsUnavailable, OSError) as exc:
             server.close()
+            _remove_socket(socket_fd, config.socket_path, sock_ino)
             raise StartupError(f"metrics on {config.metrics}: {exc}") from exc
     if user is not None:
         drop_privileges(user)
