@@ -205,6 +205,7 @@ def _fmt_time(ts: float) -> str:
 
 def _ls(args: argparse.Namespace) -> int:
     from esem.client.admin import list_semaphores
+    from esem.safe_text import printable
 
     client = _client(args)
     try:
@@ -218,7 +219,9 @@ def _ls(args: argparse.Namespace) -> int:
     def shown(v: object) -> str:
         return "-" if v is None else str(v)  # None: no read permission
 
-    rows = [(e["name"], shown(e["value"]), shown(e["waiters"]), shown(e["handles"]),
+    # Names are other tenants' text: escaped, so a newline or an escape sequence in one
+    # cannot forge rows or rewrite the operator's terminal.
+    rows = [(printable(e["name"]), shown(e["value"]), shown(e["waiters"]), shown(e["handles"]),
              f"{e['owner_uid']}:{e['owner_gid']}", f"{e['mode']:04o}",
              "yes" if e["key_bound"] else "no", _fmt_time(e["created"])) for e in entries]
     _table(header, rows)
@@ -228,7 +231,10 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _stat(args: argparse.Namespace) -> int:
+    from collections.abc import Callable
+
     from esem.client.admin import stat_semaphore
+    from esem.safe_text import printable
 
     client = _client(args)
     try:
@@ -238,18 +244,35 @@ def _stat(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return EXIT_OK
+    hidden = "-" if info["key_bound"] else "- (no read permission)"
+    if info["key_bound"] and info["value"] is None:
+        hidden = "- (key-bound: shown only with its key)"
+
+    def shown(v: object) -> object:
+        return hidden if v is None else v
+
+    def listed(field: str, fmt: Callable[[list[Any]], str]) -> str:
+        items = info.get(field)
+        if items is None:
+            return str(hidden)
+        text = ", ".join(fmt(x) for x in items) or "-"
+        total = info.get(f"{field}_total")
+        if isinstance(total, int) and total > len(items):
+            text += f" ... ({len(items)} of {total} shown)"
+        return text
+
     lines = [
-        ("name", info["name"]), ("value", info["value"]), ("initial", info["initial"]),
-        ("waiters", info["waiters"]), ("open handles", info["handles"]),
+        ("name", printable(info["name"])), ("value", shown(info["value"])),
+        ("initial", shown(info["initial"])),
+        ("waiters", shown(info["waiters"])), ("open handles", shown(info["handles"])),
         ("owner", f"uid {info['owner_uid']} gid {info['owner_gid']}"),
         ("mode", f"{info['mode']:04o}"), ("key-bound", "yes" if info["key_bound"] else "no"),
         ("robust", "yes" if info["robust"] else "no"), ("created", _fmt_time(info["created"])),
-        ("posts", info["posts"]), ("granted waits", info["waits"]),
-        ("holders", ", ".join(f"pid {p} x{n}" for p, n in info["holders"]) or "-"),
-        ("dead holders", ", ".join(f"pid {p} x{n}" for p, n in info["dead_holders"]) or "-"),
-        ("waiter queue", ", ".join(
-            f"pid {p}" + (f" (deadline in {d - time.monotonic():.1f}s)" if d else "")
-            for p, _, d in info["queue"]) or "-"),
+        ("posts", shown(info["posts"])), ("granted waits", shown(info["waits"])),
+        ("holders", listed("holders", lambda x: f"pid {x[0]} x{x[1]}")),
+        ("dead holders", listed("dead_holders", lambda x: f"pid {x[0]} x{x[1]}")),
+        ("waiter queue", listed("queue", lambda x: f"pid {x[0]}" + (
+            f" (deadline in {x[2] - time.monotonic():.1f}s)" if x[2] else ""))),
     ]
     for k, v in lines:
         print(f"{k:>14}: {v}")

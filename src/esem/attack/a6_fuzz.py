@@ -182,7 +182,7 @@ class _Live:
             Request(Opcode.WAIT, 0, handle=handle, wait_mode=WaitMode.TIMED,
                     timeout_ns=rng.randrange(2**63)),
             Request(Opcode.CANCEL, 0, target=rng.randrange(1, 2**64)),
-            Request(Opcode.LIST, 0, offset=rng.randrange(2**32)),
+            Request(Opcode.LIST, 0, after=f"/{rng.randrange(2**32):x}"),
             Request(Opcode.PING, 0),
         ])
         return self.plain(req)

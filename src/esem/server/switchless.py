@@ -258,11 +258,35 @@ class SwitchlessConnection(Connection):
             del self._pending[:n]
             if self.paused and len(self._pending) <= WRITE_HIGH_WATER // 2:
                 self.paused = False
+                self.service._resume(self)  # requests it received wait to be served
         return n > 0
 
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def output_pending(self) -> int:
+        if self.tx is None:
+            return super().output_pending()
+        return len(self._pending) + self.session.buffered
+
+    def is_closing(self) -> bool:
+        return self.closed or super().is_closing()
+
+    def update_flow(self) -> None:
+        if self.rx is None:
+            super().update_flow()
+            return
+        # Ring mode: the poller reads requests only while none wait (``pump``); the
+        # processed counter moves once every request read has been executed.
+        if self.session.backlog:
+            if not self.paused:
+                self.service._resume(self)
+        elif not self.closed:
+            try:
+                self.rx.done()
+            except RingError as exc:
+                self._fail(exc)
 
     def pump(self) -> bool:
         """One poller step for this session: flush pending replies, feed new requests to
@@ -276,12 +300,13 @@ class SwitchlessConnection(Connection):
                 worked = True
                 if tx.peer_sleeping():
                     self.ring_client()
-            if not self.paused:
+            if not self.paused and not self.session.backlog:
                 data = rx.read(PUMP_BYTES)
                 if data:
+                    # Executes what fits this turn; ``update_flow`` then marks the ring
+                    # processed (after the replies: a client seeing it may sleep), or
+                    # the rest is served on a later turn before the ring is read again.
                     self.service._received(self, data)
-                    if not self.closed:  # (a protocol error closes it in _received)
-                        rx.done()  # after the replies: a client seeing it may sleep
                     worked = True
         except RingError as exc:
             self._fail(exc)
