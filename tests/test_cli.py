@@ -63,8 +63,7 @@ def test_ls_stat_unlink(svc: EmbeddedService) -> None:
     assert "shown only with its key" in esem("stat", name, *sock).stdout
     refused = esem("unlink", name, *sock)  # key-bound: refused without the key
     assert refused.returncode == 1 and "key" in refused.stderr
-    # Refusals are the tenant's business and DEBUG, not INFO (log flooding, A7).
-    assert "refused UNLINK" not in svc.log_path.read_text()
+    assert "refused UNLINK: EKEYREJECTED" in svc.log_path.read_text()  # within its budget
     assert esem("unlink", name, "--key-hex", (b"k" * 16).hex(), *sock).returncode == 0
     missing = esem("stat", name, *sock)
     assert missing.returncode == 1 and "no semaphore" in missing.stderr

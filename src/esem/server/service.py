@@ -351,9 +351,9 @@ class Service:
             else:
                 reply = Reply(op, req.req_id, Status.OK)
         except CoreError as exc:
-            # A tenant can make every request fail: DEBUG, and within the session's
-            # log budget; the core's text may carry a peer's name: escaped.
-            conn.logs.log(log, logging.DEBUG, f"session {sid}", time.monotonic(),
+            # A tenant can make every request fail: logged within the session's budget
+            # only; the core's text may carry a peer's name: escaped.
+            conn.logs.log(log, logging.INFO, f"session {sid}", time.monotonic(),
                           "session %d refused %s: %s %s", sid, op.name, exc.status.name,
                           _text(exc.message))
             reply = Reply(op, req.req_id, exc.status, message=exc.message)
