@@ -50,7 +50,10 @@ WRITE_HIGH_WATER = 256 * 1024
 TURN_BUDGET = 0.0005
 REFUSED_LINGER = 1.0  # seconds a refused connection may stay open for its HELLO
 HANDSHAKE_TIMEOUT = 5.0  # seconds from accept to HELLO (a client gives up after 5 s too)
-HALF_OPEN_PER_UID = 32  # connections of one uid still in their handshake
+# Connections of one uid still in their handshake. As many as its default session quota:
+# a burst of clients connecting at once (all accepted before any HELLO is read) must not
+# be refused for it, and a uid cannot use more sessions than that anyway.
+HALF_OPEN_PER_UID = 128
 LIST_PAGE_BUDGET = MAX_PLAINTEXT - 1024  # bytes of JSON per LIST reply, header room left
 LIST_PAGE_ENTRIES = 64  # entries at most per LIST reply, whatever their size
 # At most this many holders, dead holders and queued waiters are listed by STAT (the
