@@ -48,6 +48,7 @@ from esem.protocol.ring import (
     RingError,
     region_size,
 )
+from esem.safe_text import printable
 from esem.server.service import WRITE_HIGH_WATER, Connection, Service
 
 log = logging.getLogger("esem.server")
@@ -155,7 +156,9 @@ class SwitchlessConnection(Connection):
         try:
             self._offer = _Offer(self.board.capacity)
         except OSError as exc:  # out of descriptors or memory
-            log.warning("session %s: cannot create a switchless ring: %s", self.sid, exc)
+            self.logs.log(log, logging.WARNING, f"session {self.sid}", time.monotonic(),
+                          "session %s: cannot create a switchless ring: %s", self.sid,
+                          printable(str(exc)))
             return Reply(Opcode.SWITCHLESS, req.req_id, Status.EDQUOT,
                          message=f"cannot create a switchless ring: {exc.strerror}")
         return Reply(Opcode.SWITCHLESS, req.req_id, Status.OK, value=self.board.capacity)
@@ -350,7 +353,8 @@ class SwitchlessConnection(Connection):
         end it as ``Service._received`` ends a socket session that did."""
         if self.closed:
             return
-        log.warning("session %s protocol error: %s; closing", self.sid, exc)
+        self.logs.log(log, logging.WARNING, f"session {self.sid}", time.monotonic(),
+                      "session %s protocol error: %s; closing", self.sid, printable(str(exc)))
         self.service._detach(self, f"protocol error: {exc}")
         self.abort()
 
