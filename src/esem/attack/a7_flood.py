@@ -56,6 +56,7 @@ SINKS = 4  # flood connections that never read
 FLOOD_SECONDS = 10.0
 QUICK_FLOOD_SECONDS = 5.0
 BYSTANDER_PERIOD = 0.001  # seconds between the bystander's post/trywait pairs
+BASELINE_SECONDS = 2.0  # the bystander alone, before the flood, for comparison
 RSS_BOUND_MB = 64  # peak RSS growth allowed during the flood (the fix needs ~10 MB)
 CHUNK = 128  # requests the flood encrypts at a time, per connection
 HALF_OPEN_TRIES = 200
@@ -159,38 +160,51 @@ def flood(sock_path: Path, pubkey: bytes, names: list[str], queue_name: str,
     return body
 
 
+def _summary(lat: list[float], errors: list[str]) -> Json:
+    lat_ms = sorted(x * 1000 for x in lat)
+    return {
+        "ops": len(lat_ms), "errors": errors,
+        "p50": statistics.median(lat_ms) if lat_ms else None,
+        "p99": lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))] if lat_ms else None,
+        "max": lat_ms[-1] if lat_ms else None,
+    }
+
+
 def bystander(sock_path: Path, pubkey: bytes, name: str) -> Any:
+    """Post and trywait its own semaphore every ``BYSTANDER_PERIOD``, timing each call:
+    once before the flood (the baseline, reported when told), once during it."""
+
     def body(ch: Channel) -> Json:
         client = Client(sock_path, pubkey=pubkey)
         sem = sem_open(name, O_CREAT | O_EXCL, 0o600, 0, flags=USE_ESEM, client=client)
+        clock = time.perf_counter
+
+        def phase() -> Json:
+            lat: list[float] = []
+            errors: list[str] = []
+            while not errors and not ch.commanded(BYSTANDER_PERIOD):
+                for op in (sem.post, sem.trywait):
+                    t0 = clock()
+                    try:
+                        op()
+                    except EsemError as exc:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                        break
+                    finally:
+                        lat.append(clock() - t0)
+            if errors:
+                ch.commanded(None)  # still wait for the end of the phase
+            return _summary(lat, errors)
+
         ch.send({"ready": True})
         ch.commanded(None)
-        lat: list[float] = []
-        errors: list[str] = []
-        clock = time.perf_counter
-        while not ch.commanded(BYSTANDER_PERIOD):
-            for op in (sem.post, sem.trywait):
-                t0 = clock()
-                try:
-                    op()
-                except EsemError as exc:
-                    errors.append(f"{type(exc).__name__}: {exc}")
-                    lat.append(clock() - t0)
-                    break
-                lat.append(clock() - t0)
-            if errors:
-                break
+        ch.send(phase())  # the baseline, until told the flood starts
+        during = phase()
         with contextlib.suppress(EsemError):
             sem.close()
             sem.unlink()
         client.close()
-        lat_ms = sorted(x * 1000 for x in lat)
-        return {
-            "ops": len(lat_ms), "errors": errors,
-            "p50": statistics.median(lat_ms) if lat_ms else None,
-            "p99": lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))] if lat_ms else None,
-            "max": lat_ms[-1] if lat_ms else None,
-        }
+        return during
 
     return body
 
@@ -232,8 +246,11 @@ def admin_flood(sock_path: Path, pubkey: bytes, service_pid: int, tag: str,
             connected, ready = f.recv(), b.recv()
             if "error" in connected or "error" in ready:
                 return {"error": connected.get("error") or ready.get("error")}
-            f.tell()
+            b.tell()  # the baseline
+            time.sleep(BASELINE_SECONDS)
             b.tell()
+            baseline = b.recv()
+            f.tell()
             peak = rss0
             end = time.monotonic() + seconds
             while time.monotonic() < end:
@@ -256,7 +273,7 @@ def admin_flood(sock_path: Path, pubkey: bytes, service_pid: int, tag: str,
         except EsemError as exc:
             after = f"root's STAT failed: {type(exc).__name__}: {exc}"
         return {"rss0_mb": rss0 / 1024, "peak_mb": peak / 1024, "flooded": flooded,
-                "bystander": seen, "after": after}
+                "bystander": seen, "baseline": baseline, "after": after}
     finally:
         for raw in raws:
             raw.close()
@@ -399,8 +416,8 @@ def _flood_row(r: Json, seconds: float) -> Outcome:
     slowest = float(b["max"]) if b.get("max") is not None else float("inf")
     ok = (answered and slowest < KEEPALIVE_INTERVAL * 1000 and growth < RSS_BOUND_MB
           and "failed" not in r["after"])
-    lat = (f"p50 {b['p50']:.2f} ms, p99 {b['p99']:.2f} ms, max {b['max']:.1f} ms"
-           if b.get("ops") else "no call answered")
+    lat = _latency(b)
+    base = _latency(r["baseline"])
     return Outcome(
         "A7 admin flood", "esem", "defended" if ok else "broken",
         f"table of {SEMAPHORES} semaphores, one with {QUEUE} queued waits; uid nobody "
@@ -410,9 +427,16 @@ def _flood_row(r: Json, seconds: float) -> Outcome:
         f"{f.get('dropped', 0)} connections dropped by the service); the bystander of "
         f"uid daemon made {b.get('ops', 0)} post/trywait calls, "
         + ("all answered" if answered else f"FAILED: {'; '.join(b.get('errors', []))}")
-        + f": {lat}; service RSS {r['rss0_mb']:.0f} MB before, peak {r['peak_mb']:.0f} MB "
+        + f": {lat} (alone before the flood: {base}); service RSS {r['rss0_mb']:.0f} MB "
+        f"before, peak {r['peak_mb']:.0f} MB "
         f"(+{growth:.0f} MB, bound +{RSS_BOUND_MB} MB); afterwards {r['after']}",
     )
+
+
+def _latency(b: Json) -> str:
+    if not b.get("ops") or b.get("p50") is None:
+        return "no call answered"
+    return f"p50 {b['p50']:.2f} ms, p99 {b['p99']:.2f} ms, max {b['max']:.1f} ms"
 
 
 def _half_open_row(r: Json, ru: int, vu: int) -> Outcome:

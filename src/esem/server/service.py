@@ -10,10 +10,11 @@ session was waiting for goes to the next waiter.
 
 Fairness and bounds (adversary A7): a connection's requests are executed one at a time
 from its session's backlog, and the connection stops being served, and read, as soon as
-its unsent replies pass ``WRITE_HIGH_WATER`` (until they drain) or it has had
-``TURN_BUDGET`` of the loop's time (it continues on a later turn, after the others). So
+its unsent replies pass ``WRITE_HIGH_WATER`` (until they drain) or its uid has had
+``TURN_BUDGET`` of this loop turn (it continues on a later turn, after the others). So
 what one connection can make the service hold is about one read of requests and one
-high-water mark of replies, and what it can make others wait is one turn. A connection
+high-water mark of replies, and what one uid can make the others wait is about
+``TURN_BUDGET`` (or one request, if longer) per loop turn. A connection
 counts against its uid's session quota only once its HELLO is accepted; before that it
 is half-open, at most ``HALF_OPEN_PER_UID`` per uid, and closed after
 ``HANDSHAKE_TIMEOUT``.
@@ -45,8 +46,10 @@ _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # Stop serving (and reading) a connection whose unsent replies pass this many bytes,
 # until the transport drains them (adversary A7: a client that sends and never reads).
 WRITE_HIGH_WATER = 256 * 1024
-# Loop time one connection may use before the others get theirs (seconds); a batch of
-# requests continues on a later turn. The same budget as the switchless poller's pass.
+# Loop time the connections of one uid may use together in one event-loop turn
+# (seconds); what they sent beyond it waits for a later turn, so a tenant with many
+# connections gets no more of the service than a tenant with one. At least one request
+# of each uid with work runs per turn. The same budget as the switchless poller's pass.
 TURN_BUDGET = 0.0005
 REFUSED_LINGER = 1.0  # seconds a refused connection may stay open for its HELLO
 HANDSHAKE_TIMEOUT = 5.0  # seconds from accept to HELLO (a client gives up after 5 s too)
@@ -122,6 +125,8 @@ class Service:
         self._timer_at: float | None = None
         self._dirty: set[Connection] = set()
         self._half_open: Counter[int] = Counter()  # uid -> connections in handshake
+        self._turn_spent: dict[int, float] = {}  # uid -> seconds served in this loop turn
+        self._turn_reset_armed = False
         # Connection events (refusals, starts, ends) are budgeted per uid: a uid that
         # connects in a loop must not flood the log either.
         self._uid_logs: dict[int, LogBucket] = {}
@@ -247,7 +252,13 @@ class Service:
         conn.scheduled = False
         session = conn.session
         clock = time.perf_counter
-        end = clock() + TURN_BUDGET
+        uid = conn.cred.uid if conn.cred is not None else -1
+        start = clock()
+        left = TURN_BUDGET - self._turn_spent.get(uid, 0.0)
+        if left <= 0.0 and session.backlog:
+            conn.update_flow()  # this uid's turn is over: stop reading, go on later
+            return
+        end = start + max(left, 0.0)
         try:
             while session.backlog and not conn.is_closing():
                 if conn.output_pending() > WRITE_HIGH_WATER:
@@ -269,6 +280,8 @@ class Service:
         except EsemError as exc:
             self._protocol_error(conn, exc)
             return
+        finally:
+            self._charge(uid, clock() - start)
         if conn.sid is not None:
             self._dirty.add(conn)
         else:
@@ -276,6 +289,18 @@ class Service:
         self._arm_timer()
         self._flush()
         conn.update_flow()
+
+    def _charge(self, uid: int, seconds: float) -> None:
+        """Count ``seconds`` of this loop turn against ``uid``; the counts are cleared by
+        a callback of the next turn (callbacks scheduled now run on the next turn)."""
+        self._turn_spent[uid] = self._turn_spent.get(uid, 0.0) + seconds
+        if not self._turn_reset_armed:
+            self._turn_reset_armed = True
+            asyncio.get_running_loop().call_soon(self._new_turn)
+
+    def _new_turn(self) -> None:
+        self._turn_spent.clear()
+        self._turn_reset_armed = False
 
     def _resume(self, conn: Connection) -> None:
         """Serve the connection's backlog on a later loop turn (once)."""
