@@ -268,10 +268,10 @@ class SwitchlessConnection(Connection):
     def pending(self) -> int:
         return len(self._pending)
 
-    def output_pending(self) -> int:
+    def transport_pending(self) -> int:
         if self.tx is None:
-            return super().output_pending()
-        return len(self._pending) + self.session.buffered
+            return super().transport_pending()
+        return len(self._pending)  # replies that did not fit the reply ring
 
     def is_closing(self) -> bool:
         return self.closed or super().is_closing()
