@@ -36,29 +36,60 @@ def test_help_explains_every_command() -> None:
 
 def test_ls_stat_unlink(svc: EmbeddedService) -> None:
     name = f"/cli-{uuid.uuid4().hex[:8]}"
+    plain = f"/cli-{uuid.uuid4().hex[:8]}"
     client = Client(svc.socket_path)
     sem = sem_open(name, O_CREAT, 0o640, 3, flags=USE_ESEM, client=client,
                    key=b"k" * 16)
     sem.wait()
+    other = sem_open(plain, O_CREAT, 0o640, 3, flags=USE_ESEM, client=client)
+    other.wait()
     sock = ["--socket", str(svc.socket_path)]
     listing = json.loads(esem("ls", "--json", *sock).stdout)
     entry = next(e for e in listing if e["name"] == name)
-    assert entry["value"] == 2 and entry["handles"] == 1 and entry["key_bound"] is True
+    # Key-bound: LIST never proves the key, so only the public fields, even to root.
+    assert entry["value"] is None and entry["handles"] is None and entry["key_bound"] is True
     assert entry["owner_uid"] == os.getuid()
     assert entry["mode"] == 0o640 & ~_current_umask()
+    shown = next(e for e in listing if e["name"] == plain)
+    assert shown["value"] == 2 and shown["handles"] == 1 and shown["key_bound"] is False
     human = esem("ls", *sock).stdout
     assert name in human and "KEY" in human
-    info = json.loads(esem("stat", name, "--json", *sock).stdout)
-    assert info["holders"] == [[os.getpid(), 1]]
+    info = json.loads(esem("stat", plain, "--json", *sock).stdout)
+    assert info["holders"] == [[os.getpid(), 1]] and info["holders_total"] == 1
     assert info["waits"] == 1
-    assert "holders" in esem("stat", name, *sock).stdout
+    assert "holders" in esem("stat", plain, *sock).stdout
+    hidden = json.loads(esem("stat", name, "--json", *sock).stdout)
+    assert hidden["holders"] is None and hidden["value"] is None and hidden["key_bound"]
+    assert "shown only with its key" in esem("stat", name, *sock).stdout
     refused = esem("unlink", name, *sock)  # key-bound: refused without the key
     assert refused.returncode == 1 and "key" in refused.stderr
-    assert "refused UNLINK: EKEYREJECTED" in svc.log_path.read_text()  # one line per refusal
+    assert "refused UNLINK: EKEYREJECTED" in svc.log_path.read_text()  # within its budget
     assert esem("unlink", name, "--key-hex", (b"k" * 16).hex(), *sock).returncode == 0
     missing = esem("stat", name, *sock)
     assert missing.returncode == 1 and "no semaphore" in missing.stderr
+    other.close()
+    assert esem("unlink", plain, *sock).returncode == 0
     client.close()
+
+
+def test_ls_and_stat_escape_hostile_names(svc: EmbeddedService) -> None:
+    tag = uuid.uuid4().hex[:8]
+    name = f"/cli-{tag}\nFORGED ROW\x1b[2J\x1b]0;title\x07\u202e"
+    client = Client(svc.socket_path)
+    sem = sem_open(name, O_CREAT, 0o644, 1, flags=USE_ESEM, client=client)
+    sock = ["--socket", str(svc.socket_path)]
+    try:
+        for out in (esem("ls", *sock).stdout, esem("stat", name, *sock).stdout):
+            assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+            assert f"/cli-{tag}\\nFORGED ROW\\x1b[2J\\x1b]0;title\\x07\\u202e" in out
+            assert not any(line.startswith("FORGED") for line in out.splitlines())
+        # --json keeps the exact name (JSON escapes control characters itself).
+        listing = json.loads(esem("ls", "--json", *sock).stdout)
+        assert any(e["name"] == name for e in listing)
+    finally:
+        sem.close()
+        esem("unlink", name, *sock)
+        client.close()
 
 
 def test_no_service_exit_code(tmp_path: Path) -> None:

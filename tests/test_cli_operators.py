@@ -89,6 +89,25 @@ def test_unlink_key_from_file(svc: EmbeddedService, client: Client, tmp_path: Pa
     assert result.stderr == ""
 
 
+def test_stat_of_a_key_bound_semaphore_with_its_key(
+        svc: EmbeddedService, client: Client, tmp_path: Path) -> None:
+    name = _name("statkey-")
+    sem = sem_open(name, O_CREAT, 0o600, 3, flags=USE_ESEM, key=KEY, client=client)
+    sem.trywait()
+    sock = ["--socket", str(svc.socket_path)]
+    without = json.loads(esem("stat", name, "--json", *sock).stdout)
+    assert without["key_bound"] and without["value"] is None and without["holders"] is None
+    (tmp_path / "k").write_text(KEY.hex() + "\n")
+    result = esem("stat", name, "--json", "--key-file", str(tmp_path / "k"), *sock)
+    assert result.returncode == 0, result.stderr
+    full = json.loads(result.stdout)
+    assert full["value"] == 2 and full["holders_total"] == 1
+    wrong = esem("stat", name, "--key-env", "K", *sock, env={"K": bytes(32).hex()})
+    assert wrong.returncode == 1 and wrong.stdout == ""  # refused: nothing shown
+    human = esem("stat", name, *sock).stdout
+    assert "shown only with its key" in human
+
+
 def test_unlink_key_from_env(svc: EmbeddedService, client: Client) -> None:
     name = _key_bound(client)
     result = esem("unlink", name, "--key-env", "MY_KEY", "--socket", str(svc.socket_path),

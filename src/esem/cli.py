@@ -188,9 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"never shorten names (on a terminal, names longer than "
                    f"{NAME_COLUMN} characters are shortened in the middle)")
 
-    p = sub.add_parser("stat", help="show one semaphore, its holders and waiters")
+    p = sub.add_parser("stat", help="show one semaphore, its holders and waiters",
+                       description="Show one semaphore. A key-bound semaphore shows its "
+                       "count, holders and queue only to a STAT that proves its key "
+                       "(give it with --key-file, --key-env or --key-stdin).")
     _add_name(p)
     _add_socket(p)
+    _add_key(p)
     p.add_argument("--json", action="store_true", help="print a JSON object")
 
     p = sub.add_parser("unlink", help="remove a semaphore's name")
@@ -358,6 +362,7 @@ def _fmt_time(ts: float) -> str:
 
 def _ls(args: argparse.Namespace) -> int:
     from esem.client.admin import list_semaphores
+    from esem.safe_text import printable
 
     client = _client(args)
     try:
@@ -371,6 +376,8 @@ def _ls(args: argparse.Namespace) -> int:
     def shown(v: object) -> str:
         return "-" if v is None else str(v)  # None: no read permission
 
+    # Names are other tenants' text: the table renderer escapes every cell, so a newline
+    # or an escape sequence in one cannot forge rows or rewrite the operator's terminal.
     rows = [(_shown_name(e["name"], args.wide), shown(e["value"]), shown(e["waiters"]),
              shown(e["handles"]),
              f"{e['owner_uid']}:{e['owner_gid']}", f"{e['mode']:04o}",
@@ -382,31 +389,52 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _stat(args: argparse.Namespace) -> int:
-    from esem.client.admin import stat_semaphore
+    from collections.abc import Callable
 
+    from esem.client.admin import stat_semaphore
+    from esem.safe_text import printable
+
+    key = _read_key(args)
     client = _client(args)
     try:
-        info = stat_semaphore(client, args.name)
+        info = stat_semaphore(client, args.name, key=key)
     finally:
         client.close()
     if args.json:
         print(json.dumps(info, indent=2))
         return EXIT_OK
+    hidden = "-" if info["key_bound"] else "- (no read permission)"
+    if info["key_bound"] and info["value"] is None:
+        hidden = "- (key-bound: shown only with its key)"
+
+    def shown(v: object) -> object:
+        return hidden if v is None else v
+
+    def listed(field: str, fmt: Callable[[list[Any]], str]) -> str:
+        items = info.get(field)
+        if items is None:
+            return str(hidden)
+        text = ", ".join(fmt(x) for x in items) or "-"
+        total = info.get(f"{field}_total")
+        if isinstance(total, int) and total > len(items):
+            text += f" ... ({len(items)} of {total} shown)"
+        return text
+
     lines = [
-        ("name", info["name"]), ("value", info["value"]), ("initial", info["initial"]),
-        ("waiters", info["waiters"]), ("open handles", info["handles"]),
+        ("name", printable(info["name"])), ("value", shown(info["value"])),
+        ("initial", shown(info["initial"])),
+        ("waiters", shown(info["waiters"])), ("open handles", shown(info["handles"])),
         ("owner", f"uid {info['owner_uid']} gid {info['owner_gid']}"),
         ("mode", f"{info['mode']:04o}"), ("key-bound", "yes" if info["key_bound"] else "no"),
-        ("robust", f"yes ({info['robust_releases']} released, {info['robust_forgiven']} "
-                   "forgiven)" if info["robust"] else "no"),
+        ("robust", f"yes ({shown(info['robust_releases'])} released, "
+                   f"{shown(info['robust_forgiven'])} forgiven)" if info["robust"] else "no"),
         ("created", _fmt_time(info["created"])),
-        ("posts", info["posts"]), ("granted waits", info["waits"]),
-        ("reclaimed", info.get("reclaimed", 0)),
-        ("holders", ", ".join(f"pid {p} x{n}" for p, n in info["holders"]) or "-"),
-        ("dead holders", ", ".join(f"pid {p} x{n}" for p, n in info["dead_holders"]) or "-"),
-        ("waiter queue", ", ".join(
-            f"pid {p}" + (f" (deadline in {d - time.monotonic():.1f}s)" if d else "")
-            for p, _, d in info["queue"]) or "-"),
+        ("posts", shown(info["posts"])), ("granted waits", shown(info["waits"])),
+        ("reclaimed", shown(info.get("reclaimed"))),
+        ("holders", listed("holders", lambda x: f"pid {x[0]} x{x[1]}")),
+        ("dead holders", listed("dead_holders", lambda x: f"pid {x[0]} x{x[1]}")),
+        ("waiter queue", listed("queue", lambda x: f"pid {x[0]}" + (
+            f" (deadline in {x[2] - time.monotonic():.1f}s)" if x[2] else ""))),
     ]
     for k, v in lines:
         print(f"{k:>14}: {v}")

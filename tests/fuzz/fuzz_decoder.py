@@ -127,7 +127,7 @@ def seeds() -> list[bytes]:
         Request(Opcode.GETVALUE, 6, handle=h),
         Request(Opcode.CANCEL, 7, target=4),
         Request(Opcode.ATTACH, 8, handle=h),
-        Request(Opcode.LIST, 9, offset=0),
+        Request(Opcode.LIST, 9, after="/a"),
         Request(Opcode.STAT, 10, name="/s"),
         Request(Opcode.PING, 11),
     ]

@@ -80,7 +80,8 @@ def _request_strategies(rid: st.SearchStrategy[int]) -> dict[Opcode, st.SearchSt
             lambda i, t: Request(Opcode.CANCEL, i, target=t), rid, st.integers(0, U64_MAX)
         ),
         Opcode.LIST: st.builds(
-            lambda i, o: Request(Opcode.LIST, i, offset=o), rid, st.integers(0, U32_MAX)
+            lambda i, a: Request(Opcode.LIST, i, after=a), rid,
+            st.text(max_size=60).filter(lambda t: len(t.encode()) <= 252)
         ),
         Opcode.PING: st.builds(lambda i: Request(Opcode.PING, i), rid),
         Opcode.SWITCHLESS: st.builds(lambda i: Request(Opcode.SWITCHLESS, i), rid),

@@ -56,7 +56,7 @@ EXAMPLE_REQUESTS = {
     Opcode.GETVALUE: Request(Opcode.GETVALUE, 7, handle=H),
     Opcode.CANCEL: Request(Opcode.CANCEL, 7, target=6),
     Opcode.ATTACH: Request(Opcode.ATTACH, 7, handle=H),
-    Opcode.LIST: Request(Opcode.LIST, 7, offset=40),
+    Opcode.LIST: Request(Opcode.LIST, 7, after="/sem-\u00e9"),
     Opcode.STAT: Request(Opcode.STAT, 7, name="/sem"),
     Opcode.PING: Request(Opcode.PING, 7),
     Opcode.SWITCHLESS: Request(Opcode.SWITCHLESS, 7),
@@ -158,7 +158,7 @@ def test_request_layouts_byte_by_byte() -> None:
     assert encode_request(EXAMPLE_REQUESTS[Opcode.POST])[REQ_HEAD:] == H
     assert encode_request(EXAMPLE_REQUESTS[Opcode.UNLINK])[REQ_HEAD:] == b"\x04/sem"
     assert encode_request(EXAMPLE_REQUESTS[Opcode.CANCEL])[REQ_HEAD:] == (6).to_bytes(8, "big")
-    assert encode_request(EXAMPLE_REQUESTS[Opcode.LIST])[REQ_HEAD:] == (40).to_bytes(4, "big")
+    assert encode_request(EXAMPLE_REQUESTS[Opcode.LIST])[REQ_HEAD:] == b"\x07/sem-\xc3\xa9"
     assert len(encode_request(EXAMPLE_REQUESTS[Opcode.PING])) == REQ_HEAD == 11
 
 
@@ -434,5 +434,15 @@ def test_any_single_bit_in_the_header_is_checked_or_significant(req: Request) ->
 def test_u32_max_is_accepted_for_fields_that_carry_it() -> None:
     open_req = Request(Opcode.OPEN, U64_MAX, name="/a", mode=0xFFFF, value=U32_MAX)
     assert decode_request(encode_request(open_req))[0] == open_req
-    assert decode_request(encode_request(Request(Opcode.LIST, 1, offset=U32_MAX)))[0].offset \
-        == U32_MAX
+    longest = "/" + "x" * 251
+    assert decode_request(encode_request(Request(Opcode.LIST, 1, after=longest)))[0].after \
+        == longest
+
+
+def test_list_cursor_is_bounded_utf8() -> None:
+    head = encode_request(Request(Opcode.LIST, 1))[:11]
+    with pytest.raises(ProtocolError, match="cursor length"):
+        decode_request(head + bytes([253]) + b"x" * 253)
+    with pytest.raises(ProtocolError, match="cursor is not UTF-8"):
+        decode_request(head + b"\x02\xff\xfe")
+    assert decode_request(head + b"\x00")[0].after == ""

@@ -282,7 +282,7 @@ def test_every_opcode_goes_through_and_back() -> None:
         Request(Opcode.GETVALUE, 0, handle=H),
         Request(Opcode.CANCEL, 0, target=4),
         Request(Opcode.ATTACH, 0, handle=H),
-        Request(Opcode.LIST, 0, offset=0),
+        Request(Opcode.LIST, 0, after=""),
         Request(Opcode.STAT, 0, name="/a"),
         Request(Opcode.PING, 0),
         Request(Opcode.SWITCHLESS, 0),
@@ -783,7 +783,7 @@ def test_reprs_show_state() -> None:
     pair = make_pair()
     pair.request(post())
     assert repr(pair.client) == "<ClientSession open pending=1>"
-    assert repr(pair.server) == "<ServerSession open last_req=0>"
+    assert repr(pair.server) == "<ServerSession open last_req=0 backlog=0>"
 
 
 def test_server_session_other_key_sizes_are_misuse() -> None:

@@ -558,7 +558,7 @@ class _Bench:
         self.admin_posts += 1
 
     def stat(self) -> dict[str, Any]:
-        return stat_semaphore(self.env.admin, self.name)
+        return stat_semaphore(self.env.admin, self.name, key=self.env.key)
 
     def wait_queued(self, n: int, timeout: float = OP_BOUND) -> bool:
         deadline = time.monotonic() + timeout

@@ -293,7 +293,7 @@ class _Bench:
     def wait_queued(self, n: int) -> bool:
         deadline = time.monotonic() + OP_BOUND
         while time.monotonic() < deadline:
-            if int(stat_semaphore(self.admin, self.name)["waiters"]) >= n:
+            if int(stat_semaphore(self.admin, self.name, key=self.key)["waiters"]) >= n:
                 return True
             time.sleep(0.002)
         return False
@@ -325,7 +325,7 @@ class _Bench:
         try:
             deadline = time.monotonic() + SETTLE
             while True:
-                info = stat_semaphore(self.admin, self.name)
+                info = stat_semaphore(self.admin, self.name, key=self.key)
                 settled = int(info["handles"]) == 1 and int(info["waiters"]) == 0
                 if settled or time.monotonic() >= deadline:
                     break

@@ -182,7 +182,7 @@ class _Live:
             Request(Opcode.WAIT, 0, handle=handle, wait_mode=WaitMode.TIMED,
                     timeout_ns=rng.randrange(2**63)),
             Request(Opcode.CANCEL, 0, target=rng.randrange(1, 2**64)),
-            Request(Opcode.LIST, 0, offset=rng.randrange(2**32)),
+            Request(Opcode.LIST, 0, after=f"/{rng.randrange(2**32):x}"),
             Request(Opcode.PING, 0),
         ])
         return self.plain(req)
@@ -446,8 +446,15 @@ def _log_tail(path: Path, offset: int) -> str:
         return ""
 
 
-def _snapshot(client: Client) -> dict[str, dict[str, Any]]:
-    return {str(e["name"]): e for e in list_semaphores(client)}
+def _snapshot(client: Client, keys: dict[str, bytes] | None = None) -> dict[str, dict[str, Any]]:
+    """Every semaphore as LIST shows it; a key-bound one in ``keys`` as a STAT with its
+    key shows it (LIST hides its counts), cut to the same fields."""
+    snap = {str(e["name"]): e for e in list_semaphores(client)}
+    for name, key in (keys or {}).items():
+        if name in snap:
+            full = stat_semaphore(client, name, key=key)
+            snap[name] = {k: full[k] for k in snap[name]}
+    return snap
 
 
 def run(target: Target) -> list[Outcome]:
@@ -493,7 +500,7 @@ def run(target: Target) -> list[Outcome]:
         deadline = time.monotonic() + 5
         while stat_semaphore(admin, names[2])["waiters"] != 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        before = _snapshot(admin)
+        before = _snapshot(admin, {names[1]: key})
         threads.append(threading.Thread(target=by.loop, args=(stop,), name="a6-bystander",
                                         daemon=True))
         threads[1].start()
@@ -506,7 +513,7 @@ def run(target: Target) -> list[Outcome]:
             fresh = Client(target.socket_path, pubkey=target.pubkey)
             try:
                 fresh.call(Request(Opcode.PING, 0))
-                after = _snapshot(fresh)
+                after = _snapshot(fresh, {names[1]: key})
                 alive = "afterwards a new session was served"
             finally:
                 fresh.close()

@@ -17,9 +17,10 @@ victim did all of its work; ``broken`` otherwise.
 * waiters: sessions queue blocking waits on a semaphore at zero until the per-session
   quota, and further sessions until the per-uid quota, refuses them;
 * connection storm: the rogue uid at its session quota, and ``STORM_PROCESSES`` more of
-  its processes connecting again and again (each connection refused at accept, its
-  socket kept open); the victim opens ``STORM_ATTEMPTS`` sessions meanwhile, and every
-  one must be served.
+  its processes connecting again and again and never sending a HELLO (at most
+  ``HALF_OPEN_PER_UID`` of them wait in their handshake, closed after
+  ``HANDSHAKE_TIMEOUT``; the rest are refused at accept), sockets kept open; the victim
+  opens ``STORM_ATTEMPTS`` sessions meanwhile, and every one must be served.
 
 The legacy row floods real POSIX semaphores in ``/dev/shm`` as the same rogue uid, up to
 ``LEGACY_BOUND``: nothing but the size of that tmpfs, shared by every uid, would stop
@@ -58,6 +59,7 @@ from esem.protocol.constants import FrameKind, Opcode
 from esem.protocol.messages import Reply, Request
 from esem.protocol.session import ClientSession
 from esem.server.embedded import EmbeddedService
+from esem.server.service import HALF_OPEN_PER_UID, HANDSHAKE_TIMEOUT
 
 SEMAPHORES = 64
 SESSIONS = 8
@@ -620,9 +622,11 @@ def run(target: Target) -> list[Outcome]:
             f"uid {ru} held {first.get('held')} sessions (quota {SESSIONS}: "
             f"{first.get('refused') or first.get('error')}), then {STORM_PROCESSES} more of "
             f"its processes knocked {knocks} times (from {STORM_WARMUP}s before the victim "
-            f"until it was done), each holding up to {STORM_HELD} connections open, every "
-            f"one refused at accept ({sampled_refused} of {sampled} sampled were told "
-            f"REFUSED), and {jammed} more of their connects found the listen backlog full; "
+            f"until it was done), each holding up to {STORM_HELD} connections open and "
+            f"never sending a HELLO: beyond {HALF_OPEN_PER_UID} in their handshake (closed "
+            f"after {HANDSHAKE_TIMEOUT:g} s) every one was refused at accept "
+            f"({sampled_refused} of {sampled} sampled were told REFUSED), and {jammed} more "
+            f"of their connects found the listen backlog full; "
             f"meanwhile {tried.get('ok', 0)} of {STORM_ATTEMPTS} sessions of uid {vu} "
             f"connected and were served"
             + (f"; {len(errors)} failed, e.g. {errors[0]}" if errors else "")

@@ -28,6 +28,7 @@ ATTACKS: dict[str, str] = {
     "A5": "esem.attack.a5_impersonator",
     "A6": "esem.attack.a6_fuzz",
     "A7": "esem.attack.a7_exhaust",
+    "A7-FLOOD": "esem.attack.a7_flood",  # one tenant's admin flood and half-open connections
 }
 
 

@@ -3,7 +3,7 @@
 from esem.core.limits import KEY_MAX_BYTES, KEY_MIN_BYTES, MAX_NAME_BYTES, SEM_VALUE_MAX
 from esem.core.policy import Cred, Quotas
 from esem.core.status import CoreError, Status
-from esem.core.table import Opened, SemInfo, SemTable, WaitDone, WaitMode
+from esem.core.table import Opened, SemDetail, SemInfo, SemTable, SemView, WaitDone, WaitMode
 
 __all__ = [
     "KEY_MAX_BYTES",
@@ -14,8 +14,10 @@ __all__ = [
     "Cred",
     "Opened",
     "Quotas",
+    "SemDetail",
     "SemInfo",
     "SemTable",
+    "SemView",
     "Status",
     "WaitDone",
     "WaitMode",

@@ -36,12 +36,16 @@ Semantics (docs/design.md section 4):
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import heapq
+import itertools
 import secrets
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 from esem.core.limits import SEM_VALUE_MAX, check_key, check_name, check_value
 from esem.core.policy import (
@@ -116,6 +120,80 @@ class SemInfo:
     queue: tuple[tuple[int, int, float | None], ...]  # (pid, request id, deadline), FIFO
 
 
+@dataclass(frozen=True, slots=True)
+class SemDetail:
+    """What reading a semaphore reveals (STAT, LIST): its count, activity, and the first
+    entries of its holders, dead holders and FIFO queue (``*_total`` are exact)."""
+
+    value: int
+    initial: int
+    handles: int
+    waiters: int
+    posts: int
+    waits: int
+    robust_releases: int
+    robust_forgiven: int
+    reclaimed: int
+    holders: tuple[tuple[int, int], ...]  # (pid, units), in the order they first took one
+    holders_total: int
+    dead_holders: tuple[tuple[int, int], ...]  # (pid, units)
+    dead_holders_total: int
+    queue: tuple[tuple[int, int, float | None], ...]  # (pid, request id, deadline), FIFO
+    queue_total: int
+
+
+@dataclass(frozen=True, slots=True)
+class SemView:
+    """A bounded view of one semaphore: what anyone may see of it (as ``ls -l /dev/shm``
+    shows a file) and, if the caller may read it, ``detail``."""
+
+    sem_id: int
+    name: str
+    linked: bool
+    owner_uid: int
+    owner_gid: int
+    mode: int
+    key_bound: bool
+    robust: bool
+    created: float
+    detail: SemDetail | None = None  # None: no read permission, or no proof of the key
+
+
+class _NameIndex(dict[str, "_Sem"]):
+    """The linked names (a dict, as before) that also keeps them sorted in ``order``, so
+    LIST serves the page after any cursor by bisection instead of sorting the table.
+    Adding or removing a name costs a bisection and an O(n) move of pointers in the
+    list (``bisect.insort``): about a microsecond per thousand names."""
+
+    __slots__ = ("order",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[str] = []
+
+    def __setitem__(self, name: str, sem: _Sem) -> None:
+        if name not in self:
+            bisect.insort(self.order, name)
+        super().__setitem__(name, sem)
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(name)
+        del self.order[bisect.bisect_left(self.order, name)]
+
+    def pop(self, *args: Any, **kwargs: Any) -> Any:
+        name = args[0]
+        if name in self:
+            sem = self[name]
+            del self[name]
+            return sem
+        return super().pop(*args, **kwargs)
+
+    def _unsupported(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("the name index supports only item assignment, del and pop")
+
+    popitem = clear = update = setdefault = __ior__ = _unsupported
+
+
 @dataclass(eq=False, slots=True)
 class _Sem:
     sem_id: int
@@ -175,7 +253,7 @@ class SemTable:
     ) -> None:
         self.quotas = quotas or Quotas()
         self._new_token = token_factory or (lambda: secrets.token_bytes(TOKEN_BYTES))
-        self._names: dict[str, _Sem] = {}  # linked semaphores only
+        self._names: _NameIndex = _NameIndex()  # linked semaphores only; sorted for LIST
         self._alive: dict[int, _Sem] = {}  # every semaphore not yet destroyed, by id
         self._sessions: dict[int, _Session] = {}
         self._tokens: dict[bytes, _Handle] = {}  # every open handle, for attach
@@ -572,18 +650,80 @@ class SemTable:
             raise CoreError(Status.ENOENT, f"no semaphore {name}")
         return self._info(sem)
 
-    def stat(self, sid: int, name: str) -> SemInfo:
-        """``info`` for session ``sid``: its count, holders and queue are what reading the
-        semaphore would reveal, so they need read permission (EACCES otherwise)."""
-        info = self.info(name)
-        if not self.readable(sid, info):
-            raise CoreError(Status.EACCES, f"uid {self._session(sid).cred.uid} may not read "
-                            f"{name} (owner {info.owner_uid}:{info.owner_gid}, "
-                            f"mode {info.mode:04o})")
-        return info
-
     def readable(self, sid: int, info: SemInfo) -> bool:
         return may_read(self._session(sid).cred, info.owner_uid, info.owner_gid, info.mode)
+
+    # The bounded views the service serves (LIST, STAT): each costs O(log n + what it
+    # returns), whatever the number of semaphores or the length of a queue (DESIGN.md
+    # section 4: one tenant cannot stall the service with cheap requests).
+
+    def view(self, sid: int, name: str, *, cap: int, keyed: bool = False,
+             auth: Authenticator | None = None) -> SemView:
+        """STAT: one named semaphore with at most ``cap`` holders, dead holders and
+        queued waiters each (the counts are exact). Its count, holders, queue and
+        activity need read permission (EACCES otherwise) and, for a key-bound
+        semaphore, proof of the key: without a MAC (``auth`` None) only the public
+        fields are shown, with a bad one it is EKEYREJECTED. ``keyed``: the caller
+        holds a key and refuses a semaphore that is not key-bound."""
+        sess = self._session(sid)
+        check_name(name)
+        sem = self._names.get(name)
+        if sem is None:
+            raise CoreError(Status.ENOENT, f"no semaphore {name}")
+        if not may_read(sess.cred, sem.owner_uid, sem.owner_gid, sem.mode):
+            raise CoreError(Status.EACCES, f"uid {sess.cred.uid} may not read {name} (owner "
+                            f"{sem.owner_uid}:{sem.owner_gid}, mode {sem.mode:04o})")
+        if sem.key is None and keyed:
+            raise CoreError(Status.EKEYREJECTED, f"semaphore {name} is not key-bound")
+        if sem.key is not None:
+            if auth is None:
+                return self._view(sem, None)
+            auth(sem.key)
+        return self._view(sem, cap)
+
+    def name_count(self) -> int:
+        """How many names are linked (O(1))."""
+        return len(self._names)
+
+    def page(self, sid: int, after: str, limit: int) -> tuple[list[SemView], bool]:
+        """LIST: up to ``limit`` named semaphores whose names sort after ``after`` (""
+        for the first page), in name order, and whether more follow. What the caller
+        may not read, and every key-bound semaphore (LIST never proves a key), shows
+        only its public fields. O(log n + limit): a bisection of the sorted names."""
+        cred = self._session(sid).cred
+        order = self._names.order
+        start = bisect.bisect_right(order, after)
+        views = []
+        for name in itertools.islice(order, start, start + max(limit, 0)):
+            sem = self._names[name]
+            shown = sem.key is None and may_read(cred, sem.owner_uid, sem.owner_gid, sem.mode)
+            views.append(self._view(sem, 0 if shown else None))
+        return views, start + len(views) < len(order)
+
+    def _view(self, sem: _Sem, cap: int | None) -> SemView:
+        public = SemView(sem_id=sem.sem_id, name=sem.name, linked=sem.linked,
+                         owner_uid=sem.owner_uid, owner_gid=sem.owner_gid, mode=sem.mode,
+                         key_bound=sem.key is not None, robust=sem.robust, created=sem.created)
+        if cap is None:
+            return public
+
+        def first(items: Iterator[tuple[Any, ...]]) -> tuple[Any, ...]:
+            return tuple(itertools.islice(items, cap))
+
+        sessions = self._sessions
+        return dataclasses.replace(public, detail=SemDetail(
+            value=sem.value, initial=sem.initial, handles=sem.handles,
+            waiters=len(sem.waiters), posts=sem.posts, waits=sem.waits,
+            robust_releases=sem.robust_releases, robust_forgiven=sem.robust_forgiven,
+            reclaimed=sem.reclaimed,
+            holders=first((sessions[sid].cred.pid, n) for sid, n in sem.holdings.items()),
+            holders_total=len(sem.holdings),
+            dead_holders=first(iter(sem.dead_holdings.items())),
+            dead_holders_total=len(sem.dead_holdings),
+            queue=first((sessions[w.sid].cred.pid, w.req_id, w.deadline)
+                        for w in sem.waiters.values()),
+            queue_total=len(sem.waiters),
+        ))
 
     def infos(self, *, include_unlinked: bool = False) -> list[SemInfo]:
         sems = self._alive.values() if include_unlinked else self._names.values()
@@ -623,6 +763,7 @@ class SemTable:
         for sem in self._alive.values():
             assert sem.handles == sum(1 for h in self._tokens.values() if h.sem is sem)
         assert sum(self._sems_by_uid.values()) == len(self._alive)
+        assert self._names.order == sorted(self._names), "the name index is out of order"
         stale = sum(1 for e in self._deadlines if not e[2].active)
         assert stale == self._stale_deadlines, "stale deadline count drifted"
         live_timed = sum(1 for s in self._sessions.values() for w in s.waits.values()

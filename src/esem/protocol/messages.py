@@ -82,7 +82,7 @@ class Request:
     wait_mode: WaitMode = WaitMode.BLOCK  # WAIT
     timeout_ns: int = 0  # WAIT with TIMED
     target: int = 0  # CANCEL: the request id of the wait to withdraw
-    offset: int = 0  # LIST: index of the first entry wanted
+    after: str = ""  # LIST: the cursor, the last name of the previous page ("": the first)
 
 
 @dataclass(slots=True)
@@ -192,7 +192,7 @@ def encode_request(req: Request, *, mac: bool = False, req_id: int | None = None
     elif op is Opcode.CANCEL:
         body = _U64.pack(req.target)
     elif op is Opcode.LIST:
-        body = _U32.pack(req.offset)
+        body = _short(req.after.encode("utf-8"))
     else:
         body = b""
     return head + body
@@ -242,8 +242,11 @@ def _decode_request_body(op: Opcode, req_id: int, r: _Reader) -> Request:
         (target,) = r.unpack(_U64)
         return Request(op, req_id, target=target)
     if op is Opcode.LIST:
-        (offset,) = r.unpack(_U32)
-        return Request(op, req_id, offset=offset)
+        raw = r.short_bytes(0, MAX_NAME_BYTES + 1, "cursor")
+        try:
+            return Request(op, req_id, after=raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("cursor is not UTF-8") from exc
     return Request(op, req_id)
 
 

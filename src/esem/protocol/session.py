@@ -6,8 +6,15 @@ I/O shell must drop the connection::
 
     client: START --start()--> AWAIT_WELCOME --WELCOME--> OPEN --(error)--> CLOSED
                                              --REFUSED--> CLOSED
-    service: AWAIT_HELLO --HELLO--> OPEN --(error)--> CLOSED
-             AWAIT_HELLO --refuse()--> CLOSED
+    service: AWAIT_HELLO --HELLO--> HELLO_RECEIVED --accept()--> OPEN --(error)--> CLOSED
+             AWAIT_HELLO, HELLO_RECEIVED --refuse()--> CLOSED
+
+The service side is driven one frame at a time (``feed``, then ``next_event`` until it
+returns None), so the I/O shell decides how much of a peer's batch it executes now and
+can stop (its output is piling up, its turn is over) without losing what was read. A
+valid HELLO stops the session in HELLO_RECEIVED until the shell has decided whether to
+admit it (``accept``) or not (``refuse``): a connection counts against a quota only
+once its handshake is complete.
 
 In OPEN every frame is an AEAD transport message. The client numbers its requests with
 strictly increasing ids and the service rejects any id that does not increase, so the id
@@ -19,6 +26,7 @@ reply with the request's opcode.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -57,6 +65,7 @@ _REFUSAL = struct.Struct(">BBH")  # version, kind, status
 class State(Enum):
     START = "start"
     AWAIT_HELLO = "await-hello"
+    HELLO_RECEIVED = "hello-received"  # a valid HELLO, waiting for accept() or refuse()
     AWAIT_WELCOME = "await-welcome"
     OPEN = "open"
     CLOSED = "closed"
@@ -70,6 +79,11 @@ class RequestIn:
     request: Request
     signed: bytes
     mac: bytes | None
+
+
+@dataclass(slots=True)
+class HelloIn:
+    """A valid HELLO arrived: the shell must now ``accept()`` or ``refuse()``."""
 
 
 def _fits(plaintext: bytes) -> bytes:
@@ -113,6 +127,11 @@ class _Session:
             raise RuntimeError("session not established")
         return self._transport.session_id
 
+    @property
+    def buffered(self) -> int:
+        """Bytes queued for the peer and not yet taken by ``data_to_send``."""
+        return len(self._out)
+
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
         self._out.clear()
@@ -138,46 +157,92 @@ class ServerSession(_Session):
     def __init__(self, static_private: bytes) -> None:
         super().__init__(State.AWAIT_HELLO)
         self._responder: Responder | None = Responder(static_private)
+        self._welcome: bytes | None = None  # NK message 2, until accept()
         self._last_req_id = 0
-        self._transitions: dict[State, Callable[[bytes], RequestIn | None]] = {
+        # Frame bodies read but not yet turned into events: at most one read's worth,
+        # because the shell stops reading while any are left.
+        self._frames_in: deque[bytes] = deque()
+        self._transitions: dict[State, Callable[[bytes], RequestIn | HelloIn]] = {
             State.AWAIT_HELLO: self._on_hello,
             State.OPEN: self._on_request,
         }
 
     def __repr__(self) -> str:
-        return f"<ServerSession {self.state.value} last_req={self._last_req_id}>"
+        return (f"<ServerSession {self.state.value} last_req={self._last_req_id} "
+                f"backlog={len(self._frames_in)}>")
+
+    @property
+    def backlog(self) -> int:
+        """Frames received and not yet processed by ``next_event``."""
+        return len(self._frames_in)
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes from the peer; whole frames wait for ``next_event``. A frame length
+        of 0 or above the limit raises ``ProtocolError`` at once (and closes)."""
+        frames = self._frames(data)
+        if frames:
+            self._frames_in.extend(frames)
+
+    def next_event(self) -> RequestIn | HelloIn | None:
+        """Process the next received frame: a request, a ``HelloIn``, or None when no
+        whole frame is waiting (or the session waits for ``accept``). Raises
+        ``ProtocolError``/``IntegrityError`` (and closes) on anything that is not the
+        protocol; the frames after it are never processed."""
+        if not self._frames_in or self.state is State.HELLO_RECEIVED:
+            return None
+        body = self._frames_in.popleft()
+        handler = self._transitions.get(self.state)
+        if handler is None:
+            self._frames_in.clear()
+            raise self._fail(ProtocolError(f"no frame expected in state {self.state.value}"))
+        try:
+            return handler(body)
+        except EsemError:
+            self.state = State.CLOSED
+            self._frames_in.clear()
+            raise
 
     def receive_data(self, data: bytes) -> list[RequestIn]:
-        """Feed bytes from the peer. Raises ``ProtocolError``/``IntegrityError`` (and
-        closes the session) on anything that is not the protocol."""
+        """Feed bytes and process every whole frame, accepting a HELLO at once (for
+        in-memory pairs and tests; the service drives ``feed``/``next_event``). Raises
+        ``ProtocolError``/``IntegrityError`` (and closes the session) on anything that is
+        not the protocol."""
+        self.feed(data)
         events: list[RequestIn] = []
-        for body in self._frames(data):
-            handler = self._transitions.get(self.state)
-            if handler is None:
-                raise self._fail(ProtocolError(f"no frame expected in state {self.state.value}"))
-            try:
-                event = handler(body)
-            except EsemError:
-                self.state = State.CLOSED
-                raise
-            if event is not None:
+        while True:
+            event = self.next_event()
+            if event is None:
+                return events
+            if isinstance(event, HelloIn):
+                self.accept()
+            else:
                 events.append(event)
-        return events
+
+    def accept(self) -> None:
+        """Admit the session whose HELLO arrived: queue the WELCOME."""
+        if self.state is not State.HELLO_RECEIVED or self._welcome is None:
+            raise RuntimeError(f"no HELLO to accept in state {self.state.value}")
+        self._out += _handshake_frame(FrameKind.WELCOME, self._welcome)
+        self._welcome = None
+        self.state = State.OPEN
 
     def refuse(self, status: Status, text: str) -> None:
         """Refuse the connection before or instead of the handshake (quota, version)."""
         raw = text.encode("utf-8")[:MAX_MESSAGE_BYTES]
         self._out += encode_frame(_REFUSAL.pack(VERSION, FrameKind.REFUSED, status) + raw)
         self.state = State.CLOSED
+        self._welcome = None
+        self._transport = None
+        self._frames_in.clear()
 
-    def _on_hello(self, body: bytes) -> None:
+    def _on_hello(self, body: bytes) -> HelloIn:
         kind, payload = _split_handshake(body)
         if kind is not FrameKind.HELLO or self._responder is None:
             raise ProtocolError("expected HELLO")
-        welcome, self._transport = self._responder.respond(payload)
+        self._welcome, self._transport = self._responder.respond(payload)
         self._responder = None
-        self._out += _handshake_frame(FrameKind.WELCOME, welcome)
-        self.state = State.OPEN
+        self.state = State.HELLO_RECEIVED
+        return HelloIn()
 
     def _on_request(self, body: bytes) -> RequestIn:
         assert self._transport is not None

@@ -7,35 +7,64 @@ table calls, and write the replies (including the late ones: grants of queued wa
 timeouts from the single deadline timer, cancellations). A connection that breaks the
 protocol is logged and dropped; the table then forgets its session, and any unit that
 session was waiting for goes to the next waiter.
+
+Fairness and bounds (adversary A7): a connection's requests are executed one at a time
+from its session's backlog, and the connection stops being served, and read, as soon as
+its unsent replies pass ``WRITE_HIGH_WATER`` (until they drain) or its uid has had
+``TURN_BUDGET`` of this loop turn (it continues on a later turn, after the others). So
+what one connection can make the service hold is about one read of requests and one
+high-water mark of replies, and what one uid can make the others wait is about
+``TURN_BUDGET`` (or one request, if longer) per loop turn. A connection
+counts against its uid's session quota only once its HELLO is accepted; before that it
+is half-open, at most ``HALF_OPEN_PER_UID`` per uid, and closed after
+``HANDSHAKE_TIMEOUT``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import socket
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Protocol, cast
 
-from esem.core import CoreError, Cred, Quotas, SemInfo, SemTable, Status, WaitDone, WaitMode
+from esem.core import CoreError, Cred, Quotas, SemTable, SemView, Status, WaitDone, WaitMode
 from esem.core.table import Authenticator
 from esem.errors import EsemError
 from esem.protocol.constants import MAX_PLAINTEXT, Opcode, OpenFlag
 from esem.protocol.messages import Reply, Request
-from esem.protocol.session import RequestIn, ServerSession
+from esem.protocol.session import HelloIn, RequestIn, ServerSession, State
 from esem.safe_text import printable
+from esem.server.lograte import LogBucket
 
 log = logging.getLogger("esem.server")
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-# Pause reading from a client whose replies pile up unread (adversary A7).
+# Stop serving (and reading) a connection whose unsent replies pass this many bytes,
+# until the transport drains them (adversary A7: a client that sends and never reads).
 WRITE_HIGH_WATER = 256 * 1024
+# Loop time the connections of one uid may use together in one event-loop turn
+# (seconds); what they sent beyond it waits for a later turn, so a tenant with many
+# connections gets no more of the service than a tenant with one. At least one request
+# of each uid with work runs per turn. The same budget as the switchless poller's pass.
+TURN_BUDGET = 0.0005
+TURN_UNCOUNTED = TURN_BUDGET / 10  # a serve shorter than this is not charged to its uid
 REFUSED_LINGER = 1.0  # seconds a refused connection may stay open for its HELLO
+HANDSHAKE_TIMEOUT = 5.0  # seconds from accept to HELLO (a client gives up after 5 s too)
+# Connections of one uid still in their handshake. As many as its default session quota:
+# a burst of clients connecting at once (all accepted before any HELLO is read) must not
+# be refused for it, and a uid cannot use more sessions than that anyway.
+HALF_OPEN_PER_UID = 128
 LIST_PAGE_BUDGET = MAX_PLAINTEXT - 1024  # bytes of JSON per LIST reply, header room left
+LIST_PAGE_ENTRIES = 64  # entries at most per LIST reply, whatever their size
+# At most this many holders, dead holders and queued waiters are listed by STAT (the
+# counts stay exact), so a reply fits a frame however long the queue grows.
+STAT_LIST_CAP = 64
+MESSAGE_LOG_LIMIT = 300  # characters of peer-influenced text in one log line
 
 
 _END_TEXT = {
@@ -44,34 +73,33 @@ _END_TEXT = {
     Status.EBADF: "handle closed while waiting",
 }
 
-
-# At most this many holders, dead holders and queued waiters are listed by STAT (the
-# counts stay exact), so a reply fits a frame however long the queue grows.
-STAT_LIST_CAP = 64
-
-
-# What anyone may see of a semaphore, as ``ls -l /dev/shm`` shows it; the rest (its
-# count and activity) only a caller with read permission.
-_PUBLIC_FIELDS = ("sem_id", "name", "linked", "owner_uid", "owner_gid", "mode", "key_bound",
-                  "robust", "created")
+# The fields of SemDetail that LIST shows (STAT adds the lists and their totals).
+_COUNT_FIELDS = ("value", "initial", "handles", "waiters", "posts", "waits",
+                 "robust_releases", "robust_forgiven", "reclaimed")
+_LIST_FIELDS = ("holders", "dead_holders", "queue")
 
 
-def _summary(info: SemInfo, *, full: bool) -> dict[str, object]:
-    """The fields of ``esem ls``: everything but the per-process lists; without read
-    permission, the public fields and nulls."""
-    d = dataclasses.asdict(info)
-    for name in ("holders", "dead_holders", "queue"):
-        del d[name]
-    if not full:
-        d = {k: (v if k in _PUBLIC_FIELDS else None) for k, v in d.items()}
+def _public(view: SemView) -> dict[str, object]:
+    return {"sem_id": view.sem_id, "name": view.name, "linked": view.linked,
+            "owner_uid": view.owner_uid, "owner_gid": view.owner_gid, "mode": view.mode,
+            "key_bound": view.key_bound, "robust": view.robust, "created": view.created}
+
+
+def _summary(view: SemView) -> dict[str, object]:
+    """A LIST entry: the public fields, and the counts (null when hidden)."""
+    d = _public(view)
+    detail = view.detail
+    for name in _COUNT_FIELDS:
+        d[name] = None if detail is None else getattr(detail, name)
     return d
 
 
-def _stat_json(info: SemInfo) -> bytes:
-    d = dataclasses.asdict(info)
-    for name in ("holders", "dead_holders", "queue"):
-        d[f"{name}_total"] = len(d[name])
-        d[name] = d[name][:STAT_LIST_CAP]
+def _stat_json(view: SemView) -> bytes:
+    d = _summary(view)
+    detail = view.detail
+    for name in _LIST_FIELDS:
+        d[name] = None if detail is None else [list(x) for x in getattr(detail, name)]
+        d[f"{name}_total"] = None if detail is None else getattr(detail, f"{name}_total")
     return json.dumps(d).encode()
 
 
@@ -107,6 +135,11 @@ def peer_cred(sock: socket.socket) -> Cred:
     return Cred(uid=uid, gid=gid, pid=pid)
 
 
+def _text(obj: object) -> str:
+    """Peer-influenced text (names inside core messages, protocol errors) for a log."""
+    return printable(str(obj), limit=MESSAGE_LOG_LIMIT)
+
+
 class Service:
     """The semaphore table and the live connections that use it."""
 
@@ -118,7 +151,14 @@ class Service:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._dirty: set[Connection] = set()
+        self._half_open: Counter[int] = Counter()  # uid -> connections in handshake
+        self._turn_spent: dict[int, float] = {}  # uid -> seconds served in this loop turn
+        self._turn_reset_armed = False
+        # Connection events (refusals, starts, ends) are budgeted per uid: a uid that
+        # connects in a loop must not flood the log either.
+        self._uid_logs: dict[int, LogBucket] = {}
         self.sessions_started = 0
+        self.handshake_timeouts = 0
         # What accepts connections: ``esem.server.switchless.enable`` swaps in the
         # connections that can move to shared-memory rings (``esem serve --switchless``).
         self.connection_factory: Callable[[Service], Connection] = Connection
@@ -126,67 +166,195 @@ class Service:
         self.observer: Observer | None = None  # metrics, when enabled (--metrics)
 
     def __repr__(self) -> str:
-        return f"<Service connections={len(self._conns)} {self.table!r}>"
+        return (f"<Service connections={len(self._conns)} "
+                f"half_open={sum(self._half_open.values())} {self.table!r}>")
 
     def statistics(self) -> dict[str, int]:
         return {"connections": len(self._conns), "sessions_started": self.sessions_started,
-                **self.table.statistics()}
+                "half_open": sum(self._half_open.values()),
+                "handshake_timeouts": self.handshake_timeouts, **self.table.statistics()}
 
     def protocol_factory(self) -> Connection:
         return self.connection_factory(self)
 
     # -------------------------------------------------------- connection events
 
-    def _attach(self, conn: Connection, cred: Cred) -> int | None:
+    def _uid_log(self, uid: int, level: int, msg: str, *args: object) -> None:
+        bucket = self._uid_logs.get(uid)
+        if bucket is None:
+            bucket = self._uid_logs[uid] = LogBucket(burst=100, rate=20.0)
+        bucket.log(log, level, f"uid {uid}", time.monotonic(), msg, *args)
+
+    def _accepted(self, conn: Connection, cred: Cred) -> bool:
+        """A new connection: admit it to its handshake unless its uid already has
+        ``HALF_OPEN_PER_UID`` connections there (then refuse it at once)."""
+        if self._half_open[cred.uid] >= HALF_OPEN_PER_UID:
+            self._uid_log(cred.uid, logging.WARNING,
+                          "refused connection pid=%d uid=%d: %d connections in handshake",
+                          cred.pid, cred.uid, HALF_OPEN_PER_UID)
+            conn.session.refuse(Status.EDQUOT, f"uid {cred.uid} has {HALF_OPEN_PER_UID} "
+                                "connections in their handshake (limit)")
+            return False
+        self._half_open[cred.uid] += 1
+        return True
+
+    def _handshake_over(self, conn: Connection) -> None:
+        """The connection leaves the half-open count (HELLO, timeout or hang-up)."""
+        cred = conn.cred
+        if cred is None or not conn.half_open:
+            return
+        conn.half_open = False
+        self._half_open[cred.uid] -= 1
+        if not self._half_open[cred.uid]:
+            del self._half_open[cred.uid]
+
+    def _attach(self, conn: Connection) -> int | None:
+        """The HELLO was valid: count the session against its uid's quota, then WELCOME
+        it, or refuse it (REFUSED) if the uid is at its quota."""
+        cred = conn.cred
+        assert cred is not None
+        self._handshake_over(conn)
         sid = self._next_sid
         self._next_sid += 1
         try:
             self.table.add_session(sid, cred)
         except CoreError as exc:
-            log.warning("refused connection pid=%d uid=%d: %s", cred.pid, cred.uid, exc.message)
+            self._uid_log(cred.uid, logging.WARNING, "refused connection pid=%d uid=%d: %s",
+                          cred.pid, cred.uid, _text(exc.message))
             if self.observer is not None:
                 self.observer.session_refused()
             conn.session.refuse(exc.status, exc.message)
             return None
+        conn.session.accept()
+        conn.sid = sid
         self._conns[sid] = conn
         self.sessions_started += 1
-        log.info("session %d start pid=%d uid=%d gid=%d", sid, cred.pid, cred.uid, cred.gid)
+        self._uid_log(cred.uid, logging.INFO, "session %d start pid=%d uid=%d gid=%d",
+                      sid, cred.pid, cred.uid, cred.gid)
         return sid
 
     def _detach(self, conn: Connection, reason: str) -> None:
+        self._handshake_over(conn)
         sid = conn.sid
         if sid is None or self._conns.get(sid) is not conn:
             return
         del self._conns[sid]
         cred = self.table.session_cred(sid)
         done = self.table.end_session(sid)
-        log.info("session %d end pid=%d uid=%d (%s)", sid, cred.pid, cred.uid, reason)
+        conn.logs.flush(log, f"session {sid}")
+        self._uid_log(cred.uid, logging.INFO, "session %d end pid=%d uid=%d (%s)",
+                      sid, cred.pid, cred.uid, _text(reason))
         self._deliver(done)
         self._arm_timer()
         self._flush()
 
+    def _handshake_expired(self, conn: Connection) -> None:
+        if not conn.half_open:
+            return
+        cred = conn.cred
+        self.handshake_timeouts += 1
+        if cred is not None:
+            self._uid_log(cred.uid, logging.INFO,
+                          "closed connection pid=%d uid=%d: no HELLO within %g s",
+                          cred.pid, cred.uid, HANDSHAKE_TIMEOUT)
+        self._handshake_over(conn)
+        conn.abort()
+
     def _received(self, conn: Connection, data: bytes) -> None:
         try:
-            events = conn.session.receive_data(data)
+            conn.session.feed(data)
         except EsemError as exc:
-            log.warning("session %s protocol error: %s; closing", conn.sid, exc)
-            if self.observer is not None:
-                self.observer.protocol_error()
-            # Forget the session now, before any later grant could be sent to it.
-            self._detach(conn, f"protocol error: {exc}")
-            conn.abort()
+            self._protocol_error(conn, exc)
             return
-        obs = self.observer
-        for event in events:
-            if obs is None:
-                self._dispatch(conn, event)
-            else:
-                start = time.perf_counter()
-                status = self._dispatch(conn, event)
-                obs.request(event.request.opcode, status, time.perf_counter() - start)
-        self._dirty.add(conn)
+        self._serve(conn)
+
+    def _protocol_error(self, conn: Connection, exc: EsemError) -> None:
+        if self.observer is not None:
+            self.observer.protocol_error()
+        conn.logs.log(log, logging.WARNING, f"session {conn.sid}", time.monotonic(),
+                      "session %s protocol error: %s; closing", conn.sid, _text(exc))
+        # Forget the session now, before any later grant could be sent to it.
+        self._detach(conn, f"protocol error: {exc}")
+        conn.abort()
+
+    def _serve(self, conn: Connection) -> None:
+        """Execute the connection's received requests in order, until none is left, its
+        unsent replies pass the high-water mark (it resumes when they drain), or its
+        turn is over (it continues on a later loop turn)."""
+        conn.scheduled = False
+        session = conn.session
+        clock = time.perf_counter
+        uid = conn.cred.uid if conn.cred is not None else -1
+        start = clock()
+        left = TURN_BUDGET - self._turn_spent.get(uid, 0.0)
+        if left <= 0.0 and session.backlog:
+            conn.update_flow()  # this uid's turn is over: stop reading, go on later
+            return
+        end = start + max(left, 0.0)
+        try:
+            # What the transport holds changes only when we flush: read it once, and
+            # add what the session has queued since.
+            # Unsent replies = the session's queue + what the transport holds, which
+            # changes only when we flush: read that once.
+            limit = WRITE_HIGH_WATER - conn.transport_pending()
+            next_event, dispatch, obs = session.next_event, self._dispatch, self.observer
+            while True:
+                if session.buffered > limit:
+                    conn.flush()  # the transport pauses us (or takes it all: go on)
+                    limit = WRITE_HIGH_WATER - conn.transport_pending()
+                    if limit < 0:
+                        break
+                event = next_event()
+                if event is None:
+                    break
+                if isinstance(event, HelloIn):
+                    if self._attach(conn) is None:
+                        conn.flush()
+                        conn.close()  # its HELLO has been read: the REFUSED gets through
+                        return
+                elif obs is None:
+                    dispatch(conn, event)
+                else:
+                    began = clock()
+                    status = dispatch(conn, event)
+                    obs.request(event.request.opcode, status, clock() - began)
+                if clock() >= end or conn.is_closing():
+                    break
+        except EsemError as exc:
+            self._protocol_error(conn, exc)
+            return
+        finally:
+            spent = clock() - start
+            # A serve of a request or two is not counted: counting arms a callback, which
+            # costs every ping-pong request an extra loop iteration; what can hold the
+            # loop (batches, admin pages) always takes longer than this.
+            if spent >= TURN_UNCOUNTED:
+                self._charge(uid, spent)
+        if conn.sid is not None:
+            self._dirty.add(conn)
+        else:
+            conn.flush()
         self._arm_timer()
         self._flush()
+        conn.update_flow()
+
+    def _charge(self, uid: int, seconds: float) -> None:
+        """Count ``seconds`` of this loop turn against ``uid``; the counts are cleared by
+        a callback of the next turn (callbacks scheduled now run on the next turn)."""
+        self._turn_spent[uid] = self._turn_spent.get(uid, 0.0) + seconds
+        if not self._turn_reset_armed:
+            self._turn_reset_armed = True
+            asyncio.get_running_loop().call_soon(self._new_turn)
+
+    def _new_turn(self) -> None:
+        self._turn_spent.clear()
+        self._turn_reset_armed = False
+
+    def _resume(self, conn: Connection) -> None:
+        """Serve the connection's backlog on a later loop turn (once)."""
+        if not conn.scheduled and conn.session.backlog:
+            conn.scheduled = True
+            asyncio.get_running_loop().call_soon(self._serve, conn)
 
     # ------------------------------------------------------------- dispatch
 
@@ -254,19 +422,22 @@ class Service:
                 key = opened.key
                 reply = Reply(op, req.req_id, Status.OK, handle=opened.handle)
             elif op is Opcode.LIST:
-                reply = Reply(op, req.req_id, Status.OK,
-                              data=self._list_page(sid, req.offset))
+                reply = Reply(op, req.req_id, Status.OK, data=self._list_page(sid, req.after))
             elif op is Opcode.SWITCHLESS:
                 reply = conn.upgrade(req)
             elif op is Opcode.STAT:
-                reply = Reply(op, req.req_id, Status.OK,
-                              data=_stat_json(table.stat(sid, req.name)))
+                key = table.key_for_name(req.name)
+                view = table.view(sid, req.name, cap=STAT_LIST_CAP,
+                                  keyed=event.mac is not None, auth=auth)
+                reply = Reply(op, req.req_id, Status.OK, data=_stat_json(view))
             else:
                 reply = Reply(op, req.req_id, Status.OK)
         except CoreError as exc:
-            cred = table.session_cred(sid)
-            log.info("session %d pid=%d uid=%d refused %s: %s %s", sid, cred.pid, cred.uid,
-                     op.name, exc.status.name, exc.message)
+            # A tenant can make every request fail: logged within the session's budget
+            # only; the core's text may carry a peer's name: escaped.
+            conn.logs.log(log, logging.INFO, f"session {sid}", time.monotonic(),
+                          "session %d refused %s: %s %s", sid, op.name, exc.status.name,
+                          _text(exc.message))
             reply = Reply(op, req.req_id, exc.status, message=exc.message)
         mac = event.mac is not None and key is not None and reply.status is not Status.EKEYREJECTED
         conn.session.send_reply(reply, mac_key=key if mac else None)
@@ -295,18 +466,23 @@ class Service:
         self._deliver(done)
         return Reply(Opcode.RECLAIM, req.req_id, Status.OK, value=units)
 
-    def _list_page(self, sid: int, offset: int) -> bytes:
-        infos = self.table.infos()
+    def _list_page(self, sid: int, after: str) -> bytes:
+        """One LIST page: the entries after the cursor that fit ``LIST_PAGE_BUDGET``
+        (at least one), ``more`` if any follow, and the number of names in all (the
+        cursor of the next page is the last entry's name)."""
+        views, more = self.table.page(sid, after, LIST_PAGE_ENTRIES)
         entries: list[str] = []
-        size = 64
-        for info in infos[offset:]:
-            entry = json.dumps(_summary(info, full=self.table.readable(sid, info)))
+        size = 96  # the envelope below
+        for view in views:
+            entry = json.dumps(_summary(view))
             if size + len(entry) + 1 > LIST_PAGE_BUDGET and entries:
+                more = True  # the rest of this batch did not fit: the next page has it
                 break
             entries.append(entry)
             size += len(entry) + 1
-        page = f'{{"total": {len(infos)}, "offset": {offset}, "entries": [{",".join(entries)}]}}'
-        return page.encode()
+        total = self.table.name_count()
+        return (f'{{"total": {total}, "more": {json.dumps(more)}, '
+                f'"entries": [{",".join(entries)}]}}').encode()
 
     def _deliver(self, done: list[WaitDone]) -> None:
         """Answer waits that ended outside their own request (grant, timeout, cancel)."""
@@ -350,14 +526,24 @@ class Service:
 
 
 class Connection(asyncio.Protocol):
-    """One client connection: a thin adapter between the transport and the Service."""
+    """One client connection: a thin adapter between the transport and the Service.
+
+    Reading is paused while the session has a backlog of received requests (so what a
+    peer can make us hold is one read) or its replies pile up unread (``pause_writing``
+    from the transport, above ``WRITE_HIGH_WATER``)."""
 
     def __init__(self, service: Service) -> None:
         self.service = service
         self.session = ServerSession(service._static_private)
         self.sid: int | None = None
+        self.cred: Cred | None = None
         self.transport: asyncio.Transport | None = None
-        self._paused = False
+        self.logs = LogBucket()  # this session's log budget
+        self.half_open = False  # counted in the service's half-open connections
+        self.scheduled = False  # a later loop turn will serve the backlog
+        self._write_paused = False  # the transport's buffer is above the high-water mark
+        self._reading = True
+        self._handshake_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<Connection sid={self.sid} {self.session!r}>"
@@ -367,16 +553,21 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         sock = transport.get_extra_info("socket")
-        self.sid = self.service._attach(self, peer_cred(sock))
-        if self.sid is None:  # refused: say why, then hang up
+        self.cred = peer_cred(sock)
+        loop = asyncio.get_running_loop()
+        if not self.service._accepted(self, self.cred):  # refused: say why, then hang up
             self.flush()
             # Close once the client's HELLO has been read (closing with it unread would
             # reset the connection and could destroy our reason before the client reads
             # it), or after REFUSED_LINGER seconds at the latest.
-            asyncio.get_running_loop().call_later(REFUSED_LINGER, transport.close)
+            loop.call_later(REFUSED_LINGER, transport.close)
+            return
+        self.half_open = True
+        self._handshake_timer = loop.call_later(
+            HANDSHAKE_TIMEOUT, self.service._handshake_expired, self)
 
     def data_received(self, data: bytes) -> None:
-        if self.sid is not None:
+        if self.session.state is not State.CLOSED:
             self.service._received(self, data)
         elif self.transport is not None:
             self.transport.close()
@@ -385,22 +576,60 @@ class Connection(asyncio.Protocol):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         self.service._detach(self, "disconnected" if exc is None else f"lost: {exc}")
 
     def pause_writing(self) -> None:
-        if self.transport is not None and not self._paused:
-            self._paused = True
-            self.transport.pause_reading()
+        self._write_paused = True
+        self.update_flow()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and self._paused:
-            self._paused = False
-            self.transport.resume_reading()
+        self._write_paused = False
+        self.update_flow()
+        self.service._resume(self)
+
+    def output_pending(self) -> int:
+        """Reply bytes not yet taken by the kernel: the session's and the transport's."""
+        return self.session.buffered + self.transport_pending()
+
+    def transport_pending(self) -> int:
+        """Reply bytes handed to the transport and not yet taken by the kernel."""
+        t = self.transport
+        return t.get_write_buffer_size() if t is not None else 0
+
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def update_flow(self) -> None:
+        """Read from the peer only while nothing it sent waits and its replies drain; a
+        backlog left by a finished turn is served on the next one."""
+        backlog = self.session.backlog > 0
+        if not backlog and self._reading and not self._write_paused:
+            return  # the usual case: all served, reading, nothing to change
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        want = not backlog and not self._write_paused
+        if want != self._reading:
+            self._reading = want
+            if want:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+        if backlog and not self._write_paused:
+            self.service._resume(self)
 
     def flush(self) -> None:
         data = self.session.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    def close(self) -> None:
+        """Hang up once what is queued has been written."""
+        if self.transport is not None:
+            self.transport.close()
 
     def upgrade(self, req: Request) -> Reply:
         """SWITCHLESS: a service started without ``--switchless`` refuses (the session

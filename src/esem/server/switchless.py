@@ -48,6 +48,7 @@ from esem.protocol.ring import (
     RingError,
     region_size,
 )
+from esem.safe_text import printable
 from esem.server.service import WRITE_HIGH_WATER, Connection, Service
 
 log = logging.getLogger("esem.server")
@@ -155,7 +156,9 @@ class SwitchlessConnection(Connection):
         try:
             self._offer = _Offer(self.board.capacity)
         except OSError as exc:  # out of descriptors or memory
-            log.warning("session %s: cannot create a switchless ring: %s", self.sid, exc)
+            self.logs.log(log, logging.WARNING, f"session {self.sid}", time.monotonic(),
+                          "session %s: cannot create a switchless ring: %s", self.sid,
+                          printable(str(exc)))
             return Reply(Opcode.SWITCHLESS, req.req_id, Status.EDQUOT,
                          message=f"cannot create a switchless ring: {exc.strerror}")
         return Reply(Opcode.SWITCHLESS, req.req_id, Status.OK, value=self.board.capacity)
@@ -258,11 +261,35 @@ class SwitchlessConnection(Connection):
             del self._pending[:n]
             if self.paused and len(self._pending) <= WRITE_HIGH_WATER // 2:
                 self.paused = False
+                self.service._resume(self)  # requests it received wait to be served
         return n > 0
 
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def transport_pending(self) -> int:
+        if self.tx is None:
+            return super().transport_pending()
+        return len(self._pending)  # replies that did not fit the reply ring
+
+    def is_closing(self) -> bool:
+        return self.closed or super().is_closing()
+
+    def update_flow(self) -> None:
+        if self.rx is None:
+            super().update_flow()
+            return
+        # Ring mode: the poller reads requests only while none wait (``pump``); the
+        # processed counter moves once every request read has been executed.
+        if self.session.backlog:
+            if not self.paused:
+                self.service._resume(self)
+        elif not self.closed:
+            try:
+                self.rx.done()
+            except RingError as exc:
+                self._fail(exc)
 
     def pump(self) -> bool:
         """One poller step for this session: flush pending replies, feed new requests to
@@ -276,12 +303,13 @@ class SwitchlessConnection(Connection):
                 worked = True
                 if tx.peer_sleeping():
                     self.ring_client()
-            if not self.paused:
+            if not self.paused and not self.session.backlog:
                 data = rx.read(PUMP_BYTES)
                 if data:
+                    # Executes what fits this turn; ``update_flow`` then marks the ring
+                    # processed (after the replies: a client seeing it may sleep), or
+                    # the rest is served on a later turn before the ring is read again.
                     self.service._received(self, data)
-                    if not self.closed:  # (a protocol error closes it in _received)
-                        rx.done()  # after the replies: a client seeing it may sleep
                     worked = True
         except RingError as exc:
             self._fail(exc)
@@ -325,7 +353,8 @@ class SwitchlessConnection(Connection):
         end it as ``Service._received`` ends a socket session that did."""
         if self.closed:
             return
-        log.warning("session %s protocol error: %s; closing", self.sid, exc)
+        self.logs.log(log, logging.WARNING, f"session {self.sid}", time.monotonic(),
+                      "session %s protocol error: %s; closing", self.sid, printable(str(exc)))
         self.service._detach(self, f"protocol error: {exc}")
         self.abort()
 
