@@ -362,7 +362,6 @@ def _fmt_time(ts: float) -> str:
 
 def _ls(args: argparse.Namespace) -> int:
     from esem.client.admin import list_semaphores
-    from esem.safe_text import printable
 
     client = _client(args)
     try:

@@ -55,9 +55,10 @@ def run_forked(child: Callable[[], int | None], timeout: float = CHILD_TIMEOUT) 
     return reap(spawn(child), timeout)
 
 
-def stat(name: str) -> dict[str, Any]:
-    """The service's view of esem semaphore ``name`` (through this process's client)."""
-    return admin.stat_semaphore(get_client(), name)
+def stat(name: str, key: bytes | None = None) -> dict[str, Any]:
+    """The service's view of esem semaphore ``name`` (through this process's client);
+    a key-bound one shows its counts only with its ``key``."""
+    return admin.stat_semaphore(get_client(), name, key=key)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,

@@ -44,7 +44,8 @@ def _die_holding(sem: esem.EsemSemaphore) -> int:
 
     pid = spawn(child)
     assert reap(pid) == 0
-    wait_until(lambda: [pid, 1] in stat(sem.name)["dead_holders"], what="dead holder")
+    key = sem._key  # a key-bound semaphore shows its holders only to a STAT with its key
+    wait_until(lambda: [pid, 1] in stat(sem.name, key)["dead_holders"], what="dead holder")
     return pid
 
 
@@ -106,7 +107,7 @@ def test_reclaim_key_bound_needs_the_key(socket_service: EmbeddedService, sem_na
     _die_holding(sem)
     refused = esem_cli("reclaim", sem_name)
     assert refused.returncode == 1 and "key" in refused.stderr
-    assert stat(sem_name)["reclaimed"] == 0
+    assert stat(sem_name, key)["reclaimed"] == 0
     key_file = tmp_path / "key"
     key_file.write_text(key.hex() + "\n")
     done = esem_cli("reclaim", sem_name, "--key-file", str(key_file))

@@ -44,7 +44,7 @@ def squat(name: str, key: bytes | None = None) -> None:
         return 0 if sem.created else 1  # type: ignore[union-attr]
 
     assert run_forked(body) == 0
-    info = stat(name)
+    info = stat(name, key)  # a key-bound squat shows its count only with its key
     assert (info["owner_uid"], info["mode"], info["value"]) == (65534, 0o666, 1000)
 
 

@@ -654,7 +654,7 @@ class SemTable:
         return may_read(self._session(sid).cred, info.owner_uid, info.owner_gid, info.mode)
 
     # The bounded views the service serves (LIST, STAT): each costs O(log n + what it
-    # returns), whatever the number of semaphores or the length of a queue (DESIGN.md
+    # returns), whatever the number of semaphores or the length of a queue (docs/design.md
     # section 4: one tenant cannot stall the service with cheap requests).
 
     def view(self, sid: int, name: str, *, cap: int, keyed: bool = False,
