@@ -1,0 +1,71 @@
+"""Fixtures for the native (Rust) code: build the Cargo workspace once per session and
+drive its interop tool over a pipe.
+
+The build runs ``cargo`` directly (``native/``); a machine without cargo skips these
+tests with a message saying so (this project's machines and CI have it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKSPACE = ROOT / "native"
+TARGET = WORKSPACE / "target" / "debug"
+
+
+@pytest.fixture(scope="session")
+def native_build() -> Path:
+    """Build every crate, binary and example of the workspace (debug); return the
+    target directory."""
+    cargo = shutil.which("cargo")
+    if cargo is None:
+        pytest.skip("cargo is not installed: the native client cannot be built here")
+    subprocess.run(
+        [cargo, "build", "--quiet", "--workspace", "--all-targets",
+         "--features", "esem-proto/deterministic"],
+        cwd=WORKSPACE, check=True,
+    )
+    return TARGET
+
+
+class Interop:
+    """The ``interop`` example: one JSON command per line, one JSON answer per line."""
+
+    def __init__(self, exe: Path) -> None:
+        self.proc = subprocess.Popen(
+            [str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+
+    def call(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "interop tool exited"
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def ok(self, **cmd: Any) -> dict[str, Any]:
+        answer = self.call(**cmd)
+        assert answer["ok"], answer
+        return answer
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def interop(native_build: Path) -> Iterator[Interop]:
+    tool = Interop(native_build / "examples" / "interop")
+    yield tool
+    tool.close()
