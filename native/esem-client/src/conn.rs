@@ -203,7 +203,9 @@ thread_local! {
     static WAKE: std::cell::RefCell<Option<(u32, OwnedFd)>> = const { std::cell::RefCell::new(None) };
 }
 
-fn my_wake_fd() -> Result<RawFd> {
+/// This thread's doorbell eventfd (created on first use, replaced after fork): a
+/// thread that sent a request may `poll` it and then call `Client::try_reply`.
+pub fn my_wake_fd() -> Result<RawFd> {
     let pid = std::process::id();
     WAKE.with(|w| {
         let mut w = w.borrow_mut();
@@ -369,6 +371,34 @@ impl Client {
         let id = self.shared.send_locked(inner, body, key)?;
         inner.slots.insert(id, Slot { reply: None, wake });
         Ok(id)
+    }
+
+    /// The reply to `req_id` if it has arrived (`None` while pending), without
+    /// blocking; drains this thread's doorbell first. For callers that sleep in a
+    /// `poll` of their own on `my_wake_fd()` (the preload library's cancellable waits).
+    pub fn try_reply(&self, req_id: u64) -> Option<Result<Reply>> {
+        if let Err(e) = self.check_pid() {
+            return Some(Err(e));
+        }
+        if let Ok(fd) = my_wake_fd() {
+            sys::eventfd_drain(fd);
+        }
+        let mut guard = self.shared.lock();
+        let inner = &mut *guard;
+        let Some(slot) = inner.slots.get_mut(&req_id) else {
+            return Some(Err(ClientError::Invalid(format!(
+                "request {req_id} is not pending"
+            ))));
+        };
+        if let Some(reply) = slot.reply.take() {
+            inner.slots.remove(&req_id);
+            return Some(Ok(reply));
+        }
+        if let Some(e) = inner.failure.clone() {
+            inner.slots.remove(&req_id);
+            return Some(Err(e));
+        }
+        None
     }
 
     /// Block until the reply to `req_id` arrives. With `interruptible`, a signal

@@ -127,6 +127,48 @@ impl Semaphore {
         })
     }
 
+    /// A semaphore known only by a handle token of another process (an unnamed
+    /// semaphore in shared memory, or one inherited across fork): the first operation
+    /// ATTACHes through this process's session.
+    pub fn from_token(token: Handle, name: &str) -> Semaphore {
+        Semaphore {
+            name: name.to_owned(),
+            key: None,
+            created: false,
+            token: Mutex::new(Some((0, token))),
+        }
+    }
+
+    /// This process's handle token, attaching first if needed (what another process
+    /// needs to `from_token` it).
+    pub fn token(&self) -> Result<Handle> {
+        self.ctx().map(|(_, h)| h)
+    }
+
+    /// Send a WAIT and return its request id without waiting: the caller sleeps on
+    /// `conn::my_wake_fd()` and collects the reply with `Client::try_reply`.
+    pub fn start_wait(&self, mode: WaitMode, timeout_ns: u64) -> Result<(&'static Client, u64)> {
+        let (client, handle) = self.ctx()?;
+        let id = client.send(
+            &RequestBody::Wait {
+                handle,
+                mode,
+                timeout_ns,
+            },
+            self.key.as_deref(),
+        )?;
+        Ok((client, id))
+    }
+
+    /// Withdraw the wait `req_id` (PROTOCOL.md 10): CANCEL, then both replies. Returns
+    /// true if the grant won the race (the caller owns a unit), false if withdrawn.
+    pub fn cancel_wait(&self, client: &Client, req_id: u64) -> Result<bool> {
+        let cancel = client.send(&RequestBody::Cancel { target: req_id }, None)?;
+        let fin = client.wait_reply(req_id, false)?;
+        client.wait_reply(cancel, false)?;
+        Ok(fin.status == Status::OK)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
