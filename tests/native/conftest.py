@@ -19,6 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 WORKSPACE = ROOT / "native"
 TARGET = WORKSPACE / "target" / "debug"
+HERE = Path(__file__).resolve().parent
+INCLUDE = WORKSPACE / "include"
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +71,21 @@ def interop(native_build: Path) -> Iterator[Interop]:
     tool = Interop(native_build / "examples" / "interop")
     yield tool
     tool.close()
+
+
+@pytest.fixture(scope="session")
+def preload(native_build: Path) -> Path:
+    lib = native_build / "libesem_preload.so"
+    assert lib.exists(), lib
+    return lib
+
+
+@pytest.fixture(scope="session")
+def semtest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.skip("no C compiler: the preload tests compile small C programs")
+    exe = tmp_path_factory.mktemp("c") / "semtest"
+    subprocess.run([gcc, "-Wall", "-Wextra", "-Werror", "-O1", "-pthread", "-I", str(INCLUDE),
+                    str(HERE / "c" / "semtest.c"), "-o", str(exe)], check=True)
+    return exe

@@ -21,27 +21,6 @@ from esem.client.blocking import get_client
 from esem.errors import ExistentialError
 from esem.server.embedded import EmbeddedService
 
-HERE = Path(__file__).resolve().parent
-INCLUDE = HERE.parents[1] / "native" / "include"
-
-
-@pytest.fixture(scope="session")
-def preload(native_build: Path) -> Path:
-    lib = native_build / "libesem_preload.so"
-    assert lib.exists(), lib
-    return lib
-
-
-@pytest.fixture(scope="session")
-def semtest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("no C compiler: the preload tests compile small C programs")
-    exe = tmp_path_factory.mktemp("c") / "semtest"
-    subprocess.run([gcc, "-Wall", "-Wextra", "-Werror", "-O1", "-pthread", "-I", str(INCLUDE),
-                    str(HERE / "c" / "semtest.c"), "-o", str(exe)], check=True)
-    return exe
-
 
 def run(preload: Path, argv: list[str], *, all_sems: bool = False,
         env: dict[str, str] | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
