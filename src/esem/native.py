@@ -35,7 +35,9 @@ def library_path() -> Path:
         if not path.is_file():
             raise NativeError(f"ESEM_PRELOAD_LIB={env} is not a file")
         return path.resolve()
-    candidates = [_PACKAGE / "_native" / LIBRARY_NAME]
+    # pip names it like an extension module: libesem_preload.cpython-311-x86_64-...so
+    installed = sorted((_PACKAGE / "_native").glob("libesem_preload*.so"))
+    candidates = [*installed, _PACKAGE / "_native" / LIBRARY_NAME]
     candidates += [_REPO_NATIVE / "target" / kind / LIBRARY_NAME for kind in ("release", "debug")]
     for path in candidates:
         if path.is_file():

@@ -23,18 +23,37 @@ HERE = Path(__file__).resolve().parent
 INCLUDE = WORKSPACE / "include"
 
 
-@pytest.fixture(scope="session")
-def native_build() -> Path:
-    """Build every crate, binary and example of the workspace (debug); return the
-    target directory."""
+_built: list[subprocess.CompletedProcess[str]] = []
+
+
+def _build() -> subprocess.CompletedProcess[str] | None:
+    """Build every crate, test, binary and example of the workspace (debug), once."""
     cargo = shutil.which("cargo")
     if cargo is None:
+        return None
+    if not _built:
+        _built.append(subprocess.run(
+            [cargo, "build", "--quiet", "--workspace", "--all-targets",
+             "--features", "esem-proto/deterministic"],
+            cwd=WORKSPACE, capture_output=True, text=True,
+        ))
+    return _built[0]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build before the first test runs, so that a clean build (about two minutes on a
+    loaded machine) is not charged to one test's timeout."""
+    if any(HERE in Path(item.path).parents for item in session.items):
+        _build()
+
+
+@pytest.fixture(scope="session")
+def native_build() -> Path:
+    """The target directory of the built workspace."""
+    result = _build()
+    if result is None:
         pytest.skip("cargo is not installed: the native client cannot be built here")
-    subprocess.run(
-        [cargo, "build", "--quiet", "--workspace", "--all-targets",
-         "--features", "esem-proto/deterministic"],
-        cwd=WORKSPACE, check=True,
-    )
+    assert result.returncode == 0, f"cargo build failed:\n{result.stderr}"
     return TARGET
 
 

@@ -65,3 +65,13 @@ def test_run_refuses_static_binaries(preload: Path, tmp_path: Path) -> None:
     assert r.returncode == 2 and "statically linked" in r.stderr
     r = esem("run", "--", str(dynamic), env={"ESEM_PRELOAD_LIB": str(preload)})
     assert r.returncode == 0
+
+
+def test_preload_finds_a_built_library_without_the_variable(native_build: Path) -> None:
+    """Installed (pip builds it into esem/_native) or the repository's Cargo build."""
+    env = {k: v for k, v in os.environ.items() if k != "ESEM_PRELOAD_LIB"}
+    r = subprocess.run([sys.executable, "-m", "esem", "preload"], capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    lib = Path(r.stdout.strip())
+    assert lib.is_file() and lib.name.startswith("libesem_preload")
