@@ -146,8 +146,8 @@ def test_blocked_waiter_does_not_delay_another_threads_post(
     """Rust integration test binary: two threads share one session; one waits on an
     empty semaphore while the other posts to a second one and gets its answers."""
     result = subprocess.run(
-        ["cargo", "test", "--quiet", "-p", "esem-client", "--test", "live", "--",
-         "--test-threads=1"],
+        ["cargo", "test", "--quiet", "-p", "esem-client", "--test", "live",
+         "--features", "esem-proto/deterministic", "--", "--test-threads=1"],
         cwd=native_build.parents[1], capture_output=True, text=True,
         env={**os.environ, "ESEM_TEST_NAME": sem_name}, timeout=600,
     )
