@@ -263,3 +263,19 @@ def test_dropped_grant_surfaces_through_the_keepalive(
     finally:
         proxy.stop()
     assert owner(f"unlink {sem_name}") == "ok"
+
+
+def test_replaced_descriptor_is_noticed_not_written(esemc: Callable[..., Esemc]) -> None:
+    """A program that puts a socket of its own at the session's descriptor number: the
+    client notices (the socket's identity is checked before each write and read) and
+    fails the session instead of writing session bytes to the program's peer."""
+    c = esemc()
+    assert c("ping") == "ok"
+    old_fd = c("clobber-fd").split()[1]
+    # The next call fails (the write path saw it) or, if the reader thread saw it first
+    # and failed the session, runs on a new session at another descriptor.
+    first = c("ping")
+    assert first == "ok" or first.startswith("err Unavailable"), first
+    assert c("ping") == "ok"
+    assert c("fd").split()[1] != old_fd
+    assert c("peer") == "ok 0"

@@ -5,7 +5,8 @@
 //! Commands: `open NAME FLAGS VALUE MODE [KEYHEX]` (FLAGS: any of c x r, or -),
 //! `wait`, `trywait`, `timedwait MS`, `post`, `value`, `close`, `unlink NAME [KEYHEX]`,
 //! `fork-post` (a fork child posts through the inherited handle, which ATTACHes),
-//! `fd` (the session descriptor), `sid`, `ping`.
+//! `fd` (the session descriptor), `clobber-fd` (put a socket of the program's at that
+//! number) and `peer` (bytes that reached that socket), `sid`, `ping`.
 
 use esem_client::{conn, process_client, unlink, ClientError, OpenOptions, Semaphore};
 use esem_proto::RequestBody;
@@ -38,6 +39,7 @@ fn answer(r: Result<String, ClientError>) -> String {
 
 fn main() {
     let mut sem: Option<Semaphore> = None;
+    let mut peer: i32 = -1;
     let mut out = std::io::stdout().lock();
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
@@ -92,6 +94,29 @@ fn main() {
                 format!("child={}", wait_child(pid))
             }),
             "fd" => process_client().map(|c| conn::session_fd(c).to_string()),
+            // The program puts a socket of its own at the session's descriptor number
+            // (a file would be refused by send(2) anyway); `peer` counts what reached it.
+            "clobber-fd" => process_client().map(|c| {
+                let fd = conn::session_fd(c);
+                let mut pair = [0i32; 2];
+                // SAFETY: makes a socket pair and moves one end onto a descriptor number,
+                // as a careless program might; the client must notice.
+                unsafe {
+                    libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr());
+                    libc::dup2(pair[0], fd);
+                    libc::close(pair[0]);
+                }
+                peer = pair[1];
+                fd.to_string()
+            }),
+            "peer" => {
+                let mut buf = [0u8; 65536];
+                // SAFETY: a non-blocking read into a live buffer from our own socket.
+                let n = unsafe {
+                    libc::recv(peer, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+                };
+                Ok(n.max(0).to_string())
+            }
             "sid" => process_client().map(|c| {
                 c.session_id().map_or(String::new(), |s| {
                     s.iter().map(|b| format!("{b:02x}")).collect()

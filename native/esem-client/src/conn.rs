@@ -156,6 +156,12 @@ impl Shared {
                     return;
                 }
             }
+            // The program may have put a file of its own at our number: never read it.
+            if let Err(e) = self.check_fd() {
+                let mut inner = self.lock();
+                self.fail_locked(&mut inner, e);
+                return;
+            }
             let n = match (&self.sock).read(&mut buf) {
                 Ok(0) => {
                     let mut inner = self.lock();
