@@ -503,11 +503,18 @@ pub fn process_client() -> Result<&'static Client> {
     if let Some(c) = current().filter(|c| usable(c)) {
         return Ok(c);
     }
+    // Another thread is connecting (up to CONNECT_TIMEOUT): wait without burning a CPU.
+    let mut spins = 0u32;
     while CREATING
         .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
         .is_err()
     {
-        std::thread::yield_now();
+        spins += 1;
+        if spins < 100 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
     let out = match current().filter(|c| usable(c)) {
         Some(c) => Ok(c),
