@@ -247,6 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     p.add_argument("--quick", action="store_true", help="smaller sizes (for CI)")
 
+    p = sub.add_parser("run", help="run a program with its semaphores in esem (LD_PRELOAD)",
+                       description="Run CMD with the esem preload library, so its POSIX "
+                       "semaphores live in the esem service without changing it. By default "
+                       "only sem_open(name, oflag | USE_ESEM, ...) (native/include/esem.h) "
+                       "moves; with --all every semaphore, named and unnamed. The service "
+                       "is found as for every client (ESEM_SOCKET, ESEM_DIR, the default). "
+                       "Statically linked programs are refused: nothing can be preloaded "
+                       "into them. The exit status is CMD's.",
+                       usage="esem run [-h] [--all] -- CMD [ARGS ...]")
+    p.add_argument("--all", action="store_true",
+                   help="move every semaphore, not only those opened with USE_ESEM "
+                   "(sets ESEM_PRELOAD_ALL=1)")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD", help="program and arguments")
+
+    p = sub.add_parser("preload", help="print the path of the preload library",
+                       description="Print where libesem_preload.so is, for "
+                       "LD_PRELOAD=$(esem preload) CMD, and with --json the header too.")
+    p.add_argument("--json", action="store_true", help="print {library, header} as JSON")
+
     from esem.bench.cli import register as register_bench
 
     register_bench(sub)  # esem bench ...: its options live in esem/bench/cli.py
@@ -298,6 +317,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
             only = [a.upper() for a in args.only] if args.only else None
             return attack_main(only, args.socket, args.json, args.quick)
+        if args.command in ("run", "preload"):
+            return _native(args)
         if args.command == "bench":
             from esem.bench.cli import run as run_bench
 
@@ -348,6 +369,30 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"esem serve: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     return EXIT_OK
+
+
+def _native(args: argparse.Namespace) -> int:
+    from esem.native import HEADER, NativeError, exec_under_preload, library_path
+
+    try:
+        if args.command == "preload":
+            lib = library_path()
+            if args.json:
+                print(json.dumps({"library": str(lib), "header": str(HEADER)}))
+            else:
+                print(lib)
+            return EXIT_OK
+        argv = list(args.argv)
+        if argv[:1] == ["--"]:
+            argv = argv[1:]
+        exec_under_preload(argv, args.all)
+    except NativeError as exc:
+        print(f"esem {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"esem run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_USAGE  # not reached: exec replaced the process
 
 
 def _client(args: argparse.Namespace) -> Any:

@@ -1,0 +1,246 @@
+//! Channel cryptography (PROTOCOL.md 3, 4, 8): the Noise NK handshake and its transport
+//! through `snow` (`Noise_NK_25519_ChaChaPoly_BLAKE2s`, prologue `esem/1`), and the
+//! key-binding MACs (keyed BLAKE2s-256 from `blake2`, verified in constant time).
+//! Nothing here is hand-written cryptography. Every authentication failure is the
+//! same opaque `Integrity` error.
+
+use crate::consts::{
+    Direction, AEAD_TAG_BYTES, KEY_BYTES, MAC_BYTES, MAC_DOMAIN, MAX_FRAME_BODY, NOISE_MSG_BYTES,
+    NOISE_PROLOGUE, NOISE_PROTOCOL_NAME,
+};
+use crate::error::{Error, Result};
+use blake2::digest::Mac as _;
+use blake2::Blake2sMac256;
+
+/// The 32-byte Noise handshake hash: unique per session, known only to its two ends.
+pub type SessionId = [u8; 32];
+
+fn builder() -> snow::Builder<'static> {
+    // The name is a constant this crate's tests parse; it cannot fail at run time.
+    let params = NOISE_PROTOCOL_NAME
+        .parse()
+        .expect("valid Noise protocol name");
+    snow::Builder::new(params)
+}
+
+/// The established transport: the two cipher states of `Split()` and the session id.
+pub struct Transport {
+    state: snow::TransportState,
+    session_id: SessionId,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("sending_nonce", &self.state.sending_nonce())
+            .field("receiving_nonce", &self.state.receiving_nonce())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Transport {
+    fn from_handshake(hs: snow::HandshakeState) -> Result<Self> {
+        let mut session_id = [0u8; 32];
+        let h = hs.get_handshake_hash();
+        if h.len() != 32 {
+            return Err(Error::integrity("handshake failed"));
+        }
+        session_id.copy_from_slice(h);
+        let state = hs
+            .into_transport_mode()
+            .map_err(|_| Error::integrity("handshake failed"))?;
+        Ok(Transport { state, session_id })
+    }
+
+    pub fn session_id(&self) -> &SessionId {
+        &self.session_id
+    }
+
+    /// Seal one message under the next sending nonce. The caller has checked the size
+    /// (an oversized message is refused before this, since sealing uses up a nonce).
+    pub fn encrypt(&mut self, plaintext: &[u8]) -> Result<Vec<u8>> {
+        if plaintext.len() + AEAD_TAG_BYTES > MAX_FRAME_BODY {
+            return Err(Error::misuse("message too large"));
+        }
+        let mut out = vec![0u8; plaintext.len() + AEAD_TAG_BYTES];
+        let n = self
+            .state
+            .write_message(plaintext, &mut out)
+            .map_err(|_| Error::integrity("session nonces exhausted"))?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Open one message under the next receiving nonce; any failure is one opaque error.
+    pub fn decrypt(&mut self, ciphertext: &[u8]) -> Result<Vec<u8>> {
+        if ciphertext.len() < AEAD_TAG_BYTES || ciphertext.len() > MAX_FRAME_BODY {
+            return Err(Error::integrity("frame failed authentication"));
+        }
+        let mut out = vec![0u8; ciphertext.len()];
+        let n = self
+            .state
+            .read_message(ciphertext, &mut out)
+            .map_err(|_| Error::integrity("frame failed authentication"))?;
+        out.truncate(n);
+        Ok(out)
+    }
+}
+
+/// Client side of NK: pins the service's static public key.
+pub struct Initiator {
+    hs: snow::HandshakeState,
+}
+
+impl Initiator {
+    pub fn new(service_public: &[u8]) -> Result<Self> {
+        Self::build(service_public, None)
+    }
+
+    /// An initiator whose ephemeral key is fixed, so that two implementations can be
+    /// compared byte for byte. Tests only: a fixed ephemeral key destroys secrecy.
+    #[cfg(feature = "deterministic")]
+    pub fn new_with_fixed_ephemeral_for_testing(
+        service_public: &[u8],
+        ephemeral: &[u8],
+    ) -> Result<Self> {
+        Self::build(service_public, Some(ephemeral))
+    }
+
+    fn build(service_public: &[u8], ephemeral: Option<&[u8]>) -> Result<Self> {
+        if service_public.len() != KEY_BYTES {
+            return Err(Error::misuse(format!(
+                "service public key must be {KEY_BYTES} bytes"
+            )));
+        }
+        let mut b = builder()
+            .prologue(NOISE_PROLOGUE)
+            .and_then(|b| b.remote_public_key(service_public))
+            .map_err(|e| Error::misuse(format!("noise setup: {e}")))?;
+        if let Some(e) = ephemeral {
+            b = b.fixed_ephemeral_key_for_testing_only(e);
+        }
+        let hs = b
+            .build_initiator()
+            .map_err(|e| Error::misuse(format!("noise setup: {e}")))?;
+        Ok(Initiator { hs })
+    }
+
+    /// NK message 1 (`-> e, es`), empty payload: 48 bytes.
+    pub fn hello(&mut self) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; NOISE_MSG_BYTES];
+        let n = self
+            .hs
+            .write_message(&[], &mut out)
+            .map_err(|e| Error::misuse(format!("noise: {e}")))?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Read NK message 2 (`<- e, ee`); only the holder of the pinned key can make it.
+    pub fn finish(mut self, welcome: &[u8]) -> Result<Transport> {
+        let fail = || Error::integrity("service failed to prove its pinned identity");
+        if welcome.len() != NOISE_MSG_BYTES {
+            return Err(fail());
+        }
+        let mut payload = [0u8; NOISE_MSG_BYTES];
+        let n = self
+            .hs
+            .read_message(welcome, &mut payload)
+            .map_err(|_| fail())?;
+        if n != 0 || !self.hs.is_handshake_finished() {
+            return Err(fail());
+        }
+        Transport::from_handshake(self.hs)
+    }
+}
+
+/// Service side of NK (used by this crate's tests and the interop tool).
+pub struct Responder {
+    hs: snow::HandshakeState,
+}
+
+impl Responder {
+    pub fn new(static_private: &[u8]) -> Result<Self> {
+        if static_private.len() != KEY_BYTES {
+            return Err(Error::misuse(format!(
+                "service private key must be {KEY_BYTES} bytes"
+            )));
+        }
+        let hs = builder()
+            .prologue(NOISE_PROLOGUE)
+            .and_then(|b| b.local_private_key(static_private))
+            .and_then(|b| b.build_responder())
+            .map_err(|e| Error::misuse(format!("noise setup: {e}")))?;
+        Ok(Responder { hs })
+    }
+
+    /// Read HELLO, write WELCOME.
+    pub fn respond(mut self, hello: &[u8]) -> Result<(Vec<u8>, Transport)> {
+        let fail = || Error::integrity("handshake failed");
+        if hello.len() != NOISE_MSG_BYTES {
+            return Err(fail());
+        }
+        let mut payload = [0u8; NOISE_MSG_BYTES];
+        let n = self
+            .hs
+            .read_message(hello, &mut payload)
+            .map_err(|_| fail())?;
+        if n != 0 {
+            return Err(Error::integrity("unexpected handshake payload"));
+        }
+        let mut out = vec![0u8; NOISE_MSG_BYTES];
+        let n = self.hs.write_message(&[], &mut out).map_err(|_| fail())?;
+        out.truncate(n);
+        Ok((out, Transport::from_handshake(self.hs)?))
+    }
+}
+
+/// The public X25519 key of a private one (for tests and tools).
+pub fn generate_keypair() -> Result<([u8; 32], [u8; 32])> {
+    let kp = builder()
+        .generate_keypair()
+        .map_err(|e| Error::misuse(format!("{e}")))?;
+    let mut private = [0u8; 32];
+    let mut public = [0u8; 32];
+    private.copy_from_slice(&kp.private);
+    public.copy_from_slice(&kp.public);
+    Ok((private, public))
+}
+
+fn mac_state(key: &[u8], session_id: &SessionId, direction: Direction) -> Result<Blake2sMac256> {
+    let mut m = Blake2sMac256::new_from_slice(key)
+        .map_err(|_| Error::misuse("key-binding key longer than 32 bytes"))?;
+    m.update(MAC_DOMAIN);
+    m.update(session_id);
+    m.update(&[direction.wire()]);
+    Ok(m)
+}
+
+/// `BLAKE2s-256(key=K, MAC_DOMAIN || session_id || direction || message)` (PROTOCOL.md 8.1).
+pub fn keybind_mac(
+    key: &[u8],
+    session_id: &SessionId,
+    direction: Direction,
+    message: &[u8],
+) -> Result<[u8; MAC_BYTES]> {
+    let mut m = mac_state(key, session_id, direction)?;
+    m.update(message);
+    let mut out = [0u8; MAC_BYTES];
+    out.copy_from_slice(&m.finalize().into_bytes());
+    Ok(out)
+}
+
+/// `Integrity` unless `mac` is present and is the MAC of `message` (constant-time).
+pub fn verify_keybind_mac(
+    key: &[u8],
+    session_id: &SessionId,
+    direction: Direction,
+    message: &[u8],
+    mac: Option<&[u8; MAC_BYTES]>,
+) -> Result<()> {
+    let fail = || Error::integrity("key-binding MAC did not verify");
+    let mac = mac.ok_or_else(fail)?;
+    let mut m = mac_state(key, session_id, direction).map_err(|_| fail())?;
+    m.update(message);
+    m.verify_slice(mac).map_err(|_| fail())
+}
