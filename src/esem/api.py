@@ -23,9 +23,9 @@ from esem.core.limits import check_key, check_name, check_value
 from esem.core.status import CoreError, Status
 from esem.core.table import WaitMode
 from esem.errors import EsemError, ExistentialError, SignalError, error_for
-from esem.legacy import LegacySemaphore, _check_timeout
+from esem.legacy import LegacySemaphore, timeout_ns
 from esem.legacy import unlink as _legacy_unlink
-from esem.protocol.constants import MAX_TIMEOUT_NS, Opcode, OpenFlag
+from esem.protocol.constants import Opcode, OpenFlag
 from esem.protocol.messages import Request
 
 O_CREAT = os.O_CREAT
@@ -126,9 +126,14 @@ class EsemSemaphore:
 
     def timedwait(self, seconds: float) -> None:
         """``sem_timedwait`` with a relative timeout; ``BusyError`` when it expires. The
-        deadline is kept by the service, so a grant and a timeout never both happen."""
-        _check_timeout(seconds)
-        self._wait(WaitMode.TIMED, min(int(seconds * 1e9), MAX_TIMEOUT_NS))
+        deadline is kept by the service, so a grant and a timeout never both happen.
+        ``inf`` (or a timeout beyond ``MAX_TIMEOUT_NS``, about 292 years) waits with no
+        deadline, as ``wait()``; NaN or a negative timeout is a ``ValueError``."""
+        ns = timeout_ns(seconds)
+        if ns is None:
+            self._wait(WaitMode.BLOCK, 0)
+        else:
+            self._wait(WaitMode.TIMED, ns)
 
     def _wait(self, mode: WaitMode, timeout_ns: int) -> None:
         client, token = self._ctx()

@@ -3,7 +3,7 @@
 Right after the handshake a client that wants switchless sends SWITCHLESS over the
 socket (PROTOCOL.md section 15). The OK reply, authenticated like every reply, carries
 the ring capacity; the kernel attaches the memfd and our end of the doorbell pair to it
-(SCM_RIGHTS, read here with ``socket.recv_fds``). Those descriptors are *not*
+(SCM_RIGHTS, received close-on-exec with ``recvmsg``). Those descriptors are *not*
 authenticated (the channel adversary could swap them), so they are only ever used as a
 transport for frames that are: they are checked to be what they claim (a memfd sealed
 against shrinking, so no one can SIGBUS us; a Unix stream socket) and the region's header
@@ -28,6 +28,7 @@ service without ``--switchless`` then gets a socket session and a ``RuntimeWarni
 
 from __future__ import annotations
 
+import array
 import contextlib
 import fcntl
 import math
@@ -101,7 +102,7 @@ def upgrade(sock: socket.socket, session: ClientSession, deadline: float, *,
             if left <= 0:
                 raise TimeoutError
             sock.settimeout(left)
-            data, got, flags, _ = socket.recv_fds(sock, RECV_BYTES, UPGRADE_FDS)
+            data, got, flags = _recv_fds_cloexec(sock)
             fds += got
             if flags & socket.MSG_CTRUNC:
                 raise ProtocolError("descriptors of the switchless upgrade were cut off")
@@ -126,6 +127,21 @@ def upgrade(sock: socket.socket, session: ClientSession, deadline: float, *,
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _recv_fds_cloexec(sock: socket.socket) -> tuple[bytes, list[int], int]:
+    """``recvmsg`` with up to ``UPGRADE_FDS`` descriptors, received close-on-exec
+    (``MSG_CMSG_CLOEXEC``): SCM_RIGHTS descriptors otherwise arrive inheritable and would
+    leak our rings and doorbell into every program this process execs. Not
+    ``socket.recv_fds``: Python 3.11's ignores its ``flags`` argument."""
+    fd_size = array.array("i").itemsize
+    data, ancdata, flags, _ = sock.recvmsg(
+        RECV_BYTES, socket.CMSG_SPACE(UPGRADE_FDS * fd_size), socket.MSG_CMSG_CLOEXEC)
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fd_size])
+    return data, list(fds), flags
 
 
 class ClientRing:
