@@ -98,7 +98,9 @@ class EsemSemaphore:
             if self._closed:
                 raise ExistentialError(f"semaphore {self.name} has been closed")
             entry = self._tokens.get(pid)
-            if entry is not None:
+            # The pid alone could be a dead ancestor's, reused by a descendant forked
+            # without atfork handlers: the entry is ours only if its client is.
+            if entry is not None and entry[0].in_own_process:
                 if entry[0].failed is not None:
                     raise entry[0].failed
                 return entry
@@ -282,10 +284,10 @@ def connect(*, switchless: bool | None = None) -> Client:
     """
     if switchless is not None and not isinstance(switchless, bool):
         raise TypeError(f"switchless must be a bool or None, not {switchless!r}")
+    _blocking.check_fork()
     with _blocking._process_lock:
         current = _blocking._process_client
-        usable = (current is not None and current.pid == os.getpid()
-                  and current.failed is None)
+        usable = current is not None and current.failed is None
         if usable and current is not None and current._session is not None:
             if switchless is not None and (current.mode == "switchless") != switchless:
                 raise RuntimeError(

@@ -7,6 +7,7 @@ the rings, and would keep the session's rings alive after the process ends).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import subprocess
@@ -32,10 +33,8 @@ def ring_client(switchless_service: EmbeddedService) -> Iterator[Client]:
 def _targets(pid: int | str) -> dict[int, str]:
     out = {}
     for entry in os.listdir(f"/proc/{pid}/fd"):
-        try:
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor
             out[int(entry)] = os.readlink(f"/proc/{pid}/fd/{entry}")
-        except FileNotFoundError:  # the listing's own descriptor
-            pass
     return out
 
 

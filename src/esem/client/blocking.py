@@ -13,12 +13,20 @@ before is taken back. While requests are pending and the line is quiet, the read
 a keepalive PING, so a dropped frame surfaces as an ``IntegrityError`` (the next frame
 fails its counter) or, if nothing at all arrives, as ``ServiceUnavailable``; never as a
 hang. The client never starts a service.
+
+A session belongs to the process that opened it: a forked child that wrote to it would
+reuse the parent's nonces, and one that read from it would steal the parent's replies.
+``os.register_at_fork`` lets go of inherited sessions at fork, but a C-level ``fork()``
+(ctypes, native extensions) skips it, so every path that sends, reads or closes also
+checks a ``ForkGuard`` first and, in a child, lets go of the session there, without a
+byte sent or read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import os
 import select
 import socket
@@ -41,6 +49,43 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT = 5.0  # seconds for connect + handshake
 KEEPALIVE_INTERVAL = 5.0  # seconds of silence with requests pending before a PING
 RECV_BYTES = 65536
+
+
+# madvise(2) MADV_WIPEONFORK (Linux 4.14): the kernel hands a fork child this page zeroed,
+# however the fork was made. Python 3.11's mmap module has no name for it.
+_MADV_WIPEONFORK = 18
+
+
+class ForkGuard:
+    """Tells the process that made it from any process forked from it, whether or not
+    the fork ran ``os.register_at_fork`` handlers (a ctypes ``fork()`` does not).
+
+    Two marks, both cheap to read: a byte in a page the kernel wipes in every fork child
+    (MADV_WIPEONFORK; unlike the pid it cannot be fooled by a descendant that got a dead
+    ancestor's pid), and the pid (for kernels without the flag, and for a vfork-style
+    child that shares our memory)."""
+
+    __slots__ = ("_page", "pid")
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._page: mmap.mmap | None = None
+        try:
+            page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except OSError:
+            return
+        try:
+            page.madvise(_MADV_WIPEONFORK)
+        except OSError:  # EINVAL: a kernel older than 4.14; the pid alone must do
+            page.close()
+            return
+        page[0] = 1
+        self._page = page
+
+    def here(self) -> bool:
+        """True in the process that made this guard, False in a forked child."""
+        page = self._page
+        return (page is None or page[0] == 1) and os.getpid() == self.pid
 
 
 @dataclass
@@ -67,7 +112,8 @@ class Client:
         self._explicit_pubkey = pubkey
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive
-        self.pid = os.getpid()
+        self._guard = ForkGuard()
+        self.pid = self._guard.pid
         self._lock = threading.Lock()
         # Always enter the lock as ``with self._lock``, never ``with self._cond``: the
         # Condition's __enter__ is Python code, so a signal handler that raises (the
@@ -102,7 +148,16 @@ class Client:
 
     @property
     def failed(self) -> EsemError | None:
+        """The error that ended this session, or None while it is usable. In a process
+        forked from the session's own, always an error: the session is the parent's."""
+        if not self._guard.here():
+            return self._forked_away()
         return self._failure
+
+    @property
+    def in_own_process(self) -> bool:
+        """False in a forked child (however forked): this client is its parent's."""
+        return self._guard.here()
 
     @property
     def mode(self) -> str:
@@ -111,11 +166,18 @@ class Client:
         return "switchless" if self._ring is not None else "socket"
 
     def connect(self) -> None:
+        if not self._guard.here():
+            raise self._forked_away()
         with self._lock:
             self._ensure_connected()
 
     def close(self) -> None:
-        """End the session: the service closes its handles and drops its waits."""
+        """End the session: the service closes its handles and drops its waits. In a
+        forked child it only drops the child's copies of the descriptors: the session is
+        the parent's, and a shutdown would end it for the parent too."""
+        if not self._guard.here():
+            self._forked_away()
+            return
         with self._lock:
             if self._failure is None:
                 self._failure = ServiceUnavailable("client closed")
@@ -124,22 +186,26 @@ class Client:
             if ring is not None:
                 ring.shutdown()  # wakes a reader asleep on the rings
             self._cond.notify_all()
-        if sock is not None and os.getpid() == self.pid:
+        if sock is not None:
             sock.close()
             if ring is not None:
                 ring.close()
 
-    def _forked_away(self) -> None:
-        """In a fork child: drop the inherited descriptor, send nothing, and fail every
-        later use of this object (its lock may be held by a thread that no longer
-        exists, so it is not taken)."""
+    def _forked_away(self) -> EsemError:
+        """In a fork child: drop the inherited descriptors (closing our copies sends
+        nothing; the parent's stay open), never send, read or shut anything down, and
+        fail every later use of this object. Its lock may be held by a thread that does
+        not exist in this process, so it is not taken; idempotent. Returns the failure."""
         sock, self._sock = self._sock, None
-        self._failure = ServiceUnavailable("esem session belongs to the parent process")
+        if not isinstance(self._failure, _ParentsSession):
+            self._failure = _ParentsSession("esem session belongs to the parent process")
+        self._session = None  # its cipher states are the parent's: never used here
         if sock is not None:
             sock.close()
         ring, self._ring = self._ring, None
         if ring is not None:
             ring.forget()  # the parent's rings: never touched from here
+        return self._failure
 
     def _ensure_connected(self) -> None:
         """Called with the lock held."""
@@ -147,8 +213,6 @@ class Client:
             raise self._failure
         if self._session is not None:
             return
-        if os.getpid() != self.pid:
-            raise RuntimeError("esem client used across fork; use get_client()")
         try:
             pub = read_pubkey(self.socket_path, self._explicit_pubkey,
                               default_location=self._default_location)
@@ -223,6 +287,8 @@ class Client:
 
     def send(self, build: Request, *, key: bytes | None = None) -> int:
         """Send ``build`` (its ``req_id`` is replaced by a fresh one); returns the id."""
+        if not self._guard.here():  # the one path to the socket and the request ring
+            raise self._forked_away()
         with self._lock:
             self._ensure_connected()
             assert self._session is not None and self._sock is not None
@@ -253,6 +319,8 @@ class Client:
         """Block until the reply to ``req_id`` arrives. Interruptible by signals: an
         exception from a signal handler propagates, and the request stays pending (its
         reply is kept and can still be awaited)."""
+        if not self._guard.here():  # reading would steal the parent's replies
+            raise self._forked_away()
         with self._lock:
             while True:
                 reply = self._replies.pop(req_id, None)
@@ -315,6 +383,8 @@ class Client:
         """One recv, or None after a keepalive interval without a decoded reply (a PING is
         then in flight). Quiet is measured in replies, not bytes: a peer that trickles a
         frame byte by byte is as quiet as one that sends nothing."""
+        if not self._guard.here():
+            raise self._forked_away()
         sock = self._sock
         if sock is None:
             raise self._fail(ServiceUnavailable("client closed"))
@@ -371,13 +441,21 @@ class Client:
             self._failure = exc
             if isinstance(exc, IntegrityError):
                 exc.add_note("the esem session was closed; its handles are no longer usable")
-            if self._sock is not None:
-                with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_RDWR)
-            if self._ring is not None:
-                self._ring.shutdown()
+            # A shutdown acts on the connection, not on our descriptor: from a forked
+            # child it would end the parent's session (never reached: every path checks
+            # the guard first; kept as the last line).
+            if self._guard.here():
+                if self._sock is not None:
+                    with contextlib.suppress(OSError):
+                        self._sock.shutdown(socket.SHUT_RDWR)
+                if self._ring is not None:
+                    self._ring.shutdown()
             self._cond.notify_all()
         return self._failure
+
+
+class _ParentsSession(ServiceUnavailable):
+    """This client's session was opened by the process this one was forked from."""
 
 
 # ----------------------------------------------------------- per-process client
@@ -385,6 +463,7 @@ class Client:
 _process_client: Client | None = None
 _all_clients: weakref.WeakSet[Client] = weakref.WeakSet()
 _process_lock = threading.Lock()
+_process_guard = ForkGuard()  # notices a fork that skipped _after_fork_in_child
 # The process's switchless choice (``esem.connect``); None follows ESEM_SWITCHLESS. Kept
 # across fork, so children open their own sessions in the same mode.
 _process_switchless: bool | None = None
@@ -394,21 +473,33 @@ def get_client() -> Client:
     """The client of this process: created on first use, replaced after ``fork`` (the
     child never touches the parent's session) and after the session failed."""
     global _process_client
+    check_fork()
     with _process_lock:
         client = _process_client
-        if client is None or client.pid != os.getpid() or client.failed is not None:
+        if client is None or client.failed is not None:
             client = _process_client = Client(switchless=_process_switchless)
         return client
 
 
+def check_fork() -> None:
+    """Do now what ``_after_fork_in_child`` would have done at fork, if this process
+    was forked without it (a C-level ``fork()``)."""
+    if not _process_guard.here():
+        _after_fork_in_child()
+
+
 def _after_fork_in_child() -> None:
     """The child must not keep the parent's sessions alive (the service sees a session
-    end when its last descriptor closes) nor ever write to them (a reused nonce)."""
-    global _process_client, _process_lock
+    end when its last descriptor closes) nor ever write to them (a reused nonce).
+    Also run late, by ``check_fork``, and then possibly by two threads at once: it only
+    ever lets go of clients made by another process, never of this one's."""
+    global _process_client, _process_lock, _process_guard
+    _process_guard = ForkGuard()
     _process_lock = threading.Lock()  # another thread may have held it at fork time
     _process_client = None
     for client in list(_all_clients):
-        client._forked_away()
+        if not client.in_own_process:
+            client._forked_away()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
