@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from esem.errors import EsemError, IntegrityError, ServiceUnavailable, error_for
+from esem.errors import EsemError, IntegrityError, ServiceUnavailable, SignalError, error_for
 from esem.paths import is_default_location, read_pubkey, socket_path
 from esem.protocol.constants import Opcode
 from esem.protocol.messages import Reply, Request
@@ -208,11 +208,33 @@ class Client:
         return self._failure
 
     def _ensure_connected(self) -> None:
-        """Called with the lock held."""
+        """Called with the lock held.
+
+        A signal handler that raises while we connect (in connect, in the handshake's
+        recv, or inside noise's own Python code) is an interruption, never tampering:
+        the half-made connection is closed, nothing is kept (the next call connects
+        afresh), and, as for a wait, an ``Exception`` from the handler becomes
+        ``SignalError`` (its ``__cause__``) while ``KeyboardInterrupt``/``SystemExit``
+        propagate unchanged."""
         if self._failure is not None:
             raise self._failure
         if self._session is not None:
             return
+        try:
+            sock, session, ring = self._open_session()
+        except EsemError:
+            raise
+        except Exception as exc:  # raised by a signal handler (as in EsemSemaphore._wait)
+            raise SignalError(
+                f"connecting to the esem service at {self.socket_path} was interrupted by a "
+                "signal; nothing was opened") from exc
+        sock.settimeout(None)
+        self._poller.register(sock, select.POLLIN)  # a client connects once (failure is final)
+        self._sock, self._session, self._ring = sock, session, ring
+
+    def _open_session(self) -> tuple[socket.socket, ClientSession, ClientRing | None]:
+        """Connect, complete the handshake and (if asked) the switchless upgrade; on any
+        exception the socket is closed and nothing is left behind."""
         try:
             pub = read_pubkey(self.socket_path, self._explicit_pubkey,
                               default_location=self._default_location)
@@ -221,27 +243,9 @@ class Client:
                 f"no esem service at {self.socket_path} (cannot read its public key: {exc})"
             ) from exc
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self._connect_timeout)
-        give_up = time.monotonic() + self._connect_timeout
-        while True:
-            try:
-                sock.connect(str(self.socket_path))
-                break
-            except BlockingIOError as exc:
-                # EAGAIN: the service's listen backlog is full (perhaps another tenant's
-                # connection storm); a Unix socket does not queue us, so try again.
-                if time.monotonic() >= give_up:
-                    sock.close()
-                    raise ServiceUnavailable(
-                        f"esem service at {self.socket_path} is not accepting connections "
-                        f"(backlog full for {self._connect_timeout}s)") from exc
-                time.sleep(0.002)
-            except OSError as exc:
-                sock.close()
-                raise ServiceUnavailable(
-                    f"no esem service at {self.socket_path}: {exc}") from exc
-        session = ClientSession(pub)
         try:
+            self._connect(sock)
+            session = ClientSession(pub)
             # A service that refuses us (a quota) writes its reason and hangs up,
             # possibly before our HELLO is out: read the reason before giving up.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -270,9 +274,26 @@ class Client:
         except BaseException:
             sock.close()
             raise
-        sock.settimeout(None)
-        self._poller.register(sock, select.POLLIN)  # a client connects once (failure is final)
-        self._sock, self._session, self._ring = sock, session, ring
+        return sock, session, ring
+
+    def _connect(self, sock: socket.socket) -> None:
+        sock.settimeout(self._connect_timeout)
+        give_up = time.monotonic() + self._connect_timeout
+        while True:
+            try:
+                sock.connect(str(self.socket_path))
+                return
+            except BlockingIOError as exc:
+                # EAGAIN: the service's listen backlog is full (perhaps another tenant's
+                # connection storm); a Unix socket does not queue us, so try again.
+                if time.monotonic() >= give_up:
+                    raise ServiceUnavailable(
+                        f"esem service at {self.socket_path} is not accepting connections "
+                        f"(backlog full for {self._connect_timeout}s)") from exc
+                time.sleep(0.002)
+            except OSError as exc:
+                raise ServiceUnavailable(
+                    f"no esem service at {self.socket_path}: {exc}") from exc
 
     def _upgrade(self, sock: socket.socket, session: ClientSession,
                  deadline: float) -> ClientRing | None:
