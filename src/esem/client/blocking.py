@@ -403,9 +403,8 @@ class Client:
     def _recv(self) -> bytes | None:
         """One recv, or None after a keepalive interval without a decoded reply (a PING is
         then in flight). Quiet is measured in replies, not bytes: a peer that trickles a
-        frame byte by byte is as quiet as one that sends nothing."""
-        if not self._guard.here():
-            raise self._forked_away()
+        frame byte by byte is as quiet as one that sends nothing. (No fork check here:
+        only ``wait_reply``, which has checked, makes a thread the reader.)"""
         sock = self._sock
         if sock is None:
             raise self._fail(ServiceUnavailable("client closed"))
