@@ -124,7 +124,8 @@ class Client:
         self._sock: socket.socket | None = None
         self._session: ClientSession | None = None
         self._replies: dict[int, Reply] = {}
-        self._reading = False
+        self._reader: int | None = None  # thread ident of the reader (leader/follower)
+        self._taking = False  # bytes taken off the socket, replies not yet filed
         # Threads parked in ``_cond.wait()``: notify only when there is one, since
         # Condition.notify_all is Python code that costs a microsecond or two per reply.
         self._sleepers = 0
@@ -339,42 +340,48 @@ class Client:
     def wait_reply(self, req_id: int) -> Reply:
         """Block until the reply to ``req_id`` arrives. Interruptible by signals: an
         exception from a signal handler propagates, and the request stays pending (its
-        reply is kept and can still be awaited)."""
+        reply is kept and can still be awaited).
+
+        The reader role belongs to a thread (its ident), is decided afresh under the
+        lock before every read, and is given back in ``finally``. A raising signal
+        handler can still strike between taking the role and the ``try`` (or inside
+        the ``finally``) and leave it taken; since only the main thread runs handlers,
+        that thread then finds the role its own on its next call and simply reads: it
+        is not reading anywhere else (before, the role stayed taken and the next call
+        waited forever for a reader that did not exist)."""
         if not self._guard.here():  # reading would steal the parent's replies
             raise self._forked_away()
-        with self._lock:
-            while True:
-                reply = self._replies.pop(req_id, None)
-                if reply is not None:
-                    return reply
-                if self._failure is not None:
-                    raise self._failure
-                if self._session is not None and not self._session.is_pending(req_id):
-                    # Answered, yet the reply is nowhere: a signal handler raised inside
-                    # the reader between receiving and filing it. Waiting would hang and
-                    # guessing the answer could lose a unit, so the session ends here.
-                    raise self._fail_locked(ServiceUnavailable(
-                        f"esem session lost the reply to request {req_id} (a signal "
-                        "handler raised inside the client); the session is closed"))
-                if not self._reading:
-                    self._reading = True
-                    break
-                self._sleepers += 1
-                try:
-                    self._cond.wait()
-                finally:
-                    self._sleepers -= 1
-        return self._read_until(req_id)
-
-    def _read_until(self, req_id: int) -> Reply:
-        """Hold the reader role until our reply arrives; then pass the role on."""
-        self._progress_at = time.monotonic()
+        me = threading.get_ident()
         try:
             while True:
-                data = self._recv()
                 with self._lock:
-                    if data is None:
+                    reply = self._replies.pop(req_id, None)
+                    if reply is not None:
+                        return reply
+                    if self._failure is not None:
+                        raise self._failure
+                    if self._session is not None and not self._session.is_pending(req_id):
+                        # Answered, yet the reply is nowhere: a signal handler raised
+                        # inside the reader between receiving and filing it. Waiting would
+                        # hang and guessing the answer could lose a unit, so the session
+                        # ends here.
+                        raise self._fail_locked(ServiceUnavailable(
+                            f"esem session lost the reply to request {req_id} (a signal "
+                            "handler raised inside the client); the session is closed"))
+                    if self._reader is not None and self._reader != me:
+                        self._sleepers += 1
+                        try:
+                            self._cond.wait()
+                        finally:
+                            self._sleepers -= 1
                         continue
+                    if self._reader is None:
+                        self._reader = me
+                        self._progress_at = time.monotonic()
+                data = self._recv()
+                if data is None:
+                    continue
+                with self._lock:
                     assert self._session is not None
                     try:
                         replies = self._session.receive_data(data)
@@ -388,17 +395,39 @@ class Client:
                             self._ping_sent_at = None
                             continue
                         self._replies[reply.req_id] = reply
+                    self._taking = False
+                    if self._ring is not None:
+                        self._ring.taking = False
                     mine = self._replies.pop(req_id, None)
                     if replies and self._sleepers:
                         self._cond.notify_all()
                     if mine is not None:
                         return mine
+        except EsemError:
+            raise
+        except BaseException:
+            self._interrupted_with_bytes()
+            raise
         finally:
-            with self._lock:
-                self._reading = False
-                self.stats.reader_handoffs += 1
-                if self._sleepers:
-                    self._cond.notify_all()
+            if self._reader == me:  # pass the role on
+                with self._lock:
+                    if self._reader == me:
+                        self._reader = None
+                        self.stats.reader_handoffs += 1
+                        if self._sleepers:
+                            self._cond.notify_all()
+
+    def _interrupted_with_bytes(self) -> None:
+        """A signal handler raised in the reader. If it struck after bytes were taken
+        off the socket or ring and before their replies were filed, those bytes are
+        lost and the stream has a hole: end the session now, as the interruption it is
+        (parsing on would fail authentication and look like tampering)."""
+        ring = self._ring
+        if self._taking or (ring is not None and ring.taking):
+            self._taking = False
+            self._fail(ServiceUnavailable(
+                f"esem session at {self.socket_path} closed: a signal handler raised while "
+                "the client was taking a reply off the connection, so bytes may be lost"))
 
     def _recv(self) -> bytes | None:
         """One recv, or None after a keepalive interval without a decoded reply (a PING is
@@ -422,6 +451,7 @@ class Client:
         if left <= 0 or not self._poller.poll(math.ceil(left * 1000)):
             self._keepalive_tick()
             return None
+        self._taking = True  # until filed (wait_reply): see _interrupted_with_bytes
         try:
             data = sock.recv(RECV_BYTES)
         except OSError as exc:

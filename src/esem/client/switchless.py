@@ -198,6 +198,7 @@ class ClientRing:
         self._sock_poller.register(sock, select.POLLIN)
         self._sock_fd = sock.fileno()
         self._dead = False
+        self.taking = False  # see _take
         self.rings = 0  # doorbells we rang
         self.sleeps = 0  # times the reader slept instead of spinning
 
@@ -250,7 +251,7 @@ class ClientRing:
         """Reply bytes, or None once ``timeout`` seconds passed with none (the caller's
         keepalive). Only the reader-role thread calls it (one consumer)."""
         rx = self._rx
-        data = rx.read()
+        data = self._take()
         if data:
             return data
         clock = time.perf_counter
@@ -261,7 +262,7 @@ class ClientRing:
         yield_cpu = os.sched_yield  # lets the service run first if it shares our CPU
         while now < spin_end:
             if available():
-                return rx.read()
+                return self._take()
             if parked():
                 # The service has processed all we sent and has nothing for us: what
                 # is left is a blocked wait, which a post from elsewhere ends. Spin no
@@ -276,7 +277,7 @@ class ClientRing:
                 raise ServiceUnavailable("client closed")
             if rx.sleep():  # raced with a reply: take it instead of sleeping
                 rx.wake()
-                return rx.read()
+                return self._take()
             left = end - clock()
             if left <= 0:
                 rx.wake()
@@ -291,11 +292,22 @@ class ClientRing:
                     self._check_socket(wait=0)
                 else:
                     self._drain_bell()
-            data = rx.read()
+            data = self._take()
             if data:
                 return data
             if not events:
                 self._backstop()
+
+    def _take(self) -> bytes:
+        """Copy what the reply ring holds out of it (advancing its tail), and say so in
+        ``taking`` until the client has filed the replies: a signal handler raising in
+        between loses those bytes, and the client must then end the session instead of
+        parsing a stream with a hole in it (which would look like tampering)."""
+        self.taking = True
+        data = self._rx.read()
+        if not data:
+            self.taking = False
+        return data
 
     def _backstop(self) -> None:
         """A sleep ended with no ring: if our requests still sit unread, the service's
