@@ -101,9 +101,7 @@ class EsemSemaphore:
             # The pid alone could be a dead ancestor's, reused by a descendant forked
             # without atfork handlers: the entry is ours only if its client is.
             if entry is not None and entry[0].in_own_process:
-                if entry[0].failed is not None:
-                    raise entry[0].failed
-                return entry
+                return entry  # a failed session raises its failure when used
             # Inherited across fork: attach through this process's own session, with
             # the token of the nearest ancestor that used the handle.
             _, ancestor = list(self._tokens.values())[-1]
