@@ -25,9 +25,9 @@ from esem.core.limits import check_key, check_name, check_value
 from esem.core.status import CoreError, Status
 from esem.core.table import WaitMode
 from esem.errors import EsemError, ExistentialError, SignalError, error_for
-from esem.legacy import LegacySemaphore, _check_timeout
+from esem.legacy import LegacySemaphore, timeout_ns
 from esem.legacy import unlink as _legacy_unlink
-from esem.protocol.constants import MAX_TIMEOUT_NS, Opcode, OpenFlag
+from esem.protocol.constants import Opcode, OpenFlag
 from esem.protocol.messages import Request
 
 O_CREAT = os.O_CREAT
@@ -129,10 +129,10 @@ class EsemSemaphore:
             if self._closed:
                 raise ExistentialError(f"semaphore {self.name} has been closed")
             entry = self._tokens.get(pid)
-            if entry is not None:
-                if entry[0].failed is not None:
-                    raise entry[0].failed
-                return entry
+            # The pid alone could be a dead ancestor's, reused by a descendant forked
+            # without atfork handlers: the entry is ours only if its client is.
+            if entry is not None and entry[0].in_own_process:
+                return entry  # a failed session raises its failure when used
             # Inherited across fork: attach through this process's own session, with
             # the token of the nearest ancestor that used the handle.
             _, ancestor = list(self._tokens.values())[-1]
@@ -157,9 +157,14 @@ class EsemSemaphore:
 
     def timedwait(self, seconds: float) -> None:
         """``sem_timedwait`` with a relative timeout; ``BusyError`` when it expires. The
-        deadline is kept by the service, so a grant and a timeout never both happen."""
-        _check_timeout(seconds)
-        self._wait(WaitMode.TIMED, min(int(seconds * 1e9), MAX_TIMEOUT_NS))
+        deadline is kept by the service, so a grant and a timeout never both happen.
+        ``inf`` (or a timeout beyond ``MAX_TIMEOUT_NS``, about 292 years) waits with no
+        deadline, as ``wait()``; NaN or a negative timeout is a ``ValueError``."""
+        ns = timeout_ns(seconds)
+        if ns is None:
+            self._wait(WaitMode.BLOCK, 0)
+        else:
+            self._wait(WaitMode.TIMED, ns)
 
     def _wait(self, mode: WaitMode, timeout_ns: int) -> None:
         client, token = self._ctx()
@@ -378,10 +383,10 @@ def connect(*, switchless: bool | None = None) -> Client:
     """
     if switchless is not None and not isinstance(switchless, bool):
         raise TypeError(f"switchless must be a bool or None, not {switchless!r}")
+    _blocking.check_fork()
     with _blocking._process_lock:
         current = _blocking._process_client
-        usable = (current is not None and current.pid == os.getpid()
-                  and current.failed is None)
+        usable = current is not None and current.failed is None
         if usable and current is not None and current._session is not None:
             if switchless is not None and (current.mode == "switchless") != switchless:
                 raise RuntimeError(

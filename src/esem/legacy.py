@@ -17,6 +17,7 @@ import posix_ipc
 from esem import errors
 from esem.core.limits import SEM_VALUE_MAX
 from esem.core.status import Status
+from esem.protocol.constants import MAX_TIMEOUT_NS
 
 
 @contextlib.contextmanager
@@ -68,7 +69,11 @@ class LegacySemaphore:
             self._sem.acquire(0)
 
     def timedwait(self, seconds: float) -> None:
-        _check_timeout(seconds)
+        if timeout_ns(seconds) is None:
+            # No deadline (inf, or beyond MAX_TIMEOUT_NS): posix_ipc would turn inf into
+            # EINVAL (reported as ExistentialError) and 1e300 into an instant timeout.
+            self.wait()
+            return
         with _mapped():
             # posix_ipc treats 0 as "don't block"; a zero timeout means the same here.
             self._sem.acquire(seconds)
@@ -108,8 +113,24 @@ def unlink(name: str) -> None:
 def _check_timeout(seconds: float) -> None:
     if isinstance(seconds, bool) or not isinstance(seconds, int | float):
         raise TypeError(f"timeout must be a number of seconds, not {type(seconds).__name__}")
-    if not seconds >= 0:
+    if not seconds >= 0:  # also NaN
         raise ValueError(f"timeout must be >= 0 seconds, not {seconds}")
 
 
-__all__ = ["SEM_VALUE_MAX", "LegacySemaphore", "unlink"]
+# The longest deadline a timed wait can carry (MAX_TIMEOUT_NS, 2**63 - 1 ns: about 292
+# years). Python compares ints and floats exactly, so a huge int never overflows here.
+MAX_TIMEOUT_S = MAX_TIMEOUT_NS / 1e9
+
+
+def timeout_ns(seconds: float) -> int | None:
+    """The relative timeout of ``timedwait(seconds)`` in nanoseconds, or None for no
+    deadline: one rule for both backends. ``inf`` and anything at or beyond
+    ``MAX_TIMEOUT_S`` wait exactly like ``wait()``; NaN and negatives are ``ValueError``,
+    non-numbers (and bools) ``TypeError``."""
+    _check_timeout(seconds)
+    if seconds >= MAX_TIMEOUT_S:
+        return None
+    return min(int(seconds * 1e9), MAX_TIMEOUT_NS)
+
+
+__all__ = ["MAX_TIMEOUT_S", "SEM_VALUE_MAX", "LegacySemaphore", "timeout_ns", "unlink"]

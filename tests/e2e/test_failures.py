@@ -286,8 +286,8 @@ STORM_ROUNDS = 300
 @pytest.mark.xfail(strict=False, reason=(
     "known esem.client.blocking limitation: a raising signal handler runs in the main "
     "thread at any bytecode, also inside the client's own reader/sender code rather than "
-    "its poll; bytes already received are then dropped (the session fails with "
-    "IntegrityError) or a filed reply is lost (the session then fails with "
+    "its poll; bytes already received are then dropped or a filed reply is lost (the "
+    "session then fails with "
     "ServiceUnavailable instead of waiting forever). Either way the session ends with "
     "an error, never a false success; a unit granted at that moment stays with the dead "
     "session (released if the semaphore is robust)"))

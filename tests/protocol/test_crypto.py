@@ -8,6 +8,12 @@ advance exactly as the spec says, and any tampering is the one opaque ``Integrit
 
 from __future__ import annotations
 
+import hashlib
+import os
+import signal
+from collections.abc import Callable
+from types import FrameType
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -99,3 +105,128 @@ def test_nonce_exhaustion_ends_the_session_instead_of_wrapping() -> None:
     server._rx.n = MAX_NONCE
     with pytest.raises(IntegrityError, match="nonces exhausted"):
         server.decrypt(b"\0" * 32)
+
+
+# ------------------------------------------- what is tampering, what is not
+
+
+class Interrupted(Exception):
+    """What a signal handler raises."""
+
+
+def _inside_noise_read(frame: FrameType | None) -> bool:
+    # A few frames up at most: noise's code runs close under read_message, and a short
+    # walk keeps the handler far quicker than the timer's interval (no nesting).
+    for _ in range(12):
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "read_message" and f"{os.sep}noise{os.sep}" in code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _interrupt_inside_noise(prepare: Callable[[], Callable[[], object]],
+                            attempts: int = 300) -> list[BaseException]:
+    """Run what ``prepare`` returns under a real SIGALRM every 50 us whose handler raises
+    ``Interrupted``
+    only when it finds noiseprotocol's ``read_message`` on the stack: the exception then
+    starts inside noise's own Python code, as a user's raising handler can. Returns what
+    came out of the attempts that were interrupted there."""
+    outcomes: list[BaseException] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if _inside_noise_read(frame):
+            raise Interrupted
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        for _ in range(attempts):
+            run = prepare()
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 50e-6, 50e-6)
+                try:
+                    run()
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            except BaseException as exc:
+                outcomes.append(exc)
+                if len(outcomes) >= 5:
+                    break
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    return outcomes
+
+
+def test_a_signal_handler_raising_inside_the_handshake_is_not_tampering() -> None:
+    """Both ends: an exception that a raising signal handler starts inside noise's code
+    comes out as itself, never as IntegrityError (the client used to report it as
+    "service failed to prove its pinned identity", the CLI as tampering, exit 4)."""
+    key = generate_static_key()
+
+    def client_end() -> Callable[[], object]:
+        initiator = Initiator(public_key_of(key))
+        welcome, _ = Responder(key).respond(initiator.hello())
+        return lambda: initiator.finish(welcome)
+
+    def service_end() -> Callable[[], object]:
+        hello = Initiator(public_key_of(key)).hello()
+        responder = Responder(key)
+        return lambda: responder.respond(hello)
+
+    for run in (client_end, service_end):
+        outcomes = _interrupt_inside_noise(run)
+        assert outcomes, "no signal landed inside noise's read_message"
+        assert all(type(exc) is Interrupted for exc in outcomes), outcomes
+
+
+LOW_ORDER = bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")
+
+
+@pytest.mark.parametrize("message", [
+    b"", b"\x01", bytes(31), bytes(32), bytes(47), bytes(48), bytes(49), bytes(200),
+    LOW_ORDER + bytes(16), bytes(32) + bytes(16), b"\xff" * 48,
+], ids=lambda m: f"{len(m)}B")
+def test_every_bad_handshake_message_is_an_integrity_error(message: bytes) -> None:
+    """The narrowed catch still covers everything noise raises for bad input."""
+    key = generate_static_key()
+    initiator = Initiator(public_key_of(key))
+    initiator.hello()
+    with pytest.raises(IntegrityError):
+        initiator.finish(message)
+    with pytest.raises(IntegrityError):
+        Responder(key).respond(message)
+
+
+@given(st.binary(max_size=120))
+def test_random_handshake_messages_are_integrity_errors(message: bytes) -> None:
+    key = generate_static_key()
+    initiator = Initiator(public_key_of(key))
+    initiator.hello()
+    with pytest.raises(IntegrityError):
+        initiator.finish(message)
+    with pytest.raises(IntegrityError):
+        Responder(key).respond(message)
+
+
+def test_session_id_is_public_an_observer_computes_it_from_the_wire() -> None:
+    """PROTOCOL.md 3.3: the session id (the handshake hash) is not secret. A passive
+    observer that knows the service's public key computes it from HELLO and WELCOME
+    alone (Noise's MixHash chain; ``es``/``ee`` change only the chaining key), so nothing
+    may rest on its secrecy: key-binding MACs are keyed by the semaphore's K."""
+    key = generate_static_key()
+    initiator = Initiator(public_key_of(key))
+    hello = initiator.hello()
+    welcome, server = Responder(key).respond(hello)
+    client = initiator.finish(welcome)
+
+    def blake2s(data: bytes) -> bytes:
+        return hashlib.blake2s(data).digest()
+
+    h = blake2s(NOISE_PROTOCOL_NAME)  # the name is longer than HASHLEN: hashed
+    for public in (NOISE_PROLOGUE, public_key_of(key), hello[:32], hello[32:],
+                   welcome[:32], welcome[32:]):
+        h = blake2s(h + public)
+    assert h == client.session_id == server.session_id

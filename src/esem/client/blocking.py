@@ -13,12 +13,20 @@ before is taken back. While requests are pending and the line is quiet, the read
 a keepalive PING, so a dropped frame surfaces as an ``IntegrityError`` (the next frame
 fails its counter) or, if nothing at all arrives, as ``ServiceUnavailable``; never as a
 hang. The client never starts a service.
+
+A session belongs to the process that opened it: a forked child that wrote to it would
+reuse the parent's nonces, and one that read from it would steal the parent's replies.
+``os.register_at_fork`` lets go of inherited sessions at fork, but a C-level ``fork()``
+(ctypes, native extensions) skips it, so every path that sends, reads or closes also
+checks a ``ForkGuard`` first and, in a child, lets go of the session there, without a
+byte sent or read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import os
 import select
 import socket
@@ -29,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from esem.errors import EsemError, IntegrityError, ServiceUnavailable, error_for
+from esem.errors import EsemError, IntegrityError, ServiceUnavailable, SignalError, error_for
 from esem.paths import is_default_location, read_pubkey, socket_path
 from esem.protocol.constants import Opcode
 from esem.protocol.messages import Reply, Request
@@ -41,6 +49,43 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT = 5.0  # seconds for connect + handshake
 KEEPALIVE_INTERVAL = 5.0  # seconds of silence with requests pending before a PING
 RECV_BYTES = 65536
+
+
+# madvise(2) MADV_WIPEONFORK (Linux 4.14): the kernel hands a fork child this page zeroed,
+# however the fork was made. Python 3.11's mmap module has no name for it.
+_MADV_WIPEONFORK = 18
+
+
+class ForkGuard:
+    """Tells the process that made it from any process forked from it, whether or not
+    the fork ran ``os.register_at_fork`` handlers (a ctypes ``fork()`` does not).
+
+    Two marks, both cheap to read: a byte in a page the kernel wipes in every fork child
+    (MADV_WIPEONFORK; unlike the pid it cannot be fooled by a descendant that got a dead
+    ancestor's pid), and the pid (for kernels without the flag, and for a vfork-style
+    child that shares our memory)."""
+
+    __slots__ = ("_page", "pid")
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._page: mmap.mmap | None = None
+        try:
+            page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except OSError:
+            return
+        try:
+            page.madvise(_MADV_WIPEONFORK)
+        except OSError:  # EINVAL: a kernel older than 4.14; the pid alone must do
+            page.close()
+            return
+        page[0] = 1
+        self._page = page
+
+    def here(self) -> bool:
+        """True in the process that made this guard, False in a forked child."""
+        page = self._page
+        return (page is None or page[0] == 1) and os.getpid() == self.pid
 
 
 @dataclass
@@ -67,7 +112,8 @@ class Client:
         self._explicit_pubkey = pubkey
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive
-        self.pid = os.getpid()
+        self._guard = ForkGuard()
+        self.pid = self._guard.pid
         self._lock = threading.Lock()
         # Always enter the lock as ``with self._lock``, never ``with self._cond``: the
         # Condition's __enter__ is Python code, so a signal handler that raises (the
@@ -78,7 +124,8 @@ class Client:
         self._sock: socket.socket | None = None
         self._session: ClientSession | None = None
         self._replies: dict[int, Reply] = {}
-        self._reading = False
+        self._reader: int | None = None  # thread ident of the reader (leader/follower)
+        self._taking = False  # bytes taken off the socket, replies not yet filed
         # Threads parked in ``_cond.wait()``: notify only when there is one, since
         # Condition.notify_all is Python code that costs a microsecond or two per reply.
         self._sleepers = 0
@@ -102,7 +149,16 @@ class Client:
 
     @property
     def failed(self) -> EsemError | None:
+        """The error that ended this session, or None while it is usable. In a process
+        forked from the session's own, always an error: the session is the parent's."""
+        if not self._guard.here():
+            return self._forked_away()
         return self._failure
+
+    @property
+    def in_own_process(self) -> bool:
+        """False in a forked child (however forked): this client is its parent's."""
+        return self._guard.here()
 
     @property
     def mode(self) -> str:
@@ -111,11 +167,18 @@ class Client:
         return "switchless" if self._ring is not None else "socket"
 
     def connect(self) -> None:
+        if not self._guard.here():
+            raise self._forked_away()
         with self._lock:
             self._ensure_connected()
 
     def close(self) -> None:
-        """End the session: the service closes its handles and drops its waits."""
+        """End the session: the service closes its handles and drops its waits. In a
+        forked child it only drops the child's copies of the descriptors: the session is
+        the parent's, and a shutdown would end it for the parent too."""
+        if not self._guard.here():
+            self._forked_away()
+            return
         with self._lock:
             if self._failure is None:
                 self._failure = ServiceUnavailable("client closed")
@@ -124,31 +187,55 @@ class Client:
             if ring is not None:
                 ring.shutdown()  # wakes a reader asleep on the rings
             self._cond.notify_all()
-        if sock is not None and os.getpid() == self.pid:
+        if sock is not None:
             sock.close()
             if ring is not None:
                 ring.close()
 
-    def _forked_away(self) -> None:
-        """In a fork child: drop the inherited descriptor, send nothing, and fail every
-        later use of this object (its lock may be held by a thread that no longer
-        exists, so it is not taken)."""
+    def _forked_away(self) -> EsemError:
+        """In a fork child: drop the inherited descriptors (closing our copies sends
+        nothing; the parent's stay open), never send, read or shut anything down, and
+        fail every later use of this object. Its lock may be held by a thread that does
+        not exist in this process, so it is not taken; idempotent. Returns the failure."""
         sock, self._sock = self._sock, None
-        self._failure = ServiceUnavailable("esem session belongs to the parent process")
+        if not isinstance(self._failure, _ParentsSession):
+            self._failure = _ParentsSession("esem session belongs to the parent process")
+        self._session = None  # its cipher states are the parent's: never used here
         if sock is not None:
             sock.close()
         ring, self._ring = self._ring, None
         if ring is not None:
             ring.forget()  # the parent's rings: never touched from here
+        return self._failure
 
     def _ensure_connected(self) -> None:
-        """Called with the lock held."""
+        """Called with the lock held.
+
+        A signal handler that raises while we connect (in connect, in the handshake's
+        recv, or inside noise's own Python code) is an interruption, never tampering:
+        the half-made connection is closed, nothing is kept (the next call connects
+        afresh), and, as for a wait, an ``Exception`` from the handler becomes
+        ``SignalError`` (its ``__cause__``) while ``KeyboardInterrupt``/``SystemExit``
+        propagate unchanged."""
         if self._failure is not None:
             raise self._failure
         if self._session is not None:
             return
-        if os.getpid() != self.pid:
-            raise RuntimeError("esem client used across fork; use get_client()")
+        try:
+            sock, session, ring = self._open_session()
+        except EsemError:
+            raise
+        except Exception as exc:  # raised by a signal handler (as in EsemSemaphore._wait)
+            raise SignalError(
+                f"connecting to the esem service at {self.socket_path} was interrupted by a "
+                "signal; nothing was opened") from exc
+        sock.settimeout(None)
+        self._poller.register(sock, select.POLLIN)  # a client connects once (failure is final)
+        self._sock, self._session, self._ring = sock, session, ring
+
+    def _open_session(self) -> tuple[socket.socket, ClientSession, ClientRing | None]:
+        """Connect, complete the handshake and (if asked) the switchless upgrade; on any
+        exception the socket is closed and nothing is left behind."""
         try:
             pub = read_pubkey(self.socket_path, self._explicit_pubkey,
                               default_location=self._default_location)
@@ -157,27 +244,9 @@ class Client:
                 f"no esem service at {self.socket_path} (cannot read its public key: {exc})"
             ) from exc
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self._connect_timeout)
-        give_up = time.monotonic() + self._connect_timeout
-        while True:
-            try:
-                sock.connect(str(self.socket_path))
-                break
-            except BlockingIOError as exc:
-                # EAGAIN: the service's listen backlog is full (perhaps another tenant's
-                # connection storm); a Unix socket does not queue us, so try again.
-                if time.monotonic() >= give_up:
-                    sock.close()
-                    raise ServiceUnavailable(
-                        f"esem service at {self.socket_path} is not accepting connections "
-                        f"(backlog full for {self._connect_timeout}s)") from exc
-                time.sleep(0.002)
-            except OSError as exc:
-                sock.close()
-                raise ServiceUnavailable(
-                    f"no esem service at {self.socket_path}: {exc}") from exc
-        session = ClientSession(pub)
         try:
+            self._connect(sock)
+            session = ClientSession(pub)
             # A service that refuses us (a quota) writes its reason and hangs up,
             # possibly before our HELLO is out: read the reason before giving up.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -206,9 +275,26 @@ class Client:
         except BaseException:
             sock.close()
             raise
-        sock.settimeout(None)
-        self._poller.register(sock, select.POLLIN)  # a client connects once (failure is final)
-        self._sock, self._session, self._ring = sock, session, ring
+        return sock, session, ring
+
+    def _connect(self, sock: socket.socket) -> None:
+        sock.settimeout(self._connect_timeout)
+        give_up = time.monotonic() + self._connect_timeout
+        while True:
+            try:
+                sock.connect(str(self.socket_path))
+                return
+            except BlockingIOError as exc:
+                # EAGAIN: the service's listen backlog is full (perhaps another tenant's
+                # connection storm); a Unix socket does not queue us, so try again.
+                if time.monotonic() >= give_up:
+                    raise ServiceUnavailable(
+                        f"esem service at {self.socket_path} is not accepting connections "
+                        f"(backlog full for {self._connect_timeout}s)") from exc
+                time.sleep(0.002)
+            except OSError as exc:
+                raise ServiceUnavailable(
+                    f"no esem service at {self.socket_path}: {exc}") from exc
 
     def _upgrade(self, sock: socket.socket, session: ClientSession,
                  deadline: float) -> ClientRing | None:
@@ -223,6 +309,8 @@ class Client:
 
     def send(self, build: Request, *, key: bytes | None = None) -> int:
         """Send ``build`` (its ``req_id`` is replaced by a fresh one); returns the id."""
+        if not self._guard.here():  # the one path to the socket and the request ring
+            raise self._forked_away()
         with self._lock:
             self._ensure_connected()
             assert self._session is not None and self._sock is not None
@@ -252,40 +340,48 @@ class Client:
     def wait_reply(self, req_id: int) -> Reply:
         """Block until the reply to ``req_id`` arrives. Interruptible by signals: an
         exception from a signal handler propagates, and the request stays pending (its
-        reply is kept and can still be awaited)."""
-        with self._lock:
-            while True:
-                reply = self._replies.pop(req_id, None)
-                if reply is not None:
-                    return reply
-                if self._failure is not None:
-                    raise self._failure
-                if self._session is not None and not self._session.is_pending(req_id):
-                    # Answered, yet the reply is nowhere: a signal handler raised inside
-                    # the reader between receiving and filing it. Waiting would hang and
-                    # guessing the answer could lose a unit, so the session ends here.
-                    raise self._fail_locked(ServiceUnavailable(
-                        f"esem session lost the reply to request {req_id} (a signal "
-                        "handler raised inside the client); the session is closed"))
-                if not self._reading:
-                    self._reading = True
-                    break
-                self._sleepers += 1
-                try:
-                    self._cond.wait()
-                finally:
-                    self._sleepers -= 1
-        return self._read_until(req_id)
+        reply is kept and can still be awaited).
 
-    def _read_until(self, req_id: int) -> Reply:
-        """Hold the reader role until our reply arrives; then pass the role on."""
-        self._progress_at = time.monotonic()
+        The reader role belongs to a thread (its ident), is decided afresh under the
+        lock before every read, and is given back in ``finally``. A raising signal
+        handler can still strike between taking the role and the ``try`` (or inside
+        the ``finally``) and leave it taken; since only the main thread runs handlers,
+        that thread then finds the role its own on its next call and simply reads: it
+        is not reading anywhere else (before, the role stayed taken and the next call
+        waited forever for a reader that did not exist)."""
+        if not self._guard.here():  # reading would steal the parent's replies
+            raise self._forked_away()
+        me = threading.get_ident()
         try:
             while True:
-                data = self._recv()
                 with self._lock:
-                    if data is None:
+                    reply = self._replies.pop(req_id, None)
+                    if reply is not None:
+                        return reply
+                    if self._failure is not None:
+                        raise self._failure
+                    if self._session is not None and not self._session.is_pending(req_id):
+                        # Answered, yet the reply is nowhere: a signal handler raised
+                        # inside the reader between receiving and filing it. Waiting would
+                        # hang and guessing the answer could lose a unit, so the session
+                        # ends here.
+                        raise self._fail_locked(ServiceUnavailable(
+                            f"esem session lost the reply to request {req_id} (a signal "
+                            "handler raised inside the client); the session is closed"))
+                    if self._reader is not None and self._reader != me:
+                        self._sleepers += 1
+                        try:
+                            self._cond.wait()
+                        finally:
+                            self._sleepers -= 1
                         continue
+                    if self._reader is None:
+                        self._reader = me
+                        self._progress_at = time.monotonic()
+                data = self._recv()
+                if data is None:
+                    continue
+                with self._lock:
                     assert self._session is not None
                     try:
                         replies = self._session.receive_data(data)
@@ -299,22 +395,45 @@ class Client:
                             self._ping_sent_at = None
                             continue
                         self._replies[reply.req_id] = reply
+                    self._taking = False
+                    if self._ring is not None:
+                        self._ring.taking = False
                     mine = self._replies.pop(req_id, None)
                     if replies and self._sleepers:
                         self._cond.notify_all()
                     if mine is not None:
                         return mine
+        except EsemError:
+            raise
+        except BaseException:
+            self._interrupted_with_bytes()
+            raise
         finally:
-            with self._lock:
-                self._reading = False
-                self.stats.reader_handoffs += 1
-                if self._sleepers:
-                    self._cond.notify_all()
+            if self._reader == me:  # pass the role on
+                with self._lock:
+                    if self._reader == me:
+                        self._reader = None
+                        self.stats.reader_handoffs += 1
+                        if self._sleepers:
+                            self._cond.notify_all()
+
+    def _interrupted_with_bytes(self) -> None:
+        """A signal handler raised in the reader. If it struck after bytes were taken
+        off the socket or ring and before their replies were filed, those bytes are
+        lost and the stream has a hole: end the session now, as the interruption it is
+        (parsing on would fail authentication and look like tampering)."""
+        ring = self._ring
+        if self._taking or (ring is not None and ring.taking):
+            self._taking = False
+            self._fail(ServiceUnavailable(
+                f"esem session at {self.socket_path} closed: a signal handler raised while "
+                "the client was taking a reply off the connection, so bytes may be lost"))
 
     def _recv(self) -> bytes | None:
         """One recv, or None after a keepalive interval without a decoded reply (a PING is
         then in flight). Quiet is measured in replies, not bytes: a peer that trickles a
-        frame byte by byte is as quiet as one that sends nothing."""
+        frame byte by byte is as quiet as one that sends nothing. (No fork check here:
+        only ``wait_reply``, which has checked, makes a thread the reader.)"""
         sock = self._sock
         if sock is None:
             raise self._fail(ServiceUnavailable("client closed"))
@@ -332,6 +451,7 @@ class Client:
         if left <= 0 or not self._poller.poll(math.ceil(left * 1000)):
             self._keepalive_tick()
             return None
+        self._taking = True  # until filed (wait_reply): see _interrupted_with_bytes
         try:
             data = sock.recv(RECV_BYTES)
         except OSError as exc:
@@ -371,13 +491,21 @@ class Client:
             self._failure = exc
             if isinstance(exc, IntegrityError):
                 exc.add_note("the esem session was closed; its handles are no longer usable")
-            if self._sock is not None:
-                with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_RDWR)
-            if self._ring is not None:
-                self._ring.shutdown()
+            # A shutdown acts on the connection, not on our descriptor: from a forked
+            # child it would end the parent's session (never reached: every path checks
+            # the guard first; kept as the last line).
+            if self._guard.here():
+                if self._sock is not None:
+                    with contextlib.suppress(OSError):
+                        self._sock.shutdown(socket.SHUT_RDWR)
+                if self._ring is not None:
+                    self._ring.shutdown()
             self._cond.notify_all()
         return self._failure
+
+
+class _ParentsSession(ServiceUnavailable):
+    """This client's session was opened by the process this one was forked from."""
 
 
 # ----------------------------------------------------------- per-process client
@@ -385,6 +513,7 @@ class Client:
 _process_client: Client | None = None
 _all_clients: weakref.WeakSet[Client] = weakref.WeakSet()
 _process_lock = threading.Lock()
+_process_guard = ForkGuard()  # notices a fork that skipped _after_fork_in_child
 # The process's switchless choice (``esem.connect``); None follows ESEM_SWITCHLESS. Kept
 # across fork, so children open their own sessions in the same mode.
 _process_switchless: bool | None = None
@@ -394,21 +523,33 @@ def get_client() -> Client:
     """The client of this process: created on first use, replaced after ``fork`` (the
     child never touches the parent's session) and after the session failed."""
     global _process_client
+    check_fork()
     with _process_lock:
         client = _process_client
-        if client is None or client.pid != os.getpid() or client.failed is not None:
+        if client is None or client.failed is not None:
             client = _process_client = Client(switchless=_process_switchless)
         return client
 
 
+def check_fork() -> None:
+    """Do now what ``_after_fork_in_child`` would have done at fork, if this process
+    was forked without it (a C-level ``fork()``)."""
+    if not _process_guard.here():
+        _after_fork_in_child()
+
+
 def _after_fork_in_child() -> None:
     """The child must not keep the parent's sessions alive (the service sees a session
-    end when its last descriptor closes) nor ever write to them (a reused nonce)."""
-    global _process_client, _process_lock
+    end when its last descriptor closes) nor ever write to them (a reused nonce).
+    Also run late, by ``check_fork``, and then possibly by two threads at once: it only
+    ever lets go of clients made by another process, never of this one's."""
+    global _process_client, _process_lock, _process_guard
+    _process_guard = ForkGuard()
     _process_lock = threading.Lock()  # another thread may have held it at fork time
     _process_client = None
     for client in list(_all_clients):
-        client._forked_away()
+        if not client.in_own_process:
+            client._forked_away()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

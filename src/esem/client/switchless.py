@@ -3,7 +3,7 @@
 Right after the handshake a client that wants switchless sends SWITCHLESS over the
 socket (PROTOCOL.md section 15). The OK reply, authenticated like every reply, carries
 the ring capacity; the kernel attaches the memfd and our end of the doorbell pair to it
-(SCM_RIGHTS, read here with ``socket.recv_fds``). Those descriptors are *not*
+(SCM_RIGHTS, received close-on-exec with ``recvmsg``). Those descriptors are *not*
 authenticated (the channel adversary could swap them), so they are only ever used as a
 transport for frames that are: they are checked to be what they claim (a memfd sealed
 against shrinking, so no one can SIGBUS us; a Unix stream socket) and the region's header
@@ -28,6 +28,7 @@ service without ``--switchless`` then gets a socket session and a ``RuntimeWarni
 
 from __future__ import annotations
 
+import array
 import contextlib
 import fcntl
 import logging
@@ -103,7 +104,7 @@ def upgrade(sock: socket.socket, session: ClientSession, deadline: float, *,
             if left <= 0:
                 raise TimeoutError
             sock.settimeout(left)
-            data, got, flags, _ = socket.recv_fds(sock, RECV_BYTES, UPGRADE_FDS)
+            data, got, flags = _recv_fds_cloexec(sock)
             fds += got
             if flags & socket.MSG_CTRUNC:
                 raise ProtocolError("descriptors of the switchless upgrade were cut off")
@@ -127,6 +128,21 @@ def upgrade(sock: socket.socket, session: ClientSession, deadline: float, *,
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _recv_fds_cloexec(sock: socket.socket) -> tuple[bytes, list[int], int]:
+    """``recvmsg`` with up to ``UPGRADE_FDS`` descriptors, received close-on-exec
+    (``MSG_CMSG_CLOEXEC``): SCM_RIGHTS descriptors otherwise arrive inheritable and would
+    leak our rings and doorbell into every program this process execs. Not
+    ``socket.recv_fds``: Python 3.11's ignores its ``flags`` argument."""
+    fd_size = array.array("i").itemsize
+    data, ancdata, flags, _ = sock.recvmsg(
+        RECV_BYTES, socket.CMSG_SPACE(UPGRADE_FDS * fd_size), socket.MSG_CMSG_CLOEXEC)
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fd_size])
+    return data, list(fds), flags
 
 
 class ClientRing:
@@ -183,6 +199,7 @@ class ClientRing:
         self._sock_poller.register(sock, select.POLLIN)
         self._sock_fd = sock.fileno()
         self._dead = False
+        self.taking = False  # see _take
         self.rings = 0  # doorbells we rang
         self.sleeps = 0  # times the reader slept instead of spinning
 
@@ -235,7 +252,7 @@ class ClientRing:
         """Reply bytes, or None once ``timeout`` seconds passed with none (the caller's
         keepalive). Only the reader-role thread calls it (one consumer)."""
         rx = self._rx
-        data = rx.read()
+        data = self._take()
         if data:
             return data
         clock = time.perf_counter
@@ -246,7 +263,7 @@ class ClientRing:
         yield_cpu = os.sched_yield  # lets the service run first if it shares our CPU
         while now < spin_end:
             if available():
-                return rx.read()
+                return self._take()
             if parked():
                 # The service has processed all we sent and has nothing for us: what
                 # is left is a blocked wait, which a post from elsewhere ends. Spin no
@@ -261,7 +278,7 @@ class ClientRing:
                 raise ServiceUnavailable("client closed")
             if rx.sleep():  # raced with a reply: take it instead of sleeping
                 rx.wake()
-                return rx.read()
+                return self._take()
             left = end - clock()
             if left <= 0:
                 rx.wake()
@@ -276,11 +293,22 @@ class ClientRing:
                     self._check_socket(wait=0)
                 else:
                     self._drain_bell()
-            data = rx.read()
+            data = self._take()
             if data:
                 return data
             if not events:
                 self._backstop()
+
+    def _take(self) -> bytes:
+        """Copy what the reply ring holds out of it (advancing its tail), and say so in
+        ``taking`` until the client has filed the replies: a signal handler raising in
+        between loses those bytes, and the client must then end the session instead of
+        parsing a stream with a hole in it (which would look like tampering)."""
+        self.taking = True
+        data = self._rx.read()
+        if not data:
+            self.taking = False
+        return data
 
     def _backstop(self) -> None:
         """A sleep ended with no ring: if our requests still sit unread, the service's

@@ -21,11 +21,22 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from noise.connection import Keypair, NoiseConnection
+from noise.exceptions import NoiseHandshakeError, NoiseInvalidMessage, NoiseValueError
 
 from esem.errors import IntegrityError
 from esem.protocol.constants import MAC_DOMAIN, NOISE_PROLOGUE, NOISE_PROTOCOL_NAME, Direction
 
 KEY_BYTES = 32  # X25519 private and public keys
+
+# What noiseprotocol (and cryptography under it) raise for a handshake message that is
+# not a valid one: a short or malformed ephemeral key (NoiseValueError), a low-order point
+# (ValueError from the X25519 exchange), a tag that fails (InvalidTag). Only these mean
+# "the peer sent something wrong" and become IntegrityError. Anything else (above all an
+# exception raised by a signal handler, which Python runs between any two bytecodes, so
+# also inside noise's Python code) propagates unchanged: an interruption on our side is
+# not tampering.
+_BAD_HANDSHAKE = (NoiseValueError, NoiseInvalidMessage, NoiseHandshakeError, InvalidTag,
+                  ValueError)
 
 
 def generate_static_key() -> bytes:
@@ -72,8 +83,11 @@ class Transport:
     __slots__ = ("_rx", "_tx", "session_id")
 
     def __init__(self, noise: NoiseConnection) -> None:
-        # The handshake hash: unique per session, known to both ends and to no one else
-        # who could not also decrypt; key-binding MACs bind it in.
+        # The handshake hash: unique per session, but not secret. It is a hash of the
+        # prologue, the service's public key and the two handshake messages, all of which
+        # cross the wire in clear or are published, so anyone who saw HELLO and WELCOME
+        # can compute it. Nothing relies on its secrecy: key-binding MACs bind it as a
+        # public session label and are keyed by the semaphore's secret K (PROTOCOL.md 3.3).
         self.session_id: bytes = bytes(noise.get_handshake_hash())
         proto = noise.noise_protocol
         tx, rx = proto.cipher_state_encrypt, proto.cipher_state_decrypt
@@ -119,7 +133,7 @@ class Initiator:
     def finish(self, welcome: bytes) -> Transport:
         try:
             payload = self._noise.read_message(welcome)
-        except Exception as exc:  # wrong key (impersonator), tampering, garbage
+        except _BAD_HANDSHAKE as exc:  # wrong key (impersonator), tampering, garbage
             raise IntegrityError("service failed to prove its pinned identity") from exc
         if payload or not self._noise.handshake_finished:
             raise IntegrityError("service failed to prove its pinned identity")
@@ -146,9 +160,7 @@ class Responder:
             if payload:
                 raise IntegrityError("unexpected handshake payload")
             welcome = bytes(self._noise.write_message(b""))
-        except IntegrityError:
-            raise
-        except Exception as exc:
+        except _BAD_HANDSHAKE as exc:
             raise IntegrityError("handshake failed") from exc
         return welcome, Transport(self._noise)
 
