@@ -53,6 +53,7 @@ class AsyncSemaphore:
         self._tokens: weakref.WeakKeyDictionary[AsyncClient, bytes] = (
             weakref.WeakKeyDictionary({client: token}))
         self._last_token = token
+        self._home = client  # the session that opened it: used whenever its loop runs
         self._attaching: dict[AsyncClient, asyncio.Future[bytes]] = {}
         self.waits = 0  # granted waits through this handle (a statistic)
 
@@ -66,11 +67,21 @@ class AsyncSemaphore:
 
     # ------------------------------------------------------------ plumbing
 
+    def _client(self) -> AsyncClient:
+        """The opening session while its loop runs (its failure is sticky), else the
+        running loop's own session."""
+        home = self._home
+        if home.pid == os.getpid() and home.loop is asyncio.get_running_loop():
+            if home.failed is not None:
+                raise home.failed
+            return home
+        return get_async_client()
+
     def _ready(self) -> tuple[AsyncClient, bytes] | None:
-        """The running loop's client and token if no I/O is needed to get them."""
+        """The session and token to use, if no I/O is needed to get them."""
         if self._closed:
             raise ExistentialError(f"semaphore {self.name} has been closed")
-        client = get_async_client()
+        client = self._client()
         token = self._tokens.get(client)
         if token is not None and client.connected:
             return client, token
@@ -80,7 +91,7 @@ class AsyncSemaphore:
         ready = self._ready()
         if ready is not None:
             return ready
-        client = get_async_client()
+        client = self._client()
         await client.connect()
         token = self._tokens.get(client)
         if token is not None:

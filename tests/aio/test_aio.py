@@ -414,11 +414,12 @@ def test_one_session_per_loop_and_handles_attach_in_another_loop(
         sem = first.run(aio.open(sem_name, CREX, 0o600, 0))
         c1 = first.run(_client())
         assert first.run(_client()) is c1
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as second:
-        c2 = second.run(_client())
-        assert c2 is not c1
-        second.run(_release(sem))  # attaches through the second loop's session
-        assert second.run(sem.getvalue()) == 1
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as second:
+            c2 = second.run(_client())
+            assert c2 is not c1
+            second.run(_release(sem))  # attaches through the second loop's session
+            assert second.run(sem.getvalue()) == 1
+        assert first.run(sem.acquire(timeout=0)) is True  # the first's handle, untouched
 
 
 async def _client() -> esem.aio.AsyncClient:
@@ -487,3 +488,64 @@ def test_no_service_is_service_unavailable(tmp_path: Any) -> None:
 
 def test_busy_error_is_exported() -> None:
     assert aio.BusyError is BusyError
+
+
+def test_keepalive_surfaces_a_silent_service(fresh_service: Any, sem_name: str) -> None:
+    """A service that stops answering (SIGSTOP) fails a pending wait with
+    ServiceUnavailable after two keepalive intervals, never a hang."""
+    import signal
+
+    async def body() -> None:
+        client = esem.aio.AsyncClient(keepalive=0.3)
+        sem = await aio.open(sem_name, CREX, 0o600, 0, client=client)
+        task = asyncio.create_task(sem.acquire())
+        await asyncio.sleep(0.05)
+        assert fresh_service.proc is not None
+        os.kill(fresh_service.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(ServiceUnavailable, match="stopped answering"):
+                await asyncio.wait_for(task, 30)
+        finally:
+            os.kill(fresh_service.proc.pid, signal.SIGCONT)
+        assert client.keepalives == 1
+        with pytest.raises(ServiceUnavailable):
+            await sem.getvalue()
+
+    asyncio.run(body())
+
+
+def test_keepalive_ping_is_answered_while_a_wait_is_queued(service: Any, sem_name: str) -> None:
+    async def body() -> None:
+        client = esem.aio.AsyncClient(keepalive=0.1)
+        sem = await aio.open(sem_name, CREX, 0o600, 0, client=client)
+        task = asyncio.create_task(sem.acquire())
+        await asyncio.sleep(0.5)  # several quiet intervals: PINGs, each answered
+        assert client.keepalives >= 2 and client.failed is None
+        await sem.release()
+        assert await task is True
+
+    asyncio.run(body())
+
+
+def test_a_closed_loop_and_its_session_are_let_go(service: Any) -> None:
+    """asyncio.run() called again and again must not pile up sessions at the service
+    (a per-uid quota) nor keep the closed loops alive."""
+    import gc
+    import weakref
+
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+    clients: list[esem.aio.AsyncClient] = []
+    for _ in range(5):
+        with asyncio.Runner() as runner:
+            clients.append(runner.run(_connected()))
+            loops.append(weakref.ref(runner.get_loop()))
+    asyncio.run(_connected())  # any later lookup lets the closed loops' sessions go
+    gc.collect()
+    assert [ref() for ref in loops] == [None] * 5
+    assert all(isinstance(c.failed, ServiceUnavailable) for c in clients)
+
+
+async def _connected() -> esem.aio.AsyncClient:
+    client = get_async_client()
+    await client.connect()
+    return client

@@ -289,3 +289,48 @@ def test_pickling_outside_spawning_is_refused() -> None:
     for prim in (Lock(), Semaphore(), Condition(), Event()):
         with pytest.raises(RuntimeError):
             pickle.dumps(prim)
+
+
+# ------------------------------------------------------------------ unpickling in a child
+
+
+def test_rebuild_reattaches_then_reopens_by_name_with_the_key(sem_name: str) -> None:
+    """What a spawned child does with a pickled handle: ATTACH with the token while a
+    holder lives; once none does, OPEN the name, MAC'd under the key."""
+    from esem.api import _rebuild
+
+    key = os.urandom(32)
+    sem = esem.sem_open(sem_name, os.O_CREAT | os.O_EXCL, 0o600, 1, flags=esem.USE_ESEM,
+                        key=key)
+    assert isinstance(sem, esem.EsemSemaphore)
+    (_, token), = sem._tokens.values()
+    sock = str(esem.get_client().socket_path)
+    attached = _rebuild(sock, sem_name, token, key, 0o600, False)
+    assert attached._tokens[os.getpid()][1] != token  # a handle of its own
+    attached.trywait()
+    sem.close()
+    attached.close()
+    other = esem.sem_open(sem_name, 0, flags=esem.USE_ESEM, key=key)
+    reopened = _rebuild(sock, sem_name, token, key, 0o600, False)  # token dead: by name
+    reopened.post()
+    assert other.getvalue() == 1
+
+
+def test_rebuild_never_lands_on_an_impostor_of_the_name(sem_name: str) -> None:
+    """The creator's name was unlinked and a same-uid process made an unkeyed semaphore
+    under it: the child's by-name reopen is refused instead of using it (the service
+    refuses a keyed open of an unkeyed semaphore; were the refusal forged, the missing
+    reply MAC would be an IntegrityError)."""
+    from esem.api import _rebuild
+
+    key = os.urandom(32)
+    sem = esem.sem_open(sem_name, os.O_CREAT | os.O_EXCL, 0o600, 0, flags=esem.USE_ESEM,
+                        key=key)
+    assert isinstance(sem, esem.EsemSemaphore)
+    (_, token), = sem._tokens.values()
+    sem.unlink()
+    sem.close()
+    esem.sem_open(sem_name, os.O_CREAT | os.O_EXCL, 0o600, 5, flags=esem.USE_ESEM)
+    client = esem.Client()  # the failure closes a session: not this process's shared one
+    with pytest.raises(KeyRejected):
+        _rebuild(str(client.socket_path), sem_name, token, key, 0o600, False)

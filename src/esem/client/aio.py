@@ -73,6 +73,8 @@ class AsyncClient:
         self._connecting: asyncio.Task[None] | None = None
         self._failure: EsemError | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # The session's loop, set at connect; weakly, as _clients is keyed weakly by it.
+        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
         self._progress_at = 0.0
         self._ping_sent_at: float | None = None
         _all_clients.add(self)
@@ -85,6 +87,11 @@ class AsyncClient:
     @property
     def failed(self) -> EsemError | None:
         return self._failure
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop this session belongs to (None before it connected)."""
+        return self._loop() if self._loop is not None else None
 
     @property
     def connected(self) -> bool:
@@ -113,6 +120,7 @@ class AsyncClient:
                 f"no esem service at {self.socket_path} (cannot read its public key: {exc})"
             )) from exc
         loop = asyncio.get_running_loop()
+        self._loop = weakref.ref(loop)
         session = ClientSession(pub)
         self._handshake = loop.create_future()
         try:
@@ -140,8 +148,14 @@ class AsyncClient:
 
     def _forked_away(self) -> None:
         """In a fork child: release the inherited connection without writing to it and
-        without touching the parent's loop (the descriptor number is kept, pointing at
-        /dev/null, so a later close by that loop cannot hit an unrelated file)."""
+        without touching the parent's loop."""
+        self._let_go(ServiceUnavailable("esem session belongs to the parent process"))
+
+    def _let_go(self, failure: EsemError) -> None:
+        """Drop the connection from outside its loop (a fork child, or a loop already
+        closed): the descriptor number is kept, pointing at /dev/null, so the service sees
+        this copy close while a later close by the transport cannot hit an unrelated
+        file; the loop's transport is forgotten, so nothing here keeps that loop alive."""
         if self._fd >= 0:
             devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             try:
@@ -150,7 +164,11 @@ class AsyncClient:
                 os.close(devnull)
         self._fd = -1
         self._transport = None
-        self._failure = ServiceUnavailable("esem session belongs to the parent process")
+        self._timer = None
+        self._connecting = self._handshake = None
+        self._futures = {}
+        if self._failure is None:
+            self._failure = failure
 
     def _fail(self, exc: EsemError) -> EsemError:
         if self._failure is not None:
@@ -257,8 +275,10 @@ class AsyncClient:
             self._arm()
 
 
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient] = (
-    weakref.WeakKeyDictionary())
+# Per loop. Not a WeakKeyDictionary: the client's transport refers to its loop, so a weak
+# key would never die; entries of loops that have closed are let go at the next lookup
+# (so a program that calls asyncio.run() in a loop keeps at most one stale session).
+_clients: dict[asyncio.AbstractEventLoop, AsyncClient] = {}
 _all_clients: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
 
 
@@ -266,6 +286,8 @@ def get_async_client() -> AsyncClient:
     """The session of the running event loop: created on first use, replaced after
     ``fork`` and after it failed. Must be called from a coroutine."""
     loop = asyncio.get_running_loop()
+    for other in [lp for lp in _clients if lp.is_closed()]:
+        _clients.pop(other)._let_go(ServiceUnavailable("its event loop was closed"))
     client = _clients.get(loop)
     if client is None or client.pid != os.getpid() or client.failed is not None:
         client = _clients[loop] = AsyncClient()
