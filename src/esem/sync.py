@@ -82,11 +82,17 @@ def _reap() -> None:
 
 
 def _at_exit() -> None:
-    """Finalizers do not run at exit (``atexit=False``): release what still lives here."""
-    for prim in list(_live):
-        if prim._finalizer.detach() is not None:
-            _release_handle(prim._sem, prim._anonymous, prim._creator)
+    """Unlink the names of this process's anonymous primitives that still live, and
+    nothing more: their handles keep working (an unlinked semaphore does) for whatever
+    still runs after atexit, such as multiprocessing's exit finalizers and a Pool's
+    ``__del__``; they close with the session when the process ends."""
     _reap()
+    pid = os.getpid()
+    for prim in list(_live):
+        if prim._anonymous and prim._creator == pid:
+            prim._anonymous = False
+            with contextlib.suppress(EsemError):
+                prim._sem.unlink()
 
 
 atexit.register(_at_exit)

@@ -177,3 +177,42 @@ def test_handles_pickle_only_while_spawning(ctx: Any) -> None:
         pickle.dumps(lock)
     with pytest.raises(RuntimeError):
         pickle.dumps(lock._sem)  # the EsemSemaphore itself (it carries the key)
+
+
+_EXIT_SCRIPT = """
+import os
+import sys
+import esem.multiprocessing
+from esem.client.admin import list_semaphores
+import esem
+
+def square(x):
+    return x * x
+
+if __name__ == "__main__":
+    ctx = esem.multiprocessing.get_context(sys.argv[1])
+    pool = ctx.Pool(2)                      # never closed: multiprocessing ends it at exit
+    assert pool.map(square, range(4)) == [0, 1, 4, 9]
+    q = ctx.Queue()
+    q.put(b"x" * 1000)                      # flushed by the feeder thread at exit
+    print(" ".join(e["name"] for e in list_semaphores(esem.get_client())
+                   if e["name"].startswith(f"/esem-anon-{os.getpid()}-")))
+"""
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_exit_with_an_open_pool_and_queue(service: Any, tmp_path: Path, method: str) -> None:
+    """multiprocessing's own exit finalizers (terminate the pool, flush the queue's
+    feeder thread) still find their locks; the names go only after them."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_script.py"
+    script.write_text(_EXIT_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), method], cwd=tmp_path,
+                          env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    names = set(done.stdout.split())
+    assert names, "the script's primitives were not in the table"
+    assert not names & _names(), "anonymous names outlived their creator"
