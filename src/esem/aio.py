@@ -121,11 +121,12 @@ class AsyncSemaphore:
     async def acquire(self, timeout: float | None = None) -> bool:
         """Wait for a unit (FIFO). True when granted; with ``timeout`` (seconds, kept by
         the service; 0 = try once), False when it expires."""
-        if timeout is None:
+        if timeout is not None:
+            _check_timeout(timeout)
+        if timeout is None or timeout * 1e9 >= MAX_TIMEOUT_NS:  # inf: no deadline
             mode, timeout_ns = WaitMode.BLOCK, 0
         else:
-            _check_timeout(timeout)
-            mode, timeout_ns = WaitMode.TIMED, min(int(timeout * 1e9), MAX_TIMEOUT_NS)
+            mode, timeout_ns = WaitMode.TIMED, int(timeout * 1e9)
         client, token = await self._ctx()
         req = Request(Opcode.WAIT, 0, handle=token, wait_mode=mode, timeout_ns=timeout_ns)
         req_id, fut = client._send(req, self._key)

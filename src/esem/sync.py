@@ -37,11 +37,13 @@ from typing import Any, TypeVar
 
 from esem.api import O_CREAT, O_EXCL, USE_ESEM, EsemSemaphore, sem_open
 from esem.errors import BusyError, EsemError
+from esem.protocol.constants import MAX_TIMEOUT_NS
 
 T = TypeVar("T")
 _Owner = tuple[int, int]  # (pid, thread ident)
 
 ANON_PREFIX = "/esem-anon-"
+MAX_TIMEOUT_S = MAX_TIMEOUT_NS / 1e9
 ANON_KEY_BYTES = 32
 
 
@@ -158,6 +160,10 @@ class _Base:
     # -------------------------------------------------------------- waits
 
     def _take(self, blocking: bool, timeout: float | None) -> bool:
+        if timeout is not None and timeout != timeout:
+            raise ValueError("timeout must not be NaN")
+        if timeout is not None and timeout >= MAX_TIMEOUT_S:
+            timeout = None  # beyond what the wire carries (292 years): no deadline
         try:
             if not blocking:
                 self._sem.trywait()

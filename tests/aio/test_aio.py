@@ -105,6 +105,8 @@ def test_acquire_try_timed_and_release(run: Run[None], sem_name: str) -> None:
         assert await sem.acquire(timeout=0) is True
         assert await sem.getvalue() == 0
         assert sem.waits == 4
+        sem.release()
+        assert await sem.acquire(timeout=float("inf")) is True  # no deadline, no overflow
 
     run(body)
 
@@ -549,3 +551,23 @@ async def _connected() -> esem.aio.AsyncClient:
     client = get_async_client()
     await client.connect()
     return client
+
+
+def test_letting_go_never_touches_a_reused_descriptor(service: Any, tmp_path: Any) -> None:
+    """A session that failed (its socket closed) in a loop that then closed: when it is
+    let go, the descriptor number it once had may belong to another file by now; that
+    file must be left alone."""
+    with asyncio.Runner() as runner:
+        client = runner.run(_connected())
+        fd = client._fd
+        client.close()
+        runner.run(asyncio.sleep(0.01))  # the transport's close runs
+    with open(tmp_path / "other", "w+") as other:
+        os.dup2(other.fileno(), fd)  # another file now has that number
+        try:
+            before = os.fstat(fd)
+            asyncio.run(_connected())  # lets the closed loop's client go
+            after = os.fstat(fd)
+            assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+        finally:
+            os.close(fd)

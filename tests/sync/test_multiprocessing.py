@@ -64,6 +64,16 @@ def test_lock_mutual_exclusion_across_processes(ctx: Any, tmp_path: Path) -> Non
     assert not lock.locked()
 
 
+def test_value_with_its_default_lock(ctx: Any) -> None:
+    total = ctx.Value("i", 0)  # synchronized by ctx.RLock(): an esem RLock
+    assert type(total.get_lock()).__module__ == "esem.sync"
+    procs = [ctx.Process(target=workers.bump_value, args=(total, 20)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    _join_all(procs)
+    assert total.value == 60
+
+
 def test_queue_and_joinable_queue(ctx: Any) -> None:
     q = ctx.Queue()
     procs = [ctx.Process(target=workers.produce, args=(q, 100 * i, 20)) for i in range(3)]

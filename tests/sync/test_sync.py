@@ -104,6 +104,10 @@ def test_semaphore_threading_signature() -> None:
     assert sem.acquire(False) is False
     assert sem.acquire(timeout=0.05) is False
     assert sem.acquire(timeout=-1) is False  # as threading: a past deadline, no wait
+    with pytest.raises(ValueError):
+        sem.acquire(timeout=float("nan"))
+    sem.release()
+    assert sem.acquire(timeout=float("inf")) is True  # no deadline (and no overflow)
     sem.release(3)
     assert sem.statistics()["value"] == 3
     with pytest.raises(ValueError):

@@ -49,3 +49,11 @@ def hold_then_release(lock: Any, held: Any, release: Any) -> None:
     with lock:
         held.set()
         release.wait(60)
+
+
+def bump_value(total: Any, times: int) -> None:
+    for _ in range(times):
+        with total.get_lock():
+            value = total.value
+            time.sleep(0.001)
+            total.value = value + 1

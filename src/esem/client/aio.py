@@ -66,7 +66,8 @@ class AsyncClient:
         self.keepalives = 0
         self._session: ClientSession | None = None
         self._transport: asyncio.Transport | None = None
-        self._fd = -1
+        self._fd = -1  # the transport's socket, while it is open
+        self._fd_id = (0, 0)  # its (st_dev, st_ino): never act on a reused number
         self._futures: dict[int, asyncio.Future[Reply]] = {}
         self._pings: set[int] = set()
         self._handshake: asyncio.Future[None] | None = None
@@ -130,6 +131,9 @@ class AsyncClient:
                 self._transport = transport
                 sock = transport.get_extra_info("socket")
                 self._fd = sock.fileno() if sock is not None else -1
+                if self._fd >= 0:
+                    st = os.fstat(self._fd)
+                    self._fd_id = (st.st_dev, st.st_ino)
                 self._session = session
                 self._transport.write(session.start())
                 await self._handshake
@@ -156,7 +160,7 @@ class AsyncClient:
         closed): the descriptor number is kept, pointing at /dev/null, so the service sees
         this copy close while a later close by the transport cannot hit an unrelated
         file; the loop's transport is forgotten, so nothing here keeps that loop alive."""
-        if self._fd >= 0:
+        if self._fd >= 0 and self._fd_is_ours():
             devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             try:
                 os.dup2(devnull, self._fd, inheritable=False)
@@ -170,10 +174,18 @@ class AsyncClient:
         if self._failure is None:
             self._failure = failure
 
+    def _fd_is_ours(self) -> bool:
+        try:
+            st = os.fstat(self._fd)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._fd_id
+
     def _fail(self, exc: EsemError) -> EsemError:
         if self._failure is not None:
             return self._failure
         self._failure = exc
+        self._fd = -1  # aborted below: the number may be reused at once
         if isinstance(exc, IntegrityError):
             exc.add_note("the esem session was closed; its handles are no longer usable")
         if self._timer is not None:
