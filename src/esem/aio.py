@@ -56,6 +56,7 @@ class AsyncSemaphore:
         self._home = client  # the session that opened it: used whenever its loop runs
         self._attaching: dict[AsyncClient, asyncio.Future[bytes]] = {}
         self.waits = 0  # granted waits through this handle (a statistic)
+        self.returned = 0  # units granted as their wait was cancelled, posted back
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -64,6 +65,12 @@ class AsyncSemaphore:
     @property
     def key_bound(self) -> bool:
         return self._key is not None
+
+    def statistics(self) -> dict[str, object]:
+        """What this handle did (local counts; the semaphore's state is the service's)."""
+        return {"name": self.name, "closed": self._closed, "key_bound": self.key_bound,
+                "waits": self.waits, "returned": self.returned,
+                "sessions": len(self._tokens)}
 
     # ------------------------------------------------------------ plumbing
 
@@ -165,6 +172,7 @@ class AsyncSemaphore:
             reply = await client.send(Request(Opcode.POST, 0, handle=token), key=self._key)
             if reply.status:
                 raise error_for(reply.status, reply.message)
+            self.returned += 1
 
     async def try_acquire(self) -> bool:
         """Take a unit if one is free, without queueing."""

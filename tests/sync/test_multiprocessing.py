@@ -5,10 +5,13 @@ in /dev/shm, where multiprocessing's own context keeps its semaphores)."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import pickle
 import queue as queue_mod
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +175,9 @@ def test_primitives_live_in_the_service_and_not_in_dev_shm(ctx: Any) -> None:
     _join_all([p])
     assert set(os.listdir("/dev/shm")) == before
     names = _names()
+    listed = subprocess.run([sys.executable, "-m", "esem", "ls", "--json"],
+                            capture_output=True, text=True, timeout=60, check=True)
+    assert {e["name"] for e in json.loads(listed.stdout)} >= {lock.name, q._rlock.name}
     for prim in (lock, q._rlock, q._wlock, q._sem):
         assert prim.name in names
         assert stat_semaphore(esem.get_client(), prim.name)["key_bound"]
@@ -214,9 +220,6 @@ if __name__ == "__main__":
 def test_exit_with_an_open_pool_and_queue(service: Any, tmp_path: Path, method: str) -> None:
     """multiprocessing's own exit finalizers (terminate the pool, flush the queue's
     feeder thread) still find their locks; the names go only after them."""
-    import subprocess
-    import sys
-
     script = tmp_path / "exit_script.py"
     script.write_text(_EXIT_SCRIPT)
     done = subprocess.run([sys.executable, str(script), method], cwd=tmp_path,

@@ -338,3 +338,39 @@ def test_rebuild_never_lands_on_an_impostor_of_the_name(sem_name: str) -> None:
     client = esem.Client()  # the failure closes a session: not this process's shared one
     with pytest.raises(KeyRejected):
         _rebuild(str(client.socket_path), sem_name, token, key, 0o600, False)
+
+
+def test_robust_lock_is_released_when_its_holder_dies(sem_name: str) -> None:
+    lock = Lock(sem_name, robust=True)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only takes the lock and dies
+        lock.acquire()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert lock.acquire(timeout=30) is True  # the dead holder's unit came back
+    lock.release()
+
+
+def test_plain_lock_held_by_a_dead_process_stays_held(sem_name: str) -> None:
+    lock = Lock(sem_name)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover
+        lock.acquire()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert lock.acquire(timeout=0.2) is False  # as a POSIX semaphore: a dead holder
+    info = stat_semaphore(esem.get_client(), sem_name)
+    assert info["dead_holders"] and info["dead_holders"][0][0] == pid
+
+
+def test_esem_lock_serves_threading_condition() -> None:
+    """threading.Condition takes any lock with threading's private protocol."""
+    cond = threading.Condition(Lock())
+    with cond:
+        threading.Timer(0.1, lambda: _notify_threading(cond)).start()
+        assert cond.wait(20) is True
+
+
+def _notify_threading(cond: threading.Condition) -> None:
+    with cond:
+        cond.notify()

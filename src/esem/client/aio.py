@@ -85,6 +85,12 @@ class AsyncClient:
         return (f"<esem.AsyncClient {self.socket_path} pid={self.pid} {state} "
                 f"pending={len(self._futures)}>")
 
+    def statistics(self) -> dict[str, object]:
+        return {"socket": str(self.socket_path), "pid": self.pid,
+                "connected": self.connected, "failed": repr(self._failure),
+                "requests": self.requests, "pending": len(self._futures),
+                "keepalives": self.keepalives}
+
     @property
     def failed(self) -> EsemError | None:
         return self._failure
