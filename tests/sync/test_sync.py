@@ -374,3 +374,25 @@ def test_esem_lock_serves_threading_condition() -> None:
 def _notify_threading(cond: threading.Condition) -> None:
     with cond:
         cond.notify()
+
+
+def test_rebuild_reaches_the_service_the_handle_lives_in(sem_name: str) -> None:
+    """A forkserver started under another service's ESEM_SOCKET: the pickled handle names
+    its own service, and the child talks to that one."""
+    from esem.api import _rebuild
+    from esem.server.embedded import EmbeddedService
+
+    with EmbeddedService() as other:
+        client = esem.Client(other.socket_path)
+        key = os.urandom(32)
+        sem = esem.sem_open(sem_name, os.O_CREAT | os.O_EXCL, 0o600, 3,
+                            flags=esem.USE_ESEM, key=key, client=client)
+        assert isinstance(sem, esem.EsemSemaphore)
+        (_, token), = sem._tokens.values()
+        child = _rebuild(str(other.socket_path), sem_name, token, key, 0o600, False)
+        (child_client, _), = child._tokens.values()
+        assert child_client.socket_path == other.socket_path
+        assert child_client is not esem.get_client()
+        assert child.getvalue() == 3
+        child_client.close()
+        client.close()
