@@ -92,7 +92,10 @@ def get_context(method: str | None = None) -> _mpc.BaseContext:
     method). Use it as multiprocessing's: ``ctx.Process``, ``ctx.Queue()``,
     ``ctx.Pool()``, ``ctx.Lock()``..."""
     if method is None:
-        method = multiprocessing.get_start_method()
+        # allow_none: asking must not fix multiprocessing's own start method for good;
+        # unset, it is the platform default, which get_all_start_methods lists first.
+        method = (multiprocessing.get_start_method(allow_none=True)
+                  or multiprocessing.get_all_start_methods()[0])
     try:
         ctx = _contexts[method]
     except KeyError:

@@ -54,6 +54,18 @@ def test_context_is_a_multiprocessing_context(ctx: Any) -> None:
         emp.get_context("threads")
 
 
+def test_default_context_follows_multiprocessing_without_fixing_it() -> None:
+    import subprocess
+    import sys
+
+    code = ("import multiprocessing, esem.multiprocessing as emp\n"
+            "assert emp.get_context().get_start_method() == "
+            "multiprocessing.get_all_start_methods()[0]\n"
+            "multiprocessing.set_start_method('spawn')\n"  # still allowed
+            "assert emp.get_context().get_start_method() == 'spawn'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
 def test_lock_mutual_exclusion_across_processes(ctx: Any, tmp_path: Path) -> None:
     counter = tmp_path / "counter"
     counter.write_text("0")
