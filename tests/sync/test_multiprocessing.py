@@ -55,9 +55,6 @@ def test_context_is_a_multiprocessing_context(ctx: Any) -> None:
 
 
 def test_default_context_follows_multiprocessing_without_fixing_it() -> None:
-    import subprocess
-    import sys
-
     code = ("import multiprocessing, esem.multiprocessing as emp\n"
             "assert emp.get_context().get_start_method() == "
             "multiprocessing.get_all_start_methods()[0]\n"
