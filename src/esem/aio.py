@@ -153,7 +153,8 @@ class AsyncSemaphore:
                         fut: asyncio.Future[Reply]) -> None:
         """The awaiting task was cancelled: withdraw the wait at the service and give back
         a unit that was granted at the same instant. Runs to the end even if the task is
-        cancelled again meanwhile (each further cancellation is re-raised after)."""
+        cancelled again meanwhile: those cancellations are absorbed, and the caller then
+        raises one CancelledError."""
         work = asyncio.ensure_future(self._withdraw_steps(client, token, req_id, fut))
         while not work.done():
             try:
