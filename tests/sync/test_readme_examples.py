@@ -17,8 +17,8 @@ BLOCK = re.compile(r"```python\n(# example: ([\w-]+)\n.*?)```", re.S)
 EXAMPLES = {m.group(2): m.group(1) for m in BLOCK.finditer(README.read_text())}
 
 
-def test_the_api_section_has_the_three_examples() -> None:
-    assert set(EXAMPLES) == {"asyncio", "primitives", "multiprocessing"}
+def test_the_api_section_has_its_examples() -> None:
+    assert set(EXAMPLES) == {"asyncio", "anyio", "primitives", "multiprocessing"}
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
