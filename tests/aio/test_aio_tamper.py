@@ -136,3 +136,45 @@ def test_forged_plaintext_grant_is_refused(
 
     asyncio.run(body())
     assert _granted(sem_name) == 0
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_anyio_flipped_grant_is_an_integrity_error(
+    proxy: MitmProxy, service: Any, sem_name: str, backend: str
+) -> None:
+    import anyio
+
+    import esem.anyio
+
+    poster = esem.sem_open(sem_name, CREX, 0o600, 0, flags=esem.USE_ESEM)
+    outcome: list[BaseException] = []
+
+    async def body() -> None:
+        async with esem.anyio.connect(proxy.path, service.pubkey, keepalive=0.3) as s:
+            sem = await s.open(sem_name)
+
+            async def wait() -> None:
+                try:
+                    await sem.acquire()
+                except IntegrityError as exc:
+                    outcome.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                for _ in range(200):
+                    if stat_semaphore(esem.get_client(), sem_name)["waiters"]:
+                        break
+                    await anyio.sleep(0.01)
+
+                def flip(_l: Link, _i: int, b: bytes) -> list[Chunk]:
+                    return [frame(bytes([b[0] ^ 0x01]) + b[1:])]
+
+                proxy.link(0).arm(S2C, flip)
+                poster.post()
+            assert sem.waits == 0
+            with pytest.raises(IntegrityError):  # sticky
+                await sem.getvalue()
+
+    anyio.run(body, backend=backend)
+    assert len(outcome) == 1
+    assert _granted(sem_name) == 1
