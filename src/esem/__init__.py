@@ -15,7 +15,7 @@ from esem.api import (
     O_EXCL,
     USE_ESEM,
     EsemSemaphore,
-    Semaphore,
+    SemaphoreHandle,
     connect,
     sem_open,
     sem_unlink,
@@ -39,6 +39,7 @@ from esem.errors import (
     SignalError,
 )
 from esem.legacy import LegacySemaphore
+from esem.sync import Barrier, BoundedSemaphore, Condition, Event, Lock, RLock, Semaphore
 
 __version__ = "0.1.0"
 
@@ -47,20 +48,27 @@ __all__ = [
     "O_EXCL",
     "SEM_VALUE_MAX",
     "USE_ESEM",
+    "Barrier",
+    "BoundedSemaphore",
     "BusyError",
     "Cancelled",
     "Client",
+    "Condition",
     "EsemError",
     "EsemSemaphore",
+    "Event",
     "ExistentialError",
     "IntegrityError",
     "InvalidRequest",
     "KeyRejected",
     "LegacySemaphore",
+    "Lock",
     "PermissionsError",
     "ProtocolError",
     "QuotaExceeded",
+    "RLock",
     "Semaphore",
+    "SemaphoreHandle",
     "SemaphoreOverflow",
     "ServiceUnavailable",
     "SignalError",

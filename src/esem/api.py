@@ -38,8 +38,9 @@ _FLAGS = USE_ESEM
 log = logging.getLogger("esem.client")
 
 
-class Semaphore(Protocol):
-    """The handle interface both backends implement."""
+class SemaphoreHandle(Protocol):
+    """The handle interface both backends implement (``esem.Semaphore`` is the
+    threading-style class of ``esem.sync``)."""
 
     name: str
     backend: str
@@ -51,6 +52,9 @@ class Semaphore(Protocol):
     def getvalue(self) -> int: ...
     def close(self) -> None: ...
     def unlink(self) -> None: ...
+
+
+Semaphore = SemaphoreHandle  # the Protocol's old name; esem.Semaphore is esem.sync's class
 
 
 def _current_umask() -> int:
@@ -103,10 +107,11 @@ class EsemSemaphore:
     backend = "esem"
 
     def __init__(self, client: Client, name: str, token: bytes, key: bytes | None,
-                 created: bool, mode: int) -> None:
+                 created: bool, mode: int, *, robust: bool = False) -> None:
         self.name = name
         self.mode = mode
         self.created = created
+        self.robust = robust
         self._key = key
         self._closed = False
         self._lock = threading.Lock()
@@ -221,6 +226,22 @@ class EsemSemaphore:
         """``sem_unlink`` of this semaphore's name (with its key, if key-bound)."""
         sem_unlink(self.name, flags=USE_ESEM, key=self._key)
 
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        """Pickled only while multiprocessing spawns a child (spawn, forkserver): the
+        key then travels the way the start method passes its own secrets (a pipe to the
+        child), never in an arbitrary pickle. The child re-attaches with the token while
+        a holder of it lives, else reopens the name; with a key both are MAC'd, so it
+        cannot end up on another semaphore of that name."""
+        from multiprocessing.context import assert_spawning
+
+        assert_spawning(self)
+        with self._lock:
+            if self._closed:
+                raise ExistentialError(f"semaphore {self.name} has been closed")
+            client, token = list(self._tokens.values())[-1]
+        return _rebuild, (str(client.socket_path), self.name, token, self._key, self.mode,
+                          self.robust)
+
     def __enter__(self) -> EsemSemaphore:
         self.wait()
         return self
@@ -232,6 +253,23 @@ class EsemSemaphore:
 
 
 _all_handles: weakref.WeakSet[EsemSemaphore] = weakref.WeakSet()
+_spawned_clients: dict[tuple[int, str], Client] = {}
+
+
+def _rebuild(sock: str, name: str, token: bytes, key: bytes | None, mode: int,
+             robust: bool) -> EsemSemaphore:
+    """Unpickle a handle in a spawned child, through a session with the same service."""
+    client = get_client()
+    if str(client.socket_path) != sock:  # e.g. a forkserver started under another one
+        client = _spawned_clients.get((os.getpid(), sock)) or Client(sock)
+        if client.failed is not None:
+            client = Client(sock)
+        _spawned_clients[(os.getpid(), sock)] = client
+    try:
+        reply = client.call(Request(Opcode.ATTACH, 0, handle=token), key=key)
+    except ExistentialError:  # every holder of the token has closed it: by name
+        reply = client.call(Request(Opcode.OPEN, 0, name=name), key=key)
+    return EsemSemaphore(client, name, reply.handle, key, False, mode, robust=robust)
 
 
 def _after_fork_in_child() -> None:
@@ -365,7 +403,8 @@ def sem_open(
             raise
         raise _missing(name, "e-semaphore", "a POSIX semaphore: drop flags=USE_ESEM",
                        exc) from exc
-    return EsemSemaphore(client, name, reply.handle, key, reply.created, mode)
+    return EsemSemaphore(client, name, reply.handle, key, reply.created, mode,
+                         robust=robust)
 
 
 def connect(*, switchless: bool | None = None) -> Client:

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from esem.api import Semaphore
+from esem.api import SemaphoreHandle
 from esem.errors import EsemError
 from esem.vault import tls, users
 from esem.vault.engine import MASTER_KEY_BYTES, SealingEngine
@@ -146,7 +146,7 @@ class VaultServer:
         self._ctx: ssl.SSLContext | None = None
         self._listener: _Listener | None = None
         self._accept_thread: threading.Thread | None = None
-        self._sems: tuple[Semaphore, Semaphore] | None = None
+        self._sems: tuple[SemaphoreHandle, SemaphoreHandle] | None = None
         self._conn_lock = threading.Lock()
         # connection thread -> its socket (the TLS one once the handshake is done)
         self._conns: dict[threading.Thread, socket.socket] = {}

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from esem.api import Semaphore
+from esem.api import SemaphoreHandle
 from esem.errors import EsemError
 from esem.vault.engine import SealingEngine
 from esem.vault.errors import NotFound, SyncFailed, TooLarge
@@ -40,8 +40,8 @@ log = logging.getLogger("esem.vault")
 class Vault:
     """One vault directory's operations, called concurrently by the service threads."""
 
-    def __init__(self, directory: Path, engine: SealingEngine, sem_service: Semaphore,
-                 sem_filetree: Semaphore, *, tree_window_s: float = TREE_WINDOW_S) -> None:
+    def __init__(self, directory: Path, engine: SealingEngine, sem_service: SemaphoreHandle,
+                 sem_filetree: SemaphoreHandle, *, tree_window_s: float = TREE_WINDOW_S) -> None:
         self.directory = directory
         self.engine = engine
         self.tree = FileTree(directory)
@@ -70,7 +70,7 @@ class Vault:
             self._counts[op] += 1
 
     @contextlib.contextmanager
-    def _gate(self, sem: Semaphore, label: str) -> Iterator[None]:
+    def _gate(self, sem: SemaphoreHandle, label: str) -> Iterator[None]:
         """``sem.wait()`` ... ``sem.post()``, with backend failures as ``SyncFailed``."""
         try:
             sem.wait()

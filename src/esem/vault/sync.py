@@ -23,7 +23,7 @@ from typing import Literal
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from esem.api import O_CREAT, O_EXCL, USE_ESEM, Semaphore, sem_open
+from esem.api import O_CREAT, O_EXCL, USE_ESEM, SemaphoreHandle, sem_open
 from esem.errors import EsemError
 from esem.vault.limits import ENGINE_SLOTS
 
@@ -50,7 +50,8 @@ def semaphore_key(master_key: bytes) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt=None, info=SEM_KEY_INFO).derive(master_key)
 
 
-def open_semaphores(sync: Sync, names: SemNames, key: bytes) -> tuple[Semaphore, Semaphore]:
+def open_semaphores(sync: Sync, names: SemNames,
+                    key: bytes) -> tuple[SemaphoreHandle, SemaphoreHandle]:
     """Create the vault's ``sem_service`` and ``sem_filetree``."""
     service, filetree = names.service, names.filetree
     sem_service: Semaphore  # sem_open's type follows its flags: one of two handle types
@@ -66,7 +67,7 @@ def open_semaphores(sync: Sync, names: SemNames, key: bytes) -> tuple[Semaphore,
     return sem_service, sem_filetree
 
 
-def close_semaphores(*sems: Semaphore) -> None:
+def close_semaphores(*sems: SemaphoreHandle) -> None:
     """Unlink and close (best effort: the esem service may already be gone). Unlink
     first: a closed legacy handle can no longer name its semaphore."""
     for sem in sems:
