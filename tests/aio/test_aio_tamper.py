@@ -32,14 +32,15 @@ def _victim(proxy: MitmProxy, service: Any) -> aio.AsyncClient:
     return aio.AsyncClient(proxy.path, service.pubkey, keepalive=0.3)
 
 
-def _granted(name: str) -> int:
-    waits: int = stat_semaphore(esem.get_client(), name)["waits"]
+def _granted(name: str, key: bytes | None = None) -> int:
+    waits: int = stat_semaphore(esem.get_client(), name, key=key)["waits"]
     return waits
 
 
-async def _queued(name: str) -> None:
+async def _queued(name: str, key: bytes | None = None) -> None:
+    # a key-bound semaphore shows its counts only to a STAT with its key
     for _ in range(200):
-        if stat_semaphore(esem.get_client(), name)["waiters"]:
+        if stat_semaphore(esem.get_client(), name, key=key)["waiters"]:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the wait never queued")
@@ -55,7 +56,7 @@ def test_flipped_grant_is_an_integrity_error(
         client = _victim(proxy, service)
         sem = await aio.open(sem_name, key=key, client=client)
         task = asyncio.create_task(sem.acquire())
-        await _queued(sem_name)
+        await _queued(sem_name, key)
 
         def flip(_l: Link, _i: int, b: bytes) -> list[Chunk]:
             return [frame(bytes([b[0] ^ 0x01]) + b[1:])]
@@ -69,7 +70,7 @@ def test_flipped_grant_is_an_integrity_error(
             await sem.getvalue()
 
     asyncio.run(body())
-    assert _granted(sem_name) == 1  # the service gave it; the victim never claimed it
+    assert _granted(sem_name, key) == 1  # the service gave it; the victim never claimed it
 
 
 def test_replayed_grant_is_not_a_second_grant(

@@ -54,8 +54,8 @@ def open_semaphores(sync: Sync, names: SemNames,
                     key: bytes) -> tuple[SemaphoreHandle, SemaphoreHandle]:
     """Create the vault's ``sem_service`` and ``sem_filetree``."""
     service, filetree = names.service, names.filetree
-    sem_service: Semaphore  # sem_open's type follows its flags: one of two handle types
-    sem_filetree: Semaphore
+    sem_service: SemaphoreHandle  # sem_open's type follows its flags: one of two handle types
+    sem_filetree: SemaphoreHandle
     if sync == "esem":
         sem_service = sem_open(service, CREATE, 0o600, ENGINE_SLOTS, flags=USE_ESEM, key=key)
         sem_filetree = sem_open(filetree, CREATE, 0o600, 1, flags=USE_ESEM, key=key)
