@@ -6,6 +6,7 @@ Helpers for forked children live here. A child runs one function and leaves with
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -20,10 +21,13 @@ from esem.client.blocking import get_client
 CHILD_TIMEOUT = 30.0  # seconds any child may take before the test fails (and kills it)
 
 
-def spawn(child: Callable[[], int | None]) -> int:
-    """Run ``child()`` in an ``os.fork`` child; return its pid. The child's exit status
-    is what ``child`` returns (0 for None), or 1 with a traceback on stderr if it raised."""
-    pid = os.fork()
+def spawn(child: Callable[[], int | None], fork: Callable[[], int] = os.fork) -> int:
+    """Run ``child()`` in a child made by ``fork`` (``os.fork``); return its pid. The
+    child's exit status is what ``child`` returns (0 for None), or 1 with a traceback on
+    stderr if it raised."""
+    pid = fork()
+    if pid < 0:
+        raise OSError(ctypes.get_errno(), "fork failed")
     if pid == 0:  # pragma: no cover - runs in the child
         code = 1
         try:

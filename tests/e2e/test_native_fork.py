@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 import threading
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +30,7 @@ from esem.core.table import WaitMode
 from esem.protocol.constants import Opcode
 from esem.protocol.messages import Request
 
-from . import reap, wait_for_waiters
+from . import reap, spawn, wait_for_waiters
 
 CREX = O_CREAT | O_EXCL
 JOIN_TIMEOUT = 30.0
@@ -48,20 +46,7 @@ def native_spawn(child: Callable[[], int | None]) -> int:
         # ctypes releases the GIL around the call: another thread could hold it at the
         # moment of the fork, and the child would never get it back.
         pytest.skip("a C-level fork needs a single-threaded process")
-    pid = _libc_fork()
-    if pid < 0:
-        raise OSError(ctypes.get_errno(), "fork failed")
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            code = child() or 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    return pid
+    return spawn(child, fork=_libc_fork)
 
 
 def opened(name: str, *args: Any) -> EsemSemaphore:
