@@ -47,7 +47,7 @@ def req_dict(r: Request) -> dict[str, Any]:
         "opcode": r.opcode.name, "req_id": r.req_id, "handle": r.handle.hex(), "name": r.name,
         "oflag": int(r.oflag), "mode": r.mode, "value": r.value,
         "key": r.key.hex() if r.key else None, "wait_mode": r.wait_mode.name,
-        "timeout_ns": r.timeout_ns, "target": r.target, "offset": r.offset,
+        "timeout_ns": r.timeout_ns, "target": r.target, "after": r.after,
     }
 
 
@@ -67,6 +67,8 @@ def requests() -> list[Request]:
                 value=2**31 - 1, key=b"k" * 32),
         Request(Opcode.OPEN, 3, name="/é€", oflag=OpenFlag.CREAT, mode=0xFFFF,
                 value=2**32 - 1, key=b"q" * 16),
+        Request(Opcode.OPEN, 17, name="/f", oflag=OpenFlag.CREAT | OpenFlag.FOREIGN),
+        Request(Opcode.OPEN, 18, name="/g", oflag=OpenFlag(15), key=b"r" * 20),
         Request(Opcode.CLOSE, 4, handle=H),
         Request(Opcode.UNLINK, 5, name="/u"),
         Request(Opcode.WAIT, 6, handle=H, wait_mode=WaitMode.TRY),
@@ -76,10 +78,13 @@ def requests() -> list[Request]:
         Request(Opcode.GETVALUE, 10, handle=H),
         Request(Opcode.CANCEL, 11, target=2**64 - 1),
         Request(Opcode.ATTACH, 12, handle=H),
-        Request(Opcode.LIST, 13, offset=2**32 - 1),
+        Request(Opcode.LIST, 13, after=""),
+        Request(Opcode.LIST, 19, after="/a/b é€"),
+        Request(Opcode.LIST, 20, after="z" * 252),
         Request(Opcode.STAT, 14, name="/s"),
         Request(Opcode.PING, 15),
         Request(Opcode.SWITCHLESS, 16),
+        Request(Opcode.RECLAIM, 21, name="/r"),
     ]
     assert {r.opcode for r in out} == set(Opcode)
     return out
@@ -91,7 +96,7 @@ def replies() -> list[Reply]:
     for i, op in enumerate(Opcode):
         if op in (Opcode.OPEN, Opcode.ATTACH):
             out.append(Reply(op, i, Status.OK, handle=H, created=op is Opcode.OPEN))
-        elif op in (Opcode.GETVALUE, Opcode.CANCEL, Opcode.SWITCHLESS):
+        elif op in (Opcode.GETVALUE, Opcode.CANCEL, Opcode.SWITCHLESS, Opcode.RECLAIM):
             out.append(Reply(op, i, Status.OK, value=2**32 - 1 - i))
         elif op in (Opcode.LIST, Opcode.STAT):
             out.append(Reply(op, i, Status.OK, data=b'{"total": 0, "entries": []}'))
@@ -177,6 +182,7 @@ def test_malformed_messages_get_the_same_verdict(interop: Interop, which: str) -
                  for r in replies() for m in (False, True)]
         decode = decode_reply
     hand_made = [b"", b"\x01", b"\x02" + bytes(12), b"\x01\x0d" + bytes(11),
+                 b"\x01\x0e" + bytes(11),
                  b"\x01\x01\x02" + bytes(10), b"\x01\x0b\x01" + bytes(10), bytes(16369)]
     # Every byte of every short seed set to each boundary value (this reaches each field
     # rule: created 2, wait mode 3, key and name lengths, flag bits), then random
