@@ -35,7 +35,7 @@ from esem.protocol.messages import (
     encode_reply,
     encode_request,
 )
-from esem.protocol.session import ClientSession, ServerSession
+from esem.protocol.session import ClientSession, HelloIn, ServerSession
 
 from .conftest import Interop
 
@@ -364,3 +364,44 @@ def test_rust_client_rejects_tampered_reply(interop: Interop) -> None:
     frame[-1] ^= 0x80
     with pytest.raises(IntegrityError):
         py_client.receive_data(bytes(frame))
+
+
+def test_refused_after_hello_reaches_the_rust_client(interop: Interop) -> None:
+    """PROTOCOL.md 3.2: the service may refuse after it has read the HELLO (the session
+    quota is checked then). The Rust client, in AWAIT_WELCOME, maps that REFUSED as it
+    maps one sent at accept: Refused with the status, the session closed."""
+    private = generate_static_key()
+    server = ServerSession(private)
+    hello = bytes.fromhex(interop.ok(op="client_new", public=public_key_of(private).hex())["hex"])
+    server.feed(hello)
+    assert isinstance(server.next_event(), HelloIn)  # the shell now checks the quota
+    server.refuse(Status.EDQUOT, "uid 0 has 128 sessions (limit)")
+    a = interop.call(op="client_receive", hex=server.data_to_send().hex())
+    assert (a["class"], a["status"]) == ("Refused", "EDQUOT")
+    assert interop.call(op="client_send", request={"opcode": "PING"})["class"] == "Refused"
+
+
+@pytest.mark.parametrize("opcode", ["STAT", "RECLAIM"])
+def test_rust_client_keyed_stat_and_reclaim(interop: Interop, opcode: str) -> None:
+    """STAT and RECLAIM of a key-bound semaphore carry the MAC (PROTOCOL.md 8.2) that the
+    Python service verifies, and the Rust client takes the OK reply only MAC'd back."""
+    private = generate_static_key()
+    server = ServerSession(private)
+    _rust_client(interop, server, public_key_of(private))
+    key = b"S" * 20
+    op = Opcode[opcode]
+    ok = (Reply(op, 1, Status.OK, data=b'{"value": 1}') if op is Opcode.STAT
+          else Reply(op, 1, Status.OK, value=3))
+    sent = interop.ok(op="client_send", key=key.hex(), request={"opcode": opcode, "name": "/k"})
+    (event,) = server.receive_data(bytes.fromhex(sent["hex"]))
+    assert event.request == Request(op, 1, name="/k") and event.mac is not None
+    server.authenticator(event)(key)  # raises unless the MAC verifies
+    server.send_reply(ok, mac_key=key)
+    assert interop.ok(op="client_receive", hex=server.data_to_send().hex())["replies"] == [
+        rep_dict(ok)]
+    # The same OK reply without the MAC: refused, a full STAT / a count is not trusted.
+    sent = interop.ok(op="client_send", key=key.hex(), request={"opcode": opcode, "name": "/k"})
+    server.receive_data(bytes.fromhex(sent["hex"]))
+    server.send_reply(Reply(op, sent["req_id"], Status.OK, data=ok.data, value=ok.value))
+    assert interop.call(op="client_receive", hex=server.data_to_send().hex())["class"] == (
+        "IntegrityError")
