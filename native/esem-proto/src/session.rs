@@ -14,7 +14,8 @@ use crate::crypto::{keybind_mac, verify_keybind_mac, Initiator, Responder, Sessi
 use crate::error::{Error, Result};
 use crate::frame::{encode_frame, FrameDecoder};
 use crate::msg::{
-    decode_reply, decode_request, encode_reply, encode_request, may_carry_mac, Mac, Reply, Request, RequestBody,
+    decode_reply, decode_request, encode_reply, encode_request, may_carry_mac, Mac, Reply, Request,
+    RequestBody,
 };
 use std::collections::HashMap;
 

@@ -169,8 +169,15 @@ fn request_field_rules() {
     assert!(ok(&open(open_flag::KNOWN, &[1; 16], b"/x")));
     assert_eq!(open_flag::KNOWN, 15);
     for bit in 4..8 {
-        assert!(is_protocol(decode_request(&open(1 << bit, &[], b"/x"))), "bit {bit}");
-        assert!(is_protocol(decode_request(&open((1 << bit) | 9, &[], b"/x"))));
+        assert!(
+            is_protocol(decode_request(&open(1 << bit, &[], b"/x"))),
+            "bit {bit}"
+        );
+        assert!(is_protocol(decode_request(&open(
+            (1 << bit) | 9,
+            &[],
+            b"/x"
+        ))));
     }
     assert!(is_protocol(decode_request(&open(1, &[1; 15], b"/x"))));
     assert!(is_protocol(decode_request(&open(1, &[1; 33], b"/x"))));
@@ -284,7 +291,10 @@ fn encoder_refuses_what_decoder_refuses() {
         req_id: 1,
         body: RequestBody::Reclaim { name: "/".into() },
     };
-    assert!(matches!(encode_request(&reclaim, false), Err(Error::Misuse(_))));
+    assert!(matches!(
+        encode_request(&reclaim, false),
+        Err(Error::Misuse(_))
+    ));
     assert!(matches!(
         encode_request(&open(1, Some(vec![0; 8]), "/x"), false),
         Err(Error::Misuse(_))

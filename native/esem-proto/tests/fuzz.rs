@@ -148,7 +148,7 @@ fn valid_requests() -> Vec<Vec<u8>> {
             after: String::new(),
         },
         RequestBody::List {
-            after: "/é".into(),
+            after: "/é".into()
         },
         RequestBody::Stat { name: "/s".into() },
         RequestBody::Ping,

@@ -320,7 +320,10 @@ fn stat_and_reclaim_are_key_bound() {
         let (_, f) = c.send_request(&body, Some(KEY)).unwrap();
         s.receive_data(&f).unwrap();
         let f = reply_frame(&mut s, rep.clone(), None);
-        assert!(matches!(c.receive_data(&f), Err(Error::Integrity(_))), "{op:?}");
+        assert!(
+            matches!(c.receive_data(&f), Err(Error::Integrity(_))),
+            "{op:?}"
+        );
     }
 }
 
@@ -331,9 +334,7 @@ fn never_macd_opcodes_refuse_a_key() {
     let (mut c, _s) = pair();
     for body in [
         RequestBody::Cancel { target: 1 },
-        RequestBody::List {
-            after: "/a".into(),
-        },
+        RequestBody::List { after: "/a".into() },
         RequestBody::Ping,
         RequestBody::Switchless,
     ] {
