@@ -13,6 +13,11 @@
  * __O_TMPFILE (bit 22) and the kernel's open flags stop there too, so the bit cannot
  * change the meaning of any flag a program passes; and it keeps oflag a positive int.
  * Without the preload library glibc ignores it and the semaphore is an ordinary one.
+ *
+ * One difference from POSIX, on purpose: O_CREAT (without O_EXCL) of a name that another
+ * uid (not root) created first fails with EACCES instead of opening the other uid's
+ * semaphore, so a squatter cannot hand a program its own count. The C API has no way to
+ * accept a foreign owner; sem_open without O_CREAT opens it as its mode allows.
  */
 #ifndef ESEM_H
 #define ESEM_H

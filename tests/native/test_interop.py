@@ -35,7 +35,7 @@ from esem.protocol.messages import (
     encode_reply,
     encode_request,
 )
-from esem.protocol.session import ClientSession, ServerSession
+from esem.protocol.session import ClientSession, HelloIn, ServerSession
 
 from .conftest import Interop
 
@@ -47,7 +47,7 @@ def req_dict(r: Request) -> dict[str, Any]:
         "opcode": r.opcode.name, "req_id": r.req_id, "handle": r.handle.hex(), "name": r.name,
         "oflag": int(r.oflag), "mode": r.mode, "value": r.value,
         "key": r.key.hex() if r.key else None, "wait_mode": r.wait_mode.name,
-        "timeout_ns": r.timeout_ns, "target": r.target, "offset": r.offset,
+        "timeout_ns": r.timeout_ns, "target": r.target, "after": r.after,
     }
 
 
@@ -67,6 +67,8 @@ def requests() -> list[Request]:
                 value=2**31 - 1, key=b"k" * 32),
         Request(Opcode.OPEN, 3, name="/é€", oflag=OpenFlag.CREAT, mode=0xFFFF,
                 value=2**32 - 1, key=b"q" * 16),
+        Request(Opcode.OPEN, 17, name="/f", oflag=OpenFlag.CREAT | OpenFlag.FOREIGN),
+        Request(Opcode.OPEN, 18, name="/g", oflag=OpenFlag(15), key=b"r" * 20),
         Request(Opcode.CLOSE, 4, handle=H),
         Request(Opcode.UNLINK, 5, name="/u"),
         Request(Opcode.WAIT, 6, handle=H, wait_mode=WaitMode.TRY),
@@ -76,10 +78,13 @@ def requests() -> list[Request]:
         Request(Opcode.GETVALUE, 10, handle=H),
         Request(Opcode.CANCEL, 11, target=2**64 - 1),
         Request(Opcode.ATTACH, 12, handle=H),
-        Request(Opcode.LIST, 13, offset=2**32 - 1),
+        Request(Opcode.LIST, 13, after=""),
+        Request(Opcode.LIST, 19, after="/a/b é€"),
+        Request(Opcode.LIST, 20, after="z" * 252),
         Request(Opcode.STAT, 14, name="/s"),
         Request(Opcode.PING, 15),
         Request(Opcode.SWITCHLESS, 16),
+        Request(Opcode.RECLAIM, 21, name="/r"),
     ]
     assert {r.opcode for r in out} == set(Opcode)
     return out
@@ -91,7 +96,7 @@ def replies() -> list[Reply]:
     for i, op in enumerate(Opcode):
         if op in (Opcode.OPEN, Opcode.ATTACH):
             out.append(Reply(op, i, Status.OK, handle=H, created=op is Opcode.OPEN))
-        elif op in (Opcode.GETVALUE, Opcode.CANCEL, Opcode.SWITCHLESS):
+        elif op in (Opcode.GETVALUE, Opcode.CANCEL, Opcode.SWITCHLESS, Opcode.RECLAIM):
             out.append(Reply(op, i, Status.OK, value=2**32 - 1 - i))
         elif op in (Opcode.LIST, Opcode.STAT):
             out.append(Reply(op, i, Status.OK, data=b'{"total": 0, "entries": []}'))
@@ -177,6 +182,7 @@ def test_malformed_messages_get_the_same_verdict(interop: Interop, which: str) -
                  for r in replies() for m in (False, True)]
         decode = decode_reply
     hand_made = [b"", b"\x01", b"\x02" + bytes(12), b"\x01\x0d" + bytes(11),
+                 b"\x01\x0e" + bytes(11),
                  b"\x01\x01\x02" + bytes(10), b"\x01\x0b\x01" + bytes(10), bytes(16369)]
     # Every byte of every short seed set to each boundary value (this reaches each field
     # rule: created 2, wait mode 3, key and name lengths, flag bits), then random
@@ -358,3 +364,44 @@ def test_rust_client_rejects_tampered_reply(interop: Interop) -> None:
     frame[-1] ^= 0x80
     with pytest.raises(IntegrityError):
         py_client.receive_data(bytes(frame))
+
+
+def test_refused_after_hello_reaches_the_rust_client(interop: Interop) -> None:
+    """PROTOCOL.md 3.2: the service may refuse after it has read the HELLO (the session
+    quota is checked then). The Rust client, in AWAIT_WELCOME, maps that REFUSED as it
+    maps one sent at accept: Refused with the status, the session closed."""
+    private = generate_static_key()
+    server = ServerSession(private)
+    hello = bytes.fromhex(interop.ok(op="client_new", public=public_key_of(private).hex())["hex"])
+    server.feed(hello)
+    assert isinstance(server.next_event(), HelloIn)  # the shell now checks the quota
+    server.refuse(Status.EDQUOT, "uid 0 has 128 sessions (limit)")
+    a = interop.call(op="client_receive", hex=server.data_to_send().hex())
+    assert (a["class"], a["status"]) == ("Refused", "EDQUOT")
+    assert interop.call(op="client_send", request={"opcode": "PING"})["class"] == "Refused"
+
+
+@pytest.mark.parametrize("opcode", ["STAT", "RECLAIM"])
+def test_rust_client_keyed_stat_and_reclaim(interop: Interop, opcode: str) -> None:
+    """STAT and RECLAIM of a key-bound semaphore carry the MAC (PROTOCOL.md 8.2) that the
+    Python service verifies, and the Rust client takes the OK reply only MAC'd back."""
+    private = generate_static_key()
+    server = ServerSession(private)
+    _rust_client(interop, server, public_key_of(private))
+    key = b"S" * 20
+    op = Opcode[opcode]
+    ok = (Reply(op, 1, Status.OK, data=b'{"value": 1}') if op is Opcode.STAT
+          else Reply(op, 1, Status.OK, value=3))
+    sent = interop.ok(op="client_send", key=key.hex(), request={"opcode": opcode, "name": "/k"})
+    (event,) = server.receive_data(bytes.fromhex(sent["hex"]))
+    assert event.request == Request(op, 1, name="/k") and event.mac is not None
+    server.authenticator(event)(key)  # raises unless the MAC verifies
+    server.send_reply(ok, mac_key=key)
+    assert interop.ok(op="client_receive", hex=server.data_to_send().hex())["replies"] == [
+        rep_dict(ok)]
+    # The same OK reply without the MAC: refused, a full STAT / a count is not trusted.
+    sent = interop.ok(op="client_send", key=key.hex(), request={"opcode": opcode, "name": "/k"})
+    server.receive_data(bytes.fromhex(sent["hex"]))
+    server.send_reply(Reply(op, sent["req_id"], Status.OK, data=ok.data, value=ok.value))
+    assert interop.call(op="client_receive", hex=server.data_to_send().hex())["class"] == (
+        "IntegrityError")

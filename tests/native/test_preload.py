@@ -3,12 +3,14 @@ under it against the live service: every operation, the same pointer for the sam
 name, a hand-off across fork, EINTR, a signal handler's sem_post, pthread_cancel of a
 waiter (no unit lost), sem_open/sem_unlink not being cancellation points, unnamed
 semaphores (``ESEM_PRELOAD_ALL=1``) private and process-shared, glibc's semaphores left
-alone, and ``stress-ng --sem``.
+alone, a name squatted by another uid refused to ``O_CREAT`` (EACCES), and
+``stress-ng --sem``.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from esem import O_CREAT, USE_ESEM, sem_open
 from esem.client.admin import stat_semaphore
 from esem.client.blocking import get_client
 from esem.errors import ExistentialError
@@ -69,6 +72,33 @@ def test_semaphore_lives_in_the_service(preload: Path, semtest: Path, service: E
             proc.kill()
     with pytest.raises(ExistentialError):
         stat_semaphore(get_client(), sem_name)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to nobody")
+def test_squatted_name_is_eacces_to_o_creat(preload: Path, semtest: Path,
+                                            service: EmbeddedService, sem_name: str) -> None:
+    """The C API has no foreign-owner flag (OpenFlag.FOREIGN): a name another uid created
+    first is refused to the caller's ``O_CREAT`` with errno EACCES, not adopted."""
+    nobody = pwd.getpwnam("nobody")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            os.umask(0)
+            sem = sem_open(sem_name, O_CREAT, 0o666, 1000, flags=USE_ESEM)
+            code = 0 if sem.created else 2  # type: ignore[union-attr]
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    r = run(preload, [str(semtest), "squatted", sem_name])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "squatted ok" in r.stdout
+    # Nothing was adopted or changed: still the squatter's, with its count.
+    info = stat_semaphore(get_client(), sem_name)
+    assert (info["owner_uid"], info["value"]) == (nobody.pw_uid, 1000)
 
 
 def test_without_a_service_the_calls_fail(preload: Path, semtest: Path, tmp_path: Path) -> None:

@@ -89,9 +89,10 @@ fn request_from_json(v: &Value) -> Result<Request> {
         },
         "ATTACH" => RequestBody::Attach { handle: handle(v)? },
         "LIST" => RequestBody::List {
-            offset: u(v, "offset")? as u32,
+            after: s(v, "after")?.to_owned(),
         },
         "STAT" => RequestBody::Stat { name: name()? },
+        "RECLAIM" => RequestBody::Reclaim { name: name()? },
         "PING" => RequestBody::Ping,
         "SWITCHLESS" => RequestBody::Switchless,
         other => return Err(Error::Misuse(format!("opcode {other}"))),
@@ -108,7 +109,7 @@ fn request_to_json(r: &Request) -> Value {
     m.insert("opcode".into(), json!(r.body.opcode().name()));
     m.insert("req_id".into(), json!(r.req_id));
     let d = json!({"handle": "", "name": "", "oflag": 0, "mode": 0, "value": 0, "key": null,
-                   "wait_mode": "BLOCK", "timeout_ns": 0, "target": 0, "offset": 0});
+                   "wait_mode": "BLOCK", "timeout_ns": 0, "target": 0, "after": ""});
     for (k, v) in d.as_object().into_iter().flatten() {
         m.insert(k.clone(), v.clone());
     }
@@ -142,9 +143,11 @@ fn request_to_json(r: &Request) -> Value {
         | RequestBody::Post { handle }
         | RequestBody::GetValue { handle }
         | RequestBody::Attach { handle } => set("handle", json!(hex(handle))),
-        RequestBody::Unlink { name } | RequestBody::Stat { name } => set("name", json!(name)),
+        RequestBody::Unlink { name }
+        | RequestBody::Stat { name }
+        | RequestBody::Reclaim { name } => set("name", json!(name)),
         RequestBody::Cancel { target } => set("target", json!(target)),
-        RequestBody::List { offset } => set("offset", json!(offset)),
+        RequestBody::List { after } => set("after", json!(after)),
         RequestBody::Ping | RequestBody::Switchless => {}
     }
     Value::Object(m)
@@ -169,7 +172,7 @@ fn reply_from_json(v: &Value) -> Result<Reply> {
                 handle: handle(v)?,
                 created: field(v, "created")?.as_bool().unwrap_or(false),
             },
-            Opcode::GETVALUE | Opcode::CANCEL | Opcode::SWITCHLESS => {
+            Opcode::GETVALUE | Opcode::CANCEL | Opcode::SWITCHLESS | Opcode::RECLAIM => {
                 ReplyBody::Value(u(v, "value")? as u32)
             }
             Opcode::LIST | Opcode::STAT => ReplyBody::Json(bytes(v, "data")?),

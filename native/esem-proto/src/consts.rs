@@ -35,6 +35,8 @@ pub const MAX_TIMEOUT_NS: u64 = (1 << 63) - 1;
 pub const MAC_DOMAIN: &[u8] = b"esem-keybind-v1";
 /// Bytes after the `/` of a name (Linux NAME_MAX less glibc's `sem.`).
 pub const MAX_NAME_BYTES: usize = 251;
+/// Longest LIST cursor `after` (bytes of UTF-8): the wire room of a name.
+pub const MAX_CURSOR_BYTES: usize = MAX_NAME_BYTES + 1;
 /// Shortest and longest key-binding key.
 pub const KEY_MIN_BYTES: usize = 16;
 pub const KEY_MAX_BYTES: usize = 32;
@@ -94,6 +96,8 @@ wire_enum! {
     Opcode: u8 {
         OPEN = 1, CLOSE = 2, UNLINK = 3, WAIT = 4, POST = 5, GETVALUE = 6, CANCEL = 7,
         ATTACH = 8, LIST = 9, STAT = 10, PING = 11, SWITCHLESS = 12,
+        /// Release a semaphore's dead holders' units (owner or root; PROTOCOL.md 6.5).
+        RECLAIM = 13,
     }
 }
 
@@ -144,6 +148,9 @@ pub mod open_flag {
     pub const EXCL: u8 = 2;
     /// esem extension: a dead holder's units are released.
     pub const ROBUST: u8 = 4;
+    /// esem extension: CREAT may open an existing semaphore owned by another uid (without
+    /// it the service refuses that with EACCES: the defence against a squatted name).
+    pub const FOREIGN: u8 = 8;
     /// Every bit the decoder accepts; any other is refused.
-    pub const KNOWN: u8 = CREAT | EXCL | ROBUST;
+    pub const KNOWN: u8 = CREAT | EXCL | ROBUST | FOREIGN;
 }

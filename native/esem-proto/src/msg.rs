@@ -5,12 +5,14 @@
 //! flag bits, MAC room, opcode, payload fields in order, trailing bytes). Decoding is
 //! canonical: whatever parses re-encodes to exactly the bytes received. Encoders refuse
 //! (as `Misuse`) any message the decoder would refuse, so this crate never sends one.
-//! LIST and STAT JSON stays opaque bytes here.
+//! LIST and STAT JSON stays opaque bytes here. Which requests may carry a MAC is the
+//! caller's rule (PROTOCOL.md 8.2: never CANCEL LIST PING SWITCHLESS); `may_carry_mac`
+//! states it once for every client built on this crate.
 
 use crate::consts::{
     open_flag, Opcode, Status, WaitMode, FLAG_HAS_MAC, HANDLE_BYTES, KEY_MAX_BYTES, KEY_MIN_BYTES,
-    KNOWN_MSG_FLAGS, MAC_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_PLAINTEXT, MAX_TIMEOUT_NS,
-    REPLY_HEADER_BYTES, REQUEST_HEADER_BYTES, VERSION,
+    KNOWN_MSG_FLAGS, MAC_BYTES, MAX_CURSOR_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_PLAINTEXT,
+    MAX_TIMEOUT_NS, REPLY_HEADER_BYTES, REQUEST_HEADER_BYTES, VERSION,
 };
 use crate::error::{Error, Result};
 
@@ -53,14 +55,19 @@ pub enum RequestBody {
     Attach {
         handle: Handle,
     },
+    /// One page of the names that sort after the cursor `after` ("": the first page).
     List {
-        offset: u32,
+        after: String,
     },
     Stat {
         name: String,
     },
     Ping,
     Switchless,
+    /// Release the named semaphore's dead holders' units (PROTOCOL.md 6.5).
+    Reclaim {
+        name: String,
+    },
 }
 
 impl RequestBody {
@@ -78,8 +85,19 @@ impl RequestBody {
             RequestBody::Stat { .. } => Opcode::STAT,
             RequestBody::Ping => Opcode::PING,
             RequestBody::Switchless => Opcode::SWITCHLESS,
+            RequestBody::Reclaim { .. } => Opcode::RECLAIM,
         }
     }
+}
+
+/// Whether a request of this opcode may carry a key-binding MAC (PROTOCOL.md 8.2): the
+/// service never looks up a key for CANCEL, LIST, PING or SWITCHLESS, so a MAC'd one
+/// could only fail. STAT and RECLAIM are MAC'd when the caller gives the key.
+pub fn may_carry_mac(op: Opcode) -> bool {
+    !matches!(
+        op,
+        Opcode::CANCEL | Opcode::LIST | Opcode::PING | Opcode::SWITCHLESS
+    )
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,7 +113,7 @@ pub enum ReplyBody {
     Empty,
     /// OPEN ATTACH.
     Handle { handle: Handle, created: bool },
-    /// GETVALUE CANCEL SWITCHLESS.
+    /// GETVALUE CANCEL SWITCHLESS RECLAIM (units released).
     Value(u32),
     /// LIST STAT: UTF-8 JSON, opaque here.
     Json(Vec<u8>),
@@ -142,7 +160,9 @@ enum ReplyShape {
 fn reply_shape(op: Opcode) -> ReplyShape {
     match op {
         Opcode::OPEN | Opcode::ATTACH => ReplyShape::Handle,
-        Opcode::GETVALUE | Opcode::CANCEL | Opcode::SWITCHLESS => ReplyShape::Value,
+        Opcode::GETVALUE | Opcode::CANCEL | Opcode::SWITCHLESS | Opcode::RECLAIM => {
+            ReplyShape::Value
+        }
         Opcode::LIST | Opcode::STAT => ReplyShape::Json,
         Opcode::CLOSE | Opcode::UNLINK | Opcode::WAIT | Opcode::POST | Opcode::PING => {
             ReplyShape::Empty
@@ -202,6 +222,10 @@ impl<'a> Reader<'a> {
     fn name(&mut self) -> Result<String> {
         let raw = self.short_bytes(2, MAX_NAME_BYTES + 1, "name")?;
         String::from_utf8(raw.to_vec()).map_err(|_| Error::protocol("name is not UTF-8"))
+    }
+    fn cursor(&mut self) -> Result<String> {
+        let raw = self.short_bytes(0, MAX_CURSOR_BYTES, "cursor")?;
+        String::from_utf8(raw.to_vec()).map_err(|_| Error::protocol("cursor is not UTF-8"))
     }
     fn rest(&mut self) -> &'a [u8] {
         let r = &self.data[self.pos..];
@@ -269,6 +293,17 @@ fn check_name(name: &str) -> Result<&[u8]> {
     Ok(raw)
 }
 
+fn check_cursor(after: &str) -> Result<&[u8]> {
+    let raw = after.as_bytes();
+    if raw.len() > MAX_CURSOR_BYTES {
+        return Err(Error::misuse(format!(
+            "cursor of {} bytes above {MAX_CURSOR_BYTES} for the wire",
+            raw.len()
+        )));
+    }
+    Ok(raw)
+}
+
 fn push_short(out: &mut Vec<u8>, raw: &[u8]) {
     out.push(raw.len() as u8); // callers bound the length to <= 252
     out.extend_from_slice(raw);
@@ -322,11 +357,11 @@ pub fn encode_request(req: &Request, mac: bool) -> Result<Vec<u8>> {
         | RequestBody::Post { handle }
         | RequestBody::GetValue { handle }
         | RequestBody::Attach { handle } => out.extend_from_slice(handle),
-        RequestBody::Unlink { name } | RequestBody::Stat { name } => {
-            push_short(&mut out, check_name(name)?)
-        }
+        RequestBody::Unlink { name }
+        | RequestBody::Stat { name }
+        | RequestBody::Reclaim { name } => push_short(&mut out, check_name(name)?),
         RequestBody::Cancel { target } => out.extend_from_slice(&target.to_be_bytes()),
-        RequestBody::List { offset } => out.extend_from_slice(&offset.to_be_bytes()),
+        RequestBody::List { after } => push_short(&mut out, check_cursor(after)?),
         RequestBody::Ping | RequestBody::Switchless => {}
     }
     if out.len() + if mac { MAC_BYTES } else { 0 } > MAX_PLAINTEXT {
@@ -398,8 +433,9 @@ pub fn decode_request(data: &[u8]) -> Result<Decoded<Request>> {
         }
         Opcode::UNLINK => RequestBody::Unlink { name: r.name()? },
         Opcode::STAT => RequestBody::Stat { name: r.name()? },
+        Opcode::RECLAIM => RequestBody::Reclaim { name: r.name()? },
         Opcode::CANCEL => RequestBody::Cancel { target: r.u64()? },
-        Opcode::LIST => RequestBody::List { offset: r.u32()? },
+        Opcode::LIST => RequestBody::List { after: r.cursor()? },
         Opcode::PING => RequestBody::Ping,
         Opcode::SWITCHLESS => RequestBody::Switchless,
     };

@@ -14,7 +14,8 @@ use crate::crypto::{keybind_mac, verify_keybind_mac, Initiator, Responder, Sessi
 use crate::error::{Error, Result};
 use crate::frame::{encode_frame, FrameDecoder};
 use crate::msg::{
-    decode_reply, decode_request, encode_reply, encode_request, Mac, Reply, Request, RequestBody,
+    decode_reply, decode_request, encode_reply, encode_request, may_carry_mac, Mac, Reply, Request,
+    RequestBody,
 };
 use std::collections::HashMap;
 
@@ -172,6 +173,12 @@ impl ClientSession {
             .transport
             .as_mut()
             .ok_or_else(|| Error::misuse("no transport"))?;
+        if key.is_some() && !may_carry_mac(body.opcode()) {
+            return Err(Error::misuse(format!(
+                "{} is never MAC'd (PROTOCOL.md 8.2)",
+                body.opcode().name()
+            )));
+        }
         let req_id = self.next_req_id;
         if req_id == u64::MAX {
             return Err(Error::misuse("request ids exhausted"));

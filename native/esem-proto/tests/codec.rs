@@ -142,7 +142,7 @@ fn request_field_rules() {
     let mut m = header(11, 1);
     m.extend_from_slice(&[0; 32]);
     assert!(ok(&m));
-    for op in [0u8, 13, 255] {
+    for op in [0u8, 14, 255] {
         assert!(is_protocol(decode_request(&header(op, 0))), "opcode {op}");
     }
     // Trailing byte.
@@ -164,7 +164,21 @@ fn request_field_rules() {
     };
     assert!(ok(&open(7, &[1; 16], b"/x")));
     assert!(ok(&open(0, &[], b"/x")));
-    assert!(is_protocol(decode_request(&open(8, &[], b"/x"))));
+    // FOREIGN (8) is known; every bit above it is refused, alone or beside known ones.
+    assert!(ok(&open(open_flag::FOREIGN, &[], b"/x")));
+    assert!(ok(&open(open_flag::KNOWN, &[1; 16], b"/x")));
+    assert_eq!(open_flag::KNOWN, 15);
+    for bit in 4..8 {
+        assert!(
+            is_protocol(decode_request(&open(1 << bit, &[], b"/x"))),
+            "bit {bit}"
+        );
+        assert!(is_protocol(decode_request(&open(
+            (1 << bit) | 9,
+            &[],
+            b"/x"
+        ))));
+    }
     assert!(is_protocol(decode_request(&open(1, &[1; 15], b"/x"))));
     assert!(is_protocol(decode_request(&open(1, &[1; 33], b"/x"))));
     assert!(is_protocol(decode_request(&open(1, &[], b"/"))));
@@ -185,6 +199,47 @@ fn request_field_rules() {
     assert!(is_protocol(decode_request(&wait(3, 0))));
     assert!(is_protocol(decode_request(&wait(1, 1))));
     assert!(is_protocol(decode_request(&wait(2, MAX_TIMEOUT_NS + 1))));
+    // LIST: the cursor is a short string of 0..252 bytes of strict UTF-8, any text.
+    let list = |after: &[u8]| {
+        let mut v = header(9, 0);
+        v.push(after.len() as u8);
+        v.extend_from_slice(after);
+        v
+    };
+    for after in [&b""[..], b"/", b"a", b"/x/y", &[b'z'; 252]] {
+        let d = decode_request(&list(after)).unwrap();
+        assert_eq!(
+            d.message.body,
+            RequestBody::List {
+                after: String::from_utf8(after.to_vec()).unwrap()
+            }
+        );
+    }
+    assert!(is_protocol(decode_request(&list(&[b'z'; 253]))));
+    assert!(is_protocol(decode_request(&list(b"/\xff"))));
+    assert!(is_protocol(decode_request(&header(9, 0)))); // no length byte: the old offset-less shape
+    let mut old = header(9, 0);
+    old.extend_from_slice(&2u32.to_be_bytes()); // the old `offset u32`: length 0 + 3 trailing
+    assert!(is_protocol(decode_request(&old)));
+    let mut short = list(b"abc");
+    short.pop();
+    assert!(is_protocol(decode_request(&short)));
+    // RECLAIM: a name, as UNLINK; MAC'd under K for a key-bound semaphore.
+    let reclaim = |name: &[u8], flags: u8| {
+        let mut v = header(13, flags);
+        v.push(name.len() as u8);
+        v.extend_from_slice(name);
+        if flags & FLAG_HAS_MAC != 0 {
+            v.extend_from_slice(&[3; 32]);
+        }
+        v
+    };
+    let d = decode_request(&reclaim(b"/r", 0)).unwrap();
+    assert_eq!(d.message.body, RequestBody::Reclaim { name: "/r".into() });
+    let d = decode_request(&reclaim(b"/r", FLAG_HAS_MAC)).unwrap();
+    assert_eq!(d.mac, Some([3; 32]));
+    assert!(is_protocol(decode_request(&reclaim(b"/", 0))));
+    assert!(is_protocol(decode_request(&header(13, 0))));
     // Largest request: a MAC'd OPEN with a 32-byte key and a 252-byte name: 336 bytes.
     let req = Request {
         req_id: 9,
@@ -218,8 +273,26 @@ fn encoder_refuses_what_decoder_refuses() {
             name: name.into(),
         },
     };
+    assert!(encode_request(&open(open_flag::FOREIGN | 1, None, "/x"), false).is_ok());
     assert!(matches!(
-        encode_request(&open(8, None, "/x"), false),
+        encode_request(&open(16, None, "/x"), false),
+        Err(Error::Misuse(_))
+    ));
+    let list = |after: String| Request {
+        req_id: 1,
+        body: RequestBody::List { after },
+    };
+    assert!(encode_request(&list("é".repeat(126)), false).is_ok());
+    assert!(matches!(
+        encode_request(&list(format!("x{}", "é".repeat(126))), false),
+        Err(Error::Misuse(_))
+    ));
+    let reclaim = Request {
+        req_id: 1,
+        body: RequestBody::Reclaim { name: "/".into() },
+    };
+    assert!(matches!(
+        encode_request(&reclaim, false),
         Err(Error::Misuse(_))
     ));
     assert!(matches!(
@@ -259,7 +332,12 @@ fn reply_field_rules() {
     assert!(decode_reply(&rep(5, 0, b"")).is_ok());
     assert!(is_protocol(decode_reply(&rep(5, 0, b"x"))));
     assert!(is_protocol(decode_reply(&rep(5, 13, b""))));
+    assert!(is_protocol(decode_reply(&rep(14, 0, b""))));
+    // RECLAIM's OK reply is exactly a u32 (units released), nothing shorter or longer.
+    let d = decode_reply(&rep(13, 0, &5u32.to_be_bytes())).unwrap();
+    assert_eq!(d.message.body, ReplyBody::Value(5));
     assert!(is_protocol(decode_reply(&rep(13, 0, b""))));
+    assert!(is_protocol(decode_reply(&rep(13, 0, &[0; 5]))));
     let mut open = [0u8; 17];
     assert!(decode_reply(&rep(1, 0, &open)).is_ok());
     open[16] = 2;

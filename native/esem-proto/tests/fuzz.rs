@@ -121,6 +121,13 @@ fn valid_requests() -> Vec<Vec<u8>> {
             key: None,
             name: "/é".into(),
         },
+        RequestBody::Open {
+            oflag: open_flag::CREAT | open_flag::ROBUST | open_flag::FOREIGN,
+            mode: 0o644,
+            value: 2,
+            key: None,
+            name: "/f".into(),
+        },
         RequestBody::Close { handle: h },
         RequestBody::Unlink { name: "/u".into() },
         RequestBody::Wait {
@@ -137,10 +144,16 @@ fn valid_requests() -> Vec<Vec<u8>> {
         RequestBody::GetValue { handle: h },
         RequestBody::Cancel { target: 3 },
         RequestBody::Attach { handle: h },
-        RequestBody::List { offset: 2 },
+        RequestBody::List {
+            after: String::new(),
+        },
+        RequestBody::List {
+            after: "/é".into()
+        },
         RequestBody::Stat { name: "/s".into() },
         RequestBody::Ping,
         RequestBody::Switchless,
+        RequestBody::Reclaim { name: "/r".into() },
     ];
     let mut out = Vec::new();
     for (i, body) in bodies.into_iter().enumerate() {
@@ -164,7 +177,9 @@ fn valid_replies() -> Vec<Vec<u8>> {
                 handle: [1; 16],
                 created: true,
             },
-            Opcode::GETVALUE | Opcode::CANCEL | Opcode::SWITCHLESS => ReplyBody::Value(7),
+            Opcode::GETVALUE | Opcode::CANCEL | Opcode::SWITCHLESS | Opcode::RECLAIM => {
+                ReplyBody::Value(7)
+            }
             Opcode::LIST | Opcode::STAT => ReplyBody::Json(b"{\"a\": 1}".to_vec()),
             _ => ReplyBody::Empty,
         };

@@ -284,3 +284,73 @@ fn oversized_request_refused_before_encryption() {
     let (_, f) = c.send_request(&post(), None).unwrap();
     assert_eq!(s.receive_data(&f).unwrap().len(), 1);
 }
+
+/// STAT and RECLAIM of a key-bound semaphore are MAC'd (PROTOCOL.md 8.2): the service
+/// verifies the request, and the client takes an OK reply (STAT's JSON, RECLAIM's u32)
+/// only with the MAC back under the same key.
+#[test]
+fn stat_and_reclaim_are_key_bound() {
+    for (body, reply_body) in [
+        (
+            RequestBody::Stat { name: "/k".into() },
+            ReplyBody::Json(b"{\"value\": 1}".to_vec()),
+        ),
+        (
+            RequestBody::Reclaim { name: "/k".into() },
+            ReplyBody::Value(2),
+        ),
+    ] {
+        let op = body.opcode();
+        let rep = Reply {
+            opcode: op,
+            req_id: 1,
+            status: Status::OK,
+            body: reply_body,
+        };
+        let (mut c, mut s) = pair();
+        let (_, f) = c.send_request(&body, Some(KEY)).unwrap();
+        let ev = s.receive_data(&f).unwrap();
+        assert_eq!(ev[0].request.body, body);
+        s.verify(&ev[0], KEY).unwrap();
+        let f = reply_frame(&mut s, rep.clone(), Some(KEY));
+        assert_eq!(c.receive_data(&f).unwrap()[0], rep);
+        // The same OK reply without its MAC: Integrity (no full STAT, no RECLAIM count
+        // on a key-bound semaphore without the key's proof).
+        let (mut c, mut s) = pair();
+        let (_, f) = c.send_request(&body, Some(KEY)).unwrap();
+        s.receive_data(&f).unwrap();
+        let f = reply_frame(&mut s, rep.clone(), None);
+        assert!(
+            matches!(c.receive_data(&f), Err(Error::Integrity(_))),
+            "{op:?}"
+        );
+    }
+}
+
+/// CANCEL, LIST, PING and SWITCHLESS are never MAC'd: a key for one is refused as
+/// misuse before anything is sent, and the request id is not spent.
+#[test]
+fn never_macd_opcodes_refuse_a_key() {
+    let (mut c, _s) = pair();
+    for body in [
+        RequestBody::Cancel { target: 1 },
+        RequestBody::List { after: "/a".into() },
+        RequestBody::Ping,
+        RequestBody::Switchless,
+    ] {
+        assert!(
+            matches!(c.send_request(&body, Some(KEY)), Err(Error::Misuse(_))),
+            "{body:?}"
+        );
+    }
+    assert_eq!(c.pending(), 0);
+    let (id, _) = c
+        .send_request(
+            &RequestBody::List {
+                after: String::new(),
+            },
+            None,
+        )
+        .unwrap();
+    assert_eq!(id, 1);
+}

@@ -226,6 +226,22 @@ static int unnamed(void) {
     return 0;
 }
 
+/* `name` was created by another uid, mode 0666, value 1000 (a squatter). The C API has
+ * no foreign-owner flag, so O_CREAT of it is refused with EACCES (the service's squatting
+ * defence), O_CREAT|O_EXCL with EEXIST; opening it without O_CREAT is what its mode allows. */
+static int squatted(const char *name) {
+    errno = 0;
+    CHECK(sem_open(name, O_CREAT | USE_ESEM, 0600, 4) == SEM_FAILED && errno == EACCES);
+    errno = 0;
+    CHECK(sem_open(name, O_CREAT | O_EXCL | USE_ESEM, 0600, 4) == SEM_FAILED && errno == EEXIST);
+    sem_t *s = sem_open(name, USE_ESEM);
+    CHECK(s != SEM_FAILED);
+    CHECK(value(s) == 1000);
+    CHECK(sem_close(s) == 0);
+    puts("squatted ok");
+    return 0;
+}
+
 /* A glibc semaphore beside e-semaphores: still glibc's. */
 static int legacy(const char *name) {
     sem_t *s = sem_open(name, O_CREAT | O_EXCL, 0600, 1);
@@ -262,5 +278,7 @@ int main(int argc, char **argv) {
         return unnamed();
     if (!strcmp(cmd, "legacy"))
         return legacy(name);
+    if (!strcmp(cmd, "squatted"))
+        return squatted(name);
     return 64;
 }

@@ -15,6 +15,16 @@ pub fn name() -> impl Strategy<Value = String> {
     ]
 }
 
+pub fn cursor() -> impl Strategy<Value = String> {
+    // LIST's `after`: any UTF-8 of 0..=252 bytes, a position, not necessarily a name.
+    prop_oneof![
+        Just(String::new()),
+        "/[a-zA-Z0-9._-]{0,40}",
+        "[\\PC]{0,60}".prop_filter("wire length", |s| s.len() <= 252),
+        Just(format!("/{}", "é".repeat(125))),
+    ]
+}
+
 pub fn handle() -> impl Strategy<Value = [u8; 16]> {
     any::<[u8; 16]>()
 }
@@ -61,10 +71,11 @@ pub fn request_body() -> impl Strategy<Value = RequestBody> {
         handle().prop_map(|handle| RequestBody::GetValue { handle }),
         any::<u64>().prop_map(|target| RequestBody::Cancel { target }),
         handle().prop_map(|handle| RequestBody::Attach { handle }),
-        any::<u32>().prop_map(|offset| RequestBody::List { offset }),
+        cursor().prop_map(|after| RequestBody::List { after }),
         name().prop_map(|name| RequestBody::Stat { name }),
         Just(RequestBody::Ping),
         Just(RequestBody::Switchless),
+        name().prop_map(|name| RequestBody::Reclaim { name }),
     ]
 }
 
@@ -100,7 +111,9 @@ pub fn reply() -> impl Strategy<Value = Reply> {
         .prop_map(|(opcode, req_id, handle, created, value, json)| {
             let body = match opcode {
                 Opcode::OPEN | Opcode::ATTACH => ReplyBody::Handle { handle, created },
-                Opcode::GETVALUE | Opcode::CANCEL | Opcode::SWITCHLESS => ReplyBody::Value(value),
+                Opcode::GETVALUE | Opcode::CANCEL | Opcode::SWITCHLESS | Opcode::RECLAIM => {
+                    ReplyBody::Value(value)
+                }
                 Opcode::LIST | Opcode::STAT => ReplyBody::Json(json),
                 _ => ReplyBody::Empty,
             };
