@@ -296,8 +296,8 @@ def collect(opts: Options, iterations: int | None = None) -> list[Row]:
                 rows += _esem_rows(target, n, ph)
                 if native and mode == "socket":
                     ph.step("micro: esem native client (C under libesem_preload.so) ...")
-                    m = native_micro.measure("esem", n, target.service_pid, tag)
-                    rows += _native_rows("esem", mode, m)
+                    rows += _native_rows("esem", mode, native_micro.measure(
+                        "esem", n, target.service_pid, tag))
     return rows
 
 
