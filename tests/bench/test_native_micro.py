@@ -38,10 +38,13 @@ def test_micro_smoke_measures_the_native_client_and_floor(tmp_path: Path) -> Non
     assert micro_native_keys() <= set(got)
     # The native client and the floor really ran: every one of their figures is positive
     # (a service that was never reached, or a loop that did nothing, gives none or zero).
+    checked = 0
     for (backend, _, case, metric), value in got.items():
-        if backend == "esem" and case.startswith("native/") or \
+        if (backend == "esem" and case.startswith("native/")) or \
                 case.startswith(native_micro.FLOOR_CASE):
             assert value > 0, (backend, case, metric, value)
+            checked += 1
+    assert checked == len({k for k in micro_native_keys() if k[0] != "legacy"})
     for case in native_micro.CPU_CASES:  # the service worked for the native client
         assert got[("esem", "socket", f"native/{case}/service-cpu", "cpu_per_mop")] > 0
     text = result.stdout

@@ -28,7 +28,10 @@ struct Half {
 
 impl Half {
     fn new(key: [u8; 32]) -> Self {
-        Half { aead: ChaCha20Poly1305::new(Key::from_slice(&key)), counter: 0 }
+        Half {
+            aead: ChaCha20Poly1305::new(Key::from_slice(&key)),
+            counter: 0,
+        }
     }
 
     fn nonce(&mut self) -> Nonce {
@@ -63,7 +66,10 @@ impl Half {
 }
 
 fn cpu_seconds() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec through a valid pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
@@ -100,7 +106,8 @@ fn echo(mut sock: UnixStream, rounds: usize) -> Result<(), String> {
         sock.write_all(&frame).map_err(|e| e.to_string())?;
     }
     let cpu = cpu_seconds() - c0;
-    sock.write_all(&cpu.to_le_bytes()).map_err(|e| e.to_string())
+    sock.write_all(&cpu.to_le_bytes())
+        .map_err(|e| e.to_string())
 }
 
 fn client(mut sock: UnixStream, rounds: usize) -> Result<(Vec<f64>, f64, f64), String> {
