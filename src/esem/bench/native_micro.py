@@ -271,13 +271,16 @@ def c_binary() -> Path:
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    src = out.with_suffix(".c")
+    # Per-process names: two benches building at once never read each other's files.
+    src = out.with_name(out.name + f".{os.getpid()}.c")
     src.write_text(C_SOURCE)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     done = subprocess.run([cc, "-O2", "-Wall", "-Werror", "-I", str(HEADER.parent), "-o",
                            str(tmp), str(src), "-pthread"], capture_output=True, text=True,
                           check=False)
+    src.unlink()
     if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
         raise NativeError(f"building the native benchmark failed:\n{done.stderr.strip()}")
     tmp.replace(out)  # atomic: a concurrent bench sees the whole binary or none
     return out
