@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from esem.bench import all as all_benches
-from esem.bench import latsem, micro, peer, stress
+from esem.bench import latsem, micro, native_micro, peer, stress
 from esem.bench.common import switchless_supported
 from esem.cli import main
 from esem.server.embedded import EmbeddedService
@@ -86,8 +86,36 @@ def need_redis() -> None:
         pytest.skip("redis-server is not on PATH (apt-get install redis-server)")
 
 
+def native_expected() -> bool:
+    """Whether micro's native rows must be there: the preload library, a C compiler and
+    cargo are present (CI has them all: a missing one there is a failure)."""
+    why_not = micro.native_available()
+    if why_not is not None and os.environ.get("CI"):
+        pytest.fail(f"CI must measure micro's native rows: {why_not}")
+    return why_not is None
+
+
+def micro_native_keys(mode: str = "socket") -> set[tuple[str, ...]]:
+    """The rows of the C program (legacy always, esem in socket mode) and the native
+    floor."""
+    floor = native_micro.FLOOR_CASE
+    expected = {("floor", "-", floor, m) for m in ("median", "p99")}
+    expected.add(("floor", "-", f"{floor}/client-cpu", "cpu_per_mop"))
+    backends = [("legacy", "-")] + ([("esem", mode)] if mode == "socket" else [])
+    for backend, m in backends:
+        for case in native_micro.CASES:
+            expected |= {(backend, m, f"native/{case}", "median"),
+                         (backend, m, f"native/{case}", "p99")}
+        for case in native_micro.CPU_CASES:
+            expected.add((backend, m, f"native/{case}/client-cpu", "cpu_per_mop"))
+            if backend == "esem":
+                expected.add((backend, m, f"native/{case}/service-cpu", "cpu_per_mop"))
+    return expected
+
+
 def micro_keys(mode: str = "socket") -> set[tuple[str, ...]]:
-    expected = {("floor", "-", "uds-roundtrip", m) for m in ("median", "p99")}
+    expected = micro_native_keys(mode) if native_expected() else set()
+    expected |= {("floor", "-", "uds-roundtrip", m) for m in ("median", "p99")}
     for case in micro.CASES:
         for m in ("median", "p99"):
             expected |= {("legacy", "-", case, m), ("esem", mode, case, m)}

@@ -8,6 +8,14 @@ semaphores: what a cross-process wake-up costs with shared memory and futexes) a
 processes, no protocol and no crypto: the least any socket design can cost). esem's
 contended hand-off (``esem/handoff``) is measured the same way as legacy's.
 
+The native rows (``native/...`` cases; ``esem.bench.native_micro``) are the same
+operations from a C program: through ``libesem_preload.so`` (the native client, esem
+socket mode) and through glibc (legacy from C), plus the native floor
+(``floor/native-aead-roundtrip``: a socketpair round trip between two native processes
+with a ChaCha20-Poly1305 seal and open each way). They run in the same invocation, so
+legacy, the Python client, the native client and both floors share one machine state.
+Nothing is pinned: placement is the scheduler's, and the output says so.
+
 Waits are measured uncontended (value > 0): for legacy that is glibc's user-space fast
 path, no syscall. For esem each loop also reports the CPU the clients and the service
 spent on it (``cpu_per_mop``). Nothing here passes or fails on a time.
@@ -16,12 +24,14 @@ spent on it (``cpu_per_mop``). Nothing here passes or fails on a time.
 from __future__ import annotations
 
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from esem.api import O_CREAT, USE_ESEM, sem_open, sem_unlink
+from esem.bench import native_micro
 from esem.bench.common import (
     NO_MODE,
     Options,
@@ -42,6 +52,7 @@ from esem.bench.common import (
     ratio,
     self_cpu,
 )
+from esem.native import NativeError
 
 BENCH = "micro"
 OPS = ("open", "close", "unlink", "post", "wait", "trywait", "getvalue")
@@ -224,13 +235,43 @@ def _esem_rows(target: Target, n: int, ph: Phase) -> list[Row]:
     return rows
 
 
+NATIVE = native_micro.CASE_PREFIX  # "native/": the case prefix of the C program's rows
+PLACEMENT = "placement: unpinned (every process where the scheduler puts it)"
+
+
+def _native_rows(backend: str, mode: str, m: native_micro.NativeMeasured) -> list[Row]:
+    rows: list[Row] = []
+    for case in native_micro.CASES:
+        rows += latency_rows(BENCH, backend, mode, NATIVE + case, m.samples[case])
+    for case, (calls, client, service) in m.cpu.items():
+        rows += cpu_rows(BENCH, backend, mode, NATIVE + case, calls, client, service)
+    return rows
+
+
+def native_available() -> str | None:
+    """None when the native rows can be measured (building what they need on first
+    use), else why not."""
+    try:
+        native_micro.check_available()
+    except NativeError as exc:
+        return str(exc)
+    return None
+
+
 def collect(opts: Options, iterations: int | None = None) -> list[Row]:
-    """Every micro row: legacy and the floor once, esem once per mode."""
+    """Every micro row: legacy and the floors once, esem once per mode, the native
+    client once (socket mode: the preload library has no switchless transport)."""
     n = iterations or (SMOKE_ITERATIONS if opts.smoke else DEFAULT_ITERATIONS)
     if n < 10:
         raise ValueError("--iterations must be at least 10")
     rows: list[Row] = []
-    with phase("micro", 3 + 2 * len(opts.modes)) as ph:
+    why_not = native_available()
+    if why_not is not None:
+        print(f"micro: the native rows are skipped: {why_not}", file=sys.stderr)
+    native = why_not is None
+    steps = 3 + 2 * len(opts.modes) + (2 + ("socket" in opts.modes) if native else 0)
+    tag = uuid.uuid4().hex[:10]
+    with phase("micro", steps) as ph:
         ph.step(f"micro: legacy operations, {n} samples each ...")
         m = measure_ops("legacy", n)
         ph.step("micro: legacy hand-off between two processes ...")
@@ -242,9 +283,21 @@ def collect(opts: Options, iterations: int | None = None) -> list[Row]:
         ph.step("micro: the bare Unix-socket round trip ...")
         rows += latency_rows(BENCH, "floor", NO_MODE, "uds-roundtrip",
                              measure_uds_roundtrip(n))
+        if native:
+            ph.step("micro: legacy operations and hand-off from C ...")
+            rows += _native_rows("legacy", NO_MODE,
+                                 native_micro.measure("legacy", n, None, tag))
+            ph.step("micro: the native Unix-socket round trip with AEAD ...")
+            samples, cpu = native_micro.measure_floor(n)
+            rows += latency_rows(BENCH, "floor", NO_MODE, native_micro.FLOOR_CASE, samples)
+            rows += cpu_rows(BENCH, "floor", NO_MODE, native_micro.FLOOR_CASE, n, cpu, None)
         for mode in opts.modes:
             with esem_target(mode, opts.socket) as target:
                 rows += _esem_rows(target, n, ph)
+                if native and mode == "socket":
+                    ph.step("micro: esem native client (C under libesem_preload.so) ...")
+                    rows += _native_rows("esem", mode, native_micro.measure(
+                        "esem", n, target.service_pid, tag))
     return rows
 
 
@@ -277,11 +330,58 @@ def tables(results: list[Row]) -> list[Table]:
         notes.append("cpu: CPU microseconds per semaphore call (= seconds per million) of "
                      "the legacy and esem clients and of the esem service; the open row's are "
                      "for its loop of open+close; handoff counts both processes")
+        notes.append(PLACEMENT)
         out.append(Table(
             f"micro: latency per operation, microseconds (esem {mode} mode)",
             ["operation", "legacy med", "p99", "esem med", "p99", "esem/legacy",
              "esem/floor", "legacy cpu", "esem cpu", "service cpu"], body, notes))
+        native = _native_table(rows, mode)
+        if native is not None:
+            out.append(native)
     return out
+
+
+def _native_table(rows: list[Row], mode: str) -> Table | None:
+    """The native client beside legacy (from C and from Python) and the Python client,
+    with the native floor; None when this run has no native rows for ``mode``."""
+    def get(backend: str, case: str, metric: str = "median", m: str = NO_MODE) -> float | None:
+        return lookup(rows, backend=backend, mode=m, case=case, metric=metric)
+
+    if get("esem", NATIVE + "post", m=mode) is None:
+        return None
+    floor = get("floor", native_micro.FLOOR_CASE)
+    body = []
+    for case in CASES:
+        nm = get("esem", NATIVE + case, m=mode)
+        cpu_case = NATIVE + {"open": "open+close", "close": "-"}.get(case, case)
+        body.append([case, num(get("legacy", case), 2), num(get("legacy", NATIVE + case), 2),
+                     num(get("esem", case, m=mode), 2), num(nm, 2),
+                     num(get("esem", NATIVE + case, "p99", mode), 2),
+                     ratio(nm, get("legacy", NATIVE + case)), ratio(nm, floor),
+                     ratio(nm, get("esem", case, m=mode)),
+                     num(get("esem", f"{cpu_case}/client-cpu", "cpu_per_mop", mode), 1),
+                     num(get("esem", f"{cpu_case}/service-cpu", "cpu_per_mop", mode), 1)])
+    fc = get("floor", f"{native_micro.FLOOR_CASE}/client-cpu", "cpu_per_mop")
+    body.append(["native floor", "", "", "", num(floor, 2),
+                 num(get("floor", native_micro.FLOOR_CASE, "p99"), 2), "", "", "",
+                 num(fc, 1), ""])
+    notes = [
+        "esem native: a C program calling sem_open(name, O_CREAT | USE_ESEM, ...) and the "
+        "other sem_* functions under LD_PRELOAD=libesem_preload.so (the Rust native client, "
+        f"{mode} transport); legacy C: the same binary through glibc; legacy py and esem "
+        "py: the rows of the table above",
+        "native floor: two native processes over a Unix socketpair, a 32-byte message "
+        "sealed and opened with ChaCha20-Poly1305 each way (esem-floor); its cpu is both "
+        "processes' per round trip",
+        "cpu: CPU microseconds per call of the native client process (its reader thread "
+        "included; handoff counts both processes) and of the esem service",
+        PLACEMENT,
+    ]
+    return Table(
+        f"micro: the native client, microseconds (esem {mode} mode)",
+        ["operation", "legacy py", "legacy C", "esem py", "esem native", "p99",
+         "native/legacy C", "native/floor", "native/py", "native cpu", "service cpu"],
+        body, notes)
 
 
 def run(opts: Options, iterations: int | None, json_out: str | None) -> int:
