@@ -77,13 +77,13 @@ impl Semaphore {
     pub fn open(name: &str, opts: &OpenOptions) -> Result<Semaphore> {
         check_name(name)?;
         check_key(opts.key.as_deref())?;
-        if opts.value > SEM_VALUE_MAX {
+        if opts.create && opts.value > SEM_VALUE_MAX {
             return Err(ClientError::Invalid(format!(
                 "initial value {} above {SEM_VALUE_MAX}",
                 opts.value
             )));
         }
-        if opts.mode > 0o7777 {
+        if opts.create && opts.mode > 0o7777 {
             return Err(ClientError::Invalid(format!(
                 "mode {:o} out of range",
                 opts.mode

@@ -380,11 +380,13 @@ fn open_esem(
     if create && value > SEM_VALUE_MAX {
         return Err(libc::EINVAL);
     }
+    // Without O_CREAT, mode and value are not arguments at all (POSIX reads them only
+    // when creating): what the variadic slots hold is garbage, never sent.
     let opts = OpenOptions {
         create,
         exclusive,
-        mode: mode & 0o7777,
-        value,
+        mode: if create { mode & 0o7777 } else { 0 },
+        value: if create { value } else { 0 },
         ..OpenOptions::default()
     };
     let sem = esem(Semaphore::open(&name, &opts))?;
