@@ -292,8 +292,6 @@ class Service:
             return
         end = start + max(left, 0.0)
         try:
-            # What the transport holds changes only when we flush: read it once, and
-            # add what the session has queued since.
             # Unsent replies = the session's queue + what the transport holds, which
             # changes only when we flush: read that once.
             limit = WRITE_HIGH_WATER - conn.transport_pending()
