@@ -42,7 +42,7 @@ APACHE = "/usr/sbin/apache2"
 APACHE_MODULES = Path("/usr/lib/apache2/modules")
 REQUESTS = 200
 START_SERVERS = 4  # children forked at start (MinSpare = MaxSpare: no more, no fewer)
-WORKERS = 8
+APACHE_DEFAULT_WORKERS = 150  # prefork's default MaxRequestWorkers
 PAGE = b"esem served by apache prefork\n" * 64  # 1920 bytes: more than one small read
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
@@ -125,14 +125,38 @@ def watched() -> Iterator[Watched]:
         svc.cleanup()
 
 
-def _esem_run(argv: list[str]) -> list[str]:
-    return [sys.executable, "-m", "esem", "run", "--all", "--", *argv]
-
-
 def _env(svc: EmbeddedService, preload: Path) -> dict[str, str]:
     """This environment aimed at ``svc`` only (no other service's socket or key)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ESEM_", "LD_PRELOAD"))}
     return {**env, **svc.env(), "ESEM_PRELOAD_LIB": str(preload)}
+
+
+def _spawn(argv: list[str], svc: EmbeddedService, preload: Path,
+           root: Path) -> subprocess.Popen[bytes]:
+    """``esem run --all -- ARGV`` in ``root``, output to ``root/out.log``, in a session of
+    its own: prefork's shutdown signals its whole process group, and a parent that dies
+    early must not leave its children in ours."""
+    with (root / "out.log").open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "esem", "run", "--all", "--", *argv],
+            env=_env(svc, preload), cwd=root, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int, out: Path) -> str:
+    """Stop a server started in its own session with ``sig`` (its orderly shutdown), then
+    kill whatever is left of its process group (children of a parent that died), and
+    return its output."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return out.read_text(errors="replace")
 
 
 # ------------------------------------------------------------------------ Apache
@@ -193,7 +217,11 @@ def _wait_listening(ports: list[int], proc: subprocess.Popen[bytes], log: Path) 
             time.sleep(0.1)
 
 
-def test_apache_prefork_accept_mutex(preload: Path, watched: Watched) -> None:
+@pytest.mark.parametrize("start", [START_SERVERS, APACHE_DEFAULT_WORKERS],
+                         ids=["small", "default-workers"])
+def test_apache_prefork_accept_mutex(preload: Path, watched: Watched, start: int) -> None:
+    """``default-workers``: all of prefork's default 150 workers at once, each with its
+    own session (all root's): the default session quota must let them in."""
     if not os.path.exists(APACHE) or not (APACHE_MODULES / "mod_mpm_prefork.so").exists():
         pytest.skip("Debian apache2 is not installed (.ci/run installs it)")
     _user("www-data")
@@ -207,27 +235,23 @@ def test_apache_prefork_accept_mutex(preload: Path, watched: Watched) -> None:
         conf = root / "httpd.conf"
         conf.write_text(APACHE_CONF.format(root=root, mods=APACHE_MODULES,
                                            port1=ports[0], port2=ports[1],
-                                           start=START_SERVERS, workers=WORKERS))
+                                           start=start, workers=start))
         before = watched.scrape()
-        proc = subprocess.Popen(
-            _esem_run([APACHE, "-d", str(root), "-f", str(conf), "-D", "FOREGROUND"]),
-            env=_env(watched.svc, preload), cwd=root,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            # prefork's shutdown signals its whole process group: give it its own.
-            start_new_session=True)
+        proc = _spawn([APACHE, "-d", str(root), "-f", str(conf), "-D", "FOREGROUND"],
+                      watched.svc, preload, root)
         try:
             _wait_listening(ports, proc, root / "logs" / "error.log")
+            deadline = time.monotonic() + 120
+            while watched.scrape().get('esem_uid_sessions{uid="0"}', 0) < 1 + start:
+                assert proc.poll() is None and time.monotonic() < deadline, \
+                    watched.scrape().get('esem_uid_sessions{uid="0"}')
+                time.sleep(0.2)
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
                 results = list(pool.map(lambda i: _get(ports[i % 2], "/page.txt"),
                                         range(REQUESTS)))
             during = watched.scrape()
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                out, _ = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, _ = proc.communicate()
+            out = _stop(proc, signal.SIGTERM, root / "out.log")
         error_log = (root / "logs" / "error.log").read_text(errors="replace")
         access = (root / "logs" / "access.log").read_text(errors="replace").splitlines()
 
@@ -236,7 +260,7 @@ def test_apache_prefork_accept_mutex(preload: Path, watched: Watched) -> None:
     assert len(access) == REQUESTS and all(" 200 1920" in line for line in access), access[:5]
     assert "mpm_prefork" in error_log and "AH00163" in error_log, error_log  # resuming normal
     assert "emerg" not in error_log and "alert" not in error_log, error_log
-    assert proc.returncode == 0, out.decode(errors="replace")
+    assert proc.returncode == 0, out
     # The service saw Apache: root's parent created the accept mutex and unlinked it at
     # once (so no name is left), and it stayed alive, open; each child attached it in its
     # own session (opened in the fork handler, before the child's setuid to www-data: so
@@ -244,9 +268,10 @@ def test_apache_prefork_accept_mutex(preload: Path, watched: Watched) -> None:
     # the children waited and posted on it, about once each per request.
     assert during.get('esem_uid_semaphores{uid="0"}', 0) >= 1, during
     assert during.get("esem_names", -1) == 0, during
-    assert during.get('esem_uid_sessions{uid="0"}', 0) >= 1 + START_SERVERS, during
+    assert during.get('esem_uid_sessions{uid="0"}', 0) >= 1 + start, during
+    assert during.get("esem_sessions_refused_total", -1) == 0, during
     attaches = Watched.requests(during, "ATTACH") - Watched.requests(before, "ATTACH")
-    assert attaches >= START_SERVERS, attaches
+    assert attaches >= start, attaches
     waits = Watched.requests(during, "WAIT") - Watched.requests(before, "WAIT")
     posts = Watched.requests(during, "POST") - Watched.requests(before, "POST")
     assert waits >= REQUESTS and posts >= REQUESTS, (waits, posts)
@@ -285,18 +310,16 @@ def test_postgresql_pgbench(preload: Path, watched: Watched) -> None:
         # postgres refuses to run as root; esem run starts as root and setpriv (which
         # execs, keeping the environment) drops to postgres, as a systemd User= would.
         # (esem run itself as postgres would need an interpreter that user can read.)
-        postmaster = subprocess.Popen(
-            _esem_run(["setpriv", "--reuid", str(pg.pw_uid), "--regid", str(pg.pw_gid),
-                       "--clear-groups", "--",
-                       str(bin_dir / "postgres"), "-D", str(data), "-k", str(sock),
-                       "-p", str(port), "-c", "listen_addresses=", "-c", "fsync=off",
-                       "-c", f"max_connections={PG_MAX_CONNECTIONS}"]),
-            env=_env(watched.svc, preload), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+        postmaster = _spawn(
+            ["setpriv", "--reuid", str(pg.pw_uid), "--regid", str(pg.pw_gid),
+             "--clear-groups", "--",
+             str(bin_dir / "postgres"), "-D", str(data), "-k", str(sock),
+             "-p", str(port), "-c", "listen_addresses=", "-c", "fsync=off",
+             "-c", f"max_connections={PG_MAX_CONNECTIONS}"], watched.svc, preload, root)
         try:
             deadline = time.monotonic() + 60
             while subprocess.run([str(bin_dir / "pg_isready"), *conn, "-q"]).returncode != 0:
-                assert postmaster.poll() is None, postmaster.communicate()[0].decode()
+                assert postmaster.poll() is None, (root / "out.log").read_text()
                 assert time.monotonic() < deadline, "postgres never accepted connections"
                 time.sleep(0.2)
             init = subprocess.run([str(bin_dir / "pgbench"), *conn, "-i", "-s", "1", "-q",
@@ -314,14 +337,8 @@ def test_postgresql_pgbench(preload: Path, watched: Watched) -> None:
                  "(select count(*) from pgbench_history)"],
                 capture_output=True, text=True, timeout=60)
         finally:
-            postmaster.send_signal(signal.SIGINT)  # fast shutdown
-            try:
-                out, _ = postmaster.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                postmaster.kill()
-                out, _ = postmaster.communicate()
+            log = _stop(postmaster, signal.SIGINT, root / "out.log")  # SIGINT: fast shutdown
         after = watched.scrape()
-        log = out.decode(errors="replace")
 
     assert bench.returncode == 0, bench.stdout + bench.stderr
     total = PG_CLIENTS * PG_TRANSACTIONS
