@@ -113,7 +113,13 @@ class Watched:
 
 @pytest.fixture
 def watched() -> Iterator[Watched]:
-    svc = EmbeddedService(extra_args=["--metrics", "127.0.0.1:0"])
+    with _watching() as w:
+        yield w
+
+
+@contextlib.contextmanager
+def _watching(*extra: str) -> Iterator[Watched]:
+    svc = EmbeddedService(extra_args=["--metrics", "127.0.0.1:0", *extra])
     svc.dir.mkdir(parents=True, exist_ok=True)
     # Apache's www-data children and PostgreSQL's postgres processes must reach the
     # socket and the published public key; the private key stays 0600 inside.
@@ -362,3 +368,31 @@ def test_postgresql_pgbench(preload: Path, watched: Watched) -> None:
     waits = Watched.requests(during, "WAIT") - Watched.requests(before, "WAIT")
     posts = Watched.requests(during, "POST") - Watched.requests(before, "POST")
     assert waits > 0 and posts > 0, (waits, posts)
+
+
+def test_apache_refused_session_is_reported_as_such(preload: Path) -> None:
+    """A worker whose fork-time session the service refuses (root's session quota, 4
+    here) connects later, after its setuid, as www-data, and that session may not
+    attach root's mutex. The worker must see the refusal's cause (EDQUOT, "Disk quota
+    exceeded" in Apache's log), not EINVAL as if the mutex were not a semaphore."""
+    if not os.path.exists(APACHE) or not (APACHE_MODULES / "mod_mpm_prefork.so").exists():
+        pytest.skip("Debian apache2 is not installed (.ci/run installs it)")
+    _user("www-data")
+    with _watching("--quota-sessions", "4") as w, _shared_tmpdir("esem-apache-") as root:
+        for sub in ("htdocs", "run", "logs"):
+            (root / sub).mkdir()
+        ports = _free_ports(2)
+        conf = root / "httpd.conf"
+        conf.write_text(APACHE_CONF.format(root=root, mods=APACHE_MODULES, port1=ports[0],
+                                           port2=ports[1], start=8, workers=8))
+        proc = _spawn([APACHE, "-d", str(root), "-f", str(conf), "-D", "FOREGROUND"],
+                      w.svc, preload, root)
+        try:
+            proc.wait(timeout=60)  # a worker that cannot take the mutex is fatal to httpd
+        finally:
+            out = _stop(proc, signal.SIGTERM, root / "out.log")
+        error_log = (root / "logs" / "error.log").read_text(errors="replace")
+    assert proc.returncode != 0, out
+    grab = [line for line in error_log.splitlines() if "AH00144" in line]
+    assert grab, error_log
+    assert all("Disk quota exceeded" in line for line in grab), grab
