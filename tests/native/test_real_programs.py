@@ -396,3 +396,24 @@ def test_apache_refused_session_is_reported_as_such(preload: Path) -> None:
     grab = [line for line in error_log.splitlines() if "AH00144" in line]
     assert grab, error_log
     assert all("Disk quota exceeded" in line for line in grab), grab
+
+
+def test_stress_ng_sem_in_the_service(preload: Path, watched: Watched) -> None:
+    """``stress-ng --sem`` (unnamed, process-private semaphores; test_preload.py shows it
+    fails without a service): the service served its posts and waits."""
+    stress = shutil.which("stress-ng")
+    if stress is None:
+        pytest.skip("stress-ng is not installed (.ci/run installs it)")
+    before = watched.scrape()
+    with _shared_tmpdir("esem-stress-") as root:
+        proc = _spawn([stress, "--sem", "2", "-t", "2", "--metrics-brief"], watched.svc,
+                      preload, root)
+        try:
+            proc.wait(timeout=120)
+        finally:
+            out = _stop(proc, signal.SIGTERM, root / "out.log")
+    after = watched.scrape()
+    assert proc.returncode == 0 and "successful run completed" in out, out
+    posts = Watched.requests(after, "POST") - Watched.requests(before, "POST")
+    waits = Watched.requests(after, "WAIT") - Watched.requests(before, "WAIT")
+    assert posts > 100 and waits > 100, (posts, waits)
