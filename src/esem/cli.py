@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quota-semaphores", type=int, metavar="N",
                    help="semaphores one uid may own (default 1024)")
     p.add_argument("--quota-sessions", type=int, metavar="N",
-                   help="concurrent sessions of one uid (default 128)")
+                   help="concurrent sessions of one uid (default 512)")
     p.add_argument("--quota-handles", type=int, metavar="N",
                    help="open handles per session (default 1024)")
     p.add_argument("--quota-waiters", type=int, metavar="N",

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from esem.api import O_CREAT, O_EXCL, USE_ESEM, sem_open, sem_unlink
 from esem.client.blocking import Client
+from esem.core.policy import Quotas
 from esem.errors import BusyError, ExistentialError
 from esem.server.embedded import EmbeddedService
 from esem.server.metrics import DEFAULT_HOST, parse_address
@@ -109,7 +110,7 @@ def test_metrics_count_real_requests(svc: EmbeddedService) -> None:
     assert after[("esem_uid_sessions", (("uid", uid),))] >= 2
     assert after[("esem_uid_semaphores", (("uid", uid),))] >= 1
     assert after[("esem_waiters", ())] == 0
-    assert after[("esem_quota", (("quota", "sessions_per_uid"),))] == 128
+    assert after[("esem_quota", (("quota", "sessions_per_uid"),))] == Quotas().sessions_per_uid
     assert after[("esem_sessions_started_total", ())] >= 2
     sem_unlink(name, flags=USE_ESEM, client=client)
     client.close()

@@ -537,17 +537,53 @@ pub fn set_reconnect_at_fork(on: bool) {
     RECONNECT_AT_FORK.store(on, Ordering::Release);
 }
 
+/// Why this process's session could not be opened in the fork handler, if it could not
+/// (a leaked box: written only there, where the child is single-threaded, and read
+/// without a lock, so a fork can never leave it locked). The first call then connects,
+/// but a server's child may have changed uid meanwhile (Apache's drop to www-data), and
+/// a session of the new uid cannot attach what the process inherited: that refusal is
+/// reported as this cause (`fork_connect_failure`), not as a bare "no such handle".
+static FORK_FAILURE: AtomicPtr<(Option<Status>, String)> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The reason the fork-time session of this process was refused or failed, if it was.
+pub(crate) fn fork_connect_failure() -> Option<ClientError> {
+    let p = FORK_FAILURE.load(Ordering::Acquire);
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: a leaked, never freed box, written before the store above was published.
+    let (status, text) = unsafe { &*p };
+    let message = format!(
+        "this process's session could not be opened when it was forked \
+                           ({text}), so it cannot reach the semaphores it inherited"
+    );
+    Some(match status {
+        Some(status) => ClientError::Status {
+            status: *status,
+            message,
+        },
+        None => ClientError::Unavailable(message),
+    })
+}
+
 extern "C" fn after_fork_in_child() {
     CREATING.store(false, Ordering::Release);
+    FORK_FAILURE.store(std::ptr::null_mut(), Ordering::Release); // the parent's, if any
     let Some(c) = current() else { return };
     c.forked_away();
     CURRENT.store(std::ptr::null_mut(), Ordering::Release);
     if RECONNECT_AT_FORK.load(Ordering::Acquire) {
         // glibc makes malloc usable in the child and our locks are reset, so a
         // connect here works; if it fails, the first call connects instead.
-        if let Ok(c) = Client::connect() {
-            let c: &'static Client = Box::leak(Box::new(c));
-            CURRENT.store(c as *const Client as *mut Client, Ordering::Release);
+        match Client::connect() {
+            Ok(c) => {
+                let c: &'static Client = Box::leak(Box::new(c));
+                CURRENT.store(c as *const Client as *mut Client, Ordering::Release);
+            }
+            Err(e) => {
+                let why = Box::leak(Box::new((e.status(), e.to_string())));
+                FORK_FAILURE.store(why, Ordering::Release);
+            }
         }
     }
 }

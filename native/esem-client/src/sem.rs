@@ -2,7 +2,7 @@
 //! getvalue, close, unlink, key-bound included; a handle inherited across `fork`
 //! re-attaches lazily through the child's own session (PROTOCOL.md 12).
 
-use crate::conn::{process_client, Client};
+use crate::conn::{fork_connect_failure, process_client, Client};
 use crate::error::{ClientError, Result};
 use crate::sys;
 use esem_proto::consts::{open_flag, KEY_MAX_BYTES, KEY_MIN_BYTES, MAX_NAME_BYTES, SEM_VALUE_MAX};
@@ -195,10 +195,17 @@ impl Semaphore {
             }),
             Some((p, h)) if p == pid => Ok((client, h)),
             Some((_, ancestor)) => {
-                let reply = client.call(
-                    &RequestBody::Attach { handle: ancestor },
-                    self.key.as_deref(),
-                )?;
+                let reply = client
+                    .call(
+                        &RequestBody::Attach { handle: ancestor },
+                        self.key.as_deref(),
+                    )
+                    .map_err(|e| match (e.status(), fork_connect_failure()) {
+                        // Refused as unknown because this session is not the one the
+                        // fork should have opened: say why that one is missing.
+                        (Some(Status::EBADF), Some(cause)) => cause,
+                        _ => e,
+                    })?;
                 let ReplyBody::Handle { handle, .. } = reply.body else {
                     return Err(ClientError::Unavailable(
                         "ATTACH reply without a handle".into(),

@@ -38,7 +38,16 @@ class Quotas:
     """
 
     semaphores_per_uid: int = 1024  # semaphores alive (named or still open) created by a uid
-    sessions_per_uid: int = 128  # concurrent client sessions of one uid
+    # Concurrent client sessions of one uid. Under the preload every process that uses a
+    # semaphore holds its own session, opened in the fork handler before a server's child
+    # drops privileges, so a root server's workers all count as root's. Apache's prefork
+    # default is 150 workers plus the parent, and a graceful restart overlaps the old
+    # generation with the new one (about 301); PostgreSQL's defaults (max_connections 100,
+    # 3 autovacuum workers and their launcher, 8 background workers, 10 WAL senders, 5
+    # auxiliary processes: one semaphore each, 127, measured as 47 with max_connections
+    # 20) and the postmaster make 128. 512 runs both unchanged, with headroom, and still
+    # bounds one tenant's share of the service (A7).
+    sessions_per_uid: int = 512
     handles_per_session: int = 1024  # open handles held by one session
     waiters_per_session: int = 256  # blocked waits one session may have queued
     waiters_per_uid: int = 4096  # blocked waits across all sessions of a uid
