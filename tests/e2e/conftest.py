@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 from conftest import Backend  # tests/conftest.py (tests/ is not a package)
@@ -25,6 +26,8 @@ from conftest import Backend  # tests/conftest.py (tests/ is not a package)
 import esem.client.blocking as blocking
 from esem.api import USE_ESEM
 from esem.server.embedded import EmbeddedService
+
+from . import native_backend
 
 MODES = ("socket", "switchless")
 
@@ -130,12 +133,54 @@ def fresh_service(mode: str) -> Iterator[EmbeddedService]:
         svc.cleanup()
 
 
-@pytest.fixture(params=["legacy", "esem-socket", "esem-switchless"])
-def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+BACKENDS = ("legacy", "esem-socket", "esem-switchless")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "native_backend: the module's `backend` tests also run as esem-native, "
+        "the native client through the preload library's C API (tests/e2e/native_backend.py)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        native = metafunc.definition.get_closest_marker("native_backend") is not None
+        params = [*BACKENDS, "esem-native"] if native else list(BACKENDS)
+        metafunc.parametrize("backend", params, indirect=True)
+
+
+@dataclass(frozen=True)
+class NativeBackend:
+    """``Backend``'s interface over the native client's C API; its handles are
+    ``NativeSemaphore``s, which behave as ``esem.EsemSemaphore``."""
+
+    name: str = "esem"
+    flags: int = USE_ESEM
+    native: bool = True
+
+    @property
+    def handle_type(self) -> type[native_backend.NativeSemaphore]:
+        return native_backend.NativeSemaphore
+
+    def open(self, name: str, oflag: int = 0, mode: int = 0o600,
+             value: int = 0) -> native_backend.NativeSemaphore:
+        return native_backend.open_semaphore(name, oflag, mode, value)
+
+    def unlink(self, name: str) -> None:
+        native_backend.unlink(name)
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend | NativeBackend]:
     """The same test against real POSIX semaphores and against the esem service, over
-    the socket and over the rings."""
+    the socket and over the rings; in modules marked ``native_backend`` also through the
+    native client (on the socket: the C API has no switchless choice of its own)."""
     if request.param == "legacy":
         yield Backend("legacy", 0)
+        return
+    if request.param == "esem-native":
+        request.getfixturevalue("socket_service")
+        yield NativeBackend()
         return
     request.getfixturevalue(f"{request.param.removeprefix('esem-')}_service")
     yield Backend("esem", USE_ESEM)
