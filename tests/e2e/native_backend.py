@@ -2,7 +2,7 @@
 
 ``libesem_preload.so`` exports the POSIX ``sem_*`` functions; called here directly (not
 interposed: ``ctypes.CDLL`` loads it ``RTLD_LOCAL``, so posix_ipc keeps glibc's), with
-``USE_ESEM`` in ``oflag``, they run the Rust client in this process against the service
+esem.h's ``USE_ESEM`` in ``oflag``, they run the Rust client in this process against the service
 ``ESEM_SOCKET`` names. ``NativeSemaphore`` gives the handles the methods and exceptions of
 ``esem.EsemSemaphore`` so the conformance tests run unchanged: errno becomes esem's
 exception for the same refusal. What the adapter itself decides is only what the C API
@@ -19,7 +19,6 @@ import os
 import time
 from types import TracebackType
 
-from esem.api import USE_ESEM
 from esem.core.status import Status
 from esem.errors import (
     BusyError,
@@ -32,6 +31,9 @@ from esem.errors import (
 )
 from esem.legacy import timeout_ns
 from esem.native import library_path
+
+# esem.h's oflag bit (bit 30), not the Python API's ``flags=USE_ESEM`` (a separate argument).
+C_USE_ESEM = 0x4000_0000
 
 _BY_ERRNO: dict[int, type[EsemError]] = {
     errno.ENOENT: ExistentialError,
@@ -143,13 +145,13 @@ class NativeSemaphore:
 
 def open_semaphore(name: str, oflag: int = 0, mode: int = 0o600,
                    value: int = 0) -> NativeSemaphore:
-    """``sem_open(name, oflag | USE_ESEM, mode, value)`` of the native client. A value
+    """``sem_open(name, oflag | C_USE_ESEM, mode, value)`` of the native client. A value
     outside ``unsigned int`` cannot be passed to C: it is the ``EINVAL`` glibc gives a
     value above SEM_VALUE_MAX."""
     if not 0 <= value <= 0xFFFF_FFFF:
         raise InvalidRequest(f"initial value {value} is not an unsigned int",
                              status=Status.EINVAL)
-    sem = library().sem_open(name.encode(), oflag | USE_ESEM, mode, value)
+    sem = library().sem_open(name.encode(), oflag | C_USE_ESEM, mode, value)
     if not sem:
         raise _error(f"sem_open({name!r})")
     umask = os.umask(0)
