@@ -206,6 +206,8 @@ def test_names_as_bytes(backend: Any, sem_name: str) -> None:
 def test_bad_timeout_raises_value_error_at_once(
     backend: Any, sem_name: str, timeout: float
 ) -> None:
+    skip_native(backend, "a relative timeout is the adapter's to check; the C "
+                "API takes an absolute timespec, and no timespec is NaN or a negative duration")
     sem = backend.open(sem_name, CREX, 0o600, 1)
     sent = get_client().stats.requests if backend.flags else 0
     with pytest.raises(ValueError):
@@ -217,6 +219,8 @@ def test_bad_timeout_raises_value_error_at_once(
 
 @pytest.mark.parametrize("name", ["nolead", "/a/b", "/"])
 def test_bad_unlink_name_raises_value_error(backend: Any, name: str) -> None:
+    skip_native(backend, "sem_unlink of a name this process never opened "
+                "with USE_ESEM is glibc's, which (as POSIX) fails with ENOENT for these names")
     with pytest.raises(ValueError):
         backend.unlink(name)
 
