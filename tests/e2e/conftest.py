@@ -11,6 +11,14 @@ The daemons are shared by a test module, one per mode; each test points this pro
 the one of its mode (``ESEM_SOCKET``, ``ESEM_SWITCHLESS``) and drops the per-process
 client before and after, so a session is never reused across modes or services. Legacy
 tests (no service) run once.
+
+A module marked ``native_backend`` runs its ``backend`` tests a fourth time, as
+``esem-native``: the native client (the preload library's C API, called through ctypes,
+``native_backend.py``) against the module's plain daemon. That client connects on its
+first call, reading ``ESEM_SOCKET`` then (the library is loaded only then too), and is the
+library's for the rest of the process: it is not dropped between tests, but it only ever
+served this one daemon; when the daemon is gone its session fails and a later call
+connects afresh. Its fork handler connects each later fork child a session of its own.
 """
 
 from __future__ import annotations

@@ -45,6 +45,9 @@ CREX = O_CREAT | O_EXCL
 pytestmark = pytest.mark.native_backend  # the backend tests run as esem-native too
 
 
+DIRECT = "calls esem.sem_open/sem_unlink (the Python client) directly, not the backend"
+
+
 def skip_native(backend: Any, why: str) -> None:
     """Skip a test the native client's C API cannot express (``why`` says what)."""
     if getattr(backend, "native", False):
@@ -146,7 +149,7 @@ _BAD_OPENS: dict[str, dict[str, Any]] = {
 def test_bad_open_arguments_raise_value_error_at_once(
     backend: Any, sem_name: str, bad: dict[str, Any]
 ) -> None:
-    skip_native(backend, "calls esem.sem_open/sem_unlink (the Python client) directly, not the backend")
+    skip_native(backend, DIRECT)
     args: dict[str, Any] = {"name": sem_name, "oflag": CREX, "mode": 0o600, "value": 0,
                             "flags": backend.flags, **bad}
     sent = get_client().stats.requests if backend.flags else 0
@@ -177,7 +180,7 @@ _BAD_TYPES: dict[str, dict[str, Any]] = {
 def test_wrong_types_raise_type_error_at_once(
     backend: Any, sem_name: str, bad: dict[str, Any]
 ) -> None:
-    skip_native(backend, "calls esem.sem_open/sem_unlink (the Python client) directly, not the backend")
+    skip_native(backend, DIRECT)
     args: dict[str, Any] = {"name": sem_name, "oflag": CREX, "mode": 0o600, "value": 0,
                             "flags": backend.flags, **bad}
     if "key" in bad or "robust" in bad:
@@ -193,7 +196,7 @@ def test_wrong_types_raise_type_error_at_once(
 
 
 def test_names_as_bytes(backend: Any, sem_name: str) -> None:
-    skip_native(backend, "calls esem.sem_open/sem_unlink (the Python client) directly, not the backend")
+    skip_native(backend, DIRECT)
     sem = sem_open(sem_name.encode(), CREX, 0o600, 2, flags=backend.flags)
     assert sem.name == sem_name
     assert backend.open(sem_name).getvalue() == 2
