@@ -70,6 +70,8 @@ def library() -> ctypes.CDLL:
         lib.sem_timedwait.restype = ctypes.c_int
         lib.sem_getvalue.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
         lib.sem_getvalue.restype = ctypes.c_int
+        lib.esem_shim_ours.argtypes = [ctypes.c_void_p]
+        lib.esem_shim_ours.restype = ctypes.c_int
         lib.sem_unlink.argtypes = [ctypes.c_char_p]
         lib.sem_unlink.restype = ctypes.c_int
         _lib = lib
@@ -154,6 +156,10 @@ def open_semaphore(name: str, oflag: int = 0, mode: int = 0o600,
     sem = library().sem_open(name.encode(), oflag | C_USE_ESEM, mode, value)
     if not sem:
         raise _error(f"sem_open({name!r})")
+    # The library hands glibc's own semaphore to an oflag without the bit: a backend
+    # that silently tested glibc would pass most of the suite, so refuse it here.
+    if not library().esem_shim_ours(sem):
+        raise AssertionError(f"sem_open({name!r}) returned a glibc semaphore, not an esem one")
     umask = os.umask(0)
     os.umask(umask)
     return NativeSemaphore(sem, name, mode & ~umask & 0o7777)
