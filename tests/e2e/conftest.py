@@ -18,7 +18,8 @@ A module marked ``native_backend`` runs its ``backend`` tests a fourth time, as
 first call, reading ``ESEM_SOCKET`` then (the library is loaded only then too), and is the
 library's for the rest of the process: it is not dropped between tests, but it only ever
 served this one daemon; when the daemon is gone its session fails and a later call
-connects afresh. Its fork handler gives each later fork child a session of its own, connected at fork.
+connects afresh. Its fork handler gives each later fork child a session of its own,
+connected at fork.
 """
 
 from __future__ import annotations
