@@ -11,6 +11,15 @@ The daemons are shared by a test module, one per mode; each test points this pro
 the one of its mode (``ESEM_SOCKET``, ``ESEM_SWITCHLESS``) and drops the per-process
 client before and after, so a session is never reused across modes or services. Legacy
 tests (no service) run once.
+
+A module marked ``native_backend`` runs its ``backend`` tests a fourth time, as
+``esem-native``: the native client (the preload library's C API, called through ctypes,
+``native_backend.py``) against the module's plain daemon. That client connects on its
+first call, reading ``ESEM_SOCKET`` then (the library is loaded only then too), and is the
+library's for the rest of the process: it is not dropped between tests, but it only ever
+served this one daemon; when the daemon is gone its session fails and a later call
+connects afresh. Its fork handler gives each later fork child a session of its own,
+connected at fork.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 from conftest import Backend  # tests/conftest.py (tests/ is not a package)
@@ -25,6 +35,8 @@ from conftest import Backend  # tests/conftest.py (tests/ is not a package)
 import esem.client.blocking as blocking
 from esem.api import USE_ESEM
 from esem.server.embedded import EmbeddedService
+
+from . import native_backend
 
 MODES = ("socket", "switchless")
 
@@ -130,12 +142,54 @@ def fresh_service(mode: str) -> Iterator[EmbeddedService]:
         svc.cleanup()
 
 
-@pytest.fixture(params=["legacy", "esem-socket", "esem-switchless"])
-def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+BACKENDS = ("legacy", "esem-socket", "esem-switchless")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "native_backend: the module's `backend` tests also run as esem-native, "
+        "the native client through the preload library's C API (tests/e2e/native_backend.py)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        native = metafunc.definition.get_closest_marker("native_backend") is not None
+        params = [*BACKENDS, "esem-native"] if native else list(BACKENDS)
+        metafunc.parametrize("backend", params, indirect=True)
+
+
+@dataclass(frozen=True)
+class NativeBackend:
+    """``Backend``'s interface over the native client's C API; its handles are
+    ``NativeSemaphore``s, which behave as ``esem.EsemSemaphore``."""
+
+    name: str = "esem"
+    flags: int = USE_ESEM
+    native: bool = True
+
+    @property
+    def handle_type(self) -> type[native_backend.NativeSemaphore]:
+        return native_backend.NativeSemaphore
+
+    def open(self, name: str, oflag: int = 0, mode: int = 0o600,
+             value: int = 0) -> native_backend.NativeSemaphore:
+        return native_backend.open_semaphore(name, oflag, mode, value)
+
+    def unlink(self, name: str) -> None:
+        native_backend.unlink(name)
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend | NativeBackend]:
     """The same test against real POSIX semaphores and against the esem service, over
-    the socket and over the rings."""
+    the socket and over the rings; in modules marked ``native_backend`` also through the
+    native client (on the socket: the C API has no switchless choice of its own)."""
     if request.param == "legacy":
         yield Backend("legacy", 0)
+        return
+    if request.param == "esem-native":
+        request.getfixturevalue("socket_service")
+        yield NativeBackend()
         return
     request.getfixturevalue(f"{request.param.removeprefix('esem-')}_service")
     yield Backend("esem", USE_ESEM)

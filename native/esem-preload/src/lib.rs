@@ -154,8 +154,13 @@ impl<T> Spin<T> {
 struct Table {
     /// By the token written in the sem_t.
     sems: HashMap<Handle, Arc<Semaphore>>,
-    /// Named semaphores this process has open: name -> (its sem_t, sem_open count).
-    names: HashMap<String, (usize, u32)>,
+    /// The sem_t of each name this process has open, while the name is linked as far
+    /// as this process knows (its own sem_unlink drops the entry: a later sem_open of
+    /// the name must reach the service, as glibc's opens the file again).
+    names: HashMap<String, usize>,
+    /// Each named sem_t opened here -> its sem_open count (by sem_t, not by name: an
+    /// unlinked or re-created name must not lose or share the count).
+    opens: HashMap<usize, u32>,
     /// Names this process ever opened as e-semaphores (for sem_unlink).
     esem_names: HashSet<String>,
 }
@@ -368,10 +373,9 @@ fn open_esem(
         // Opened before in this process: the same sem_t, as glibc returns the same
         // mapping (programs and conformance tests compare the pointers).
         if let Some(p) = table(|t| {
-            t.names.get_mut(&name).map(|e| {
-                e.1 += 1;
-                e.0
-            })
+            let p = *t.names.get(&name)?;
+            *t.opens.get_mut(&p)? += 1;
+            Some(p)
         }) {
             return Ok(p as *mut sem_t);
         }
@@ -402,7 +406,8 @@ fn open_esem(
     let p = Box::into_raw(cell) as *mut sem_t;
     table(|t| {
         t.sems.insert(token, Arc::new(sem));
-        t.names.insert(name.clone(), (p as usize, 1));
+        t.names.insert(name.clone(), p as usize);
+        t.opens.insert(p as usize, 1);
         t.esem_names.insert(name);
     });
     Ok(p)
@@ -427,26 +432,17 @@ pub unsafe extern "C" fn sem_close(s: *mut sem_t) -> c_int {
             return Err(libc::EINVAL);
         }
         let token = cell.token;
-        let last = table(|t| {
-            let name = t
-                .names
-                .iter()
-                .find(|(_, e)| e.0 == s as usize)
-                .map(|(n, _)| n.clone());
-            match name {
-                Some(n) => {
-                    let e = t.names.get_mut(&n).map(|e| {
-                        e.1 -= 1;
-                        e.1
-                    });
-                    if e == Some(0) {
-                        t.names.remove(&n);
-                        return t.sems.remove(&token);
-                    }
-                    None
-                }
-                None => t.sems.remove(&token), // inherited, never opened here
+        let last = table(|t| match t.opens.get_mut(&(s as usize)) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                None
             }
+            Some(_) => {
+                t.opens.remove(&(s as usize));
+                t.names.retain(|_, p| *p != s as usize);
+                t.sems.remove(&token)
+            }
+            None => t.sems.remove(&token), // inherited, never opened here
         });
         if let Some(sem) = last {
             clear(s);
@@ -474,7 +470,13 @@ pub unsafe extern "C" fn sem_unlink(name: *const c_char) -> c_int {
     }
     c_result(guarded(|| {
         let n = name_of(name)?;
-        esem(esem_client::unlink(&n, None))
+        let r = esem_client::unlink(&n, None);
+        // Gone from the service (unlinked now, or already by another process): the
+        // name no longer leads to the sem_t this process has open under it.
+        if r.is_ok() || r.as_ref().is_err_and(|e| e.status() == Some(Status::ENOENT)) {
+            table(|t| t.names.remove(&n));
+        }
+        esem(r)
     }))
 }
 
