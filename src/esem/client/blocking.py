@@ -422,12 +422,20 @@ class Client:
         off the socket or ring and before their replies were filed, those bytes are
         lost and the stream has a hole: end the session now, as the interruption it is
         (parsing on would fail authentication and look like tampering)."""
-        ring = self._ring
-        if self._taking or (ring is not None and ring.taking):
+        if self._took_unfiled():
+            # The marks stay set until the session is failed: a second handler raising
+            # in here leaves them set, and the next read (_recv) ends the session then.
+            self._fail(self._lost_bytes())
             self._taking = False
-            self._fail(ServiceUnavailable(
-                f"esem session at {self.socket_path} closed: a signal handler raised while "
-                "the client was taking a reply off the connection, so bytes may be lost"))
+
+    def _took_unfiled(self) -> bool:
+        ring = self._ring
+        return self._taking or (ring is not None and ring.taking)
+
+    def _lost_bytes(self) -> ServiceUnavailable:
+        return ServiceUnavailable(
+            f"esem session at {self.socket_path} closed: a signal handler raised while "
+            "the client was taking a reply off the connection, so bytes may be lost")
 
     def _recv(self) -> bytes | None:
         """One recv, or None after a keepalive interval without a decoded reply (a PING is
@@ -437,6 +445,10 @@ class Client:
         sock = self._sock
         if sock is None:
             raise self._fail(ServiceUnavailable("client closed"))
+        if self._took_unfiled():
+            # An earlier read was interrupted after taking bytes and before filing their
+            # replies, and its clean-up was interrupted too: never parse past the hole.
+            raise self._fail(self._lost_bytes())
         since = self._ping_sent_at if self._ping_sent_at is not None else self._progress_at
         left = self._keepalive - (time.monotonic() - since)
         if self._ring is not None:
