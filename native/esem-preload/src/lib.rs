@@ -158,6 +158,10 @@ struct Table {
     names: HashMap<String, (usize, u32)>,
     /// Names this process ever opened as e-semaphores (for sem_unlink).
     esem_names: HashSet<String>,
+    /// Named semaphores still open here whose name this process unlinked: their sem_t
+    /// -> sem_open count. A later sem_open of the name is a new lookup (ENOENT, or a
+    /// new semaphore), as glibc's is, while the old sem_t keeps working until closed.
+    unlinked: HashMap<usize, u32>,
 }
 
 static TABLE: Spin<Option<Table>> = Spin::new(None);
@@ -443,7 +447,17 @@ pub unsafe extern "C" fn sem_close(s: *mut sem_t) -> c_int {
                     }
                     None
                 }
-                None => t.sems.remove(&token), // inherited, never opened here
+                None => match t.unlinked.get_mut(&(s as usize)) {
+                    Some(n) if *n > 1 => {
+                        *n -= 1;
+                        None
+                    }
+                    Some(_) => {
+                        t.unlinked.remove(&(s as usize));
+                        t.sems.remove(&token)
+                    }
+                    None => t.sems.remove(&token), // inherited, never opened here
+                },
             }
         });
         if let Some(sem) = last {
@@ -471,8 +485,18 @@ pub unsafe extern "C" fn sem_unlink(name: *const c_char) -> c_int {
         };
     }
     c_result(guarded(|| {
-        let n = name_of(name)?;
-        esem(esem_client::unlink(&n, None))
+        // glibc's sem_unlink reports every name it cannot use as ENOENT, not EINVAL.
+        let n = name_of(name).map_err(|_| libc::ENOENT)?;
+        esem(esem_client::unlink(&n, None)).map_err(|e| match e {
+            libc::EINVAL | libc::ENAMETOOLONG => libc::ENOENT,
+            e => e,
+        })?;
+        table(|t| {
+            if let Some((p, count)) = t.names.remove(&n) {
+                *t.unlinked.entry(p).or_insert(0) += count;
+            }
+        });
+        Ok(())
     }))
 }
 
