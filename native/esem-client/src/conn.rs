@@ -330,12 +330,14 @@ impl Client {
             }),
         });
         let reader = Arc::clone(&shared);
-        sys::with_signals_blocked(|| {
+        SPAWNING.with(|f| f.set(true));
+        let spawned = sys::with_signals_blocked(|| {
             std::thread::Builder::new()
                 .name("esem-reader".into())
                 .spawn(move || reader.reader())
-        })
-        .map_err(|e| unavailable(&e))?;
+        });
+        SPAWNING.with(|f| f.set(false));
+        spawned.map_err(|e| unavailable(&e))?;
         Ok(Client {
             shared,
             pid: std::process::id(),
@@ -526,6 +528,18 @@ pub fn process_client() -> Result<&'static Client> {
     };
     CREATING.store(false, Ordering::Release);
     out
+}
+
+thread_local! {
+    /// Set while this thread creates the client's reader thread (const, no destructor).
+    static SPAWNING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is inside the client, creating the client's own reader
+/// thread: a `pthread_create` interposer (the preload library's) tells the client's
+/// threads from the program's with it.
+pub fn spawning_own_thread() -> bool {
+    SPAWNING.with(std::cell::Cell::get)
 }
 
 /// Whether the fork-child handler connects the child's session at once.

@@ -641,6 +641,12 @@ extern "C" {
     fn esem_c_sem_wait(s: *mut sem_t) -> c_int;
     fn esem_c_sem_timedwait(s: *mut sem_t, abstime: *const timespec) -> c_int;
     fn esem_c_sem_clockwait(s: *mut sem_t, clock: clockid_t, abstime: *const timespec) -> c_int;
+    fn esem_c_pthread_create(
+        t: *mut libc::pthread_t,
+        attr: *const libc::pthread_attr_t,
+        f: extern "C" fn(*mut c_void) -> *mut c_void,
+        arg: *mut c_void,
+    ) -> c_int;
 }
 
 /// Exports one of shim.c's waits under the POSIX name. A naked function is a single
@@ -662,6 +668,8 @@ macro_rules! export_c_wait {
 
 export_c_wait!(sem_wait, esem_c_sem_wait, (s: *mut sem_t));
 export_c_wait!(sem_timedwait, esem_c_sem_timedwait, (s: *mut sem_t, abstime: *const timespec));
+// Counts the program's threads, so that the process ends with its last one (shim.c).
+export_c_wait!(pthread_create, esem_c_pthread_create, (t: *mut libc::pthread_t, attr: *const libc::pthread_attr_t, f: extern "C" fn(*mut c_void) -> *mut c_void, arg: *mut c_void));
 export_c_wait!(sem_clockwait, esem_c_sem_clockwait, (s: *mut sem_t, clock: clockid_t, abstime: *const timespec));
 
 // ------------------------------------------------- the waits' Rust steps (shim.c)
@@ -670,6 +678,13 @@ const ESEM_PENDING: c_int = 0;
 const ESEM_DONE: c_int = 1;
 const MODE_BLOCK: c_int = 1;
 const MODE_TIMED: c_int = 2;
+
+/// Whether the calling thread is the client creating its own reader thread (shim.c
+/// leaves that one out of the program's thread count).
+#[no_mangle]
+pub extern "C" fn esem_shim_own_thread() -> c_int {
+    c_int::from(esem_client::spawning_own_thread())
+}
 
 /// A shim step's result: ESEM_PENDING, ESEM_DONE, or a negative errno.
 fn step(r: Result<c_int, c_int>) -> c_int {
