@@ -49,6 +49,9 @@ pub const USE_ESEM: c_int = 0x4000_0000;
 const MAGIC: u64 = 0x6D65_7365_E5E5_E5E5;
 const KIND_NAMED: u32 = 1;
 const KIND_UNNAMED: u32 = 2;
+/// Unnamed with `pshared == 0`: a fork child's use is of its own copy (as with glibc,
+/// whose private semaphore is plain memory that fork copies), made on first use.
+const KIND_PRIVATE: u32 = 3;
 
 /// What an e-semaphore's `sem_t` holds.
 #[repr(C)]
@@ -202,6 +205,9 @@ fn cell_of(s: *const sem_t) -> Option<&'static SemCell> {
 /// The e-semaphore behind `s` (registering one this process has not seen yet).
 fn lookup(s: *const sem_t) -> Option<Arc<Semaphore>> {
     let cell = cell_of(s)?;
+    if cell.kind == KIND_PRIVATE && cell.pid != std::process::id() {
+        return private_copy(s as *mut sem_t).ok();
+    }
     let token = cell.token;
     Some(table(|t| {
         Arc::clone(
@@ -210,6 +216,27 @@ fn lookup(s: *const sem_t) -> Option<Arc<Semaphore>> {
                 .or_insert_with(|| Arc::new(Semaphore::from_token(token, "(inherited)"))),
         )
     }))
+}
+
+/// A fork child's first use of a private unnamed semaphore it inherited: a new one
+/// with the inherited one's count, written into the child's copy of the `sem_t`, so the
+/// parent's and the child's no longer affect each other. The count is read at first
+/// use, not at the fork (a post the parent made in between is seen by the child too).
+fn private_copy(s: *mut sem_t) -> Result<Arc<Semaphore>, c_int> {
+    let token = cell_of(s).ok_or(libc::EINVAL)?.token;
+    let inherited = Semaphore::from_token(token, "(inherited)");
+    let value = esem(inherited.value())?;
+    let _ = inherited.close(); // this process's handle only; the parent keeps its own
+    let (sem, token) = new_unnamed(value)?;
+    let sem = Arc::new(sem);
+    // SAFETY: `s` is one of ours (checked above): this process's copy of the sem_t.
+    unsafe {
+        let cell = &mut *(s as *mut SemCell);
+        cell.token = token;
+        cell.pid = std::process::id();
+    }
+    table(|t| t.sems.insert(token, Arc::clone(&sem)));
+    Ok(sem)
 }
 
 fn clear(s: *mut sem_t) {
@@ -522,35 +549,40 @@ pub unsafe extern "C" fn sem_init(s: *mut sem_t, pshared: c_int, value: c_uint) 
         if s.is_null() || value > SEM_VALUE_MAX {
             return Err(libc::EINVAL);
         }
-        // The service keeps only named semaphores: create one under a name nobody
-        // else uses and unlink it at once; the handle keeps it alive, and other
-        // processes reach it through the token in the sem_t.
-        let n = ANON.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let name = format!("/esem.anon.{}.{n}.{nanos:x}", std::process::id());
-        let opts = OpenOptions {
-            create: true,
-            exclusive: true,
-            mode: 0o600,
-            value,
-            ..OpenOptions::default()
-        };
-        let sem = esem(Semaphore::open(&name, &opts))?;
-        let _ = esem_client::unlink(&name, None);
-        let token = esem(sem.token())?;
+        let (sem, token) = new_unnamed(value)?;
         let cell = SemCell {
             magic: MAGIC,
             token,
             pid: std::process::id(),
-            kind: KIND_UNNAMED,
+            kind: if pshared == 0 { KIND_PRIVATE } else { KIND_UNNAMED },
         };
         // SAFETY: the caller's sem_t: 32 bytes, aligned for it.
         unsafe { std::ptr::write(s as *mut SemCell, cell) };
         table(|t| t.sems.insert(token, Arc::new(sem)));
         Ok(())
     }))
+}
+
+/// A new unnamed e-semaphore and its token. The service keeps only named semaphores:
+/// this creates one under a name nobody else uses and unlinks it at once; the handle
+/// keeps it alive, and other processes reach it through the token in the sem_t.
+fn new_unnamed(value: c_uint) -> Result<(Semaphore, Handle), c_int> {
+    let n = ANON.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let name = format!("/esem.anon.{}.{n}.{nanos:x}", std::process::id());
+    let opts = OpenOptions {
+        create: true,
+        exclusive: true,
+        mode: 0o600,
+        value,
+        ..OpenOptions::default()
+    };
+    let sem = esem(Semaphore::open(&name, &opts))?;
+    let _ = esem_client::unlink(&name, None);
+    let token = esem(sem.token())?;
+    Ok((sem, token))
 }
 
 #[no_mangle]
