@@ -395,18 +395,6 @@ fn open_esem(
     let name = name_of(name)?;
     let create = oflag & libc::O_CREAT != 0;
     let exclusive = create && oflag & libc::O_EXCL != 0; // glibc ignores O_EXCL alone
-    if !exclusive {
-        // Opened before in this process: the same sem_t, as glibc returns the same
-        // mapping (programs and conformance tests compare the pointers).
-        if let Some(p) = table(|t| {
-            t.names.get_mut(&name).map(|e| {
-                e.1 += 1;
-                e.0
-            })
-        }) {
-            return Ok(p as *mut sem_t);
-        }
-    }
     // glibc checks the value only when it creates (an existing name ignores it).
     if create && value > SEM_VALUE_MAX {
         return Err(libc::EINVAL);
@@ -418,8 +406,31 @@ fn open_esem(
         value,
         ..OpenOptions::default()
     };
+    // Every sem_open asks the service, as glibc's opens the file every time: the
+    // permission is checked for each open (under the caller's credentials of now) and
+    // a name unlinked meanwhile is ENOENT.
     let sem = esem(Semaphore::open(&name, &opts))?;
+    if !sem.created() {
+        // Opened before in this process: the same sem_t, as glibc returns the same
+        // mapping (programs and conformance tests compare the pointers).
+        if let Some(p) = table(|t| {
+            t.names.get_mut(&name).map(|e| {
+                e.1 += 1;
+                e.0
+            })
+        }) {
+            let _ = sem.close(); // the first open's handle serves both
+            return Ok(p as *mut sem_t);
+        }
+    }
     let token = esem(sem.token())?;
+    // Created anew: a sem_t this process still has under the name is of a semaphore
+    // whose name another process unlinked; it keeps working until closed.
+    table(|t| {
+        if let Some((p, count)) = t.names.remove(&name) {
+            *t.unlinked.entry(p).or_insert(0) += count;
+        }
+    });
     let cell = Box::new(SemCell {
         magic: MAGIC,
         token,
