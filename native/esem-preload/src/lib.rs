@@ -395,21 +395,26 @@ fn open_esem(
     let name = name_of(name)?;
     let create = oflag & libc::O_CREAT != 0;
     let exclusive = create && oflag & libc::O_EXCL != 0; // glibc ignores O_EXCL alone
-    // glibc checks the value only when it creates (an existing name ignores it).
-    if create && value > SEM_VALUE_MAX {
+    // glibc checks the value only when it creates (an existing name ignores it): a
+    // value too large opens an existing name and is EINVAL if it would create.
+    let over = create && value > SEM_VALUE_MAX;
+    if over && exclusive {
         return Err(libc::EINVAL);
     }
     let opts = OpenOptions {
-        create,
+        create: create && !over,
         exclusive,
         mode: mode & 0o7777,
-        value,
+        value: if over { 0 } else { value },
         ..OpenOptions::default()
     };
     // Every sem_open asks the service, as glibc's opens the file every time: the
     // permission is checked for each open (under the caller's credentials of now) and
     // a name unlinked meanwhile is ENOENT.
-    let sem = esem(Semaphore::open(&name, &opts))?;
+    let sem = esem(Semaphore::open(&name, &opts)).map_err(|e| match e {
+        libc::ENOENT if over => libc::EINVAL,
+        e => e,
+    })?;
     if !sem.created() {
         // Opened before in this process: the same sem_t, as glibc returns the same
         // mapping (programs and conformance tests compare the pointers).
