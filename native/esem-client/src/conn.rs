@@ -238,6 +238,9 @@ pub struct Client {
     /// Set in a fork child for the process client: its socket was closed there.
     forked: AtomicBool,
     fd: AtomicI32,
+    /// The effective uid and gid at connect: the service knows the session by these
+    /// (SO_PEERCRED), whatever the process becomes later.
+    creds: (u32, u32),
 }
 
 impl std::fmt::Debug for Client {
@@ -269,6 +272,7 @@ impl Client {
             ClientError::Unavailable(format!("no esem service at {}: {e}", sock.display()))
         };
         let deadline = Instant::now() + Duration::from_secs(CONNECT_TIMEOUT_SECS);
+        let creds = (sys::geteuid(), sys::getegid());
         let stream = loop {
             match UnixStream::connect(sock) {
                 Ok(s) => break s,
@@ -343,10 +347,22 @@ impl Client {
             pid: std::process::id(),
             forked: AtomicBool::new(false),
             fd: AtomicI32::new(fd),
+            creds,
         })
     }
 
     /// The 32-byte session id (the Noise handshake hash).
+    /// The effective (uid, gid) this session was opened with: the service checks
+    /// permissions against them, not against what the process has become since.
+    pub fn credentials(&self) -> (u32, u32) {
+        self.creds
+    }
+
+    /// Whether the process's effective uid and gid are still the session's.
+    pub fn same_credentials(&self) -> bool {
+        self.creds == (sys::geteuid(), sys::getegid())
+    }
+
     pub fn session_id(&self) -> Option<[u8; 32]> {
         self.shared.lock().session.session_id().copied()
     }

@@ -11,5 +11,5 @@ mod sys;
 
 pub use conn::{process_client, set_reconnect_at_fork, spawning_own_thread, Client};
 pub use error::{ClientError, Result};
-pub use sem::{unlink, OpenOptions, Semaphore};
+pub use sem::{unlink, unlink_via, OpenOptions, Semaphore};
 pub use sys::HIGH_FD;

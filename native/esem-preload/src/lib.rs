@@ -32,7 +32,7 @@
 #![allow(clippy::missing_safety_doc)] // the C API's contract is POSIX's
 
 use esem_client::conn::my_wake_fd;
-use esem_client::{process_client, ClientError, OpenOptions, Semaphore};
+use esem_client::{process_client, Client, ClientError, OpenOptions, Semaphore};
 use esem_proto::consts::SEM_VALUE_MAX;
 use esem_proto::{Handle, Status, WaitMode};
 use libc::{c_char, c_int, c_uint, c_void, clockid_t, mode_t, sem_t, timespec};
@@ -401,21 +401,33 @@ fn open_esem(
     if over && exclusive {
         return Err(libc::EINVAL);
     }
-    let opts = OpenOptions {
+    let mut opts = OpenOptions {
         create: create && !over,
         exclusive,
         mode: mode & 0o7777,
         value: if over { 0 } else { value },
         ..OpenOptions::default()
     };
-    // Every sem_open asks the service, as glibc's opens the file every time: the
-    // permission is checked for each open (under the caller's credentials of now) and
-    // a name unlinked meanwhile is ENOENT.
-    let sem = esem(Semaphore::open(&name, &opts)).map_err(|e| match e {
+    let errno = |e| match errno_of(&e) {
         libc::ENOENT if over => libc::EINVAL,
         e => e,
-    })?;
-    if !sem.created() {
+    };
+    // Every sem_open asks the service, as glibc's opens the file every time: the
+    // permission is checked for each open and a name unlinked meanwhile is ENOENT.
+    // The service knows the process session by the credentials it had at connect; if
+    // the process has changed its effective uid or gid since (seteuid), the open is
+    // checked, and a creation owned, under the current ones through a session of
+    // those, then the handle is taken in the process session.
+    let process = esem(process_client())?;
+    let mut created = None;
+    if !process.same_credentials() {
+        let now = esem(Client::connect())?;
+        created = Some(Semaphore::open_check(&now, &name, &opts).map_err(errno)?);
+        opts.create = false;
+        opts.exclusive = false;
+    }
+    let sem = Semaphore::open(&name, &opts).map_err(errno)?;
+    if !created.unwrap_or(sem.created()) {
         // Opened before in this process: the same sem_t, as glibc returns the same
         // mapping (programs and conformance tests compare the pointers).
         if let Some(p) = table(|t| {
@@ -530,7 +542,14 @@ pub unsafe extern "C" fn sem_unlink(name: *const c_char) -> c_int {
     c_result(guarded(|| {
         // glibc's sem_unlink reports every name it cannot use as ENOENT, not EINVAL.
         let n = name_of(name).map_err(|_| libc::ENOENT)?;
-        esem(esem_client::unlink(&n, None)).map_err(|e| match e {
+        // Unlinking needs ownership under the current effective uid (see open_esem).
+        let process = esem(process_client())?;
+        let r = if process.same_credentials() {
+            esem_client::unlink(&n, None)
+        } else {
+            Client::connect().and_then(|now| esem_client::unlink_via(&now, &n, None))
+        };
+        esem(r).map_err(|e| match e {
             libc::EINVAL | libc::ENAMETOOLONG => libc::ENOENT,
             e => e,
         })?;
