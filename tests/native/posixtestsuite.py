@@ -17,11 +17,12 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 PACKAGE = "posixtestsuite"
@@ -163,15 +164,13 @@ def run_one(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path,
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         return "HUNG", proc.pid, output
     finally:
         # A test's forked children must not outlive it (they may hold a semaphore).
-        try:
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     return VERDICTS.get(proc.returncode, "INTERRUPTED"), proc.pid, output
 
 

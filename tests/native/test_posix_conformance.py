@@ -5,8 +5,11 @@ verdict, test by test, natively and under ``esem run --all`` against a fresh ser
 Each test program is run natively, then under the preload library, with a per-test
 timeout. ``sem_post/8-1`` checks that a post wakes the highest-priority waiter, which
 depends on scheduling and occasionally fails natively too: it alone is retried (up to
-``RETRIES`` runs in each mode, the first PASS counts). The service's log must show a
-session of every program run under esem, so the preload cannot have been bypassed.
+``RETRIES`` runs in each mode, the first PASS counts). Under esem it fails for a reason
+of design (FIFO service of waiters, ``KNOWN_DIFFERENCES``): it is checked on its own and
+reported as an xfail with that reason. The service's log must show a
+session of every program run under esem that calls a semaphore function (three return
+before calling any), so the preload cannot have been bypassed.
 """
 
 from __future__ import annotations
@@ -25,6 +28,21 @@ import pytest
 from esem.server.embedded import EmbeddedService
 from tests.native import posixtestsuite as pts
 
+# Known to differ, with the reason; asserted on their own (xfail, not strict: the
+# native side is itself scheduling-dependent) and reported, never folded in silently.
+KNOWN_DIFFERENCES = {
+    "sem_post/8-1": "POSIX with the Process Scheduling option: a post unblocks the "
+    "highest-priority waiter (here SCHED_FIFO children of priorities 2 and 3). The "
+    "service serves waiters FIFO by design (README, Exact semantics) and a wait does not "
+    "carry its thread's priority, so the first waiter (priority 2) gets the unit.",
+}
+# Programs that return before calling any semaphore function (so no session is
+# expected of them, and the test checks that none was made).
+NO_SEMAPHORE_CALL = {
+    "sem_init/6-1": "SEM_VALUE_MAX is INT_MAX on glibc: 'Test skipped' before sem_init",
+    "sem_open/5-1": "SEM_VALUE_MAX is INT_MAX on glibc: returns before sem_open",
+    "sem_init/7-1": "calls only sysconf(_SC_SEM_NSEMS_MAX), which is -1: UNTESTED",
+}
 TIMEOUT = 60.0  # seconds per program (the suite's own is 240; none needs more than ~5)
 FLAKY = {"sem_post/8-1": "wakes the highest-priority waiter: scheduling-dependent"}
 RETRIES = 3
@@ -62,13 +80,14 @@ class Results:
 def _run(name: str, argv: list[str], env: dict[str, str], cwd: Path,
          pids: list[int] | None = None) -> Outcome:
     tries = RETRIES if name in FLAKY else 1
-    for attempt in range(1, tries + 1):
+    runs = 0
+    while True:
+        runs += 1
         verdict, pid, output = pts.run_one(argv, env=env, cwd=cwd, timeout=TIMEOUT)
         if pids is not None:
             pids.append(pid)
-        if verdict == "PASS":
-            break
-    return Outcome(verdict, attempt, output)
+        if verdict == "PASS" or runs == tries:
+            return Outcome(verdict, runs, output)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +117,8 @@ def results(preload: Path, service: EmbeddedService,
 
 def test_same_verdict_natively_and_under_esem(results: Results) -> None:
     differ = {name: (results.native[name], results.esem[name]) for name in results.native
-              if results.native[name].verdict != results.esem[name].verdict}
+              if results.native[name].verdict != results.esem[name].verdict
+              and name not in KNOWN_DIFFERENCES}
     detail = "\n".join(f"--- {name}: native {n.verdict}, esem {e.verdict}; esem output:\n"
                        f"{e.output[-1500:]}" for name, (n, e) in differ.items())
     assert not differ, f"{results.table()}\n{detail}"
@@ -115,5 +135,15 @@ def test_every_program_under_esem_had_a_session(results: Results,
     the service log's ``session N start pid=P`` lines."""
     log = service.log_path.read_text(errors="replace")
     started = {int(p) for p in re.findall(r"session \d+ start pid=(\d+)", log)}
-    missing = [name for name, pids in results.pids.items() if not started & set(pids)]
+    had = {name for name, pids in results.pids.items() if started & set(pids)}
+    missing = sorted(set(results.pids) - had - set(NO_SEMAPHORE_CALL))
     assert not missing, f"no session in the service log for {missing}"
+    assert not had & set(NO_SEMAPHORE_CALL), "NO_SEMAPHORE_CALL is out of date"
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_DIFFERENCES))
+def test_known_difference(results: Results, name: str) -> None:
+    if results.native[name].verdict == results.esem[name].verdict:
+        return  # the scheduler happened to agree this time
+    pytest.xfail(f"{name}: native {results.native[name].verdict}, esem "
+                 f"{results.esem[name].verdict}: {KNOWN_DIFFERENCES[name]}")
