@@ -31,7 +31,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -342,6 +342,7 @@ impl Client {
         });
         SPAWNING.with(|f| f.set(false));
         spawned.map_err(|e| unavailable(&e))?;
+        READER_PID.store(std::process::id(), Ordering::Release);
         Ok(Client {
             shared,
             pid: std::process::id(),
@@ -549,6 +550,16 @@ pub fn process_client() -> Result<&'static Client> {
 thread_local! {
     /// Set while this thread creates the client's reader thread (const, no destructor).
     static SPAWNING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The process that last started a reader thread (a fork child has none until it
+/// connects: the thread is not copied).
+static READER_PID: AtomicU32 = AtomicU32::new(0);
+
+/// Whether this process has a reader thread of the client (which never ends, so it
+/// would keep the process alive after the program's last thread).
+pub fn has_own_thread() -> bool {
+    READER_PID.load(Ordering::Acquire) == std::process::id()
 }
 
 /// Whether the calling thread is inside the client, creating the client's own reader

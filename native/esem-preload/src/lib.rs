@@ -753,6 +753,13 @@ pub extern "C" fn esem_shim_own_thread() -> c_int {
     c_int::from(esem_client::spawning_own_thread())
 }
 
+/// Whether the client has a thread in this process (shim.c ends the process with the
+/// program's last thread only then; otherwise glibc does so itself).
+#[no_mangle]
+pub extern "C" fn esem_shim_has_own_thread() -> c_int {
+    c_int::from(esem_client::has_own_thread())
+}
+
 /// A shim step's result: ESEM_PENDING, ESEM_DONE, or a negative errno.
 fn step(r: Result<c_int, c_int>) -> c_int {
     r.unwrap_or_else(|e| -e)

@@ -38,6 +38,7 @@ extern int esem_shim_poll(sem_t *s, uint64_t req);
 extern int esem_shim_interrupted(sem_t *s, uint64_t req);
 extern void esem_shim_cancelled(sem_t *s, uint64_t req);
 extern int esem_shim_own_thread(void);
+extern int esem_shim_has_own_thread(void);
 
 struct pending {
     sem_t *sem;
@@ -136,14 +137,15 @@ int esem_c_sem_clockwait(sem_t *s, clockid_t clock, const struct timespec *absti
  * counts every thread, the client's reader thread too, which never ends: the program's
  * threads are counted here instead (the main thread, and those created through
  * pthread_create below), and the last one's thread-specific destructor, which runs
- * whether it returns, calls pthread_exit or is cancelled, calls exit(0). Threads
- * created before this library's constructor ran are not counted. */
+ * whether it returns, calls pthread_exit or is cancelled, calls exit(0) if the client
+ * has its thread in this process (else glibc ends the process itself). Threads created
+ * before this library's constructor ran are not counted. */
 static atomic_long app_threads = 1;
 static pthread_key_t app_key;
 
 static void app_thread_gone(void *unused) {
     (void)unused;
-    if (atomic_fetch_sub(&app_threads, 1) == 1)
+    if (atomic_fetch_sub(&app_threads, 1) == 1 && esem_shim_has_own_thread())
         exit(0);
 }
 
