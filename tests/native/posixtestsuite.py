@@ -106,11 +106,23 @@ def fetch(cache: Path | None = None) -> Path:
                 f"-oDir::State::Lists={apt / 'lists'}", f"-oDir::Cache={apt / 'cache'}",
                 # Root would hand downloads to _apt, which cannot write into the cache.
                 "-oDebug::NoLocking=1", "-oAPT::Sandbox::User=root", "-q"]
-        if not any((apt / "lists").glob("*_Sources*")):
-            subprocess.run(["apt-get", *opts, "update"], check=True, capture_output=True,
-                           text=True, timeout=600)
-        subprocess.run(["apt-get", *opts, "source", PACKAGE], cwd=cache, check=True,
-                       capture_output=True, text=True, timeout=600)
+        def apt_get(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["apt-get", *opts, *args], cwd=cache, capture_output=True,
+                                  text=True, timeout=600)
+
+        def check(r: subprocess.CompletedProcess[str]) -> None:
+            if r.returncode != 0:
+                raise RuntimeError(f"{' '.join(map(str, r.args))} failed "
+                                   f"({r.returncode}):\n{r.stdout[-1500:]}{r.stderr[-1500:]}")
+
+        fresh = not any((apt / "lists").glob("*_Sources*"))
+        if fresh:
+            check(apt_get("update"))
+        r = apt_get("source", PACKAGE)
+        if r.returncode != 0 and not fresh:  # stale lists: the archive moved on
+            check(apt_get("update"))
+            r = apt_get("source", PACKAGE)
+        check(r)
         top = _tree(cache)
         if top is None:
             raise RuntimeError(f"apt-get source {PACKAGE} left no source tree in {cache}")
