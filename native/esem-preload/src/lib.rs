@@ -165,6 +165,53 @@ struct Table {
     /// -> sem_open count. A later sem_open of the name is a new lookup (ENOENT, or a
     /// new semaphore), as glibc's is, while the old sem_t keeps working until closed.
     unlinked: HashMap<usize, u32>,
+    /// Tokens of the private (pshared 0) unnamed semaphores this process made (or
+    /// inherited: a fork child's table is its parent's copy).
+    private: HashSet<Handle>,
+}
+
+/// The counts of the private unnamed semaphores at the last fork (the pid that took
+/// them, token -> count): a fork child's copy starts from the count at the fork, as a
+/// copy of glibc's plain-memory semaphore does.
+static FORK_VALUES: Spin<(u32, Vec<(Handle, u32)>)> = Spin::new((0, Vec::new()));
+
+fn fork_value(token: Handle) -> Option<u32> {
+    FORK_VALUES.with(|(pid, values)| {
+        if *pid == std::process::id() {
+            return None; // this process's own snapshot, for its children
+        }
+        values.iter().find(|(t, _)| *t == token).map(|(_, v)| *v)
+    })
+}
+
+/// Before fork: read the private semaphores' counts (one round trip each; none for a
+/// program without them). A fork from a signal handler that interrupted the library
+/// takes none: its child copies the count at first use instead.
+fn snapshot_private() {
+    if DEPTH.with(StdCell::get) != 0 {
+        return;
+    }
+    let _ = guarded(|| {
+        let sems: Vec<(Handle, Arc<Semaphore>)> = table(|t| {
+            t.private
+                .iter()
+                .filter_map(|h| Some((*h, Arc::clone(t.sems.get(h)?))))
+                .collect()
+        });
+        let mut values = Vec::with_capacity(sems.len());
+        for (token, sem) in sems {
+            // An inherited one not used here yet keeps the count of its own fork.
+            let v = match fork_value(token) {
+                Some(v) => Some(v),
+                None => sem.value().ok(),
+            };
+            if let Some(v) = v {
+                values.push((token, v));
+            }
+        }
+        FORK_VALUES.with(|f| *f = (std::process::id(), values));
+        Ok(())
+    });
 }
 
 static TABLE: Spin<Option<Table>> = Spin::new(None);
@@ -172,6 +219,7 @@ static SETUP: Once = Once::new();
 static ALL: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn fork_prepare() {
+    snapshot_private();
     TABLE.acquire();
 }
 extern "C" fn fork_release() {
@@ -219,14 +267,20 @@ fn lookup(s: *const sem_t) -> Option<Arc<Semaphore>> {
 }
 
 /// A fork child's first use of a private unnamed semaphore it inherited: a new one
-/// with the inherited one's count, written into the child's copy of the `sem_t`, so the
-/// parent's and the child's no longer affect each other. The count is read at first
-/// use, not at the fork (a post the parent made in between is seen by the child too).
+/// with the inherited one's count at the fork, written into the child's copy of the
+/// `sem_t`, so the parent's and the child's no longer affect each other.
 fn private_copy(s: *mut sem_t) -> Result<Arc<Semaphore>, c_int> {
-    let token = cell_of(s).ok_or(libc::EINVAL)?.token;
-    let inherited = Semaphore::from_token(token, "(inherited)");
-    let value = esem(inherited.value())?;
-    let _ = inherited.close(); // this process's handle only; the parent keeps its own
+    let old = cell_of(s).ok_or(libc::EINVAL)?.token;
+    let value = match fork_value(old) {
+        Some(v) => v,
+        None => {
+            // Not in the snapshot (made by a fork from a signal handler): now's count.
+            let inherited = Semaphore::from_token(old, "(inherited)");
+            let v = esem(inherited.value())?;
+            let _ = inherited.close(); // this process's handle only
+            v
+        }
+    };
     let (sem, token) = new_unnamed(value)?;
     let sem = Arc::new(sem);
     // SAFETY: `s` is one of ours (checked above): this process's copy of the sem_t.
@@ -235,7 +289,12 @@ fn private_copy(s: *mut sem_t) -> Result<Arc<Semaphore>, c_int> {
         cell.token = token;
         cell.pid = std::process::id();
     }
-    table(|t| t.sems.insert(token, Arc::clone(&sem)));
+    table(|t| {
+        t.sems.remove(&old);
+        t.private.remove(&old);
+        t.private.insert(token);
+        t.sems.insert(token, Arc::clone(&sem));
+    });
     Ok(sem)
 }
 
@@ -593,7 +652,12 @@ pub unsafe extern "C" fn sem_init(s: *mut sem_t, pshared: c_int, value: c_uint) 
         };
         // SAFETY: the caller's sem_t: 32 bytes, aligned for it.
         unsafe { std::ptr::write(s as *mut SemCell, cell) };
-        table(|t| t.sems.insert(token, Arc::new(sem)));
+        table(|t| {
+            if pshared == 0 {
+                t.private.insert(token);
+            }
+            t.sems.insert(token, Arc::new(sem))
+        });
         Ok(())
     }))
 }
@@ -636,7 +700,10 @@ pub unsafe extern "C" fn sem_destroy(s: *mut sem_t) -> c_int {
     c_result(guarded(|| {
         let sem = lookup(s).ok_or(libc::EINVAL)?;
         let token = cell_of(s).ok_or(libc::EINVAL)?.token;
-        table(|t| t.sems.remove(&token));
+        table(|t| {
+            t.private.remove(&token);
+            t.sems.remove(&token)
+        });
         clear(s);
         esem(sem.close())
     }))

@@ -280,25 +280,24 @@ static int main_exits(void) {
     pthread_exit(NULL);
 }
 
-/* (--all) A private (pshared 0) unnamed semaphore is a fork child's own copy: the
- * parent's post does not reach the child, the child's do not reach the parent. (The
- * copy is made at the child's first use: the parent posts after that.) */
+/* (--all) A private (pshared 0) unnamed semaphore is a fork child's own copy, with the
+ * count at the fork: the parent's post (made before the child's first use) does not
+ * reach the child, the child's do not reach the parent. */
 static int private_fork(void) {
     sem_t s;
     CHECK(sem_init(&s, 0, 1) == 0);
     pid_t pid = fork();
     CHECK(pid >= 0);
     if (pid == 0) {
+        usleep(300000); /* the parent has posted by now */
         if (value(&s) != 1 || sem_trywait(&s) != 0)
             _exit(3);
-        usleep(300000); /* the parent has posted by now */
         if (sem_trywait(&s) == 0 || errno != EAGAIN)
             _exit(4);
         if (sem_post(&s) != 0 || sem_post(&s) != 0 || value(&s) != 2)
             _exit(5);
         _exit(0);
     }
-    usleep(100000);
     CHECK(sem_post(&s) == 0);
     int st;
     CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0);
