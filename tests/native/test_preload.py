@@ -48,6 +48,17 @@ def test_unnamed_semaphores_with_all(preload: Path, semtest: Path,
     assert "unnamed ok" in r.stdout
 
 
+@pytest.mark.parametrize("case", ["main-exit", "private-fork"])
+def test_process_semantics_with_all(preload: Path, semtest: Path, service: EmbeddedService,
+                                    case: str) -> None:
+    """The process ends when its main thread's pthread_exit is followed by its last
+    thread's end, the client's reader thread notwithstanding; a pshared=0 unnamed
+    semaphore is a fork child's own copy (both as with glibc)."""
+    r = run(preload, [str(semtest), case], all_sems=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{case} ok" in r.stdout
+
+
 @pytest.mark.parametrize("all_sems", [False, True])
 def test_semaphore_lives_in_the_service(preload: Path, semtest: Path, service: EmbeddedService,
                                         sem_name: str, all_sems: bool) -> None:

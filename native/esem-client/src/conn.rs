@@ -31,7 +31,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -238,6 +238,9 @@ pub struct Client {
     /// Set in a fork child for the process client: its socket was closed there.
     forked: AtomicBool,
     fd: AtomicI32,
+    /// The effective uid and gid at connect: the service knows the session by these
+    /// (SO_PEERCRED), whatever the process becomes later.
+    creds: (u32, u32),
 }
 
 impl std::fmt::Debug for Client {
@@ -269,6 +272,7 @@ impl Client {
             ClientError::Unavailable(format!("no esem service at {}: {e}", sock.display()))
         };
         let deadline = Instant::now() + Duration::from_secs(CONNECT_TIMEOUT_SECS);
+        let creds = (sys::geteuid(), sys::getegid());
         let stream = loop {
             match UnixStream::connect(sock) {
                 Ok(s) => break s,
@@ -330,21 +334,36 @@ impl Client {
             }),
         });
         let reader = Arc::clone(&shared);
-        sys::with_signals_blocked(|| {
+        SPAWNING.with(|f| f.set(true));
+        let spawned = sys::with_signals_blocked(|| {
             std::thread::Builder::new()
                 .name("esem-reader".into())
                 .spawn(move || reader.reader())
-        })
-        .map_err(|e| unavailable(&e))?;
+        });
+        SPAWNING.with(|f| f.set(false));
+        spawned.map_err(|e| unavailable(&e))?;
+        READER_PID.store(std::process::id(), Ordering::Release);
         Ok(Client {
             shared,
             pid: std::process::id(),
             forked: AtomicBool::new(false),
             fd: AtomicI32::new(fd),
+            creds,
         })
     }
 
     /// The 32-byte session id (the Noise handshake hash).
+    /// The effective (uid, gid) this session was opened with: the service checks
+    /// permissions against them, not against what the process has become since.
+    pub fn credentials(&self) -> (u32, u32) {
+        self.creds
+    }
+
+    /// Whether the process's effective uid and gid are still the session's.
+    pub fn same_credentials(&self) -> bool {
+        self.creds == (sys::geteuid(), sys::getegid())
+    }
+
     pub fn session_id(&self) -> Option<[u8; 32]> {
         self.shared.lock().session.session_id().copied()
     }
@@ -526,6 +545,28 @@ pub fn process_client() -> Result<&'static Client> {
     };
     CREATING.store(false, Ordering::Release);
     out
+}
+
+thread_local! {
+    /// Set while this thread creates the client's reader thread (const, no destructor).
+    static SPAWNING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The process that last started a reader thread (a fork child has none until it
+/// connects: the thread is not copied).
+static READER_PID: AtomicU32 = AtomicU32::new(0);
+
+/// Whether this process has a reader thread of the client (which never ends, so it
+/// would keep the process alive after the program's last thread).
+pub fn has_own_thread() -> bool {
+    READER_PID.load(Ordering::Acquire) == std::process::id()
+}
+
+/// Whether the calling thread is inside the client, creating the client's own reader
+/// thread: a `pthread_create` interposer (the preload library's) tells the client's
+/// threads from the program's with it.
+pub fn spawning_own_thread() -> bool {
+    SPAWNING.with(std::cell::Cell::get)
 }
 
 /// Whether the fork-child handler connects the child's session at once.

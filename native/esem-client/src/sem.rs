@@ -75,6 +75,35 @@ pub struct Semaphore {
 impl Semaphore {
     /// `sem_open`: open (or create) a named e-semaphore.
     pub fn open(name: &str, opts: &OpenOptions) -> Result<Semaphore> {
+        let body = Self::open_body(name, opts)?;
+        let client = process_client()?;
+        let (handle, created) = Self::open_reply(client.call(&body, opts.key.as_deref())?)?;
+        Ok(Semaphore {
+            name: name.to_owned(),
+            key: opts.key.clone(),
+            created,
+            token: Mutex::new(Some((std::process::id(), handle))),
+        })
+    }
+
+    /// OPEN through `client`'s session only for the service's answer: whether it is
+    /// allowed (permission checked against that session's credentials) and whether it
+    /// created the semaphore. The handle is `client`'s and ends with its session.
+    pub fn open_check(client: &Client, name: &str, opts: &OpenOptions) -> Result<bool> {
+        let body = Self::open_body(name, opts)?;
+        Ok(Self::open_reply(client.call(&body, opts.key.as_deref())?)?.1)
+    }
+
+    fn open_reply(reply: esem_proto::Reply) -> Result<(Handle, bool)> {
+        let ReplyBody::Handle { handle, created } = reply.body else {
+            return Err(ClientError::Unavailable(
+                "OPEN reply without a handle".into(),
+            ));
+        };
+        Ok((handle, created))
+    }
+
+    fn open_body(name: &str, opts: &OpenOptions) -> Result<RequestBody> {
         check_name(name)?;
         check_key(opts.key.as_deref())?;
         if opts.create && opts.value > SEM_VALUE_MAX {
@@ -112,19 +141,7 @@ impl Semaphore {
             key: if opts.create { opts.key.clone() } else { None },
             name: name.to_owned(),
         };
-        let client = process_client()?;
-        let reply = client.call(&body, opts.key.as_deref())?;
-        let ReplyBody::Handle { handle, created } = reply.body else {
-            return Err(ClientError::Unavailable(
-                "OPEN reply without a handle".into(),
-            ));
-        };
-        Ok(Semaphore {
-            name: name.to_owned(),
-            key: opts.key.clone(),
-            created,
-            token: Mutex::new(Some((std::process::id(), handle))),
-        })
+        Ok(body)
     }
 
     /// A semaphore known only by a handle token of another process (an unnamed
@@ -280,9 +297,15 @@ impl Semaphore {
 
 /// `sem_unlink`: remove the name (with `key` for a key-bound semaphore).
 pub fn unlink(name: &str, key: Option<&[u8]>) -> Result<()> {
+    unlink_via(process_client()?, name, key)
+}
+
+/// `unlink` through `client`'s session (e.g. one opened under the process's current
+/// credentials, when they are no longer those of the process session).
+pub fn unlink_via(client: &Client, name: &str, key: Option<&[u8]>) -> Result<()> {
     check_name(name)?;
     check_key(key)?;
-    process_client()?.call(
+    client.call(
         &RequestBody::Unlink {
             name: name.to_owned(),
         },

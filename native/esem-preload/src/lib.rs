@@ -32,7 +32,7 @@
 #![allow(clippy::missing_safety_doc)] // the C API's contract is POSIX's
 
 use esem_client::conn::my_wake_fd;
-use esem_client::{process_client, ClientError, OpenOptions, Semaphore};
+use esem_client::{process_client, Client, ClientError, OpenOptions, Semaphore};
 use esem_proto::consts::SEM_VALUE_MAX;
 use esem_proto::{Handle, Status, WaitMode};
 use libc::{c_char, c_int, c_uint, c_void, clockid_t, mode_t, sem_t, timespec};
@@ -49,6 +49,9 @@ pub const USE_ESEM: c_int = 0x4000_0000;
 const MAGIC: u64 = 0x6D65_7365_E5E5_E5E5;
 const KIND_NAMED: u32 = 1;
 const KIND_UNNAMED: u32 = 2;
+/// Unnamed with `pshared == 0`: a fork child's use is of its own copy (as with glibc,
+/// whose private semaphore is plain memory that fork copies), made on first use.
+const KIND_PRIVATE: u32 = 3;
 
 /// What an e-semaphore's `sem_t` holds.
 #[repr(C)]
@@ -154,15 +157,61 @@ impl<T> Spin<T> {
 struct Table {
     /// By the token written in the sem_t.
     sems: HashMap<Handle, Arc<Semaphore>>,
-    /// The sem_t of each name this process has open, while the name is linked as far
-    /// as this process knows (its own sem_unlink drops the entry: a later sem_open of
-    /// the name must reach the service, as glibc's opens the file again).
-    names: HashMap<String, usize>,
-    /// Each named sem_t opened here -> its sem_open count (by sem_t, not by name: an
-    /// unlinked or re-created name must not lose or share the count).
-    opens: HashMap<usize, u32>,
+    /// Named semaphores this process has open: name -> (its sem_t, sem_open count).
+    names: HashMap<String, (usize, u32)>,
     /// Names this process ever opened as e-semaphores (for sem_unlink).
     esem_names: HashSet<String>,
+    /// Named semaphores still open here whose name this process unlinked: their sem_t
+    /// -> sem_open count. A later sem_open of the name is a new lookup (ENOENT, or a
+    /// new semaphore), as glibc's is, while the old sem_t keeps working until closed.
+    unlinked: HashMap<usize, u32>,
+    /// Tokens of the private (pshared 0) unnamed semaphores this process made (or
+    /// inherited: a fork child's table is its parent's copy).
+    private: HashSet<Handle>,
+}
+
+/// The counts of the private unnamed semaphores at the last fork (the pid that took
+/// them, token -> count): a fork child's copy starts from the count at the fork, as a
+/// copy of glibc's plain-memory semaphore does.
+static FORK_VALUES: Spin<(u32, Vec<(Handle, u32)>)> = Spin::new((0, Vec::new()));
+
+fn fork_value(token: Handle) -> Option<u32> {
+    FORK_VALUES.with(|(pid, values)| {
+        if *pid == std::process::id() {
+            return None; // this process's own snapshot, for its children
+        }
+        values.iter().find(|(t, _)| *t == token).map(|(_, v)| *v)
+    })
+}
+
+/// Before fork: read the private semaphores' counts (one round trip each; none for a
+/// program without them). A fork from a signal handler that interrupted the library
+/// takes none: its child copies the count at first use instead.
+fn snapshot_private() {
+    if DEPTH.with(StdCell::get) != 0 {
+        return;
+    }
+    let _ = guarded(|| {
+        let sems: Vec<(Handle, Arc<Semaphore>)> = table(|t| {
+            t.private
+                .iter()
+                .filter_map(|h| Some((*h, Arc::clone(t.sems.get(h)?))))
+                .collect()
+        });
+        let mut values = Vec::with_capacity(sems.len());
+        for (token, sem) in sems {
+            // An inherited one not used here yet keeps the count of its own fork.
+            let v = match fork_value(token) {
+                Some(v) => Some(v),
+                None => sem.value().ok(),
+            };
+            if let Some(v) = v {
+                values.push((token, v));
+            }
+        }
+        FORK_VALUES.with(|f| *f = (std::process::id(), values));
+        Ok(())
+    });
 }
 
 static TABLE: Spin<Option<Table>> = Spin::new(None);
@@ -170,6 +219,7 @@ static SETUP: Once = Once::new();
 static ALL: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn fork_prepare() {
+    snapshot_private();
     TABLE.acquire();
 }
 extern "C" fn fork_release() {
@@ -203,6 +253,9 @@ fn cell_of(s: *const sem_t) -> Option<&'static SemCell> {
 /// The e-semaphore behind `s` (registering one this process has not seen yet).
 fn lookup(s: *const sem_t) -> Option<Arc<Semaphore>> {
     let cell = cell_of(s)?;
+    if cell.kind == KIND_PRIVATE && cell.pid != std::process::id() {
+        return private_copy(s as *mut sem_t).ok();
+    }
     let token = cell.token;
     Some(table(|t| {
         Arc::clone(
@@ -211,6 +264,38 @@ fn lookup(s: *const sem_t) -> Option<Arc<Semaphore>> {
                 .or_insert_with(|| Arc::new(Semaphore::from_token(token, "(inherited)"))),
         )
     }))
+}
+
+/// A fork child's first use of a private unnamed semaphore it inherited: a new one
+/// with the inherited one's count at the fork, written into the child's copy of the
+/// `sem_t`, so the parent's and the child's no longer affect each other.
+fn private_copy(s: *mut sem_t) -> Result<Arc<Semaphore>, c_int> {
+    let old = cell_of(s).ok_or(libc::EINVAL)?.token;
+    let value = match fork_value(old) {
+        Some(v) => v,
+        None => {
+            // Not in the snapshot (made by a fork from a signal handler): now's count.
+            let inherited = Semaphore::from_token(old, "(inherited)");
+            let v = esem(inherited.value())?;
+            let _ = inherited.close(); // this process's handle only
+            v
+        }
+    };
+    let (sem, token) = new_unnamed(value)?;
+    let sem = Arc::new(sem);
+    // SAFETY: `s` is one of ours (checked above): this process's copy of the sem_t.
+    unsafe {
+        let cell = &mut *(s as *mut SemCell);
+        cell.token = token;
+        cell.pid = std::process::id();
+    }
+    table(|t| {
+        t.sems.remove(&old);
+        t.private.remove(&old);
+        t.private.insert(token);
+        t.sems.insert(token, Arc::clone(&sem));
+    });
+    Ok(sem)
 }
 
 fn clear(s: *mut sem_t) {
@@ -369,32 +454,61 @@ fn open_esem(
     let name = name_of(name)?;
     let create = oflag & libc::O_CREAT != 0;
     let exclusive = create && oflag & libc::O_EXCL != 0; // glibc ignores O_EXCL alone
-    if !exclusive {
-        // Opened before in this process: the same sem_t, as glibc returns the same
-        // mapping (programs and conformance tests compare the pointers).
-        if let Some(p) = table(|t| {
-            let p = *t.names.get(&name)?;
-            *t.opens.get_mut(&p)? += 1;
-            Some(p)
-        }) {
-            return Ok(p as *mut sem_t);
-        }
-    }
-    // glibc checks the value only when it creates (an existing name ignores it).
-    if create && value > SEM_VALUE_MAX {
+    // glibc checks the value only when it creates (an existing name ignores it): a
+    // value too large opens an existing name and is EINVAL if it would create.
+    let over = create && value > SEM_VALUE_MAX;
+    if over && exclusive {
         return Err(libc::EINVAL);
     }
     // Without O_CREAT, mode and value are not arguments at all (POSIX reads them only
     // when creating): what the variadic slots hold is garbage, never sent.
-    let opts = OpenOptions {
-        create,
+    let mut opts = OpenOptions {
+        create: create && !over,
         exclusive,
         mode: if create { mode & 0o7777 } else { 0 },
-        value: if create { value } else { 0 },
+        value: if create && !over { value } else { 0 },
         ..OpenOptions::default()
     };
-    let sem = esem(Semaphore::open(&name, &opts))?;
+    let errno = |e| match errno_of(&e) {
+        libc::ENOENT if over => libc::EINVAL,
+        e => e,
+    };
+    // Every sem_open asks the service, as glibc's opens the file every time: the
+    // permission is checked for each open and a name unlinked meanwhile is ENOENT.
+    // The service knows the process session by the credentials it had at connect; if
+    // the process has changed its effective uid or gid since (seteuid), the open is
+    // checked, and a creation owned, under the current ones through a session of
+    // those, then the handle is taken in the process session.
+    let process = esem(process_client())?;
+    let mut created = None;
+    if !process.same_credentials() {
+        let now = esem(Client::connect())?;
+        created = Some(Semaphore::open_check(&now, &name, &opts).map_err(errno)?);
+        opts.create = false;
+        opts.exclusive = false;
+    }
+    let sem = Semaphore::open(&name, &opts).map_err(errno)?;
+    if !created.unwrap_or(sem.created()) {
+        // Opened before in this process: the same sem_t, as glibc returns the same
+        // mapping (programs and conformance tests compare the pointers).
+        if let Some(p) = table(|t| {
+            t.names.get_mut(&name).map(|e| {
+                e.1 += 1;
+                e.0
+            })
+        }) {
+            let _ = sem.close(); // the first open's handle serves both
+            return Ok(p as *mut sem_t);
+        }
+    }
     let token = esem(sem.token())?;
+    // Created anew: a sem_t this process still has under the name is of a semaphore
+    // whose name another process unlinked; it keeps working until closed.
+    table(|t| {
+        if let Some((p, count)) = t.names.remove(&name) {
+            *t.unlinked.entry(p).or_insert(0) += count;
+        }
+    });
     let cell = Box::new(SemCell {
         magic: MAGIC,
         token,
@@ -406,8 +520,7 @@ fn open_esem(
     let p = Box::into_raw(cell) as *mut sem_t;
     table(|t| {
         t.sems.insert(token, Arc::new(sem));
-        t.names.insert(name.clone(), p as usize);
-        t.opens.insert(p as usize, 1);
+        t.names.insert(name.clone(), (p as usize, 1));
         t.esem_names.insert(name);
     });
     Ok(p)
@@ -432,17 +545,36 @@ pub unsafe extern "C" fn sem_close(s: *mut sem_t) -> c_int {
             return Err(libc::EINVAL);
         }
         let token = cell.token;
-        let last = table(|t| match t.opens.get_mut(&(s as usize)) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                None
+        let last = table(|t| {
+            let name = t
+                .names
+                .iter()
+                .find(|(_, e)| e.0 == s as usize)
+                .map(|(n, _)| n.clone());
+            match name {
+                Some(n) => {
+                    let e = t.names.get_mut(&n).map(|e| {
+                        e.1 -= 1;
+                        e.1
+                    });
+                    if e == Some(0) {
+                        t.names.remove(&n);
+                        return t.sems.remove(&token);
+                    }
+                    None
+                }
+                None => match t.unlinked.get_mut(&(s as usize)) {
+                    Some(n) if *n > 1 => {
+                        *n -= 1;
+                        None
+                    }
+                    Some(_) => {
+                        t.unlinked.remove(&(s as usize));
+                        t.sems.remove(&token)
+                    }
+                    None => t.sems.remove(&token), // inherited, never opened here
+                },
             }
-            Some(_) => {
-                t.opens.remove(&(s as usize));
-                t.names.retain(|_, p| *p != s as usize);
-                t.sems.remove(&token)
-            }
-            None => t.sems.remove(&token), // inherited, never opened here
         });
         if let Some(sem) = last {
             clear(s);
@@ -469,14 +601,25 @@ pub unsafe extern "C" fn sem_unlink(name: *const c_char) -> c_int {
         };
     }
     c_result(guarded(|| {
-        let n = name_of(name)?;
-        let r = esem_client::unlink(&n, None);
-        // Gone from the service (unlinked now, or already by another process): the
-        // name no longer leads to the sem_t this process has open under it.
-        if r.is_ok() || r.as_ref().is_err_and(|e| e.status() == Some(Status::ENOENT)) {
-            table(|t| t.names.remove(&n));
-        }
-        esem(r)
+        // glibc's sem_unlink reports every name it cannot use as ENOENT, not EINVAL.
+        let n = name_of(name).map_err(|_| libc::ENOENT)?;
+        // Unlinking needs ownership under the current effective uid (see open_esem).
+        let process = esem(process_client())?;
+        let r = if process.same_credentials() {
+            esem_client::unlink(&n, None)
+        } else {
+            Client::connect().and_then(|now| esem_client::unlink_via(&now, &n, None))
+        };
+        esem(r).map_err(|e| match e {
+            libc::EINVAL | libc::ENAMETOOLONG => libc::ENOENT,
+            e => e,
+        })?;
+        table(|t| {
+            if let Some((p, count)) = t.names.remove(&n) {
+                *t.unlinked.entry(p).or_insert(0) += count;
+            }
+        });
+        Ok(())
     }))
 }
 
@@ -502,35 +645,45 @@ pub unsafe extern "C" fn sem_init(s: *mut sem_t, pshared: c_int, value: c_uint) 
         if s.is_null() || value > SEM_VALUE_MAX {
             return Err(libc::EINVAL);
         }
-        // The service keeps only named semaphores: create one under a name nobody
-        // else uses and unlink it at once; the handle keeps it alive, and other
-        // processes reach it through the token in the sem_t.
-        let n = ANON.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let name = format!("/esem.anon.{}.{n}.{nanos:x}", std::process::id());
-        let opts = OpenOptions {
-            create: true,
-            exclusive: true,
-            mode: 0o600,
-            value,
-            ..OpenOptions::default()
-        };
-        let sem = esem(Semaphore::open(&name, &opts))?;
-        let _ = esem_client::unlink(&name, None);
-        let token = esem(sem.token())?;
+        let (sem, token) = new_unnamed(value)?;
         let cell = SemCell {
             magic: MAGIC,
             token,
             pid: std::process::id(),
-            kind: KIND_UNNAMED,
+            kind: if pshared == 0 { KIND_PRIVATE } else { KIND_UNNAMED },
         };
         // SAFETY: the caller's sem_t: 32 bytes, aligned for it.
         unsafe { std::ptr::write(s as *mut SemCell, cell) };
-        table(|t| t.sems.insert(token, Arc::new(sem)));
+        table(|t| {
+            if pshared == 0 {
+                t.private.insert(token);
+            }
+            t.sems.insert(token, Arc::new(sem))
+        });
         Ok(())
     }))
+}
+
+/// A new unnamed e-semaphore and its token. The service keeps only named semaphores:
+/// this creates one under a name nobody else uses and unlinks it at once; the handle
+/// keeps it alive, and other processes reach it through the token in the sem_t.
+fn new_unnamed(value: c_uint) -> Result<(Semaphore, Handle), c_int> {
+    let n = ANON.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let name = format!("/esem.anon.{}.{n}.{nanos:x}", std::process::id());
+    let opts = OpenOptions {
+        create: true,
+        exclusive: true,
+        mode: 0o600,
+        value,
+        ..OpenOptions::default()
+    };
+    let sem = esem(Semaphore::open(&name, &opts))?;
+    let _ = esem_client::unlink(&name, None);
+    let token = esem(sem.token())?;
+    Ok((sem, token))
 }
 
 #[no_mangle]
@@ -549,7 +702,10 @@ pub unsafe extern "C" fn sem_destroy(s: *mut sem_t) -> c_int {
     c_result(guarded(|| {
         let sem = lookup(s).ok_or(libc::EINVAL)?;
         let token = cell_of(s).ok_or(libc::EINVAL)?.token;
-        table(|t| t.sems.remove(&token));
+        table(|t| {
+            t.private.remove(&token);
+            t.sems.remove(&token)
+        });
         clear(s);
         esem(sem.close())
     }))
@@ -621,6 +777,12 @@ extern "C" {
     fn esem_c_sem_wait(s: *mut sem_t) -> c_int;
     fn esem_c_sem_timedwait(s: *mut sem_t, abstime: *const timespec) -> c_int;
     fn esem_c_sem_clockwait(s: *mut sem_t, clock: clockid_t, abstime: *const timespec) -> c_int;
+    fn esem_c_pthread_create(
+        t: *mut libc::pthread_t,
+        attr: *const libc::pthread_attr_t,
+        f: extern "C" fn(*mut c_void) -> *mut c_void,
+        arg: *mut c_void,
+    ) -> c_int;
 }
 
 /// Exports one of shim.c's waits under the POSIX name. A naked function is a single
@@ -642,6 +804,8 @@ macro_rules! export_c_wait {
 
 export_c_wait!(sem_wait, esem_c_sem_wait, (s: *mut sem_t));
 export_c_wait!(sem_timedwait, esem_c_sem_timedwait, (s: *mut sem_t, abstime: *const timespec));
+// Counts the program's threads, so that the process ends with its last one (shim.c).
+export_c_wait!(pthread_create, esem_c_pthread_create, (t: *mut libc::pthread_t, attr: *const libc::pthread_attr_t, f: extern "C" fn(*mut c_void) -> *mut c_void, arg: *mut c_void));
 export_c_wait!(sem_clockwait, esem_c_sem_clockwait, (s: *mut sem_t, clock: clockid_t, abstime: *const timespec));
 
 // ------------------------------------------------- the waits' Rust steps (shim.c)
@@ -650,6 +814,20 @@ const ESEM_PENDING: c_int = 0;
 const ESEM_DONE: c_int = 1;
 const MODE_BLOCK: c_int = 1;
 const MODE_TIMED: c_int = 2;
+
+/// Whether the calling thread is the client creating its own reader thread (shim.c
+/// leaves that one out of the program's thread count).
+#[no_mangle]
+pub extern "C" fn esem_shim_own_thread() -> c_int {
+    c_int::from(esem_client::spawning_own_thread())
+}
+
+/// Whether the client has a thread in this process (shim.c ends the process with the
+/// program's last thread only then; otherwise glibc does so itself).
+#[no_mangle]
+pub extern "C" fn esem_shim_has_own_thread() -> c_int {
+    c_int::from(esem_client::has_own_thread())
+}
 
 /// A shim step's result: ESEM_PENDING, ESEM_DONE, or a negative errno.
 fn step(r: Result<c_int, c_int>) -> c_int {

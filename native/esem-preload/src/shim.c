@@ -19,7 +19,9 @@
 #include <poll.h>
 #include <pthread.h>
 #include <semaphore.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <time.h>
 
 /* Implemented in Rust (src/lib.rs). Results: ESEM_PENDING, ESEM_DONE, ESEM_NOT_OURS,
@@ -35,6 +37,8 @@ extern int esem_shim_begin(sem_t *s, int mode, const struct timespec *abstime,
 extern int esem_shim_poll(sem_t *s, uint64_t req);
 extern int esem_shim_interrupted(sem_t *s, uint64_t req);
 extern void esem_shim_cancelled(sem_t *s, uint64_t req);
+extern int esem_shim_own_thread(void);
+extern int esem_shim_has_own_thread(void);
 
 struct pending {
     sem_t *sem;
@@ -124,6 +128,69 @@ int esem_c_sem_clockwait(sem_t *s, clockid_t clock, const struct timespec *absti
         if (!f)
             f = (clockwait_fn)real("sem_clockwait");
         return f(s, clock, abstime);
+    }
+    return rc;
+}
+
+/* The process ends when its last thread ends (POSIX: as if by exit(0)), so a program
+ * whose main thread calls pthread_exit exits once its other threads are done. glibc
+ * counts every thread, the client's reader thread too, which never ends: the program's
+ * threads are counted here instead (the main thread, and those created through
+ * pthread_create below), and the last one's thread-specific destructor, which runs
+ * whether it returns, calls pthread_exit or is cancelled, calls exit(0) if the client
+ * has its thread in this process (else glibc ends the process itself). Threads created
+ * before this library's constructor ran are not counted. */
+static atomic_long app_threads = 1;
+static pthread_key_t app_key;
+
+static void app_thread_gone(void *unused) {
+    (void)unused;
+    if (atomic_fetch_sub(&app_threads, 1) == 1 && esem_shim_has_own_thread())
+        exit(0);
+}
+
+static void app_forked(void) {
+    atomic_store(&app_threads, 1); /* only the thread that forked goes on */
+}
+
+__attribute__((constructor)) static void app_threads_init(void) {
+    if (pthread_key_create(&app_key, app_thread_gone) == 0) {
+        pthread_setspecific(app_key, (void *)1);
+        pthread_atfork(0, 0, app_forked);
+    }
+}
+
+struct app_start {
+    void *(*fn)(void *);
+    void *arg;
+};
+
+static void *app_thread(void *p) {
+    struct app_start s = *(struct app_start *)p;
+    free(p);
+    pthread_setspecific(app_key, (void *)1);
+    return s.fn(s.arg);
+}
+
+typedef int (*create_fn)(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *);
+
+int esem_c_pthread_create(pthread_t *t, const pthread_attr_t *attr, void *(*fn)(void *),
+                          void *arg) {
+    static create_fn f;
+    if (!f)
+        f = (create_fn)real("pthread_create");
+    if (esem_shim_own_thread())
+        return f(t, attr, fn, arg);
+    struct app_start *s = malloc(sizeof *s);
+    if (!s)
+        return EAGAIN;
+    s->fn = fn;
+    s->arg = arg;
+    atomic_fetch_add(&app_threads, 1);
+    int rc = f(t, attr, app_thread, s);
+    if (rc != 0) {
+        atomic_fetch_sub(&app_threads, 1);
+        free(s);
     }
     return rc;
 }

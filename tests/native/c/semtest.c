@@ -260,6 +260,55 @@ static int legacy(const char *name) {
     return 0;
 }
 
+static sem_t exit_sem;
+
+static void *exit_poster(void *arg) {
+    (void)arg;
+    usleep(100000);
+    CHECK(sem_post(&exit_sem) == 0);
+    return NULL;
+}
+
+/* (--all) The main thread ends with pthread_exit while another thread still runs: the
+ * process must end, status 0, once that thread has (the client's reader thread must not
+ * keep it alive). */
+static int main_exits(void) {
+    pthread_t t;
+    CHECK(sem_init(&exit_sem, 0, 0) == 0);
+    CHECK(pthread_create(&t, NULL, exit_poster, NULL) == 0);
+    CHECK(pthread_detach(t) == 0);
+    puts("main-exit ok");
+    fflush(stdout);
+    pthread_exit(NULL);
+}
+
+/* (--all) A private (pshared 0) unnamed semaphore is a fork child's own copy, with the
+ * count at the fork: the parent's post (made before the child's first use) does not
+ * reach the child, the child's do not reach the parent. */
+static int private_fork(void) {
+    sem_t s;
+    CHECK(sem_init(&s, 0, 1) == 0);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        usleep(300000); /* the parent has posted by now */
+        if (value(&s) != 1 || sem_trywait(&s) != 0)
+            _exit(3);
+        if (sem_trywait(&s) == 0 || errno != EAGAIN)
+            _exit(4);
+        if (sem_post(&s) != 0 || sem_post(&s) != 0 || value(&s) != 2)
+            _exit(5);
+        _exit(0);
+    }
+    CHECK(sem_post(&s) == 0);
+    int st;
+    CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    CHECK(value(&s) == 2);
+    CHECK(sem_destroy(&s) == 0);
+    puts("private-fork ok");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2)
         return 64;
@@ -282,5 +331,9 @@ int main(int argc, char **argv) {
         return legacy(name);
     if (!strcmp(cmd, "squatted"))
         return squatted(name);
+    if (!strcmp(cmd, "main-exit"))
+        return main_exits();
+    if (!strcmp(cmd, "private-fork"))
+        return private_fork();
     return 64;
 }
