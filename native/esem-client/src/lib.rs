@@ -9,7 +9,9 @@ pub mod paths;
 pub mod sem;
 mod sys;
 
-pub use conn::{process_client, set_reconnect_at_fork, has_own_thread, spawning_own_thread, Client};
+pub use conn::{
+    has_own_thread, process_client, set_reconnect_at_fork, spawning_own_thread, Client,
+};
 pub use error::{ClientError, Result};
 pub use sem::{unlink, unlink_via, OpenOptions, Semaphore};
 pub use sys::HIGH_FD;

@@ -453,7 +453,8 @@ fn open_esem(
 ) -> Result<*mut sem_t, c_int> {
     let name = name_of(name)?;
     let create = oflag & libc::O_CREAT != 0;
-    let exclusive = create && oflag & libc::O_EXCL != 0; // glibc ignores O_EXCL alone
+    // glibc ignores O_EXCL alone
+    let exclusive = create && oflag & libc::O_EXCL != 0;
     // glibc checks the value only when it creates (an existing name ignores it): a
     // value too large opens an existing name and is EINVAL if it would create.
     let over = create && value > SEM_VALUE_MAX;
@@ -650,7 +651,11 @@ pub unsafe extern "C" fn sem_init(s: *mut sem_t, pshared: c_int, value: c_uint) 
             magic: MAGIC,
             token,
             pid: std::process::id(),
-            kind: if pshared == 0 { KIND_PRIVATE } else { KIND_UNNAMED },
+            kind: if pshared == 0 {
+                KIND_PRIVATE
+            } else {
+                KIND_UNNAMED
+            },
         };
         // SAFETY: the caller's sem_t: 32 bytes, aligned for it.
         unsafe { std::ptr::write(s as *mut SemCell, cell) };
