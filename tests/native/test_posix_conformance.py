@@ -125,8 +125,11 @@ def test_same_verdict_natively_and_under_esem(results: Results) -> None:
 
 
 def test_native_run_passes_the_expected_number(results: Results) -> None:
-    passed = [name for name, o in results.native.items() if o.verdict == "PASS"]
-    assert len(passed) >= EXPECTED_NATIVE_PASS, results.table()
+    # A FLAKY test depends on the scheduler natively too (it failed natively 3 times in
+    # a row on a loaded 2-vCPU machine): it is not counted either way.
+    passed = [name for name, o in results.native.items()
+              if o.verdict == "PASS" and name not in FLAKY]
+    assert len(passed) >= EXPECTED_NATIVE_PASS - len(FLAKY), results.table()
 
 
 def test_every_program_under_esem_had_a_session(results: Results,
