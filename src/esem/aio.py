@@ -29,7 +29,7 @@ from esem.client.aio import AsyncClient, get_async_client
 from esem.core.limits import check_key, check_name
 from esem.core.status import CoreError, Status
 from esem.core.table import WaitMode
-from esem.errors import BusyError, EsemError, ExistentialError, error_for
+from esem.errors import BusyError, EsemError, ExistentialError, error_for, wait_granted
 from esem.legacy import _check_timeout
 from esem.protocol.constants import MAX_TIMEOUT_NS, Opcode, OpenFlag
 from esem.protocol.messages import Reply, Request
@@ -142,10 +142,8 @@ class AsyncSemaphore:
         except asyncio.CancelledError:
             await self._withdraw(client, token, req_id, fut)
             raise
-        if reply.status is Status.ETIMEDOUT:
+        if not wait_granted(reply.status, reply.message, miss=Status.ETIMEDOUT):
             return False
-        if reply.status:
-            raise error_for(reply.status, reply.message)
         self.waits += 1
         return True
 
@@ -180,10 +178,8 @@ class AsyncSemaphore:
         client, token = await self._ctx()
         reply = await client.send(
             Request(Opcode.WAIT, 0, handle=token, wait_mode=WaitMode.TRY), key=self._key)
-        if reply.status is Status.EAGAIN:
+        if not wait_granted(reply.status, reply.message, miss=Status.EAGAIN):
             return False
-        if reply.status:
-            raise error_for(reply.status, reply.message)
         self.waits += 1
         return True
 

@@ -33,13 +33,13 @@ import anyio
 import anyio.abc
 
 from esem.api import USE_ESEM, _check_args, _current_umask
-from esem.client.blocking import CONNECT_TIMEOUT, KEEPALIVE_INTERVAL, RECV_BYTES
+from esem.client.blocking import CONNECT_TIMEOUT, KEEPALIVE_INTERVAL, RECV_BYTES, pinned_key
 from esem.core.limits import check_key, check_name
 from esem.core.status import CoreError, Status
 from esem.core.table import WaitMode
-from esem.errors import EsemError, ExistentialError, ServiceUnavailable, error_for
+from esem.errors import EsemError, ExistentialError, ServiceUnavailable, error_for, wait_granted
 from esem.legacy import _check_timeout
-from esem.paths import is_default_location, read_pubkey, socket_path
+from esem.paths import is_default_location, socket_path
 from esem.protocol.constants import MAX_TIMEOUT_NS, Opcode, OpenFlag
 from esem.protocol.messages import Reply, Request
 from esem.protocol.session import ClientSession
@@ -211,11 +211,7 @@ async def connect(sock: str | os.PathLike[str] | None = None,
     """Open a session with the service (socket and key resolved as everywhere in esem),
     run its reader for the duration of the block, and end the session after it."""
     path = Path(socket_path(sock))
-    try:
-        pub = read_pubkey(path, pubkey, default_location=is_default_location(sock))
-    except (OSError, ValueError) as exc:
-        raise ServiceUnavailable(
-            f"no esem service at {path} (cannot read its public key: {exc})") from exc
+    pub = pinned_key(path, pubkey, default_location=is_default_location(sock))
     session = ClientSession(pub)
     try:
         with anyio.fail_after(connect_timeout):
@@ -292,10 +288,8 @@ class Semaphore:
             with anyio.CancelScope(shield=True):
                 await self._withdraw(req_id)
             raise
-        if reply.status is Status.ETIMEDOUT:
+        if not wait_granted(reply.status, reply.message, miss=Status.ETIMEDOUT):
             return False
-        if reply.status:
-            raise error_for(reply.status, reply.message)
         self.waits += 1
         return True
 
@@ -313,10 +307,8 @@ class Semaphore:
         reply = await self.session.reply(await self.session.send(
             Request(Opcode.WAIT, 0, handle=self._token, wait_mode=WaitMode.TRY),
             key=self._key))
-        if reply.status is Status.EAGAIN:
+        if not wait_granted(reply.status, reply.message, miss=Status.EAGAIN):
             return False
-        if reply.status:
-            raise error_for(reply.status, reply.message)
         self.waits += 1
         return True
 

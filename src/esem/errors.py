@@ -101,3 +101,14 @@ _BY_STATUS: dict[Status, type[EsemError]] = {
 def error_for(status: Status, message: str) -> EsemError:
     """The exception a client raises for a refusal ``status`` from the service."""
     return _BY_STATUS.get(status, EsemError)(message, status=status)
+
+
+def wait_granted(status: Status, message: str, *, miss: Status) -> bool:
+    """A wait's answer as an ``acquire() -> bool`` reports it: True when granted, False for
+    ``miss`` (EAGAIN of a try, ETIMEDOUT of a timed wait), else the refusal's error. The
+    asyncio and anyio handles both answer this way."""
+    if status is miss:
+        return False
+    if status:
+        raise error_for(status, message)
+    return True

@@ -24,9 +24,9 @@ import time
 import weakref
 from pathlib import Path
 
-from esem.client.blocking import CONNECT_TIMEOUT, KEEPALIVE_INTERVAL
+from esem.client.blocking import CONNECT_TIMEOUT, KEEPALIVE_INTERVAL, pinned_key
 from esem.errors import EsemError, IntegrityError, ServiceUnavailable, error_for
-from esem.paths import is_default_location, read_pubkey, socket_path
+from esem.paths import is_default_location, socket_path
 from esem.protocol.constants import Opcode
 from esem.protocol.messages import Reply, Request
 from esem.protocol.session import ClientSession
@@ -120,12 +120,10 @@ class AsyncClient:
 
     async def _connect(self) -> None:
         try:
-            pub = read_pubkey(self.socket_path, self._explicit_pubkey,
-                              default_location=self._default_location)
-        except (OSError, ValueError) as exc:
-            raise self._fail(ServiceUnavailable(
-                f"no esem service at {self.socket_path} (cannot read its public key: {exc})"
-            )) from exc
+            pub = pinned_key(self.socket_path, self._explicit_pubkey,
+                             default_location=self._default_location)
+        except ServiceUnavailable as exc:
+            raise self._fail(exc) from exc.__cause__
         loop = asyncio.get_running_loop()
         self._loop = weakref.ref(loop)
         session = ClientSession(pub)

@@ -88,6 +88,17 @@ class ForkGuard:
         return (page is None or page[0] == 1) and os.getpid() == self.pid
 
 
+def pinned_key(sock: Path, explicit: bytes | str | None, *, default_location: bool) -> bytes:
+    """The service key a client pins (``esem.paths.read_pubkey``), or
+    ``ServiceUnavailable`` saying why there is none to pin. Every client (blocking,
+    asyncio, anyio) reads it here."""
+    try:
+        return read_pubkey(sock, explicit, default_location=default_location)
+    except (OSError, ValueError) as exc:
+        raise ServiceUnavailable(
+            f"no esem service at {sock} (cannot read its public key: {exc})") from exc
+
+
 @dataclass
 class ClientStats:
     requests: int = 0
@@ -236,13 +247,8 @@ class Client:
     def _open_session(self) -> tuple[socket.socket, ClientSession, ClientRing | None]:
         """Connect, complete the handshake and (if asked) the switchless upgrade; on any
         exception the socket is closed and nothing is left behind."""
-        try:
-            pub = read_pubkey(self.socket_path, self._explicit_pubkey,
-                              default_location=self._default_location)
-        except (OSError, ValueError) as exc:
-            raise ServiceUnavailable(
-                f"no esem service at {self.socket_path} (cannot read its public key: {exc})"
-            ) from exc
+        pub = pinned_key(self.socket_path, self._explicit_pubkey,
+                         default_location=self._default_location)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._connect(sock)
