@@ -21,16 +21,18 @@ from typing import Any
 import pytest
 
 from esem.bench import all as all_benches
-from esem.bench import latsem, micro, native_micro, peer, stress
+from esem.bench import latsem, loop, micro, native_micro, peer, stress
 from esem.bench.common import switchless_supported
 from esem.cli import main
 from esem.server.embedded import EmbeddedService
 
 ALLOWED_BACKENDS = {"esem", "legacy", "floor", "redis", "stress-ng"}
 ALLOWED_MODES = {"socket", "switchless", "-"}
-ROW_KEYS = {"bench", "backend", "mode", "case", "metric", "value", "unit"}
+ALLOWED_PLACEMENTS = {"same", "split", "unpinned"}
+PINNED = ("same", "split")
+ROW_KEYS = {"bench", "backend", "mode", "placement", "case", "metric", "value", "unit"}
 UNITS = {"median": "us", "p99": "us", "cpu_per_mop": "s", "ops_per_s": "ops/s",
-         "calls_per_s": "calls/s"}
+         "calls_per_s": "calls/s", "elapsed": "s", "mean": "us"}
 MACHINE_KEYS = {"cpu": str, "cores": int, "kernel": str, "python": str, "esem_mode": str,
                 "uvloop": str, "esem_version": str, "timestamp": str}
 
@@ -57,12 +59,13 @@ def check_report(report: Any) -> list[dict[str, Any]]:
             assert isinstance(r[k], str) and r[k], r
         assert r["backend"] in ALLOWED_BACKENDS, r
         assert r["mode"] in ALLOWED_MODES, r
+        assert r["placement"] in ALLOWED_PLACEMENTS, r
         assert (r["mode"] == "-") == (r["backend"] != "esem"), r
         v = r["value"]
         assert isinstance(v, int | float) and not isinstance(v, bool), r
         assert math.isfinite(v) and v >= 0, r
         assert UNITS.get(r["metric"], r["unit"]) == r["unit"], r
-        key = (r["bench"], r["backend"], r["mode"], r["case"], r["metric"])
+        key = (r["bench"], r["backend"], r["mode"], r["placement"], r["case"], r["metric"])
         assert key not in seen, f"duplicate row {key}"
         seen.add(key)
     return rows
@@ -72,6 +75,17 @@ def keys(rows: Iterable[dict[str, Any]], bench: str | None = None) -> set[tuple[
     """(backend, mode, case, metric) of each row (of one bench)."""
     return {(r["backend"], r["mode"], r["case"], r["metric"]) for r in rows
             if bench is None or r["bench"] == bench}
+
+
+def placed_keys(rows: Iterable[dict[str, Any]],
+                bench: str | None = None) -> dict[str, set[tuple[str, ...]]]:
+    """``keys`` of each placement's rows, by placement."""
+    out: dict[str, set[tuple[str, ...]]] = {}
+    for r in rows:
+        if bench is None or r["bench"] == bench:
+            out.setdefault(r["placement"], set()).add(
+                (r["backend"], r["mode"], r["case"], r["metric"]))
+    return out
 
 
 def load(path: Any) -> list[dict[str, Any]]:
@@ -115,7 +129,9 @@ def micro_native_keys(mode: str = "socket") -> set[tuple[str, ...]]:
 
 def micro_keys(mode: str = "socket") -> set[tuple[str, ...]]:
     expected = micro_native_keys(mode) if native_expected() else set()
-    expected |= {("floor", "-", "uds-roundtrip", m) for m in ("median", "p99")}
+    for floor in (micro.UDS_FLOOR, micro.AEAD_FLOOR):
+        expected |= {("floor", "-", floor, m) for m in ("median", "p99")}
+        expected.add(("floor", "-", f"{floor}/client-cpu", "cpu_per_mop"))
     for case in micro.CASES:
         for m in ("median", "p99"):
             expected |= {("legacy", "-", case, m), ("esem", mode, case, m)}
@@ -155,6 +171,17 @@ def stress_keys(workers: int, threads: int, mode: str = "socket") -> set[tuple[s
     return expected
 
 
+def loop_keys(calls: int, modes: Iterable[str] = ("socket",)) -> set[tuple[str, ...]]:
+    case = loop.case_name(calls)
+    expected = {("legacy", "-", c, m) for c, m in ((case, "elapsed"), (case, "mean"),
+                                                   (f"{case}/client-cpu", "cpu_per_mop"))}
+    for mode in modes:
+        expected |= {("esem", mode, case, "elapsed"), ("esem", mode, case, "mean"),
+                     ("esem", mode, f"{case}/client-cpu", "cpu_per_mop"),
+                     ("esem", mode, f"{case}/service-cpu", "cpu_per_mop")}
+    return expected
+
+
 def peer_keys(mode: str = "socket") -> set[tuple[str, ...]]:
     expected = set()
     for backend, m in (("legacy", "-"), ("redis", "-"), ("esem", mode)):
@@ -177,11 +204,18 @@ def test_micro_smoke(tmp_path: Path) -> None:
     result = esem("bench", "micro", "--smoke", "--json", str(out))
     assert result.returncode == 0, result.stderr
     rows = load(out)
-    assert keys(rows, "micro") == micro_keys()
+    # the default is both placements, each with every row
+    assert placed_keys(rows, "micro") == {p: micro_keys() for p in PINNED}
     assert {r["bench"] for r in rows} == {"micro"}
     assert "esem/legacy" in result.stdout and "esem/floor" in result.stdout
     assert "micro: esem (socket) operations" in result.stderr  # progress, on stderr
     assert "machine:" in result.stdout
+    for p in PINNED:
+        assert f"micro: latency per operation, microseconds (esem socket mode) [placement {p}]" \
+            in result.stdout
+    assert "targets (issue 12): measured per placement" in result.stdout
+    machine = json.loads(out.read_text())["machine"]
+    assert set(machine["placements"]) == set(PINNED)
 
 
 def test_latsem_smoke_json_on_stdout() -> None:
@@ -189,7 +223,7 @@ def test_latsem_smoke_json_on_stdout() -> None:
                   "--rounds", "8", "--json", "-")
     assert result.returncode == 0, result.stderr
     rows = check_report(json.loads(result.stdout))  # stdout is the JSON alone
-    assert keys(rows) == latsem_keys((1, 3), (0.0, 0.5))
+    assert placed_keys(rows) == {p: latsem_keys((1, 3), (0.0, 0.5)) for p in PINNED}
     assert "one-way hand-off latency" in result.stderr  # the table moved to stderr
 
 
@@ -199,7 +233,7 @@ def test_stress_smoke(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     rows = load(out)
     workers = os.cpu_count() or 1
-    assert keys(rows) == stress_keys(workers, 2)
+    assert placed_keys(rows) == {p: stress_keys(workers, 2) for p in PINNED}
     for r in rows:  # the esem workers really ran the loop
         if r["metric"] == "calls_per_s":
             assert r["value"] > 0, r
@@ -212,7 +246,7 @@ def test_peer_smoke(tmp_path: Path) -> None:
     result = esem("bench", "peer", "--smoke", "--json", str(out))
     assert result.returncode == 0, result.stderr
     rows = load(out)
-    assert keys(rows) == peer_keys()
+    assert placed_keys(rows) == {"unpinned": peer_keys()}  # peer takes no --placement
     assert "redis-server pid" in result.stderr
     assert "esem/redis" in result.stdout
 
@@ -223,24 +257,39 @@ def test_all_smoke_writes_results_report_and_plots(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     rows = load(out / "results.json")
     workers = os.cpu_count() or 1
-    expected = {("micro", *k) for k in micro_keys()}
-    expected |= {("latsem", *k) for k in latsem_keys(latsem.SMOKE_PAIRS,
-                                                     latsem.SMOKE_RESTART)}
-    expected |= {("stress", *k) for k in stress_keys(workers, 2)}
-    if shutil.which("redis-server"):
-        expected |= {("peer", *k) for k in peer_keys()}
-    elif os.environ.get("CI"):
+    # all runs both esem modes (where the build has switchless) and both placements by
+    # default: micro, loop, latsem and stress pinned, peer and app unpinned
+    modes = ("socket", "switchless") if switchless_supported() else ("socket",)
+    pinned: set[tuple[str, ...]] = set()
+    unpinned: set[tuple[str, ...]] = {("app", "legacy", "-", "vault", "requests_per_s")}
+    for mode in modes:
+        pinned |= {("micro", *k) for k in micro_keys(mode)}
+        pinned |= {("latsem", *k) for k in latsem_keys(latsem.SMOKE_PAIRS,
+                                                       latsem.SMOKE_RESTART, mode)}
+        pinned |= {("stress", *k) for k in stress_keys(workers, 2, mode)}
+        if shutil.which("redis-server"):
+            unpinned |= {("peer", *k) for k in peer_keys(mode)}
+        unpinned |= {("app", "esem", mode, "vault", "requests_per_s"),
+                     ("app", "esem", mode, "vault", "overhead")}
+    pinned |= {("loop", *k) for k in loop_keys(loop.SMOKE_CALLS, modes)}
+    if not shutil.which("redis-server") and os.environ.get("CI"):
         pytest.fail("redis-server is not installed, and CI must run the peer benchmark")
-    expected |= {("app", "legacy", "-", "vault", "requests_per_s"),
-                 ("app", "esem", "socket", "vault", "requests_per_s"),
-                 ("app", "esem", "socket", "vault", "overhead")}
-    got = {(r["bench"], r["backend"], r["mode"], r["case"], r["metric"]) for r in rows}
-    assert got == expected
+    got: dict[str, set[tuple[str, ...]]] = {}
+    for r in rows:
+        got.setdefault(r["placement"], set()).add(
+            (r["bench"], r["backend"], r["mode"], r["case"], r["metric"]))
+    assert got == {"same": pinned, "split": pinned, "unpinned": unpinned}
     text = (out / "report.md").read_text()
     for title in ("micro: latency per operation", "latsem: one-way hand-off latency",
                   "stress: stress-ng's semaphore stressor", "esem/legacy", "esem/floor",
-                  "## Headline", "SMOKE sizes", "FILE VAULT requests per second"):
+                  "## Headline", "SMOKE sizes", "FILE VAULT requests per second",
+                  "## Targets", "targets (issue 12)", "loop: N post calls from Python",
+                  "- placement same:", "- placement split:"):
         assert title in text, title
+    for p in PINNED:
+        for title in ("micro: latency per operation", "latsem: one-way hand-off latency",
+                      "stress: stress-ng's semaphore stressor", "loop: N post calls"):
+            assert f"{title}" in text and f"[placement {p}]" in text, (title, p)
     if shutil.which("redis-server"):
         assert "peer: esem (socket mode) beside a Redis semaphore" in text
     for png in all_benches.report.PLOTS:
@@ -257,8 +306,12 @@ def test_against_a_running_service_with_socket(tmp_path: Path) -> None:
                       "--json", str(out))
         assert result.returncode == 0, result.stderr
         rows = load(out)
-        assert keys(rows) == micro_keys()
-        assert json.loads(out.read_text())["machine"]["service"] == str(svc.socket_path)
+        # a service this benchmark did not start is not moved: one unpinned pass, said so
+        assert placed_keys(rows) == {"unpinned": micro_keys()}
+        assert "is not moved; nothing is pinned" in result.stderr
+        machine = json.loads(out.read_text())["machine"]
+        assert machine["service"] == str(svc.socket_path)
+        assert set(machine["placements"]) == {"unpinned"}
         # its CPU was read through the pid the kernel vouched for on the socket
         assert any(r["case"].endswith("/service-cpu") and r["value"] > 0 for r in rows)
         if switchless_supported():  # this service has no rings: no figure may say it had
@@ -276,10 +329,11 @@ def test_no_service_at_socket_is_exit_3(tmp_path: Path) -> None:
 
 def test_switchless_mode() -> None:
     if switchless_supported():  # the fast path is merged: both modes run side by side
-        result = esem("bench", "micro", "--smoke", "--mode", "both", "--json", "-")
+        result = esem("bench", "micro", "--smoke", "--mode", "both", "--placement", "same",
+                      "--json", "-")
         assert result.returncode == 0, result.stderr
         rows = check_report(json.loads(result.stdout))
-        assert micro_keys("socket") | micro_keys("switchless") == keys(rows)
+        assert placed_keys(rows) == {"same": micro_keys("socket") | micro_keys("switchless")}
     else:
         result = esem("bench", "stress", "--smoke", "--mode", "switchless")
         assert result.returncode == 2
@@ -300,6 +354,8 @@ def test_switchless_mode() -> None:
     (["stress", "--workers", "0"], "out of range"),
     (["peer", "--procs", "1000"], "out of range"),
     (["all"], "--out"),
+    (["micro", "--placement", "apart"], "invalid choice"),
+    (["loop", "--calls", "0"], "out of range"),
 ])
 def test_bad_options_exit_2(args: list[str], message: str,
                             capsys: pytest.CaptureFixture[str]) -> None:
@@ -312,11 +368,11 @@ def test_bad_options_exit_2(args: list[str], message: str,
 def test_bench_without_a_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench"]) == 2
     out = capsys.readouterr().out
-    for command in ("micro", "latsem", "stress", "peer", "all"):
+    for command in ("micro", "loop", "latsem", "stress", "peer", "all"):
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["micro", "latsem", "stress", "peer", "all"])
+@pytest.mark.parametrize("command", ["micro", "loop", "latsem", "stress", "peer", "all"])
 def test_help_explains(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["bench", command, "--help"])

@@ -3,7 +3,7 @@ a real embedded daemon, legacy from the same C program, and the native AEAD floo
 (``esem-floor``, two real processes over a socketpair), all in one smoke run.
 
 Nothing here looks at how fast anything was; it checks that every native figure was
-measured (present, positive) and labelled (the table, its notes, placement unpinned).
+measured (present, positive) and labelled (the table, its notes, each placement).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +35,19 @@ def test_micro_smoke_measures_the_native_client_and_floor(tmp_path: Path) -> Non
                             timeout=180, env=dict(os.environ))
     assert result.returncode == 0, result.stderr
     rows = check_report(json.loads(out.read_text()))
+    for placement in ("same", "split"):
+        _check_native_rows([r for r in rows if r["placement"] == placement])
+    text = result.stdout
+    for placement in ("same", "split"):
+        assert (f"micro: the native client, microseconds (esem socket mode) [placement "
+                f"{placement}]") in text
+        assert f"placement {placement}: the service" in text
+    for column in ("legacy C", "esem py", "esem native", "native/floor", "native floor"):
+        assert column in text, column
+    assert "micro: esem native client (C under libesem_preload.so)" in result.stderr
+
+
+def _check_native_rows(rows: list[dict[str, Any]]) -> None:
     got = {(r["backend"], r["mode"], r["case"], r["metric"]): r["value"] for r in rows}
     assert micro_native_keys() <= set(got)
     # The native client and the floor really ran: every one of their figures is positive
@@ -47,12 +61,6 @@ def test_micro_smoke_measures_the_native_client_and_floor(tmp_path: Path) -> Non
     assert checked == len({k for k in micro_native_keys() if k[0] != "legacy"})
     for case in native_micro.CPU_CASES:  # the service worked for the native client
         assert got[("esem", "socket", f"native/{case}/service-cpu", "cpu_per_mop")] > 0
-    text = result.stdout
-    assert "micro: the native client, microseconds (esem socket mode)" in text
-    for column in ("legacy C", "esem py", "esem native", "native/floor", "native floor"):
-        assert column in text, column
-    assert "placement: unpinned" in text
-    assert "micro: esem native client (C under libesem_preload.so)" in result.stderr
 
 
 def test_native_c_program_is_cached_and_rebuilt_on_change(

@@ -28,7 +28,7 @@ def esem(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
 
 def test_plain_progress_in_a_pipe_one_line_per_step_with_eta() -> None:
     done = esem("bench", "latsem", "--smoke", "--pairs", "1", "--restart", "0,0.5",
-                "--rounds", "5")
+                "--rounds", "5", "--placement", "same")
     assert done.returncode == 0, done.stderr
     steps = [line for line in done.stderr.splitlines() if "latsem:" in line]
     assert len(steps) == 4, done.stderr  # legacy and esem, two restart ratios each

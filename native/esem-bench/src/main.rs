@@ -1,4 +1,5 @@
-//! `esem-floor ROUNDS`: the native floor of any socket design, for `esem bench micro`.
+//! `esem-floor ROUNDS [ECHO_CPU]`: the native floor of any socket design, for `esem bench
+//! micro`.
 //!
 //! Two processes (a fork) over a Unix socketpair do ROUNDS request/reply round trips; each
 //! message is a 32-byte payload sealed with ChaCha20-Poly1305 (the cipher of esem's Noise
@@ -6,8 +7,9 @@
 //! frame, read whole and opened (authenticated) on the other side. No protocol, no service:
 //! what a native client and server could not go below. Prints one JSON object on stdout:
 //! `{"samples_us": [...], "cpu_s": {"parent": S, "child": S}}` (each round trip's
-//! latency, and each process's CPU over the timed rounds). Placement is left to the
-//! scheduler (nothing is pinned).
+//! latency, and each process's CPU over the timed rounds). The parent runs where it was
+//! started (the bench pins it); with ECHO_CPU the echo process pins itself to that vCPU
+//! (the bench's placement: the same vCPU, or the other one), else it inherits.
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
@@ -139,7 +141,27 @@ fn client(mut sock: UnixStream, rounds: usize) -> Result<(Vec<f64>, f64, f64), S
     Ok((samples, cpu, f64::from_le_bytes(child)))
 }
 
-fn run(rounds: usize) -> Result<String, String> {
+/// Pin the calling process to one vCPU.
+fn pin(cpu: usize) -> Result<(), String> {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write inside it, and
+    // sched_setaffinity reads size_of::<cpu_set_t>() bytes from a valid pointer.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "pinning to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        ))
+    }
+}
+
+fn run(rounds: usize, echo_cpu: Option<usize>) -> Result<String, String> {
     let (a, b) = UnixStream::pair().map_err(|e| e.to_string())?;
     // SAFETY: this process has one thread here, so the child may run ordinary code.
     let pid = unsafe { libc::fork() };
@@ -148,7 +170,7 @@ fn run(rounds: usize) -> Result<String, String> {
     }
     if pid == 0 {
         drop(a);
-        let code = match echo(b, rounds) {
+        let code = match echo_cpu.map_or(Ok(()), pin).and_then(|()| echo(b, rounds)) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("esem-floor echo: {e}");
@@ -175,14 +197,24 @@ fn run(rounds: usize) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let rounds = match std::env::args().nth(1).map(|s| s.parse::<usize>()) {
-        Some(Ok(n)) if n > 0 => n,
-        _ => {
-            eprintln!("usage: esem-floor ROUNDS");
-            return ExitCode::from(2);
-        }
+    let usage = || {
+        eprintln!("usage: esem-floor ROUNDS [ECHO_CPU]");
+        ExitCode::from(2)
     };
-    match run(rounds) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rounds = match args.first().map(|s| s.parse::<usize>()) {
+        Some(Ok(n)) if n > 0 => n,
+        _ => return usage(),
+    };
+    let echo_cpu = match args.get(1).map(|s| s.parse::<usize>()) {
+        None => None,
+        Some(Ok(cpu)) if cpu < libc::CPU_SETSIZE as usize => Some(cpu),
+        Some(_) => return usage(),
+    };
+    if args.len() > 2 {
+        return usage();
+    }
+    match run(rounds, echo_cpu) {
         Ok(json) => {
             println!("{json}");
             ExitCode::SUCCESS

@@ -1,11 +1,13 @@
 """``esem bench all --out DIR``: every benchmark in one run, one report.
 
-Runs micro, latsem, stress and peer (and the application benchmark when the module
-``esem.bench.app`` exists), then writes ``DIR/results.json`` (the same schema as each
-command's ``--json``, all rows), ``DIR/report.md`` (Markdown tables with the esem/legacy
-and esem/floor ratios) and the PNG plots. A benchmark that cannot run on this machine
-(no ``redis-server`` for peer) is skipped with a note in the report; one that fails
-stops the run, since a partial report would hide it.
+Runs micro, loop, latsem and stress once per placement (``--placement``, default both),
+and peer (and the application benchmark when the module ``esem.bench.app`` exists)
+unpinned, then writes ``DIR/results.json`` (the same schema as each command's ``--json``,
+all rows), ``DIR/report.md`` (issue 12's targets per placement, Markdown tables with the
+esem/legacy and esem/floor ratios, each table one placement's) and the PNG plots. A
+benchmark that cannot run on this machine (no ``redis-server`` for peer) is skipped with
+a note in the report; one that fails stops the run, since a partial report would hide
+it.
 
 The application benchmark plugs in by contract, not by edits here or in the CLI: the
 module ``esem.bench.app`` provides ``run(opts: esem.bench.common.Options, args:
@@ -22,7 +24,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from esem.bench import latsem, micro, peer, report, stress
+from esem.bench import latsem, loop, micro, peer, report, stress, targets
 from esem.bench.common import (
     APP_MODULE,
     Options,
@@ -44,6 +46,7 @@ def run(opts: Options, out: str) -> int:
     results: list[Row] = []
     steps: list[tuple[str, Callable[[], list[Row]]]] = [
         ("micro", lambda: micro.collect(opts)),
+        ("loop", lambda: loop.collect(opts)),
         ("latsem", lambda: latsem.collect(opts)),
         ("stress", lambda: stress.collect(opts)),
     ]
@@ -71,7 +74,7 @@ def run(opts: Options, out: str) -> int:
     (outdir / "report.md").write_text(report.markdown(rep, plots, notes, others))
     tables = [t for bench, make in report.KNOWN.items()
               if any(r["bench"] == bench for r in results) for t in make(results)]
-    emit(rep, tables + others, None)
+    emit(rep, [targets.table(results), *tables, *others], None)
     progress(f"all: wrote {outdir / 'results.json'}, {outdir / 'report.md'} and "
              f"{len(plots)} plots")
     return 0

@@ -20,6 +20,7 @@ import sys
 import textwrap
 from typing import Any
 
+from esem.bench import placement
 from esem.bench.common import (
     MODES,
     BenchError,
@@ -44,10 +45,11 @@ tiny sizes (seconds), for CI. Benchmarks print numbers; they never fail on a tim
 
 JSON_SCHEMA = """\
 JSON: {"machine": {cpu, cores, kernel, python, esem_mode, uvloop, esem_version,
-timestamp, ...}, "results": [{"bench", "backend" (esem|legacy|floor|redis|stress-ng),
-"mode" (socket|switchless|-), "case", "metric", "value", "unit"}, ...]}. CPU use is in
-rows with metric cpu_per_mop (CPU seconds per million semaphore calls) and case
-suffixed /client-cpu or /service-cpu.
+placements, timestamp, ...}, "results": [{"bench", "backend"
+(esem|legacy|floor|redis|stress-ng), "mode" (socket|switchless|-), "placement"
+(same|split|unpinned), "case", "metric", "value", "unit"}, ...]}. CPU use is in rows
+with metric cpu_per_mop (CPU seconds per million semaphore calls) and case suffixed
+/client-cpu or /service-cpu. Every ratio is taken between rows of one placement.
 """
 
 
@@ -94,14 +96,20 @@ def _bounded(kind: type[int] | type[float], lo: float, hi: float) -> Any:
     return parse
 
 
-def _common(p: argparse.ArgumentParser, modes: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, modes: bool = True, placed: bool = False,
+            mode_default: str = "socket") -> None:
     p.add_argument("--socket", metavar="PATH",
                    help="measure the running service at PATH instead of an embedded one "
-                   "(its CPU is then shared with whatever else it serves)")
+                   "(its CPU is then shared with whatever else it serves; it is not "
+                   "pinned: placement unpinned)")
     if modes:
-        p.add_argument("--mode", choices=(*MODES, "both"), default="socket",
-                       help="esem transport: socket (default), switchless (the "
-                       "shared-memory fast path; clients get ESEM_SWITCHLESS=1), or both")
+        p.add_argument("--mode", choices=(*MODES, "both"), default=mode_default,
+                       help=f"esem transport: socket, switchless (the shared-memory fast "
+                       f"path; clients get ESEM_SWITCHLESS=1), or both (default "
+                       f"{mode_default})")
+    if placed:
+        p.add_argument("--placement", choices=placement.CHOICES, default=placement.DEFAULT,
+                       help=placement.HELP)
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes that finish in seconds (for CI; not for comparison)")
     p.add_argument("-q", "--quiet", action="store_true",
@@ -132,7 +140,19 @@ def register(sub: Any) -> None:
         epilog=JSON_SCHEMA)
     b.add_argument("-n", "--iterations", type=_bounded(int, 10, 10**7), metavar="N",
                    help="samples per operation (default 2000; smoke 30)")
-    _common(b)
+    _common(b, placed=True)
+    _json(b)
+
+    b = bsub.add_parser(
+        "loop", help="the time of a loop of a million post calls from Python",
+        formatter_class=fmt,
+        description=_wrap("One loop of N post calls from Python on one semaphore (a clock "
+        "read before and after, nothing inside): esem through the Python API beside "
+        "legacy posix_ipc, same run, per placement; wall time, time per call, and the "
+        "CPU per call of the client and the service."), epilog=JSON_SCHEMA)
+    b.add_argument("--calls", type=_bounded(int, 1, 10**8), metavar="N",
+                   help="post calls in the loop (default 1,000,000; smoke 2,000)")
+    _common(b, placed=True)
     _json(b)
 
     b = bsub.add_parser(
@@ -152,7 +172,7 @@ def register(sub: Any) -> None:
                    help="repetitions per configuration (default 5; smoke 2)")
     b.add_argument("--rounds", type=_bounded(int, 1, 10**6), metavar="N",
                    help="round trips per repetition (default 200; smoke 20)")
-    _common(b)
+    _common(b, placed=True)
     _json(b)
 
     b = bsub.add_parser(
@@ -170,7 +190,7 @@ def register(sub: Any) -> None:
     b.add_argument("--threads", type=_bounded(int, 1, 64), metavar="N",
                    help="threads per worker sharing its semaphore (default 2, as "
                    "stress-ng's --sem-procs)")
-    _common(b)
+    _common(b, placed=True)
     _json(b)
 
     b = bsub.add_parser(
@@ -195,15 +215,16 @@ def register(sub: Any) -> None:
     b = bsub.add_parser(
         "all", help="run every benchmark; write results.json, report.md and plots",
         formatter_class=fmt,
-        description=_wrap("Run micro, latsem, stress and peer (and the application benchmark "
-        "when esem.bench.app is installed) with their default sizes, then write "
-        "OUT/results.json (all rows, the same schema), OUT/report.md (Markdown tables "
-        "with esem/legacy and esem/floor ratios) and PNG plots: latency by operation, "
-        "latency by pairs and restart ratio, throughput. peer is skipped when "
-        "redis-server is not installed. Needs the bench extra (matplotlib, redis-py: "
-        "pip install 'esem[bench]')."), epilog=JSON_SCHEMA)
+        description=_wrap("Run micro, loop, latsem and stress once per placement, and peer "
+        "(and the application benchmark when esem.bench.app is installed) unpinned, "
+        "with their default sizes, in both esem modes by default, then write "
+        "OUT/results.json (all rows, the same schema), OUT/report.md (the targets "
+        "table, Markdown tables with esem/legacy and esem/floor ratios, per placement) "
+        "and PNG plots: latency by operation, latency by pairs and restart ratio, "
+        "throughput. peer is skipped when redis-server is not installed. Needs the bench "
+        "extra (matplotlib, redis-py: pip install 'esem[bench]')."), epilog=JSON_SCHEMA)
     b.add_argument("--out", required=True, metavar="DIR", help="directory for the report")
-    _common(b)
+    _common(b, placed=True, mode_default="both")
 
     app = _app()
     if app is not None:
@@ -255,11 +276,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         opts = Options(socket=getattr(args, "socket", None),
                        modes=parse_modes(getattr(args, "mode", "socket")),
-                       smoke=getattr(args, "smoke", False))
+                       smoke=getattr(args, "smoke", False),
+                       placements=placement.parse(getattr(args, "placement", "unpinned")))
         if args.bench == "micro":
             from esem.bench import micro
 
             return micro.run(opts, args.iterations, args.json)
+        if args.bench == "loop":
+            from esem.bench import loop
+
+            return loop.run(opts, args.json, args.calls)
         if args.bench == "latsem":
             from esem.bench import latsem
 

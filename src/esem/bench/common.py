@@ -3,11 +3,14 @@ text and Markdown tables, the JSON report, CPU clocks, forked worker processes, 
 esem service a benchmark runs against (embedded, or a running one given by ``--socket``).
 
 The JSON report is compared across commits, so its shape is fixed here and checked on
-every row: ``{"machine": {...}, "results": [{"bench", "backend", "mode", "case",
-"metric", "value", "unit"}, ...]}``. CPU use is reported as ``cpu_per_mop`` rows (CPU
-seconds per million semaphore calls, numerically microseconds per call), for the client
-processes and for the service separately; ``case`` carries a ``/client-cpu`` or
-``/service-cpu`` suffix so the row keys never change.
+every row: ``{"machine": {...}, "results": [{"bench", "backend", "mode", "placement",
+"case", "metric", "value", "unit"}, ...]}``. ``placement`` (same, split or unpinned:
+``esem.bench.placement``) is the one in effect when the row was made, and ``lookup``
+refuses to choose between rows of two placements, so a ratio never mixes them. CPU use
+is reported as ``cpu_per_mop`` rows (CPU seconds per million semaphore calls,
+numerically microseconds per call), for the client processes and for the service
+separately; ``case`` carries a ``/client-cpu`` or ``/service-cpu`` suffix so the row
+keys never change.
 """
 
 from __future__ import annotations
@@ -44,7 +47,12 @@ from esem.tables import Table as Table
 BACKENDS = ("esem", "legacy", "floor", "redis", "stress-ng")
 MODES = ("socket", "switchless")
 NO_MODE = "-"  # the mode of rows that do not run through esem
-ROW_KEYS = ("bench", "backend", "mode", "case", "metric", "value", "unit")
+ROW_KEYS = ("bench", "backend", "mode", "placement", "case", "metric", "value", "unit")
+SAME, SPLIT, UNPINNED = "same", "split", "unpinned"
+PLACEMENTS = (SAME, SPLIT, UNPINNED)
+# The placement rows are made under, innermost last (pushed and popped only by
+# esem.bench.placement.active; outside it, nothing is pinned).
+CURRENT_PLACEMENT: list[str] = [UNPINNED]
 CLIENT_CPU, SERVICE_CPU = "client-cpu", "service-cpu"  # case suffixes of cpu_per_mop rows
 
 Row = dict[str, Any]
@@ -65,6 +73,8 @@ class Options:
     socket: str | None = None  # a running service; None: an embedded one per mode
     modes: tuple[str, ...] = ("socket",)
     smoke: bool = False  # tiny sizes: seconds, for CI
+    # what esem.bench.placement.each runs; the CLI's default is both pinned ones
+    placements: tuple[str, ...] = (UNPINNED,)
 
 
 APP_MODULE = "esem.bench.app"  # the application benchmark, when it exists
@@ -84,14 +94,16 @@ def app_module() -> ModuleType | None:
 
 def row(bench: str, backend: str, mode: str, case: str, metric: str, value: float,
         unit: str) -> Row:
-    """One result, checked: a known backend, a finite non-negative number."""
+    """One result, checked: a known backend, a finite non-negative number; labelled
+    with the placement in effect."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
     value = float(value)
     if not math.isfinite(value) or value < 0:
         raise BenchError(f"{bench}/{backend}/{case}/{metric}: measured {value!r}")
-    return {"bench": bench, "backend": backend, "mode": mode, "case": case,
-            "metric": metric, "value": round(value, 3), "unit": unit}
+    return {"bench": bench, "backend": backend, "mode": mode,
+            "placement": CURRENT_PLACEMENT[-1], "case": case, "metric": metric,
+            "value": round(value, 3), "unit": unit}
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -129,11 +141,41 @@ def cpu_rows(bench: str, backend: str, mode: str, case: str, calls: int,
 
 
 def lookup(results: Sequence[Row], **match: str) -> float | None:
-    """The value of the one row whose fields equal ``match`` (None when absent)."""
+    """The value of the first row whose fields equal ``match`` (None when absent).
+
+    ValueError when rows of two placements match: a figure is one placement's, and a
+    ratio of two lookups must not mix them (``placements``, ``of_placement``)."""
+    found: Row | None = None
     for r in results:
         if all(r[k] == v for k, v in match.items()):
-            return float(r["value"])
-    return None
+            if found is None:
+                found = r
+            elif r["placement"] != found["placement"]:
+                raise ValueError(f"lookup {match} matches rows of placements "
+                                 f"{found['placement']} and {r['placement']}: compare "
+                                 "within one placement (select it first)")
+    return None if found is None else float(found["value"])
+
+
+def placements(results: Sequence[Row]) -> list[str]:
+    """The placements the rows were measured under, in the order they ran."""
+    return list(dict.fromkeys(str(r["placement"]) for r in results))
+
+
+def of_placement(results: Sequence[Row], name: str) -> list[Row]:
+    return [r for r in results if r["placement"] == name]
+
+
+def per_placement(make: Callable[[list[Row]], list[Table]],
+                  results: Sequence[Row]) -> list[Table]:
+    """``make``'s tables for the rows of each placement on their own, the placement in
+    each title: a table (and every ratio in it) sees one placement's figures only."""
+    out = []
+    for name in placements(results):
+        for t in make(of_placement(results, name)):
+            out.append(Table(f"{t.title} [placement {name}]", t.header, t.body, t.notes,
+                             t.right, t.wrap))
+    return out
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -187,16 +229,25 @@ def machine(opts: Options) -> dict[str, Any]:
         "service_loop": "uvloop" if uv else "asyncio", "uvloop": "yes" if uv else "no",
         "esem_version": _esem_version(),
         "service": opts.socket or "embedded",
+        "placements": placement_notes(opts),
         "smoke": opts.smoke,
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+
+
+def placement_notes(opts: Options) -> dict[str, str]:
+    """What each placement of this run pins where (the machine record's "placements")."""
+    from esem.bench import placement
+
+    return placement.machine_note(placement.names(opts))
 
 
 def machine_line(m: dict[str, Any]) -> str:
     return (f"machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python "
             f"{m['python']}, esem {m['esem_version']} {m['esem_mode']} mode "
             f"({m['service_loop']}), {m['service']} service"
-            + (", SMOKE sizes (not for comparison)" if m.get("smoke") else ""))
+            + (", SMOKE sizes (not for comparison)" if m.get("smoke") else "")
+            + "".join(f"\nplacement {note}" for note in m.get("placements", {}).values()))
 
 
 # --------------------------------------------------------------- CPU clocks
@@ -323,9 +374,13 @@ def esem_target(mode: str, sock: str | None) -> Iterator[Target]:
     """Point this process (and the processes it forks from now on) at an esem service in
     ``mode``: a fresh embedded daemon, or the running one at ``sock``. The switchless
     client is selected by ``ESEM_SWITCHLESS=1`` in the environment, set here before any
-    measuring process creates its client."""
+    measuring process creates its client. The embedded daemon runs where the placement
+    in effect puts the service (``esem.bench.placement``); a running one is not moved."""
+    from esem.bench import placement
     from esem.server.embedded import EmbeddedService
 
+    if sock is not None and placement.current().pinned:
+        raise UsageError(f"the service at {sock} cannot be pinned: measure it unpinned")
     saved = {k: os.environ.get(k) for k in _ENV_KEYS}
     service: EmbeddedService | None = None
     pid: int | None
@@ -336,11 +391,13 @@ def esem_target(mode: str, sock: str | None) -> Iterator[Target]:
             kwargs: dict[str, Any] = {"switchless": True} if mode == "switchless" else {}
             service = EmbeddedService(**kwargs)
             try:
-                service.start()
+                with placement.service_start():
+                    service.start()
             except RuntimeError as exc:
                 raise BenchError(f"the embedded esem service did not start: {exc}") from exc
             assert service.proc is not None
             path, pid = str(service.socket_path), service.proc.pid
+            placement.pin_service(pid)
         else:
             path, pid = sock, _peer_pid(sock)
         os.environ["ESEM_SOCKET"] = path
@@ -514,11 +571,13 @@ def validate(report: dict[str, Any]) -> None:
             raise ValueError(f"row keys {sorted(r)}")
         if r["backend"] not in BACKENDS:
             raise ValueError(f"backend {r['backend']!r}")
+        if r["placement"] not in PLACEMENTS:
+            raise ValueError(f"placement {r['placement']!r}")
         v = r["value"]
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
                 or v < 0:
             raise ValueError(f"value {v!r} in {r}")
-        for k in ("bench", "backend", "mode", "case", "metric", "unit"):
+        for k in ("bench", "backend", "mode", "placement", "case", "metric", "unit"):
             if not isinstance(r[k], str) or not r[k]:
                 raise ValueError(f"{k} {r[k]!r} in {r}")
 

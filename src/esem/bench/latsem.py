@@ -10,7 +10,10 @@ repetitions of all pairs.
 The restart ratio follows the published evaluation: before each semaphore operation,
 with that probability, the process closes the semaphore and opens it again by name, so
 the figure includes what reconnecting to a semaphore costs. Both sides draw from seeded
-generators, so a run is repeatable. esem (per mode) runs beside legacy POSIX semaphores.
+generators, so a run is repeatable. esem (per mode) runs beside legacy POSIX semaphores,
+once per placement (``esem.bench.placement``): same puts the service and every process on
+one vCPU; split puts the service on one and esem's processes on the other, and legacy's
+initiators on one and responders on the other (where esem's service would be).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from contextlib import suppress
 from typing import Any
 
 from esem.api import O_CREAT, USE_ESEM, sem_open, sem_unlink
+from esem.bench import placement
 from esem.bench.common import (
     NO_MODE,
     Options,
@@ -40,6 +44,7 @@ from esem.bench.common import (
     lookup,
     make_report,
     num,
+    per_placement,
     phase,
     ratio,
     self_cpu,
@@ -130,6 +135,7 @@ def measure(backend: str, target: Target | None, pairs: int, restart: float, rep
 
     def responder(p: int) -> Callable[[], dict[str, Any]]:
         def run() -> dict[str, Any]:
+            placement.pin_partner(backend)
             side = _Side(flags, mode, names[p], restart, seed=2 * p + 1)
             side.handles[0].wait()
             side.handles[1].post()
@@ -186,16 +192,22 @@ def collect(opts: Options, pairs: Sequence[int] | None = None,
                 ph.step(f"latsem: {label} {case_name(p, r)}, {reps} x {rounds} rounds ...")
                 rows.extend(measure(backend, target, p, r, reps, rounds))
 
-    with phase("latsem", (1 + len(opts.modes)) * len(pairs) * len(restart)) as ph:
-        sweep("legacy", None, ph)
-        for mode in opts.modes:
-            with esem_target(mode, opts.socket) as target:
-                sweep("esem", target, ph)
+    steps = (1 + len(opts.modes)) * len(pairs) * len(restart) * len(placement.names(opts))
+    with phase("latsem", steps) as ph:
+        for _ in placement.each(opts, BENCH):
+            sweep("legacy", None, ph)
+            for mode in opts.modes:
+                with esem_target(mode, opts.socket) as target:
+                    sweep("esem", target, ph)
     return rows
 
 
 def tables(results: list[Row]) -> list[Table]:
-    rows = [r for r in results if r["bench"] == BENCH]
+    """One table per placement (a ratio never mixes two placements' figures)."""
+    return per_placement(_tables, [r for r in results if r["bench"] == BENCH])
+
+
+def _tables(rows: list[Row]) -> list[Table]:
     modes = sorted({r["mode"] for r in rows if r["backend"] == "esem"})
     cases = list(dict.fromkeys(r["case"] for r in rows if r["metric"] == "median"))
     header = ["pairs", "restart", "legacy"]

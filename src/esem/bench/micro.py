@@ -5,16 +5,22 @@ to other machines even when the absolute numbers do not. Two references bound th
 design: ``legacy/handoff`` (half a ping-pong between two processes through two legacy
 semaphores: what a cross-process wake-up costs with shared memory and futexes) and
 ``floor/uds-roundtrip`` (a bare request/reply over a Unix socket between two Python
-processes, no protocol and no crypto: the least any socket design can cost). esem's
-contended hand-off (``esem/handoff``) is measured the same way as legacy's.
+processes, no protocol and no crypto: the least any socket design can cost), with
+``floor/uds-aead-roundtrip`` beside it (the same with a ChaCha20-Poly1305 seal and open
+each way: the least a Python client and service on an encrypted channel can cost).
+esem's contended hand-off (``esem/handoff``) is measured the same way as legacy's.
 
 The native rows (``native/...`` cases; ``esem.bench.native_micro``) are the same
 operations from a C program: through ``libesem_preload.so`` (the native client, esem
 socket mode) and through glibc (legacy from C), plus the native floor
 (``floor/native-aead-roundtrip``: a socketpair round trip between two native processes
 with a ChaCha20-Poly1305 seal and open each way). They run in the same invocation, so
-legacy, the Python client, the native client and both floors share one machine state.
-Nothing is pinned: placement is the scheduler's, and the output says so.
+legacy, the Python client, the native client and the floors share one machine state.
+
+Everything runs once per placement (``--placement``, ``esem.bench.placement``): the
+service and the clients pinned to one vCPU (same) or to two (split); legacy's and the
+floors' second process goes where the service would. Every row carries its placement,
+and each table is made from one placement's rows.
 
 Waits are measured uncontended (value > 0): for legacy that is glibc's user-space fast
 path, no syscall. For esem each loop also reports the CPU the clients and the service
@@ -31,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from esem.api import O_CREAT, USE_ESEM, sem_open, sem_unlink
-from esem.bench import native_micro
+from esem.bench import native_micro, placement
 from esem.bench.common import (
     NO_MODE,
     Options,
@@ -48,6 +54,7 @@ from esem.bench.common import (
     lookup,
     make_report,
     num,
+    per_placement,
     phase,
     ratio,
     self_cpu,
@@ -157,6 +164,7 @@ def measure_handoff(backend: str, rounds: int,
     pong = sem_open(pong_name, O_CREAT, 0o600, 0, flags=flags)
 
     def pong_side() -> float:
+        placement.pin_partner(backend)
         p_ping = sem_open(ping_name, 0, flags=flags)
         p_pong = sem_open(pong_name, 0, flags=flags)
         p_ping.wait()  # the warm-up round: both sessions are up before the clock starts
@@ -193,33 +201,98 @@ def measure_handoff(backend: str, rounds: int,
     return samples, cpu
 
 
-def measure_uds_roundtrip(rounds: int) -> list[float]:
-    """A bare request/reply (32 bytes each way) between two Python processes, in us."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+UDS_FLOOR, AEAD_FLOOR = "uds-roundtrip", "uds-aead-roundtrip"
+PAYLOAD = 32
 
-    def echo() -> None:
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("the floor's peer closed the socket")
+        buf += chunk
+    return bytes(buf)
+
+
+class _Aead:
+    """One direction of the AEAD floor: ChaCha20-Poly1305 (the channel's cipher, through
+    the same library esem's Python protocol uses) with a counter nonce, as Noise does."""
+
+    def __init__(self, key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+        self.aead = ChaCha20Poly1305(key)
+        self.n = 0
+
+    def _nonce(self) -> bytes:
+        self.n += 1
+        return b"\0\0\0\0" + self.n.to_bytes(8, "little")
+
+    def seal(self, payload: bytes) -> bytes:
+        body = self.aead.encrypt(self._nonce(), payload, None)
+        return len(body).to_bytes(2, "big") + body
+
+    def open(self, s: socket.socket) -> bytes:
+        size = int.from_bytes(_recv_exact(s, 2), "big")
+        return self.aead.decrypt(self._nonce(), _recv_exact(s, size), None)
+
+
+def measure_uds_roundtrip(rounds: int, aead: bool = False) -> tuple[list[float], float]:
+    """A request/reply (32 bytes each way) between two Python processes, in us: bare, or
+    (``aead``) each message sealed by its sender and opened by its receiver; and both
+    processes' CPU over the rounds (s). The echo side stands where the service would."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    up, down = bytes(range(32)), bytes(0xA5 ^ i for i in range(32))
+
+    def echo() -> float:
+        placement.pin_partner("floor")
         a.close()
-        for _ in range(rounds + 1):
-            b.sendall(b.recv(64))
+        if not aead:
+            b.sendall(b.recv(64))  # warm-up
+            c0 = self_cpu()
+            for _ in range(rounds):
+                b.sendall(b.recv(64))
+            return self_cpu() - c0
+        rx, tx = _Aead(up), _Aead(down)
+        b.sendall(tx.seal(rx.open(b)))
+        c0 = self_cpu()
+        for _ in range(rounds):
+            b.sendall(tx.seal(rx.open(b)))
+        return self_cpu() - c0
 
     workers = Workers([echo]).start()
     b.close()
     try:
-        msg = b"x" * 32
-        a.sendall(msg)  # warm-up
-        a.recv(64)
+        msg = b"x" * PAYLOAD
         samples = []
         clock = time.perf_counter_ns
-        for _ in range(rounds):
-            t0 = clock()
-            a.sendall(msg)
+        if aead:
+            tx, rx = _Aead(up), _Aead(down)
+            a.sendall(tx.seal(msg))  # warm-up
+            rx.open(a)
+            c0 = self_cpu()
+            for _ in range(rounds):
+                t0 = clock()
+                a.sendall(tx.seal(msg))
+                if rx.open(a) != msg:
+                    raise ConnectionError("the floor's reply is not the request")
+                samples.append((clock() - t0) / 1000.0)
+        else:
+            a.sendall(msg)  # warm-up
             a.recv(64)
-            samples.append((clock() - t0) / 1000.0)
-        workers.results(timeout=60)
+            c0 = self_cpu()
+            for _ in range(rounds):
+                t0 = clock()
+                a.sendall(msg)
+                a.recv(64)
+                samples.append((clock() - t0) / 1000.0)
+        cpu = self_cpu() - c0
+        (echo_cpu,) = workers.results(timeout=60)
     finally:
         workers.stop()
         a.close()
-    return samples
+    return samples, cpu + float(echo_cpu)
 
 
 def _esem_rows(target: Target, n: int, ph: Phase) -> list[Row]:
@@ -236,7 +309,11 @@ def _esem_rows(target: Target, n: int, ph: Phase) -> list[Row]:
 
 
 NATIVE = native_micro.CASE_PREFIX  # "native/": the case prefix of the C program's rows
-PLACEMENT = "placement: unpinned (every process where the scheduler puts it)"
+
+
+def _placement_note(rows: list[Row]) -> str:
+    name = rows[0]["placement"] if rows else "unpinned"
+    return "placement " + placement.make(name).describe()
 
 
 def _native_rows(backend: str, mode: str, m: native_micro.NativeMeasured) -> list[Row]:
@@ -269,42 +346,57 @@ def collect(opts: Options, iterations: int | None = None) -> list[Row]:
     if why_not is not None:
         print(f"micro: the native rows are skipped: {why_not}", file=sys.stderr)
     native = why_not is None
-    steps = 3 + 2 * len(opts.modes) + (2 + ("socket" in opts.modes) if native else 0)
+    steps = 4 + 2 * len(opts.modes) + (2 + ("socket" in opts.modes) if native else 0)
+    with phase("micro", steps * len(placement.names(opts))) as ph:
+        for _ in placement.each(opts, BENCH):
+            rows += _collect(opts, n, native, ph)
+    return rows
+
+
+def _collect(opts: Options, n: int, native: bool, ph: Phase) -> list[Row]:
+    """One placement's rows (the placement is in effect)."""
+    rows: list[Row] = []
     tag = uuid.uuid4().hex[:10]
-    with phase("micro", steps) as ph:
-        ph.step(f"micro: legacy operations, {n} samples each ...")
-        m = measure_ops("legacy", n)
-        ph.step("micro: legacy hand-off between two processes ...")
-        m.samples["handoff"], m.cpu["handoff"] = measure_handoff("legacy", n)
-        for case in CASES:
-            rows += latency_rows(BENCH, "legacy", NO_MODE, case, m.samples[case])
-        for case, (calls, client, _) in m.cpu.items():
-            rows += cpu_rows(BENCH, "legacy", NO_MODE, case, calls, client, None)
-        ph.step("micro: the bare Unix-socket round trip ...")
-        rows += latency_rows(BENCH, "floor", NO_MODE, "uds-roundtrip",
-                             measure_uds_roundtrip(n))
-        if native:
-            ph.step("micro: legacy operations and hand-off from C ...")
-            rows += _native_rows("legacy", NO_MODE,
-                                 native_micro.measure("legacy", n, None, tag))
-            ph.step("micro: the native Unix-socket round trip with AEAD ...")
-            samples, cpu = native_micro.measure_floor(n)
-            rows += latency_rows(BENCH, "floor", NO_MODE, native_micro.FLOOR_CASE, samples)
-            rows += cpu_rows(BENCH, "floor", NO_MODE, native_micro.FLOOR_CASE, n, cpu, None)
-        for mode in opts.modes:
-            with esem_target(mode, opts.socket) as target:
-                rows += _esem_rows(target, n, ph)
-                if native and mode == "socket":
-                    ph.step("micro: esem native client (C under libesem_preload.so) ...")
-                    rows += _native_rows("esem", mode, native_micro.measure(
-                        "esem", n, target.service_pid, tag))
+    pl = placement.current()
+    ph.step(f"micro: legacy operations, {n} samples each ...")
+    m = measure_ops("legacy", n)
+    ph.step("micro: legacy hand-off between two processes ...")
+    m.samples["handoff"], m.cpu["handoff"] = measure_handoff("legacy", n)
+    for case in CASES:
+        rows += latency_rows(BENCH, "legacy", NO_MODE, case, m.samples[case])
+    for case, (calls, client, _) in m.cpu.items():
+        rows += cpu_rows(BENCH, "legacy", NO_MODE, case, calls, client, None)
+    for case, aead, what in ((UDS_FLOOR, False, "bare"), (AEAD_FLOOR, True, "AEAD")):
+        ph.step(f"micro: the {what} Unix-socket round trip between Python processes ...")
+        samples, cpu = measure_uds_roundtrip(n, aead)
+        rows += latency_rows(BENCH, "floor", NO_MODE, case, samples)
+        rows += cpu_rows(BENCH, "floor", NO_MODE, case, n, cpu, None)
+    if native:
+        ph.step("micro: legacy operations and hand-off from C ...")
+        rows += _native_rows("legacy", NO_MODE, native_micro.measure(
+            "legacy", n, None, tag, pl.partner("legacy")))
+        ph.step("micro: the native Unix-socket round trip with AEAD ...")
+        samples, cpu = native_micro.measure_floor(n, pl.partner("floor"))
+        rows += latency_rows(BENCH, "floor", NO_MODE, native_micro.FLOOR_CASE, samples)
+        rows += cpu_rows(BENCH, "floor", NO_MODE, native_micro.FLOOR_CASE, n, cpu, None)
+    for mode in opts.modes:
+        with esem_target(mode, opts.socket) as target:
+            rows += _esem_rows(target, n, ph)
+            if native and mode == "socket":
+                ph.step("micro: esem native client (C under libesem_preload.so) ...")
+                rows += _native_rows("esem", mode, native_micro.measure(
+                    "esem", n, target.service_pid, tag, pl.partner("esem")))
     return rows
 
 
 def tables(results: list[Row]) -> list[Table]:
-    rows = [r for r in results if r["bench"] == BENCH]
+    """The tables of each placement (a table never holds two placements' figures)."""
+    return per_placement(_tables, [r for r in results if r["bench"] == BENCH])
+
+
+def _tables(rows: list[Row]) -> list[Table]:
     modes = sorted({r["mode"] for r in rows if r["backend"] == "esem"})
-    floor = lookup(rows, backend="floor", case="uds-roundtrip", metric="median")
+    floor = lookup(rows, backend="floor", case=UDS_FLOOR, metric="median")
     out = []
     for mode in modes:
         body = []
@@ -324,13 +416,25 @@ def tables(results: list[Row]) -> list[Table]:
                          num(sc, 1)])
         notes = []
         if floor is not None:
-            fp = lookup(rows, backend="floor", case="uds-roundtrip", metric="p99")
+            fp = lookup(rows, backend="floor", case=UDS_FLOOR, metric="p99")
+            fc = lookup(rows, backend="floor", case=f"{UDS_FLOOR}/client-cpu")
             notes.append(f"floor: bare Unix-socket round trip between two Python processes, "
-                         f"median {floor:.2f} us, p99 {num(fp, 2)} us")
+                         f"median {floor:.2f} us, p99 {num(fp, 2)} us, cpu {num(fc, 1)} us "
+                         "(both processes)")
+        af = lookup(rows, backend="floor", case=AEAD_FLOOR, metric="median")
+        if af is not None:
+            ap = lookup(rows, backend="floor", case=AEAD_FLOOR, metric="p99")
+            ac = lookup(rows, backend="floor", case=f"{AEAD_FLOOR}/client-cpu")
+            post, wait = (lookup(rows, backend="esem", mode=mode, case=op, metric="median")
+                          for op in ("post", "wait"))
+            notes.append(f"floor with AEAD: the same, each message sealed and opened with "
+                         f"ChaCha20-Poly1305, median {af:.2f} us, p99 {num(ap, 2)} us, cpu "
+                         f"{num(ac, 1)} us; esem/(floor with AEAD): post {ratio(post, af)}, "
+                         f"wait {ratio(wait, af)}")
         notes.append("cpu: CPU microseconds per semaphore call (= seconds per million) of "
                      "the legacy and esem clients and of the esem service; the open row's are "
                      "for its loop of open+close; handoff counts both processes")
-        notes.append(PLACEMENT)
+        notes.append(_placement_note(rows))
         out.append(Table(
             f"micro: latency per operation, microseconds (esem {mode} mode)",
             ["operation", "legacy med", "p99", "esem med", "p99", "esem/legacy",
@@ -375,7 +479,7 @@ def _native_table(rows: list[Row], mode: str) -> Table | None:
         "processes' per round trip",
         "cpu: CPU microseconds per call of the native client process (its reader thread "
         "included; handoff counts both processes) and of the esem service",
-        PLACEMENT,
+        _placement_note(rows),
     ]
     return Table(
         f"micro: the native client, microseconds (esem {mode} mode)",
@@ -385,7 +489,10 @@ def _native_table(rows: list[Row], mode: str) -> Table | None:
 
 
 def run(opts: Options, iterations: int | None, json_out: str | None) -> int:
+    from esem.bench import targets
+
     report = make_report(opts, collect(opts, iterations))
-    emit(report, tables(report["results"]), json_out)
+    results = report["results"]
+    emit(report, [*tables(results), targets.table(results, benches=(BENCH,))], json_out)
     return 0
 

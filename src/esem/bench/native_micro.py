@@ -14,8 +14,10 @@ processes with a ChaCha20-Poly1305 seal and open each way.
 
 Every program prints JSON: raw latency samples (summarised here exactly as the Python
 rows are) and its own CPU time per loop, with the service's CPU read by the C program
-through the service's POSIX CPU clock at the same loop boundaries. Nothing is pinned:
-placement is the scheduler's, and the tables say so.
+through the service's POSIX CPU clock at the same loop boundaries. Both programs run
+where ``esem.bench.placement`` pinned this process (the child inherits it), and pin their
+forked second process to the vCPU they are given: the placement's, for legacy's hand-off
+and the floor's echo side where the service would be.
 """
 
 from __future__ import annotations
@@ -42,13 +44,15 @@ _NATIVE_DIR = HEADER.parent.parent  # the repository's native/ workspace
 FLOOR_BINARY = _NATIVE_DIR / "target" / "release" / "esem-floor"
 
 C_SOURCE = r"""
-/* esem-micro BACKEND N SERVICE_PID: N of each semaphore operation and N hand-off rounds,
+/* esem-micro BACKEND N SERVICE_PID TAG CHILD_CPU: N of each semaphore operation and N
+ * hand-off rounds (the forked pong process pinned to CHILD_CPU unless it is -1),
  * on a named semaphore (BACKEND esem: oflag | USE_ESEM, run under the preload library;
  * legacy: glibc's). JSON on stdout: latency samples in microseconds, and per loop
  * [calls, this process's CPU s, the service's CPU s or null]. Written by esem bench. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <semaphore.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,6 +64,7 @@ C_SOURCE = r"""
 
 static int flag;
 static pid_t service;
+static int child_cpu = -1;
 
 static void die(const char *what) {
     fprintf(stderr, "esem-micro: %s: %s\n", what, strerror(errno));
@@ -180,6 +185,12 @@ static void handoff(const char *tag, int n, double *a) {
     if (child < 0) die("fork");
     if (child == 0) { /* the pong side, through the inherited handles */
         close(fds[0]);
+        if (child_cpu >= 0) {
+            cpu_set_t set;
+            CPU_ZERO(&set);
+            CPU_SET(child_cpu, &set);
+            if (sched_setaffinity(0, sizeof set, &set) != 0) _exit(1);
+        }
         if (sem_wait(ping) != 0 || sem_post(pong) != 0) _exit(1); /* warm-up round */
         double t0 = self_cpu();
         for (int i = 0; i < n; i++)
@@ -210,10 +221,11 @@ static void handoff(const char *tag, int n, double *a) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 5) {
-        fprintf(stderr, "usage: esem-micro esem|legacy N SERVICE_PID TAG\n");
+    if (argc != 6) {
+        fprintf(stderr, "usage: esem-micro esem|legacy N SERVICE_PID TAG CHILD_CPU\n");
         return 2;
     }
+    child_cpu = atoi(argv[5]);
     flag = strcmp(argv[1], "esem") == 0 ? USE_ESEM : 0;
     int n = atoi(argv[2]);
     service = (pid_t)atoi(argv[3]);
@@ -326,13 +338,24 @@ def _run_json(argv: list[str], env: dict[str, str] | None, timeout: float) -> An
         raise BenchError(f"{Path(argv[0]).name} printed no JSON: {exc}") from exc
 
 
-def measure(backend: str, n: int, service_pid: int | None, tag: str) -> NativeMeasured:
+def _one_cpu(cpus: frozenset[int] | None) -> int:
+    """The vCPU a native program pins its second process to (-1: leave it)."""
+    if cpus is None:
+        return -1
+    if len(cpus) != 1:
+        raise ValueError(f"a native program pins to one vCPU, not {sorted(cpus)}")
+    return next(iter(cpus))
+
+
+def measure(backend: str, n: int, service_pid: int | None, tag: str,
+            child_cpus: frozenset[int] | None = None) -> NativeMeasured:
     """N of each operation and N hand-off rounds from C: ``esem`` under the preload library
-    (against the service this process's environment names), ``legacy`` through glibc."""
+    (against the service this process's environment names), ``legacy`` through glibc;
+    the pong process of the hand-off pinned to ``child_cpus`` (None: not pinned)."""
     env = preload_environment(False) if backend == "esem" else \
         {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    data = _run_json([str(c_binary()), backend, str(n), str(service_pid or 0), tag], env,
-                     timeout=60 + n * 0.1)
+    data = _run_json([str(c_binary()), backend, str(n), str(service_pid or 0), tag,
+                      str(_one_cpu(child_cpus))], env, timeout=60 + n * 0.1)
     m = NativeMeasured()
     for case in CASES:
         m.samples[case] = [float(x) for x in data["samples"][case]]
@@ -342,8 +365,13 @@ def measure(backend: str, n: int, service_pid: int | None, tag: str) -> NativeMe
     return m
 
 
-def measure_floor(rounds: int) -> tuple[list[float], float]:
-    """The native AEAD round trip: samples in us, and both processes' CPU (s)."""
-    data = _run_json([str(floor_binary()), str(rounds)], None, timeout=60 + rounds * 0.01)
+def measure_floor(rounds: int,
+                  echo_cpus: frozenset[int] | None = None) -> tuple[list[float], float]:
+    """The native AEAD round trip: samples in us, and both processes' CPU (s); the echo
+    process pinned to ``echo_cpus`` (None: not pinned)."""
+    argv = [str(floor_binary()), str(rounds)]
+    if echo_cpus is not None:
+        argv.append(str(_one_cpu(echo_cpus)))
+    data = _run_json(argv, None, timeout=60 + rounds * 0.01)
     cpu = data["cpu_s"]
     return [float(x) for x in data["samples_us"]], float(cpu["parent"]) + float(cpu["child"])

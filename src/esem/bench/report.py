@@ -1,6 +1,10 @@
 """The report of ``esem bench all``: Markdown tables and PNG plots, made from the result
 rows alone (so a ``results.json`` from any commit can be rendered again).
 
+Every table and headline is made from one placement's rows (``common.per_placement``);
+a plot holding several placements names each in its series labels and marks them with
+their own marker shapes, and its title lists them.
+
 Plots use matplotlib's Agg backend (no display); the rules they keep are written above
 the plotting code. ``figures`` returns the matplotlib objects (the tests read them),
 ``plot_all`` writes them as PNGs.
@@ -12,11 +16,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from esem.bench import latsem, micro, peer, stress
-from esem.bench.common import NO_MODE, Row, Table, lookup, machine_line, num
+from esem.bench import latsem, loop, micro, peer, stress, targets
+from esem.bench.common import (
+    NO_MODE,
+    UNPINNED,
+    Row,
+    Table,
+    lookup,
+    machine_line,
+    num,
+    of_placement,
+    placements,
+)
 
-KNOWN = {"micro": micro.tables, "latsem": latsem.tables, "stress": stress.tables,
-         "peer": peer.tables}
+KNOWN = {"micro": micro.tables, "loop": loop.tables, "latsem": latsem.tables,
+         "stress": stress.tables, "peer": peer.tables}
 PLOTS = ("latency_by_operation.png", "latency_by_pairs.png", "throughput.png")
 
 
@@ -32,9 +46,19 @@ def other_tables(results: Sequence[Row]) -> list[Table]:
 
 
 def headline(results: Sequence[Row]) -> list[str]:
-    """The few ratios the project's goals are stated in, for each esem mode measured."""
+    """The few ratios the project's goals are stated in, for each placement and esem mode
+    measured (each from that placement's rows alone)."""
     lines = []
-    floor = lookup(results, bench="micro", backend="floor", metric="median")
+    for pl in placements(results):
+        lines += [f"- placement {pl}:"] + [f"  {line}" for line in
+                                          _headline(of_placement(results, pl))]
+    return lines
+
+
+def _headline(results: Sequence[Row]) -> list[str]:
+    lines = []
+    floor = lookup(results, bench="micro", backend="floor", case=micro.UDS_FLOOR,
+                   metric="median")
     for mode in sorted({r["mode"] for r in results if r["backend"] == "esem"}):
         def e(bench: str, case: str, metric: str, m: str = mode) -> float | None:
             return lookup(results, bench=bench, backend="esem", mode=m, case=case,
@@ -91,6 +115,7 @@ def markdown(report: dict[str, Any], plots: Sequence[str] = (),
     head = headline(results)
     if head:
         parts += ["## Headline", "", *head, ""]
+    parts += ["## Targets", "", targets.table(results).markdown()]
     parts += [*(f"> {n}" for n in notes), ""] if notes else []
     parts += ["## Tables", ""]
     for bench, make in KNOWN.items():
@@ -121,21 +146,46 @@ THROUGHPUT_LABEL = "operations per second (log scale)"
 STYLES = ("-", "--", ":", "-.")
 
 
-def _series_key(r: Row) -> str:
-    return str(r["backend"]) + (f" {r['mode']}" if r["mode"] != NO_MODE else "")
+MARKERS = {"same": "o", "split": "s", UNPINNED: "D"}
+
+
+def _series_key(r: Row, placed: bool = False) -> str:
+    """The series a row belongs to; ``placed``: the figure holds several placements,
+    so the placement is part of it."""
+    return (str(r["backend"]) + (f" {r['mode']}" if r["mode"] != NO_MODE else "")
+            + (f", {r['placement']}" if placed else ""))
+
+
+def _base(series: str) -> str:
+    return series.split(",")[0]
 
 
 def _color(series: str) -> str | None:
-    return COLORS.get(series)
+    return COLORS.get(_base(series))
+
+
+def _marker(series: str) -> str:
+    """The marker of a series: its placement's shape (a circle without one)."""
+    parts = series.split(", ")
+    return MARKERS.get(parts[1], "o") if len(parts) > 1 else "o"
 
 
 def _ordered(series: Sequence[str]) -> list[str]:
     rank = {s: i for i, s in enumerate(SERIES_ORDER)}
-    return sorted(dict.fromkeys(series), key=lambda s: rank.get(s, len(rank)))
+    return sorted(dict.fromkeys(series), key=lambda s: (rank.get(_base(s), len(rank)), s))
+
+
+def _placed(rows: Sequence[Row]) -> bool:
+    return len(placements(rows)) > 1
+
+
+def _placement_title(rows: Sequence[Row]) -> str:
+    return f"\nplacement: {', '.join(placements(rows))}"
 
 
 def _value(rows: Sequence[Row], series: str, case: str, metric: str) -> float | None:
-    return next((float(r["value"]) for r in rows if _series_key(r) == series
+    placed = _placed(rows)
+    return next((float(r["value"]) for r in rows if _series_key(r, placed) == series
                  and r["case"] == case and r["metric"] == metric), None)
 
 
@@ -213,7 +263,7 @@ def _plot_ops(plt: Any, results: Sequence[Row]) -> Any:
     if not rows:
         return None
     cases = list(micro.CASES)
-    series = _ordered([_series_key(r) for r in rows])
+    series = _ordered([_series_key(r, _placed(rows)) for r in rows])
     fig, ax = plt.subplots(figsize=(10, 5))
     step = 0.8 / len(series)
     for i, s in enumerate(series):
@@ -224,17 +274,21 @@ def _plot_ops(plt: Any, results: Sequence[Row]) -> Any:
                 xs.append(j + (i - (len(series) - 1) / 2) * step)
                 med.append(m)
                 p99.append(_value(rows, s, case, "p99"))
-        _whiskers(ax, xs, med, p99, fmt="o", color=_color(s), label=s)
-    floor = lookup(results, bench="micro", backend="floor", metric="median")
-    if floor:
-        ax.axhline(floor, color="black", linestyle="--", linewidth=1,
-                   label=f"floor: bare Unix-socket\nround trip, median ({floor:.1f} us)")
+        _whiskers(ax, xs, med, p99, fmt=_marker(s), color=_color(s), label=s)
+    for k, pl in enumerate(placements(rows)):
+        floor = lookup(of_placement(results, pl), bench="micro", backend="floor",
+                       case=micro.UDS_FLOOR, metric="median")
+        if floor:
+            ax.axhline(floor, color="black", linestyle=STYLES[k % len(STYLES)], linewidth=1,
+                       label=f"floor ({pl}): bare Unix-socket\nround trip, median "
+                       f"({floor:.1f} us)")
     ax.set_xticks(range(len(cases)), cases)
     ax.set_xlim(-0.6, len(cases) - 0.4)
     ax.set_yscale("log")
     ax.set_ylabel(LATENCY_LABEL)
     _plain_log_ticks(ax)
-    ax.set_title("Latency by operation (marker: median; whisker: up to p99)")
+    ax.set_title("Latency by operation (marker: median; whisker: up to p99)"
+                 + _placement_title(rows))
     ax.grid(axis="y", which="major", alpha=0.3)
     _legend_outside(ax)
     return fig
@@ -250,9 +304,10 @@ def _plot_pairs(plt: Any, results: Sequence[Row]) -> Any:
         return None
     fig, ax = plt.subplots(figsize=(10, 5))
     restarts = list(dict.fromkeys(r["case"].split(",")[1] for r in rows))
-    for s in _ordered([_series_key(r) for r in rows]):
+    placed = _placed(rows)
+    for s in _ordered([_series_key(r, placed) for r in rows]):
         for k, rs in enumerate(restarts):
-            cases = sorted({r["case"] for r in rows if _series_key(r) == s
+            cases = sorted({r["case"] for r in rows if _series_key(r, placed) == s
                             and r["case"].split(",")[1] == rs}, key=_pairs_of)
             xs, med, p99 = [], [], []
             for case in cases:
@@ -262,7 +317,7 @@ def _plot_pairs(plt: Any, results: Sequence[Row]) -> Any:
                     med.append(m)
                     p99.append(_value(rows, s, case, "p99"))
             if xs:
-                _whiskers(ax, xs, med, p99, fmt="o", linestyle=STYLES[k % len(STYLES)],
+                _whiskers(ax, xs, med, p99, fmt=_marker(s), linestyle=STYLES[k % len(STYLES)],
                           color=_color(s), label=f"{s}, {rs}")
     pairs = sorted({_pairs_of(r["case"]) for r in rows})
     ax.set_xscale("log", base=2)
@@ -273,7 +328,7 @@ def _plot_pairs(plt: Any, results: Sequence[Row]) -> Any:
     ax.set_xlabel("process pairs (log2 scale)")
     ax.set_ylabel("one-way hand-off " + LATENCY_LABEL)
     ax.set_title("Ping-pong latency by pairs and restart ratio\n(marker: median of the "
-                 "repetitions; whisker: up to their p99)")
+                 "repetitions; whisker: up to their p99)" + _placement_title(rows))
     ax.grid(axis="y", which="major", alpha=0.3)
     _legend_outside(ax)
     return fig
@@ -295,7 +350,7 @@ def _plot_throughput(plt: Any, results: Sequence[Row]) -> Any:
     for ax, (title, keep) in zip(axes[0], used, strict=True):
         rows = [r for r in results if keep(r) and r["metric"] == "ops_per_s"]
         cases = list(dict.fromkeys(r["case"] for r in rows))
-        series = _ordered([_series_key(r) for r in rows])
+        series = _ordered([_series_key(r, _placed(rows)) for r in rows])
         step = 0.8 / len(series)
         for i, s in enumerate(series):
             xs, ys = [], []
@@ -304,13 +359,13 @@ def _plot_throughput(plt: Any, results: Sequence[Row]) -> Any:
                 if v:
                     xs.append(j + (i - (len(series) - 1) / 2) * step)
                     ys.append(v)
-            ax.plot(xs, ys, "o", markersize=8, color=_color(s), label=s)
+            ax.plot(xs, ys, _marker(s), markersize=8, color=_color(s), label=s)
         ax.set_xticks(range(len(cases)), [c.replace(",", "\n") for c in cases], fontsize=8)
         ax.set_xlim(-0.6, len(cases) - 0.4)
         ax.set_yscale("log")
         _plain_log_ticks(ax)
         ax.set_ylabel(THROUGHPUT_LABEL)
-        ax.set_title(f"{title}\n(one run each)")
+        ax.set_title(f"{title}\n(one run each)" + _placement_title(rows))
         ax.grid(axis="y", which="major", alpha=0.3)
         _legend_outside(ax)
     fig.tight_layout()

@@ -18,6 +18,12 @@ path and differs only by the futex syscall glibc makes before reporting ETIMEDOU
 tiny positive timeout would not be a passed deadline: posix_ipc then sleeps for the
 kernel's timer slack, about 50 us.) Python threads share the GIL where C threads run in
 parallel; the C figure from stress-ng is printed beside ours for that reason.
+
+Every backend runs once per placement (``esem.bench.placement``): same puts the service
+and every worker on one vCPU; split puts the service on one and esem's workers on the
+other, while legacy's workers (which need no service) alternate between the two, so each
+backend has the whole machine. stress-ng itself runs on the placement's vCPUs (one under
+same, both under split).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from contextlib import suppress
 from typing import Any
 
 from esem.api import O_CREAT, O_EXCL, USE_ESEM, sem_open, sem_unlink
+from esem.bench import placement
 from esem.bench.common import (
     NO_MODE,
     Options,
@@ -49,6 +56,7 @@ from esem.bench.common import (
     lookup,
     make_report,
     num,
+    per_placement,
     phase,
     progress,
     ratio,
@@ -99,8 +107,9 @@ def _thrash(sem: Any, stop_at: list[float], go: threading.Event,
 
 
 def _worker(flags: int, mode: str, name: str, threads: int, seconds: float,
-            sync: Sync) -> Callable[[], dict[str, Any]]:
+            sync: Sync, index: int) -> Callable[[], dict[str, Any]]:
     def run() -> dict[str, Any]:
+        placement.pin_worker("esem" if flags else "legacy", index)
         sem = sem_open(name, O_CREAT | O_EXCL, 0o600, 1, flags=flags)
         sem.getvalue()  # the session is up before the clock starts
         if mode != NO_MODE:
@@ -145,7 +154,8 @@ def measure(backend: str, target: Target | None, workers: int, threads: int,
     sync = Sync(workers, timeout=seconds + 60.0)
     try:
         results, service_cpu = sync.run(
-            [_worker(flags, mode, n, threads, seconds, sync) for n in names],
+            [_worker(flags, mode, n, threads, seconds, sync, i)
+             for i, n in enumerate(names)],
             target.service_cpu if target else lambda: None)
     finally:
         for n in names:  # normally unlinked by their workers
@@ -183,7 +193,8 @@ def stress_ng(workers: int, threads: int, seconds: float,
     cmd = [exe, "--sem", str(workers), "--sem-procs", str(threads), "--timeout",
            f"{whole}s", "--metrics-brief"]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=whole + 60)
+        with placement.starting_on(placement.current().whole()):
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=whole + 60)
     except subprocess.TimeoutExpired:
         progress("stress: stress-ng did not finish in time: no C reference row")
         return []
@@ -210,16 +221,18 @@ def collect(opts: Options, seconds: float | None = None, workers: int | None = N
         raise ValueError(f"--threads must be 1..{MAX_THREADS}, not {threads}")
     label = f"{workers} workers x {threads} threads, {seconds:g}s"
     steps = 1 + len(opts.modes) + ("socket" in opts.modes) + 1  # + capacity, stress-ng
-    with phase("stress", steps) as ph:
-        ph.step(f"stress: legacy, {label} ...", seconds)
-        rows = measure("legacy", None, workers, threads, seconds)
-        for mode in opts.modes:
-            with esem_target(mode, opts.socket) as target:
-                ph.step(f"stress: esem ({mode}), {label} ...", seconds)
-                rows += measure("esem", target, workers, threads, seconds)
-                if mode == "socket" and target.service_pid is not None:
-                    rows += capacity(target, opts.smoke, ph)
-        rows += stress_ng(workers, threads, seconds, ph)
+    rows: list[Row] = []
+    with phase("stress", steps * len(placement.names(opts))) as ph:
+        for _ in placement.each(opts, BENCH):
+            ph.step(f"stress: legacy, {label} ...", seconds)
+            rows += measure("legacy", None, workers, threads, seconds)
+            for mode in opts.modes:
+                with esem_target(mode, opts.socket) as target:
+                    ph.step(f"stress: esem ({mode}), {label} ...", seconds)
+                    rows += measure("esem", target, workers, threads, seconds)
+                    if mode == "socket" and target.service_pid is not None:
+                        rows += capacity(target, opts.smoke, ph)
+            rows += stress_ng(workers, threads, seconds, ph)
     return rows
 
 
@@ -244,8 +257,13 @@ def capacity(target: Target, smoke: bool, ph: Phase | None = None) -> list[Row]:
 
 
 def tables(results: list[Row]) -> list[Table]:
-    rows = [r for r in results if r["bench"] == BENCH and r["case"] != CAPACITY_CASE]
-    cap = [r for r in results if r["bench"] == BENCH and r["case"] == CAPACITY_CASE]
+    """The tables of each placement (a ratio never mixes two placements' figures)."""
+    return per_placement(_tables, [r for r in results if r["bench"] == BENCH])
+
+
+def _tables(results: list[Row]) -> list[Table]:
+    rows = [r for r in results if r["case"] != CAPACITY_CASE]
+    cap = [r for r in results if r["case"] == CAPACITY_CASE]
     out = _stress_tables(rows)
     if cap:
         out.append(Table(
