@@ -135,8 +135,10 @@ def register(sub: Any) -> None:
         description=_wrap("Median and p99 latency of open, close, unlink, post, wait, trywait "
         "and getvalue for esem and legacy (uncontended: legacy takes glibc's user-space "
         "fast path), the hand-off between two processes, and the bare Unix-socket round "
-        "trip between two Python processes (the floor of any socket design), all in "
-        "the same run; plus the CPU per call of the esem clients and service."),
+        "trip between two Python processes (the floor of any socket design) and the "
+        "same with a ChaCha20-Poly1305 seal and open each way, all in the same run, "
+        "once per placement; plus the CPU per call of the clients and the service, and "
+        "issue 12's targets that these rows decide, judged per placement."),
         epilog=JSON_SCHEMA)
     b.add_argument("-n", "--iterations", type=_bounded(int, 10, 10**7), metavar="N",
                    help="samples per operation (default 2000; smoke 30)")

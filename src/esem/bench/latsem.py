@@ -210,14 +210,15 @@ def tables(results: list[Row]) -> list[Table]:
 def _tables(rows: list[Row]) -> list[Table]:
     modes = sorted({r["mode"] for r in rows if r["backend"] == "esem"})
     cases = list(dict.fromkeys(r["case"] for r in rows if r["metric"] == "median"))
-    header = ["pairs", "restart", "legacy"]
+    header = ["pairs", "restart", "legacy", "legacy cpu"]
     for m in modes:
         header += [f"esem {m}", "esem/legacy", "client cpu", "service cpu"]
     body = []
     for case in cases:
         p, r = (kv.split("=")[1] for kv in case.split(","))
         leg = lookup(rows, backend="legacy", case=case, metric="median")
-        line = [p, r, num(leg, 2)]
+        line = [p, r, num(leg, 2),
+                num(lookup(rows, backend="legacy", case=f"{case}/client-cpu"))]
         for m in modes:
             e = lookup(rows, backend="esem", mode=m, case=case, metric="median")
             line += [num(e, 2), ratio(e, leg),
@@ -227,7 +228,7 @@ def _tables(rows: list[Row]) -> list[Table]:
     return [Table("latsem: one-way hand-off latency, microseconds (median over repetitions)",
                   header, body,
                   ["cpu: CPU microseconds per semaphore call (= seconds per million), all "
-                   "client processes / the service"])]
+                   "client processes (legacy: both processes of every pair) / the service"])]
 
 
 def run(opts: Options, json_out: str | None, pairs: Sequence[int] | None,

@@ -463,11 +463,12 @@ def _native_table(rows: list[Row], mode: str) -> Table | None:
                      num(get("esem", NATIVE + case, "p99", mode), 2),
                      ratio(nm, get("legacy", NATIVE + case)), ratio(nm, floor),
                      ratio(nm, get("esem", case, m=mode)),
+                     num(get("legacy", f"{cpu_case}/client-cpu", "cpu_per_mop"), 2),
                      num(get("esem", f"{cpu_case}/client-cpu", "cpu_per_mop", mode), 1),
                      num(get("esem", f"{cpu_case}/service-cpu", "cpu_per_mop", mode), 1)])
     fc = get("floor", f"{native_micro.FLOOR_CASE}/client-cpu", "cpu_per_mop")
     body.append(["native floor", "", "", "", num(floor, 2),
-                 num(get("floor", native_micro.FLOOR_CASE, "p99"), 2), "", "", "",
+                 num(get("floor", native_micro.FLOOR_CASE, "p99"), 2), "", "", "", "",
                  num(fc, 1), ""])
     notes = [
         "esem native: a C program calling sem_open(name, O_CREAT | USE_ESEM, ...) and the "
@@ -477,14 +478,16 @@ def _native_table(rows: list[Row], mode: str) -> Table | None:
         "native floor: two native processes over a Unix socketpair, a 32-byte message "
         "sealed and opened with ChaCha20-Poly1305 each way (esem-floor); its cpu is both "
         "processes' per round trip",
-        "cpu: CPU microseconds per call of the native client process (its reader thread "
-        "included; handoff counts both processes) and of the esem service",
+        "cpu: CPU microseconds per call of the legacy C process and of the native client "
+        "process (its reader thread included; handoff counts both processes), and of the "
+        "esem service",
         _placement_note(rows),
     ]
     return Table(
         f"micro: the native client, microseconds (esem {mode} mode)",
         ["operation", "legacy py", "legacy C", "esem py", "esem native", "p99",
-         "native/legacy C", "native/floor", "native/py", "native cpu", "service cpu"],
+         "native/legacy C", "native/floor", "native/py", "legacy C cpu", "native cpu",
+         "service cpu"],
         body, notes)
 
 
