@@ -25,6 +25,7 @@ from esem.bench.common import (
     esem_target,
     lookup,
     per_placement,
+    placements,
     row,
 )
 
@@ -209,3 +210,12 @@ def test_stress_targets_compare_modes_of_one_placement() -> None:
     t = targets.table(rows, benches=("stress",))
     got = {r[1]: (r[2], r[4]) for r in t.body}
     assert got == {"same": ("6.00x", "met"), "split": ("2.00x", "MISSED")}
+
+
+def test_rows_written_before_placements_read_as_unpinned() -> None:
+    old = {"bench": "micro", "backend": "esem", "mode": "socket", "case": "post",
+           "metric": "median", "value": 40.0, "unit": "us"}  # a results.json of before
+    assert placements([old]) == ["unpinned"]
+    assert lookup([old], case="post") == 40.0
+    assert [t.title for t in micro.tables([old])] == [
+        "micro: latency per operation, microseconds (esem socket mode) [placement unpinned]"]

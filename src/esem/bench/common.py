@@ -150,20 +150,25 @@ def lookup(results: Sequence[Row], **match: str) -> float | None:
         if all(r[k] == v for k, v in match.items()):
             if found is None:
                 found = r
-            elif r["placement"] != found["placement"]:
+            elif placement_of(r) != placement_of(found):
                 raise ValueError(f"lookup {match} matches rows of placements "
-                                 f"{found['placement']} and {r['placement']}: compare "
+                                 f"{placement_of(found)} and {placement_of(r)}: compare "
                                  "within one placement (select it first)")
     return None if found is None else float(found["value"])
 
 
+def placement_of(r: Row) -> str:
+    """A row's placement (rows written before placements existed: unpinned)."""
+    return str(r.get("placement", UNPINNED))
+
+
 def placements(results: Sequence[Row]) -> list[str]:
     """The placements the rows were measured under, in the order they ran."""
-    return list(dict.fromkeys(str(r["placement"]) for r in results))
+    return list(dict.fromkeys(placement_of(r) for r in results))
 
 
 def of_placement(results: Sequence[Row], name: str) -> list[Row]:
-    return [r for r in results if r["placement"] == name]
+    return [r for r in results if placement_of(r) == name]
 
 
 def per_placement(make: Callable[[list[Row]], list[Table]],

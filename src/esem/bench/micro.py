@@ -56,6 +56,7 @@ from esem.bench.common import (
     num,
     per_placement,
     phase,
+    placement_of,
     ratio,
     self_cpu,
 )
@@ -312,7 +313,7 @@ NATIVE = native_micro.CASE_PREFIX  # "native/": the case prefix of the C program
 
 
 def _placement_note(rows: list[Row]) -> str:
-    name = rows[0]["placement"] if rows else "unpinned"
+    name = placement_of(rows[0]) if rows else "unpinned"
     return "placement " + placement.make(name).describe()
 
 

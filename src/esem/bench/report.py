@@ -26,6 +26,7 @@ from esem.bench.common import (
     machine_line,
     num,
     of_placement,
+    placement_of,
     placements,
 )
 
@@ -153,7 +154,7 @@ def _series_key(r: Row, placed: bool = False) -> str:
     """The series a row belongs to; ``placed``: the figure holds several placements,
     so the placement is part of it."""
     return (str(r["backend"]) + (f" {r['mode']}" if r["mode"] != NO_MODE else "")
-            + (f", {r['placement']}" if placed else ""))
+            + (f", {placement_of(r)}" if placed else ""))
 
 
 def _base(series: str) -> str:
