@@ -110,16 +110,18 @@ def tables(results: list[Row]) -> list[Table]:
 def _tables(rows: list[Row]) -> list[Table]:
     body = []
     for case in dict.fromkeys(r["case"] for r in rows if r["metric"] == "elapsed"):
-        leg = lookup(rows, backend="legacy", case=case, metric="elapsed")
+        # the ratio of the means per call: a short legacy loop's elapsed rounds to 0 s
+        leg = lookup(rows, backend="legacy", case=case, metric="mean")
         for backend, mode in dict.fromkeys((r["backend"], r["mode"]) for r in rows
                                            if r["case"] == case and r["metric"] == "elapsed"):
             def get(c: str, metric: str, backend: str = backend,
                     mode: str = mode) -> float | None:
                 return lookup(rows, backend=backend, mode=mode, case=c, metric=metric)
 
-            e = get(case, "elapsed")
-            body.append([case.split("=")[1], backend, mode, num(e, 3), num(get(case, "mean"), 2),
-                         ratio(e, leg), num(get(f"{case}/client-cpu", "cpu_per_mop"), 2),
+            mean = get(case, "mean")
+            elapsed = get(case, "elapsed")
+            body.append([case.split("=")[1], backend, mode, num(elapsed, 3), num(mean, 3),
+                         ratio(mean, leg), num(get(f"{case}/client-cpu", "cpu_per_mop"), 2),
                          num(get(f"{case}/service-cpu", "cpu_per_mop"), 1)])
     return [Table("loop: N post calls from Python, one loop", ["calls", "backend", "mode",
                   "seconds", "us per call", "x legacy", "client cpu", "service cpu"], body,
