@@ -213,7 +213,7 @@ def test_micro_smoke(tmp_path: Path) -> None:
     for p in PINNED:
         assert f"micro: latency per operation, microseconds (esem socket mode) [placement {p}]" \
             in result.stdout
-    assert "targets (issue 12): measured per placement" in result.stdout
+    assert "performance targets: measured per placement" in result.stdout
     machine = json.loads(out.read_text())["machine"]
     assert set(machine["placements"]) == set(PINNED)
 
@@ -283,7 +283,7 @@ def test_all_smoke_writes_results_report_and_plots(tmp_path: Path) -> None:
     for title in ("micro: latency per operation", "latsem: one-way hand-off latency",
                   "stress: stress-ng's semaphore stressor", "esem/legacy", "esem/floor",
                   "## Headline", "SMOKE sizes", "FILE VAULT requests per second",
-                  "## Targets", "targets (issue 12)", "loop: N post calls from Python",
+                  "## Targets", "performance targets: measured", "loop: N post calls from Python",
                   "- placement same:", "- placement split:"):
         assert title in text, title
     for p in PINNED:

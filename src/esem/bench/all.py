@@ -3,7 +3,7 @@
 Runs micro, loop, latsem and stress once per placement (``--placement``, default both),
 and peer (and the application benchmark when the module ``esem.bench.app`` exists)
 unpinned, then writes ``DIR/results.json`` (the same schema as each command's ``--json``,
-all rows), ``DIR/report.md`` (issue 12's targets per placement, Markdown tables with the
+all rows), ``DIR/report.md`` (the performance targets per placement, Markdown tables with the
 esem/legacy and esem/floor ratios, each table one placement's) and the PNG plots. A
 benchmark that cannot run on this machine (no ``redis-server`` for peer) is skipped with
 a note in the report; one that fails stops the run, since a partial report would hide

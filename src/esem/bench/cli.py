@@ -138,7 +138,7 @@ def register(sub: Any) -> None:
         "trip between two Python processes (the floor of any socket design) and the "
         "same with a ChaCha20-Poly1305 seal and open each way, all in the same run, "
         "once per placement; plus the CPU per call of the clients and the service, and "
-        "issue 12's targets that these rows decide, judged per placement."),
+        "the performance targets that these rows decide, judged per placement."),
         epilog=JSON_SCHEMA)
     b.add_argument("-n", "--iterations", type=_bounded(int, 10, 10**7), metavar="N",
                    help="samples per operation (default 2000; smoke 30)")

@@ -1,4 +1,4 @@
-"""Issue 12's five performance targets, judged per placement from one run's rows.
+"""The fast data path's five performance targets, judged per placement from one run's rows.
 
 Each target is a ratio of two rows (or one row's figure) of one placement of one run,
 beside the CPU per operation of the rows it is about (a fast path that burns both cores
@@ -179,6 +179,6 @@ def table(results: Sequence[Row], benches: Sequence[str] | None = None) -> Table
                  "run; ratios never mix placements or runs; cpu: CPU microseconds per call "
                  "of the client(s) and the service, for the figure's own row (a ratio's "
                  "numerator)")
-    return Table("targets (issue 12): measured per placement",
+    return Table("performance targets: measured per placement",
                  ["figure", "placement", "measured", "target", "verdict", "client cpu",
                   "service cpu"], body, notes, right=[2, 5, 6], wrap={0: 44, 4: 64})
