@@ -27,6 +27,7 @@ from esem.bench.common import (
     per_placement,
     placements,
     row,
+    switchless_supported,
 )
 
 CPUS = sorted(os.sched_getaffinity(0))
@@ -66,6 +67,19 @@ def test_split_pins_the_service_the_clients_and_each_partner() -> None:
     assert _pinned_to(0) == before  # this process may run where it could before
     assert row("micro", "esem", "socket", "post", "median", 1, "us")["placement"] == \
         "unpinned"
+
+
+@two_cpus
+def test_split_pins_every_thread_of_a_switchless_service() -> None:
+    if not switchless_supported():
+        pytest.skip("this build has no switchless mode")
+    split = placement.make("split")
+    with placement.active(split), esem_target("switchless", None) as target:
+        assert target.service_pid is not None
+        # the rings' poller and whatever else the service runs: one mask, the service's
+        assert _pinned_to(target.service_pid) == {split.service}
+        assert len(placement.affinity(target.service_pid)) >= 1
+        assert _pinned_to(0) == {split.client}
 
 
 def test_same_puts_the_service_beside_the_clients() -> None:
