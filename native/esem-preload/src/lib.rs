@@ -33,7 +33,7 @@
 
 use esem_client::conn::my_wake_fd;
 use esem_client::{process_client, Client, ClientError, OpenOptions, Semaphore};
-use esem_proto::consts::SEM_VALUE_MAX;
+use esem_proto::consts::{KEY_MAX_BYTES, KEY_MIN_BYTES, SEM_VALUE_MAX};
 use esem_proto::{Handle, Status, WaitMode};
 use libc::{c_char, c_int, c_uint, c_void, clockid_t, mode_t, sem_t, timespec};
 use std::cell::{Cell as StdCell, UnsafeCell};
@@ -436,7 +436,12 @@ pub unsafe extern "C" fn sem_open(
             }
         };
     }
-    match guarded(|| open_esem(name, oflag & !USE_ESEM, mode, value)) {
+    sem_result(guarded(|| open_esem(name, oflag & !USE_ESEM, mode, value, None)))
+}
+
+/// A `sem_t *` or `SEM_FAILED` with errno.
+fn sem_result(r: Result<*mut sem_t, c_int>) -> *mut sem_t {
+    match r {
         Ok(p) => p,
         Err(e) => {
             set_errno(e);
@@ -445,12 +450,66 @@ pub unsafe extern "C" fn sem_open(
     }
 }
 
+/// The caller's key bytes, or `EINVAL` (a key-binding key has 16..32 bytes).
+fn key_of(key: *const c_void, len: usize) -> Result<Vec<u8>, c_int> {
+    if key.is_null() || !(KEY_MIN_BYTES..=KEY_MAX_BYTES).contains(&len) {
+        return Err(libc::EINVAL);
+    }
+    // SAFETY: the caller passes `len` readable bytes at `key` (esem.h's contract).
+    Ok(unsafe { std::slice::from_raw_parts(key as *const u8, len) }.to_vec())
+}
+
+/// The keyed entry points report a missing or wrong key as `EKEYREJECTED` (Linux's
+/// errno 129, the status's own name); the POSIX functions, whose callers know only
+/// POSIX's errnos, report it as `EACCES`.
+fn keyed_errno(e: &ClientError, keyed: bool) -> c_int {
+    if keyed && e.status() == Some(Status::EKEYREJECTED) {
+        libc::EKEYREJECTED
+    } else {
+        errno_of(e)
+    }
+}
+
+/// `esem_sem_open_keyed` (esem.h): `sem_open` of a key-bound e-semaphore. With
+/// `O_CREAT` a new semaphore is bound to `key`; an existing one must have been bound
+/// to it. The `sem_t` works with every `sem_*` function, each request and reply MAC'd
+/// under the key (PROTOCOL.md 8). Always an e-semaphore: `USE_ESEM` is implied.
+#[no_mangle]
+pub unsafe extern "C" fn esem_sem_open_keyed(
+    name: *const c_char,
+    oflag: c_int,
+    mode: mode_t,
+    value: c_uint,
+    key: *const c_void,
+    key_len: usize,
+) -> *mut sem_t {
+    sem_result(guarded(|| {
+        let key = key_of(key, key_len)?;
+        open_esem(name, oflag & !USE_ESEM, mode, value, Some(key))
+    }))
+}
+
+/// `esem_sem_unlink_keyed` (esem.h): `sem_unlink` of a key-bound e-semaphore.
+#[no_mangle]
+pub unsafe extern "C" fn esem_sem_unlink_keyed(
+    name: *const c_char,
+    key: *const c_void,
+    key_len: usize,
+) -> c_int {
+    c_result(guarded(|| {
+        let key = key_of(key, key_len)?;
+        unlink_esem(name, Some(&key))
+    }))
+}
+
 fn open_esem(
     name: *const c_char,
     oflag: c_int,
     mode: mode_t,
     value: c_uint,
+    key: Option<Vec<u8>>,
 ) -> Result<*mut sem_t, c_int> {
+    let keyed = key.is_some();
     let name = name_of(name)?;
     let create = oflag & libc::O_CREAT != 0;
     // glibc ignores O_EXCL alone
@@ -468,11 +527,12 @@ fn open_esem(
         exclusive,
         mode: if create { mode & 0o7777 } else { 0 },
         value: if create && !over { value } else { 0 },
+        key,
         ..OpenOptions::default()
     };
-    let errno = |e| match errno_of(&e) {
+    let errno = |e: ClientError| match keyed_errno(&e, keyed) {
         libc::ENOENT if over => libc::EINVAL,
-        e => e,
+        n => n,
     };
     // Every sem_open asks the service, as glibc's opens the file every time: the
     // permission is checked for each open and a name unlinked meanwhile is ENOENT.
@@ -502,7 +562,7 @@ fn open_esem(
             return Ok(p as *mut sem_t);
         }
     }
-    let token = esem(sem.token())?;
+    let token = sem.token().map_err(errno)?;
     // Created anew: a sem_t this process still has under the name is of a semaphore
     // whose name another process unlinked; it keeps working until closed.
     table(|t| {
@@ -601,27 +661,29 @@ pub unsafe extern "C" fn sem_unlink(name: *const c_char) -> c_int {
             None => c_result(Err(libc::ENOSYS)),
         };
     }
-    c_result(guarded(|| {
-        // glibc's sem_unlink reports every name it cannot use as ENOENT, not EINVAL.
-        let n = name_of(name).map_err(|_| libc::ENOENT)?;
-        // Unlinking needs ownership under the current effective uid (see open_esem).
-        let process = esem(process_client())?;
-        let r = if process.same_credentials() {
-            esem_client::unlink(&n, None)
-        } else {
-            Client::connect().and_then(|now| esem_client::unlink_via(&now, &n, None))
-        };
-        esem(r).map_err(|e| match e {
-            libc::EINVAL | libc::ENAMETOOLONG => libc::ENOENT,
-            e => e,
-        })?;
-        table(|t| {
-            if let Some((p, count)) = t.names.remove(&n) {
-                *t.unlinked.entry(p).or_insert(0) += count;
-            }
-        });
-        Ok(())
-    }))
+    c_result(guarded(|| unlink_esem(name, None)))
+}
+
+fn unlink_esem(name: *const c_char, key: Option<&[u8]>) -> Result<(), c_int> {
+    // glibc's sem_unlink reports every name it cannot use as ENOENT, not EINVAL.
+    let n = name_of(name).map_err(|_| libc::ENOENT)?;
+    // Unlinking needs ownership under the current effective uid (see open_esem).
+    let process = esem(process_client())?;
+    let r = if process.same_credentials() {
+        esem_client::unlink(&n, key)
+    } else {
+        Client::connect().and_then(|now| esem_client::unlink_via(&now, &n, key))
+    };
+    r.map_err(|e| match keyed_errno(&e, key.is_some()) {
+        libc::EINVAL | libc::ENAMETOOLONG => libc::ENOENT,
+        n => n,
+    })?;
+    table(|t| {
+        if let Some((p, count)) = t.names.remove(&n) {
+            *t.unlinked.entry(p).or_insert(0) += count;
+        }
+    });
+    Ok(())
 }
 
 // ---------------------------------------------------------------- unnamed semaphores
