@@ -7,6 +7,7 @@ use crate::error::{ClientError, Result};
 use crate::sys;
 use esem_proto::consts::{open_flag, KEY_MAX_BYTES, KEY_MIN_BYTES, MAX_NAME_BYTES, SEM_VALUE_MAX};
 use esem_proto::{Handle, ReplyBody, RequestBody, Status, WaitMode};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -68,6 +69,9 @@ pub struct Semaphore {
     name: String,
     key: Option<Vec<u8>>,
     created: bool,
+    /// The service's identity of the semaphore (OPEN/ATTACH replies; 0 until a
+    /// `from_token` semaphore has attached).
+    sem_id: AtomicU64,
     /// (pid, handle): the handle is valid in that process's session only.
     token: Mutex<Option<(u32, Handle)>>,
 }
@@ -77,11 +81,13 @@ impl Semaphore {
     pub fn open(name: &str, opts: &OpenOptions) -> Result<Semaphore> {
         let body = Self::open_body(name, opts)?;
         let client = process_client()?;
-        let (handle, created) = Self::open_reply(client.call(&body, opts.key.as_deref())?)?;
+        let (handle, created, sem_id) =
+            Self::open_reply(client.call(&body, opts.key.as_deref())?)?;
         Ok(Semaphore {
             name: name.to_owned(),
             key: opts.key.clone(),
             created,
+            sem_id: AtomicU64::new(sem_id),
             token: Mutex::new(Some((std::process::id(), handle))),
         })
     }
@@ -94,13 +100,18 @@ impl Semaphore {
         Ok(Self::open_reply(client.call(&body, opts.key.as_deref())?)?.1)
     }
 
-    fn open_reply(reply: esem_proto::Reply) -> Result<(Handle, bool)> {
-        let ReplyBody::Handle { handle, created } = reply.body else {
+    fn open_reply(reply: esem_proto::Reply) -> Result<(Handle, bool, u64)> {
+        let ReplyBody::Handle {
+            handle,
+            created,
+            sem_id,
+        } = reply.body
+        else {
             return Err(ClientError::Unavailable(
                 "OPEN reply without a handle".into(),
             ));
         };
-        Ok((handle, created))
+        Ok((handle, created, sem_id))
     }
 
     fn open_body(name: &str, opts: &OpenOptions) -> Result<RequestBody> {
@@ -152,6 +163,7 @@ impl Semaphore {
             name: name.to_owned(),
             key: None,
             created: false,
+            sem_id: AtomicU64::new(0),
             token: Mutex::new(Some((0, token))),
         }
     }
@@ -190,6 +202,12 @@ impl Semaphore {
         &self.name
     }
 
+    /// The service's identity of the semaphore (PROTOCOL.md 6.2): two handles with the
+    /// same id are the same semaphore, whatever became of its name meanwhile.
+    pub fn sem_id(&self) -> u64 {
+        self.sem_id.load(Ordering::Relaxed)
+    }
+
     /// True if this open created the semaphore.
     pub fn created(&self) -> bool {
         self.created
@@ -223,11 +241,12 @@ impl Semaphore {
                         (Some(Status::EBADF), Some(cause)) => cause,
                         _ => e,
                     })?;
-                let ReplyBody::Handle { handle, .. } = reply.body else {
+                let ReplyBody::Handle { handle, sem_id, .. } = reply.body else {
                     return Err(ClientError::Unavailable(
                         "ATTACH reply without a handle".into(),
                     ));
                 };
+                self.sem_id.store(sem_id, Ordering::Relaxed);
                 *token = Some((pid, handle));
                 Ok((client, handle))
             }

@@ -157,8 +157,9 @@ impl<T> Spin<T> {
 struct Table {
     /// By the token written in the sem_t.
     sems: HashMap<Handle, Arc<Semaphore>>,
-    /// Named semaphores this process has open: name -> (its sem_t, sem_open count).
-    names: HashMap<String, (usize, u32)>,
+    /// Named semaphores this process has open: name -> (its sem_t, sem_open count,
+    /// the service's sem_id of the semaphore behind it).
+    names: HashMap<String, (usize, u32, u64)>,
     /// Names this process ever opened as e-semaphores (for sem_unlink).
     esem_names: HashSet<String>,
     /// Named semaphores still open here whose name this process unlinked: their sem_t
@@ -550,23 +551,29 @@ fn open_esem(
     }
     let sem = Semaphore::open(&name, &opts).map_err(errno)?;
     if !created.unwrap_or(sem.created()) {
-        // Opened before in this process: the same sem_t, as glibc returns the same
-        // mapping (programs and conformance tests compare the pointers).
-        if let Some(p) = table(|t| {
-            t.names.get_mut(&name).map(|e| {
+        // Opened before in this process, and the very semaphore (the service's sem_id
+        // says so): the same sem_t, as glibc returns the same mapping (programs and
+        // conformance tests compare the pointers). The name alone is not enough: it
+        // may have been unlinked and created again by another process meanwhile.
+        let id = sem.sem_id();
+        if let Some(p) = table(|t| match t.names.get_mut(&name) {
+            Some(e) if e.2 == id => {
                 e.1 += 1;
-                e.0
-            })
+                Some(e.0)
+            }
+            _ => None,
         }) {
             let _ = sem.close(); // the first open's handle serves both
             return Ok(p as *mut sem_t);
         }
     }
     let token = sem.token().map_err(errno)?;
-    // Created anew: a sem_t this process still has under the name is of a semaphore
-    // whose name another process unlinked; it keeps working until closed.
+    // Another semaphore than the one this process has under the name (created anew,
+    // here or by another process after an unlink): the old sem_t is of a semaphore
+    // whose name was unlinked; it keeps working until closed, as glibc's mapping does.
+    let sem_id = sem.sem_id();
     table(|t| {
-        if let Some((p, count)) = t.names.remove(&name) {
+        if let Some((p, count, _)) = t.names.remove(&name) {
             *t.unlinked.entry(p).or_insert(0) += count;
         }
     });
@@ -581,7 +588,7 @@ fn open_esem(
     let p = Box::into_raw(cell) as *mut sem_t;
     table(|t| {
         t.sems.insert(token, Arc::new(sem));
-        t.names.insert(name.clone(), (p as usize, 1));
+        t.names.insert(name.clone(), (p as usize, 1, sem_id));
         t.esem_names.insert(name);
     });
     Ok(p)
@@ -679,7 +686,7 @@ fn unlink_esem(name: *const c_char, key: Option<&[u8]>) -> Result<(), c_int> {
         n => n,
     })?;
     table(|t| {
-        if let Some((p, count)) = t.names.remove(&n) {
+        if let Some((p, count, _)) = t.names.remove(&n) {
             *t.unlinked.entry(p).or_insert(0) += count;
         }
     });
