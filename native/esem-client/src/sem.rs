@@ -73,7 +73,10 @@ pub struct Semaphore {
     /// `from_token` semaphore has attached).
     sem_id: AtomicU64,
     /// (pid, handle): the handle is valid in that process's session only.
-    token: Mutex<Option<(u32, Handle)>>,
+    /// (pid, handle, session): the handle is valid in that process's session only,
+    /// and dies with it: once that session has failed, the process's next session
+    /// does not know the handle, and the operations report the failure.
+    token: Mutex<Option<(u32, Handle, Option<&'static Client>)>>,
 }
 
 impl Semaphore {
@@ -81,14 +84,13 @@ impl Semaphore {
     pub fn open(name: &str, opts: &OpenOptions) -> Result<Semaphore> {
         let body = Self::open_body(name, opts)?;
         let client = process_client()?;
-        let (handle, created, sem_id) =
-            Self::open_reply(client.call(&body, opts.key.as_deref())?)?;
+        let (handle, created, sem_id) = Self::open_reply(client.call(&body, opts.key.as_deref())?)?;
         Ok(Semaphore {
             name: name.to_owned(),
             key: opts.key.clone(),
             created,
             sem_id: AtomicU64::new(sem_id),
-            token: Mutex::new(Some((std::process::id(), handle))),
+            token: Mutex::new(Some((std::process::id(), handle, Some(client)))),
         })
     }
 
@@ -164,7 +166,7 @@ impl Semaphore {
             key: None,
             created: false,
             sem_id: AtomicU64::new(0),
-            token: Mutex::new(Some((0, token))),
+            token: Mutex::new(Some((0, token, None))),
         }
     }
 
@@ -220,7 +222,6 @@ impl Semaphore {
     /// The client and this process's handle, attaching first if the handle was
     /// inherited across fork.
     fn ctx(&self) -> Result<(&'static Client, Handle)> {
-        let client = process_client()?;
         let pid = std::process::id();
         let mut token = self.token.lock().unwrap_or_else(|p| p.into_inner());
         match *token {
@@ -228,8 +229,13 @@ impl Semaphore {
                 status: Status::EBADF,
                 message: format!("semaphore {} has been closed", self.name),
             }),
-            Some((p, h)) if p == pid => Ok((client, h)),
-            Some((_, ancestor)) => {
+            // The session the handle was issued in, failed or not: a failed one answers
+            // with its failure (tampering: an integrity error; the service gone:
+            // unavailable), where a newer session would only say "no such handle".
+            Some((p, h, Some(owner))) if p == pid => Ok((owner, h)),
+            Some((p, h, None)) if p == pid => Ok((process_client()?, h)),
+            Some((_, ancestor, _)) => {
+                let client = process_client()?;
                 let reply = client
                     .call(
                         &RequestBody::Attach { handle: ancestor },
@@ -247,7 +253,7 @@ impl Semaphore {
                     ));
                 };
                 self.sem_id.store(sem_id, Ordering::Relaxed);
-                *token = Some((pid, handle));
+                *token = Some((pid, handle, Some(client)));
                 Ok((client, handle))
             }
         }

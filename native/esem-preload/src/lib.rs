@@ -437,7 +437,9 @@ pub unsafe extern "C" fn sem_open(
             }
         };
     }
-    sem_result(guarded(|| open_esem(name, oflag & !USE_ESEM, mode, value, None)))
+    sem_result(guarded(|| {
+        open_esem(name, oflag & !USE_ESEM, mode, value, None)
+    }))
 }
 
 /// A `sem_t *` or `SEM_FAILED` with errno.
@@ -944,6 +946,7 @@ pub unsafe extern "C" fn esem_shim_begin(
     clock: clockid_t,
     req: *mut u64,
     wake: *mut c_int,
+    client: *mut *const c_void,
 ) -> c_int {
     step(guarded(|| {
         let sem = lookup(s).ok_or(libc::EINVAL)?;
@@ -963,11 +966,12 @@ pub unsafe extern "C" fn esem_shim_begin(
             _ => return Err(libc::EINVAL),
         };
         let fd = esem(my_wake_fd())?;
-        let (_, id) = esem(sem.start_wait(wmode, timeout_ns))?;
+        let (session, id) = esem(sem.start_wait(wmode, timeout_ns))?;
         // SAFETY: shim.c passes pointers to its own locals.
         unsafe {
             *req = id;
             *wake = fd;
+            *client = session as *const Client as *const c_void;
         }
         Ok(ESEM_PENDING)
     }))
@@ -985,18 +989,31 @@ fn finished(r: Option<esem_client::Result<esem_proto::Reply>>) -> Result<c_int, 
     }
 }
 
+/// The session a wait was sent in, from the pointer `esem_shim_begin` gave shim.c.
+/// Not `process_client()`: once that session has failed (a tampered frame, the service
+/// gone), the process may have connected a new one, which knows nothing of this wait
+/// (its answer would be a misleading EINVAL); the failed one answers with its failure.
+fn session_of(client: *const c_void) -> Result<&'static Client, c_int> {
+    if client.is_null() {
+        return Err(libc::EINVAL);
+    }
+    // SAFETY: the pointer is a `&'static Client` from `start_wait` (process clients are
+    // leaked, never freed), handed back unchanged by shim.c within the same wait.
+    Ok(unsafe { &*(client as *const Client) })
+}
+
 #[no_mangle]
-pub extern "C" fn esem_shim_poll(_s: *mut sem_t, req: u64) -> c_int {
-    step(guarded(|| finished(esem(process_client())?.try_reply(req))))
+pub extern "C" fn esem_shim_poll(_s: *mut sem_t, req: u64, client: *const c_void) -> c_int {
+    step(guarded(|| finished(session_of(client)?.try_reply(req))))
 }
 
 /// A signal interrupted the wait: withdraw it. `ESEM_DONE` if the grant won the race
 /// (the caller has its unit and returns 0), else `-EINTR`.
 #[no_mangle]
-pub extern "C" fn esem_shim_interrupted(s: *mut sem_t, req: u64) -> c_int {
+pub extern "C" fn esem_shim_interrupted(s: *mut sem_t, req: u64, client: *const c_void) -> c_int {
     step(guarded(|| {
         let sem = lookup(s).ok_or(libc::EINVAL)?;
-        let client = esem(process_client())?;
+        let client = session_of(client)?;
         if esem(sem.cancel_wait(client, req))? {
             Ok(ESEM_DONE)
         } else {
@@ -1008,10 +1025,10 @@ pub extern "C" fn esem_shim_interrupted(s: *mut sem_t, req: u64) -> c_int {
 /// The thread is being cancelled in its wait: withdraw it, and give back a unit the
 /// grant may have won meanwhile, so the dying thread takes nothing with it.
 #[no_mangle]
-pub extern "C" fn esem_shim_cancelled(s: *mut sem_t, req: u64) {
+pub extern "C" fn esem_shim_cancelled(s: *mut sem_t, req: u64, client: *const c_void) {
     let _ = guarded(|| {
         let sem = lookup(s).ok_or(libc::EINVAL)?;
-        let client = esem(process_client())?;
+        let client = session_of(client)?;
         if esem(sem.cancel_wait(client, req))? {
             esem(sem.post())?;
         }
