@@ -51,7 +51,7 @@ def test_tampered_replies_are_eproto_in_the_c_program(
         for p in r.phases:
             assert p.truth is not None and p.truth.conserved and p.truth.settled, p.evidence
             if p.direction == a2_mitm.S2C and r.strategy not in ("drop", "delay"):
-                assert "IntegrityError" in " ".join(p.ops), p.evidence
+                assert "IntegrityError (-1, errno EPROTO)" in " ".join(p.ops), p.evidence
                 seen += 1
     assert seen >= 10
 

@@ -411,6 +411,9 @@ class _Op:
     def result(self) -> str:
         end = "running" if not self.done else (
             "success" if self.error is None else type(self.error).__name__)
+        c_errno = getattr(self.error, "c_errno", None)  # a native victim's sem_* errno
+        if c_errno is not None:
+            end += f" (-1, errno {c_errno})"
         return f"hung, then {end}" if self.hung else end
 
     def describe(self) -> str:

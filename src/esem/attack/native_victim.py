@@ -98,10 +98,13 @@ _EXCEPTIONS: dict[int, type[EsemError]] = {
 
 
 def error_for(err: int, what: str) -> EsemError:
-    """The exception the Python client raises for what ``errno`` says."""
+    """The exception the Python client raises for what ``errno`` says (its errno's name
+    kept in ``c_errno``, for the evidence)."""
     cls = _EXCEPTIONS.get(err, EsemError)
     name = errno.errorcode.get(err, str(err))
-    return cls(f"native {what}: -1, errno {name} ({os.strerror(err)})")
+    exc = cls(f"native {what}: -1, errno {name} ({os.strerror(err)})")
+    exc.c_errno = name  # type: ignore[attr-defined]
+    return exc
 
 
 class NativeVictim:
