@@ -3,7 +3,9 @@
 //!
 //! Which semaphores move: by default only `sem_open(name, oflag | USE_ESEM, ...)`
 //! (`native/include/esem.h`); with `ESEM_PRELOAD_ALL=1` every named and unnamed one.
-//! Everything else goes to glibc's own functions (`dlsym(RTLD_NEXT, ...)`).
+//! Everything else goes to glibc's own functions (`dlsym(RTLD_NEXT, ...)`). Two esem
+//! functions beside POSIX's, `esem_sem_open_keyed` and `esem_sem_unlink_keyed`, reach
+//! key-bound e-semaphores from C (their `sem_t` then MACs every request under the key).
 //!
 //! The 32-byte `sem_t` of an e-semaphore holds a magic word and the 16-byte handle
 //! token that finds it in the service, never its count. The magic's low 32 bits have
