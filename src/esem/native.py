@@ -5,14 +5,17 @@ program's POSIX semaphores into the esem service without changing the program. I
 found, in order: ``$ESEM_PRELOAD_LIB``; inside the installed package
 (``esem/_native/``, put there by ``pip install .``); the repository's Cargo build
 (``native/target/release``, then ``debug``). ``esem run`` refuses a binary that the
-dynamic loader does not run (a static executable: nothing can be interposed), so it
-never pretends to protect what it cannot reach.
+dynamic loader does not run (a static executable: nothing can be interposed) and one it
+would start in secure-execution mode (setuid or setgid to other credentials, or with
+file capabilities: the loader then ignores ``LD_PRELOAD``), so it never pretends to
+protect what it cannot reach.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import struct
 from pathlib import Path
 
@@ -83,6 +86,23 @@ def is_static_elf(path: Path) -> bool:
     return True
 
 
+def secure_exec_reason(path: Path) -> str | None:
+    """Why the dynamic loader would run ``path`` in secure-execution mode (``AT_SECURE``),
+    in which it ignores ``LD_PRELOAD`` (ld.so(8)): the exec changes the effective uid or
+    gid (a setuid or setgid file not owned by the caller's real uid or gid), or grants
+    file capabilities. None if it would not."""
+    st = os.stat(path)
+    if st.st_mode & stat.S_ISUID and st.st_uid != os.getuid():
+        return f"setuid to uid {st.st_uid}"
+    if st.st_mode & stat.S_ISGID and st.st_gid != os.getgid():
+        return f"setgid to gid {st.st_gid}"
+    try:
+        os.getxattr(path, "security.capability")
+    except OSError:
+        return None
+    return "given file capabilities (security.capability)"
+
+
 def preload_environment(all_semaphores: bool, base: dict[str, str] | None = None) -> dict[str, str]:
     """``base`` (default: this environment) with the library preloaded (ahead of any
     other preload) and, for ``all_semaphores``, ``ESEM_PRELOAD_ALL=1``."""
@@ -108,6 +128,14 @@ def exec_under_preload(argv: list[str], all_semaphores: bool) -> None:
             f"{program} is a statically linked executable: the dynamic loader never runs, "
             "so LD_PRELOAD cannot move its semaphores into esem; rebuild it dynamically "
             "linked"
+        )
+    secure = secure_exec_reason(program)
+    if secure is not None:
+        raise NativeError(
+            f"{program} is {secure}: the dynamic loader runs such a program in "
+            "secure-execution mode and ignores LD_PRELOAD, so its semaphores would silently "
+            "stay glibc's; run it without the setuid/setgid bit or capabilities, or as the "
+            "user it would become"
         )
     env = preload_environment(all_semaphores)
     os.execve(program, argv, env)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to change 
 
 @pytest.fixture(scope="module")
 def rows(target: Target) -> dict[str, Outcome]:
-    result = a4_forger.run(target)
+    result = a4_forger.run_python(target)  # the native rows: test_a4_native.py
     assert [r.attack for r in result] == ["A4 forged uid"] * 3
     return {r.backend: r for r in result}
 

@@ -171,7 +171,7 @@ def test_unknown_session_is_einval(table: SemTable) -> None:
 def test_create_new_semaphore(table: SemTable) -> None:
     opened = ok(table, table.open, S_ALICE, "/a", create=True, excl=False, mode=0o640,
                 value=3, now_wall=99.5)
-    assert opened == Opened(opened.handle, True, None)
+    assert opened == Opened(opened.handle, True, None, opened.sem_id)
     assert len(opened.handle) == 16
     info = table.info("/a")
     assert info.name == "/a" and info.linked
@@ -1092,6 +1092,22 @@ def test_attach_same_uid(table: SemTable) -> None:
     ok(table, table.close, S_ALICE, h)
     ok(table, table.post, S_ALICE2, opened.handle)
     assert value_of(table, "/a") == 1
+
+
+def test_open_and_attach_carry_the_semaphores_identity(table: SemTable) -> None:
+    """OPEN and ATTACH name the semaphore they opened (its sem_id): the same for every
+    handle on it, another for the name unlinked and created again."""
+    first = ok(table, table.open, S_ALICE, "/a", create=True, excl=True, mode=0o600,
+               value=0, now_wall=1.0)
+    assert first.sem_id == table.info("/a").sem_id
+    again = ok(table, table.open, S_ALICE2, "/a", create=False, excl=False, mode=0,
+               value=0, now_wall=2.0)
+    attached = ok(table, table.attach, S_ALICE2, first.handle)
+    assert again.sem_id == attached.sem_id == first.sem_id
+    ok(table, table.unlink, S_ALICE, "/a")
+    renewed = ok(table, table.open, S_ALICE, "/a", create=True, excl=True, mode=0o600,
+                 value=0, now_wall=3.0)
+    assert renewed.created and renewed.sem_id != first.sem_id
 
 
 def test_attach_other_uid_is_ebadf(table: SemTable) -> None:

@@ -172,8 +172,8 @@ class NativeBackend:
         return native_backend.NativeSemaphore
 
     def open(self, name: str, oflag: int = 0, mode: int = 0o600,
-             value: int = 0) -> native_backend.NativeSemaphore:
-        return native_backend.open_semaphore(name, oflag, mode, value)
+             value: int = 0, key: bytes | None = None) -> native_backend.NativeSemaphore:
+        return native_backend.open_semaphore(name, oflag, mode, value, key)
 
     def unlink(self, name: str) -> None:
         native_backend.unlink(name)

@@ -63,6 +63,9 @@ def library() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(library_path()), use_errno=True)
         lib.sem_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_uint]
         lib.sem_open.restype = ctypes.c_void_p
+        lib.esem_sem_open_keyed.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
+                                            ctypes.c_uint, ctypes.c_char_p, ctypes.c_size_t]
+        lib.esem_sem_open_keyed.restype = ctypes.c_void_p
         for fn in ("sem_wait", "sem_trywait", "sem_post", "sem_close"):
             getattr(lib, fn).argtypes = [ctypes.c_void_p]
             getattr(lib, fn).restype = ctypes.c_int
@@ -146,14 +149,20 @@ class NativeSemaphore:
 
 
 def open_semaphore(name: str, oflag: int = 0, mode: int = 0o600,
-                   value: int = 0) -> NativeSemaphore:
-    """``sem_open(name, oflag | C_USE_ESEM, mode, value)`` of the native client. A value
-    outside ``unsigned int`` cannot be passed to C: it is the ``EINVAL`` glibc gives a
-    value above SEM_VALUE_MAX."""
-    if not 0 <= value <= 0xFFFF_FFFF:
+                   value: int = 0, key: bytes | None = None) -> NativeSemaphore:
+    """``sem_open(name, oflag | C_USE_ESEM, mode, value)`` of the native client, or with
+    ``key`` esem.h's ``esem_sem_open_keyed``. A value outside ``unsigned int`` cannot be
+    passed to C: it is the ``EINVAL`` glibc gives a value above SEM_VALUE_MAX (as is -1,
+    which a C caller's ``unsigned int`` would make 4294967295)."""
+    if -(2**31) <= value < 0:
+        value &= 0xFFFF_FFFF  # a negative int, as C converts it to unsigned int
+    elif not 0 <= value <= 0xFFFF_FFFF:
         raise InvalidRequest(f"initial value {value} is not an unsigned int",
                              status=Status.EINVAL)
-    sem = library().sem_open(name.encode(), oflag | C_USE_ESEM, mode, value)
+    if key is None:
+        sem = library().sem_open(name.encode(), oflag | C_USE_ESEM, mode, value)
+    else:
+        sem = library().esem_sem_open_keyed(name.encode(), oflag, mode, value, key, len(key))
     if not sem:
         raise _error(f"sem_open({name!r})")
     # The library hands glibc's own semaphore to an oflag without the bit: a backend

@@ -29,6 +29,8 @@ from esem import (
 
 from . import reap, run_forked, spawn, stat, wait_for_waiters, wait_until
 
+pytestmark = pytest.mark.native_backend  # the backend tests run as esem-native too
+
 CREX = O_CREAT | O_EXCL
 JOIN_TIMEOUT = 30.0
 

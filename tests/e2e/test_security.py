@@ -34,7 +34,8 @@ from . import run_forked, stat
 
 CREX = O_CREAT | O_EXCL
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to nobody")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to nobody"),
+              pytest.mark.native_backend]  # the backend tests run as esem-native too
 
 # Exit codes of the children: 0 is "as expected"; anything else says what went wrong.
 ALLOWED, REFUSED, WRONG_ERROR = 10, 11, 12

@@ -21,6 +21,8 @@ from esem.protocol.constants import MAX_TIMEOUT_NS
 
 from . import stat, wait_for_waiters
 
+pytestmark = pytest.mark.native_backend  # the backend tests run as esem-native too
+
 CREX = O_CREAT | O_EXCL
 JOIN_TIMEOUT = 30.0
 NO_DEADLINE = [math.inf, 1e300, MAX_TIMEOUT_S, MAX_TIMEOUT_S * 2, 10**400]

@@ -54,7 +54,7 @@ def req_dict(r: Request) -> dict[str, Any]:
 def rep_dict(r: Reply) -> dict[str, Any]:
     return {
         "opcode": r.opcode.name, "req_id": r.req_id, "status": r.status.name,
-        "handle": r.handle.hex(), "created": r.created, "value": r.value,
+        "handle": r.handle.hex(), "created": r.created, "sem_id": r.sem_id, "value": r.value,
         "data": r.data.hex(), "message": r.message,
     }
 
@@ -95,7 +95,9 @@ def replies() -> list[Reply]:
     out: list[Reply] = []
     for i, op in enumerate(Opcode):
         if op in (Opcode.OPEN, Opcode.ATTACH):
-            out.append(Reply(op, i, Status.OK, handle=H, created=op is Opcode.OPEN))
+            # the sem_id at both ends of its range
+            out.append(Reply(op, i, Status.OK, handle=H, created=op is Opcode.OPEN,
+                             sem_id=2**64 - 1 if op is Opcode.OPEN else 1))
         elif op in (Opcode.GETVALUE, Opcode.CANCEL, Opcode.SWITCHLESS, Opcode.RECLAIM):
             out.append(Reply(op, i, Status.OK, value=2**32 - 1 - i))
         elif op in (Opcode.LIST, Opcode.STAT):
@@ -313,9 +315,11 @@ def test_rust_client_session_against_python_service_session(interop: Interop) ->
     (event,) = server.receive_data(bytes.fromhex(opened["hex"]))
     assert event.request.req_id == opened["req_id"] == 1 and event.mac is not None
     server.authenticator(event)(key)  # raises unless the MAC verifies
-    server.send_reply(Reply(Opcode.OPEN, 1, Status.OK, handle=H, created=True), mac_key=key)
+    server.send_reply(Reply(Opcode.OPEN, 1, Status.OK, handle=H, created=True, sem_id=9),
+                      mac_key=key)
     got = interop.ok(op="client_receive", hex=server.data_to_send().hex())["replies"]
-    assert got == [rep_dict(Reply(Opcode.OPEN, 1, Status.OK, handle=H, created=True))]
+    assert got == [rep_dict(Reply(Opcode.OPEN, 1, Status.OK, handle=H, created=True,
+                                  sem_id=9))]
     # A POST on it whose OK reply lacks the MAC: the Rust client refuses the grant.
     sent = interop.ok(op="client_send", key=key.hex(), request={"opcode": "POST",
                                                                 "handle": H.hex()})

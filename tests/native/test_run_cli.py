@@ -67,6 +67,26 @@ def test_run_refuses_static_binaries(preload: Path, tmp_path: Path) -> None:
     assert r.returncode == 0
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another uid")
+def test_run_refuses_setuid_binaries(preload: Path, tmp_path: Path) -> None:
+    """The loader ignores LD_PRELOAD for a program that changes credentials at exec: esem
+    run says so instead of starting it with its semaphores left in glibc."""
+    os.chmod(tmp_path, 0o755)
+    prog = tmp_path / "setuid-true"
+    shutil.copyfile(shutil.which("true") or "/bin/true", prog)
+    os.chown(prog, 65534, 65534)
+    env = {"ESEM_PRELOAD_LIB": str(preload)}
+    for mode, what in ((0o4755, "setuid to uid 65534"), (0o2755, "setgid to gid 65534")):
+        os.chmod(prog, mode)
+        r = esem("run", "--", str(prog), env=env)
+        assert r.returncode == 2 and what in r.stderr and "LD_PRELOAD" in r.stderr, r.stderr
+    os.chmod(prog, 0o755)  # the same file without the bits runs
+    assert esem("run", "--", str(prog), env=env).returncode == 0
+    os.chown(prog, os.getuid(), os.getgid())  # setuid to oneself changes nothing: runs
+    os.chmod(prog, 0o4755)
+    assert esem("run", "--", str(prog), env=env).returncode == 0
+
+
 def test_preload_finds_a_built_library_without_the_variable(native_build: Path) -> None:
     """Installed (pip builds it into esem/_native) or the repository's Cargo build."""
     env = {k: v for k, v in os.environ.items() if k != "ESEM_PRELOAD_LIB"}

@@ -104,7 +104,8 @@ _refusal_text = st.text(max_size=200).filter(
 
 def _ok_reply(op: Opcode, rid: int, draw: st.DrawFn) -> Reply:
     if op in (Opcode.OPEN, Opcode.ATTACH):
-        return Reply(op, rid, Status.OK, handle=draw(handles), created=draw(st.booleans()))
+        return Reply(op, rid, Status.OK, handle=draw(handles), created=draw(st.booleans()),
+                     sem_id=draw(st.integers(0, 2**64 - 1)))
     # SWITCHLESS: the ring capacity; RECLAIM: the units released
     if op in (Opcode.GETVALUE, Opcode.SWITCHLESS, Opcode.RECLAIM):
         return Reply(op, rid, Status.OK, value=draw(st.integers(0, U32_MAX)))

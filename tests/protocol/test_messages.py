@@ -63,8 +63,9 @@ EXAMPLE_REQUESTS = {
     Opcode.RECLAIM: Request(Opcode.RECLAIM, 7, name="/sem"),
 }
 EXAMPLE_OK_REPLIES = {
-    Opcode.OPEN: Reply(Opcode.OPEN, 7, Status.OK, handle=H, created=True),
-    Opcode.ATTACH: Reply(Opcode.ATTACH, 7, Status.OK, handle=H),
+    Opcode.OPEN: Reply(Opcode.OPEN, 7, Status.OK, handle=H, created=True,
+                       sem_id=0x0102030405060708),
+    Opcode.ATTACH: Reply(Opcode.ATTACH, 7, Status.OK, handle=H, sem_id=2**64 - 1),
     Opcode.GETVALUE: Reply(Opcode.GETVALUE, 7, Status.OK, value=2**31 - 1),
     Opcode.CANCEL: Reply(Opcode.CANCEL, 7, Status.OK, value=1),
     Opcode.SWITCHLESS: Reply(Opcode.SWITCHLESS, 7, Status.OK, value=65536),
@@ -164,7 +165,9 @@ def test_request_layouts_byte_by_byte() -> None:
 
 def test_reply_layouts_byte_by_byte() -> None:
     head = bytes((VERSION, Opcode.OPEN, 0)) + (7).to_bytes(8, "big") + b"\x00\x00"
-    assert encode_reply(EXAMPLE_OK_REPLIES[Opcode.OPEN]) == head + H + b"\x01"
+    assert encode_reply(EXAMPLE_OK_REPLIES[Opcode.OPEN]) == (
+        head + H + b"\x01" + bytes(range(1, 9)))
+    assert encode_reply(EXAMPLE_OK_REPLIES[Opcode.ATTACH])[REP_HEAD:] == H + b"\x00" + b"\xff" * 8
     assert encode_reply(EXAMPLE_OK_REPLIES[Opcode.GETVALUE])[REP_HEAD:] == b"\x7f\xff\xff\xff"
     assert len(encode_reply(EXAMPLE_OK_REPLIES[Opcode.POST])) == REP_HEAD == 13
     refusal = encode_reply(Reply(Opcode.POST, 7, Status.EOVERFLOW, message="full"))
@@ -383,8 +386,9 @@ def test_name_that_is_not_utf8_is_rejected(name: bytes) -> None:
 @pytest.mark.parametrize("created", [2, 128, 255])
 def test_created_flag_out_of_range_is_rejected(created: int) -> None:
     raw = encode_reply(EXAMPLE_OK_REPLIES[Opcode.OPEN])
+    at = REP_HEAD + len(H)  # created, then the 8-byte sem_id
     with pytest.raises(ProtocolError, match="created"):
-        decode_reply(raw[:-1] + bytes((created,)))
+        decode_reply(raw[:at] + bytes((created,)) + raw[at + 1 :])
 
 
 def test_refusal_text_too_long_is_rejected() -> None:

@@ -296,8 +296,8 @@ def test_every_opcode_goes_through_and_back() -> None:
     assert [e.request.req_id for e in events] == list(range(1, len(sent) + 1))
     assert all(e.mac is None for e in events)
     payload: dict[Opcode, dict[str, object]] = {
-        Opcode.OPEN: {"handle": H, "created": True},
-        Opcode.ATTACH: {"handle": H},
+        Opcode.OPEN: {"handle": H, "created": True, "sem_id": 7},
+        Opcode.ATTACH: {"handle": H, "sem_id": 2**64 - 1},
         Opcode.GETVALUE: {"value": 3},
         Opcode.CANCEL: {"value": 0},
         Opcode.SWITCHLESS: {"value": 65536},

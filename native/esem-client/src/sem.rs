@@ -7,6 +7,7 @@ use crate::error::{ClientError, Result};
 use crate::sys;
 use esem_proto::consts::{open_flag, KEY_MAX_BYTES, KEY_MIN_BYTES, MAX_NAME_BYTES, SEM_VALUE_MAX};
 use esem_proto::{Handle, ReplyBody, RequestBody, Status, WaitMode};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -68,8 +69,14 @@ pub struct Semaphore {
     name: String,
     key: Option<Vec<u8>>,
     created: bool,
+    /// The service's identity of the semaphore (OPEN/ATTACH replies; 0 until a
+    /// `from_token` semaphore has attached).
+    sem_id: AtomicU64,
     /// (pid, handle): the handle is valid in that process's session only.
-    token: Mutex<Option<(u32, Handle)>>,
+    /// (pid, handle, session): the handle is valid in that process's session only,
+    /// and dies with it: once that session has failed, the process's next session
+    /// does not know the handle, and the operations report the failure.
+    token: Mutex<Option<(u32, Handle, Option<&'static Client>)>>,
 }
 
 impl Semaphore {
@@ -77,12 +84,13 @@ impl Semaphore {
     pub fn open(name: &str, opts: &OpenOptions) -> Result<Semaphore> {
         let body = Self::open_body(name, opts)?;
         let client = process_client()?;
-        let (handle, created) = Self::open_reply(client.call(&body, opts.key.as_deref())?)?;
+        let (handle, created, sem_id) = Self::open_reply(client.call(&body, opts.key.as_deref())?)?;
         Ok(Semaphore {
             name: name.to_owned(),
             key: opts.key.clone(),
             created,
-            token: Mutex::new(Some((std::process::id(), handle))),
+            sem_id: AtomicU64::new(sem_id),
+            token: Mutex::new(Some((std::process::id(), handle, Some(client)))),
         })
     }
 
@@ -94,13 +102,18 @@ impl Semaphore {
         Ok(Self::open_reply(client.call(&body, opts.key.as_deref())?)?.1)
     }
 
-    fn open_reply(reply: esem_proto::Reply) -> Result<(Handle, bool)> {
-        let ReplyBody::Handle { handle, created } = reply.body else {
+    fn open_reply(reply: esem_proto::Reply) -> Result<(Handle, bool, u64)> {
+        let ReplyBody::Handle {
+            handle,
+            created,
+            sem_id,
+        } = reply.body
+        else {
             return Err(ClientError::Unavailable(
                 "OPEN reply without a handle".into(),
             ));
         };
-        Ok((handle, created))
+        Ok((handle, created, sem_id))
     }
 
     fn open_body(name: &str, opts: &OpenOptions) -> Result<RequestBody> {
@@ -152,7 +165,8 @@ impl Semaphore {
             name: name.to_owned(),
             key: None,
             created: false,
-            token: Mutex::new(Some((0, token))),
+            sem_id: AtomicU64::new(0),
+            token: Mutex::new(Some((0, token, None))),
         }
     }
 
@@ -190,6 +204,12 @@ impl Semaphore {
         &self.name
     }
 
+    /// The service's identity of the semaphore (PROTOCOL.md 6.2): two handles with the
+    /// same id are the same semaphore, whatever became of its name meanwhile.
+    pub fn sem_id(&self) -> u64 {
+        self.sem_id.load(Ordering::Relaxed)
+    }
+
     /// True if this open created the semaphore.
     pub fn created(&self) -> bool {
         self.created
@@ -202,7 +222,6 @@ impl Semaphore {
     /// The client and this process's handle, attaching first if the handle was
     /// inherited across fork.
     fn ctx(&self) -> Result<(&'static Client, Handle)> {
-        let client = process_client()?;
         let pid = std::process::id();
         let mut token = self.token.lock().unwrap_or_else(|p| p.into_inner());
         match *token {
@@ -210,8 +229,13 @@ impl Semaphore {
                 status: Status::EBADF,
                 message: format!("semaphore {} has been closed", self.name),
             }),
-            Some((p, h)) if p == pid => Ok((client, h)),
-            Some((_, ancestor)) => {
+            // The session the handle was issued in, failed or not: a failed one answers
+            // with its failure (tampering: an integrity error; the service gone:
+            // unavailable), where a newer session would only say "no such handle".
+            Some((p, h, Some(owner))) if p == pid => Ok((owner, h)),
+            Some((p, h, None)) if p == pid => Ok((process_client()?, h)),
+            Some((_, ancestor, _)) => {
+                let client = process_client()?;
                 let reply = client
                     .call(
                         &RequestBody::Attach { handle: ancestor },
@@ -223,12 +247,13 @@ impl Semaphore {
                         (Some(Status::EBADF), Some(cause)) => cause,
                         _ => e,
                     })?;
-                let ReplyBody::Handle { handle, .. } = reply.body else {
+                let ReplyBody::Handle { handle, sem_id, .. } = reply.body else {
                     return Err(ClientError::Unavailable(
                         "ATTACH reply without a handle".into(),
                     ));
                 };
-                *token = Some((pid, handle));
+                self.sem_id.store(sem_id, Ordering::Relaxed);
+                *token = Some((pid, handle, Some(client)));
                 Ok((client, handle))
             }
         }

@@ -3,7 +3,9 @@
 //!
 //! Which semaphores move: by default only `sem_open(name, oflag | USE_ESEM, ...)`
 //! (`native/include/esem.h`); with `ESEM_PRELOAD_ALL=1` every named and unnamed one.
-//! Everything else goes to glibc's own functions (`dlsym(RTLD_NEXT, ...)`).
+//! Everything else goes to glibc's own functions (`dlsym(RTLD_NEXT, ...)`). Two esem
+//! functions beside POSIX's, `esem_sem_open_keyed` and `esem_sem_unlink_keyed`, reach
+//! key-bound e-semaphores from C (their `sem_t` then MACs every request under the key).
 //!
 //! The 32-byte `sem_t` of an e-semaphore holds a magic word and the 16-byte handle
 //! token that finds it in the service, never its count. The magic's low 32 bits have
@@ -33,7 +35,7 @@
 
 use esem_client::conn::my_wake_fd;
 use esem_client::{process_client, Client, ClientError, OpenOptions, Semaphore};
-use esem_proto::consts::SEM_VALUE_MAX;
+use esem_proto::consts::{KEY_MAX_BYTES, KEY_MIN_BYTES, SEM_VALUE_MAX};
 use esem_proto::{Handle, Status, WaitMode};
 use libc::{c_char, c_int, c_uint, c_void, clockid_t, mode_t, sem_t, timespec};
 use std::cell::{Cell as StdCell, UnsafeCell};
@@ -157,8 +159,9 @@ impl<T> Spin<T> {
 struct Table {
     /// By the token written in the sem_t.
     sems: HashMap<Handle, Arc<Semaphore>>,
-    /// Named semaphores this process has open: name -> (its sem_t, sem_open count).
-    names: HashMap<String, (usize, u32)>,
+    /// Named semaphores this process has open: name -> (its sem_t, sem_open count,
+    /// the service's sem_id of the semaphore behind it).
+    names: HashMap<String, (usize, u32, u64)>,
     /// Names this process ever opened as e-semaphores (for sem_unlink).
     esem_names: HashSet<String>,
     /// Named semaphores still open here whose name this process unlinked: their sem_t
@@ -436,7 +439,14 @@ pub unsafe extern "C" fn sem_open(
             }
         };
     }
-    match guarded(|| open_esem(name, oflag & !USE_ESEM, mode, value)) {
+    sem_result(guarded(|| {
+        open_esem(name, oflag & !USE_ESEM, mode, value, None)
+    }))
+}
+
+/// A `sem_t *` or `SEM_FAILED` with errno.
+fn sem_result(r: Result<*mut sem_t, c_int>) -> *mut sem_t {
+    match r {
         Ok(p) => p,
         Err(e) => {
             set_errno(e);
@@ -445,12 +455,66 @@ pub unsafe extern "C" fn sem_open(
     }
 }
 
+/// The caller's key bytes, or `EINVAL` (a key-binding key has 16..32 bytes).
+fn key_of(key: *const c_void, len: usize) -> Result<Vec<u8>, c_int> {
+    if key.is_null() || !(KEY_MIN_BYTES..=KEY_MAX_BYTES).contains(&len) {
+        return Err(libc::EINVAL);
+    }
+    // SAFETY: the caller passes `len` readable bytes at `key` (esem.h's contract).
+    Ok(unsafe { std::slice::from_raw_parts(key as *const u8, len) }.to_vec())
+}
+
+/// The keyed entry points report a missing or wrong key as `EKEYREJECTED` (Linux's
+/// errno 129, the status's own name); the POSIX functions, whose callers know only
+/// POSIX's errnos, report it as `EACCES`.
+fn keyed_errno(e: &ClientError, keyed: bool) -> c_int {
+    if keyed && e.status() == Some(Status::EKEYREJECTED) {
+        libc::EKEYREJECTED
+    } else {
+        errno_of(e)
+    }
+}
+
+/// `esem_sem_open_keyed` (esem.h): `sem_open` of a key-bound e-semaphore. With
+/// `O_CREAT` a new semaphore is bound to `key`; an existing one must have been bound
+/// to it. The `sem_t` works with every `sem_*` function, each request and reply MAC'd
+/// under the key (PROTOCOL.md 8). Always an e-semaphore: `USE_ESEM` is implied.
+#[no_mangle]
+pub unsafe extern "C" fn esem_sem_open_keyed(
+    name: *const c_char,
+    oflag: c_int,
+    mode: mode_t,
+    value: c_uint,
+    key: *const c_void,
+    key_len: usize,
+) -> *mut sem_t {
+    sem_result(guarded(|| {
+        let key = key_of(key, key_len)?;
+        open_esem(name, oflag & !USE_ESEM, mode, value, Some(key))
+    }))
+}
+
+/// `esem_sem_unlink_keyed` (esem.h): `sem_unlink` of a key-bound e-semaphore.
+#[no_mangle]
+pub unsafe extern "C" fn esem_sem_unlink_keyed(
+    name: *const c_char,
+    key: *const c_void,
+    key_len: usize,
+) -> c_int {
+    c_result(guarded(|| {
+        let key = key_of(key, key_len)?;
+        unlink_esem(name, Some(&key))
+    }))
+}
+
 fn open_esem(
     name: *const c_char,
     oflag: c_int,
     mode: mode_t,
     value: c_uint,
+    key: Option<Vec<u8>>,
 ) -> Result<*mut sem_t, c_int> {
+    let keyed = key.is_some();
     let name = name_of(name)?;
     let create = oflag & libc::O_CREAT != 0;
     // glibc ignores O_EXCL alone
@@ -468,11 +532,12 @@ fn open_esem(
         exclusive,
         mode: if create { mode & 0o7777 } else { 0 },
         value: if create && !over { value } else { 0 },
+        key,
         ..OpenOptions::default()
     };
-    let errno = |e| match errno_of(&e) {
+    let errno = |e: ClientError| match keyed_errno(&e, keyed) {
         libc::ENOENT if over => libc::EINVAL,
-        e => e,
+        n => n,
     };
     // Every sem_open asks the service, as glibc's opens the file every time: the
     // permission is checked for each open and a name unlinked meanwhile is ENOENT.
@@ -490,23 +555,29 @@ fn open_esem(
     }
     let sem = Semaphore::open(&name, &opts).map_err(errno)?;
     if !created.unwrap_or(sem.created()) {
-        // Opened before in this process: the same sem_t, as glibc returns the same
-        // mapping (programs and conformance tests compare the pointers).
-        if let Some(p) = table(|t| {
-            t.names.get_mut(&name).map(|e| {
+        // Opened before in this process, and the very semaphore (the service's sem_id
+        // says so): the same sem_t, as glibc returns the same mapping (programs and
+        // conformance tests compare the pointers). The name alone is not enough: it
+        // may have been unlinked and created again by another process meanwhile.
+        let id = sem.sem_id();
+        if let Some(p) = table(|t| match t.names.get_mut(&name) {
+            Some(e) if e.2 == id => {
                 e.1 += 1;
-                e.0
-            })
+                Some(e.0)
+            }
+            _ => None,
         }) {
             let _ = sem.close(); // the first open's handle serves both
             return Ok(p as *mut sem_t);
         }
     }
-    let token = esem(sem.token())?;
-    // Created anew: a sem_t this process still has under the name is of a semaphore
-    // whose name another process unlinked; it keeps working until closed.
+    let token = sem.token().map_err(errno)?;
+    // Another semaphore than the one this process has under the name (created anew,
+    // here or by another process after an unlink): the old sem_t is of a semaphore
+    // whose name was unlinked; it keeps working until closed, as glibc's mapping does.
+    let sem_id = sem.sem_id();
     table(|t| {
-        if let Some((p, count)) = t.names.remove(&name) {
+        if let Some((p, count, _)) = t.names.remove(&name) {
             *t.unlinked.entry(p).or_insert(0) += count;
         }
     });
@@ -521,7 +592,7 @@ fn open_esem(
     let p = Box::into_raw(cell) as *mut sem_t;
     table(|t| {
         t.sems.insert(token, Arc::new(sem));
-        t.names.insert(name.clone(), (p as usize, 1));
+        t.names.insert(name.clone(), (p as usize, 1, sem_id));
         t.esem_names.insert(name);
     });
     Ok(p)
@@ -601,27 +672,29 @@ pub unsafe extern "C" fn sem_unlink(name: *const c_char) -> c_int {
             None => c_result(Err(libc::ENOSYS)),
         };
     }
-    c_result(guarded(|| {
-        // glibc's sem_unlink reports every name it cannot use as ENOENT, not EINVAL.
-        let n = name_of(name).map_err(|_| libc::ENOENT)?;
-        // Unlinking needs ownership under the current effective uid (see open_esem).
-        let process = esem(process_client())?;
-        let r = if process.same_credentials() {
-            esem_client::unlink(&n, None)
-        } else {
-            Client::connect().and_then(|now| esem_client::unlink_via(&now, &n, None))
-        };
-        esem(r).map_err(|e| match e {
-            libc::EINVAL | libc::ENAMETOOLONG => libc::ENOENT,
-            e => e,
-        })?;
-        table(|t| {
-            if let Some((p, count)) = t.names.remove(&n) {
-                *t.unlinked.entry(p).or_insert(0) += count;
-            }
-        });
-        Ok(())
-    }))
+    c_result(guarded(|| unlink_esem(name, None)))
+}
+
+fn unlink_esem(name: *const c_char, key: Option<&[u8]>) -> Result<(), c_int> {
+    // glibc's sem_unlink reports every name it cannot use as ENOENT, not EINVAL.
+    let n = name_of(name).map_err(|_| libc::ENOENT)?;
+    // Unlinking needs ownership under the current effective uid (see open_esem).
+    let process = esem(process_client())?;
+    let r = if process.same_credentials() {
+        esem_client::unlink(&n, key)
+    } else {
+        Client::connect().and_then(|now| esem_client::unlink_via(&now, &n, key))
+    };
+    r.map_err(|e| match keyed_errno(&e, key.is_some()) {
+        libc::EINVAL | libc::ENAMETOOLONG => libc::ENOENT,
+        n => n,
+    })?;
+    table(|t| {
+        if let Some((p, count, _)) = t.names.remove(&n) {
+            *t.unlinked.entry(p).or_insert(0) += count;
+        }
+    });
+    Ok(())
 }
 
 // ---------------------------------------------------------------- unnamed semaphores
@@ -875,6 +948,7 @@ pub unsafe extern "C" fn esem_shim_begin(
     clock: clockid_t,
     req: *mut u64,
     wake: *mut c_int,
+    client: *mut *const c_void,
 ) -> c_int {
     step(guarded(|| {
         let sem = lookup(s).ok_or(libc::EINVAL)?;
@@ -894,11 +968,12 @@ pub unsafe extern "C" fn esem_shim_begin(
             _ => return Err(libc::EINVAL),
         };
         let fd = esem(my_wake_fd())?;
-        let (_, id) = esem(sem.start_wait(wmode, timeout_ns))?;
+        let (session, id) = esem(sem.start_wait(wmode, timeout_ns))?;
         // SAFETY: shim.c passes pointers to its own locals.
         unsafe {
             *req = id;
             *wake = fd;
+            *client = session as *const Client as *const c_void;
         }
         Ok(ESEM_PENDING)
     }))
@@ -916,18 +991,31 @@ fn finished(r: Option<esem_client::Result<esem_proto::Reply>>) -> Result<c_int, 
     }
 }
 
+/// The session a wait was sent in, from the pointer `esem_shim_begin` gave shim.c.
+/// Not `process_client()`: once that session has failed (a tampered frame, the service
+/// gone), the process may have connected a new one, which knows nothing of this wait
+/// (its answer would be a misleading EINVAL); the failed one answers with its failure.
+fn session_of(client: *const c_void) -> Result<&'static Client, c_int> {
+    if client.is_null() {
+        return Err(libc::EINVAL);
+    }
+    // SAFETY: the pointer is a `&'static Client` from `start_wait` (process clients are
+    // leaked, never freed), handed back unchanged by shim.c within the same wait.
+    Ok(unsafe { &*(client as *const Client) })
+}
+
 #[no_mangle]
-pub extern "C" fn esem_shim_poll(_s: *mut sem_t, req: u64) -> c_int {
-    step(guarded(|| finished(esem(process_client())?.try_reply(req))))
+pub extern "C" fn esem_shim_poll(_s: *mut sem_t, req: u64, client: *const c_void) -> c_int {
+    step(guarded(|| finished(session_of(client)?.try_reply(req))))
 }
 
 /// A signal interrupted the wait: withdraw it. `ESEM_DONE` if the grant won the race
 /// (the caller has its unit and returns 0), else `-EINTR`.
 #[no_mangle]
-pub extern "C" fn esem_shim_interrupted(s: *mut sem_t, req: u64) -> c_int {
+pub extern "C" fn esem_shim_interrupted(s: *mut sem_t, req: u64, client: *const c_void) -> c_int {
     step(guarded(|| {
         let sem = lookup(s).ok_or(libc::EINVAL)?;
-        let client = esem(process_client())?;
+        let client = session_of(client)?;
         if esem(sem.cancel_wait(client, req))? {
             Ok(ESEM_DONE)
         } else {
@@ -939,10 +1027,10 @@ pub extern "C" fn esem_shim_interrupted(s: *mut sem_t, req: u64) -> c_int {
 /// The thread is being cancelled in its wait: withdraw it, and give back a unit the
 /// grant may have won meanwhile, so the dying thread takes nothing with it.
 #[no_mangle]
-pub extern "C" fn esem_shim_cancelled(s: *mut sem_t, req: u64) {
+pub extern "C" fn esem_shim_cancelled(s: *mut sem_t, req: u64, client: *const c_void) {
     let _ = guarded(|| {
         let sem = lookup(s).ok_or(libc::EINVAL)?;
-        let client = esem(process_client())?;
+        let client = session_of(client)?;
         if esem(sem.cancel_wait(client, req))? {
             esem(sem.post())?;
         }

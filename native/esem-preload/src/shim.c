@@ -32,22 +32,26 @@
 #define MODE_BLOCK 1
 #define MODE_TIMED 2
 extern int esem_shim_ours(sem_t *s);
+/* `client` is the session the wait was sent in (opaque here): the later steps ask that
+ * session for the answer, never a newer one the process may have connected since. */
 extern int esem_shim_begin(sem_t *s, int mode, const struct timespec *abstime,
-                           clockid_t clock, uint64_t *req, int *wake_fd);
-extern int esem_shim_poll(sem_t *s, uint64_t req);
-extern int esem_shim_interrupted(sem_t *s, uint64_t req);
-extern void esem_shim_cancelled(sem_t *s, uint64_t req);
+                           clockid_t clock, uint64_t *req, int *wake_fd,
+                           const void **client);
+extern int esem_shim_poll(sem_t *s, uint64_t req, const void *client);
+extern int esem_shim_interrupted(sem_t *s, uint64_t req, const void *client);
+extern void esem_shim_cancelled(sem_t *s, uint64_t req, const void *client);
 extern int esem_shim_own_thread(void);
 extern int esem_shim_has_own_thread(void);
 
 struct pending {
     sem_t *sem;
     uint64_t req;
+    const void *client;
 };
 
 static void cleanup(void *arg) {
     struct pending *p = arg;
-    esem_shim_cancelled(p->sem, p->req);
+    esem_shim_cancelled(p->sem, p->req, p->client);
 }
 
 static int fail(int negerrno) {
@@ -59,14 +63,14 @@ static int fail(int negerrno) {
  * errno). */
 static int esem_wait_common(sem_t *s, int mode, const struct timespec *abstime,
                             clockid_t clock) {
-    struct pending p = {s, 0};
+    struct pending p = {s, 0, 0};
     int wake = -1;
     int rc;
     if (!esem_shim_ours(s))
         return ESEM_NOT_OURS;
     /* A cancellation point even when a unit is free, as glibc's waits are. */
     pthread_testcancel();
-    rc = esem_shim_begin(s, mode, abstime, clock, &p.req, &wake);
+    rc = esem_shim_begin(s, mode, abstime, clock, &p.req, &wake, &p.client);
     if (rc == ESEM_DONE)
         return 0;
     if (rc < 0)
@@ -74,7 +78,7 @@ static int esem_wait_common(sem_t *s, int mode, const struct timespec *abstime,
     int interrupted = 0;
     pthread_cleanup_push(cleanup, &p);
     for (;;) {
-        rc = esem_shim_poll(s, p.req);
+        rc = esem_shim_poll(s, p.req, p.client);
         if (rc != ESEM_PENDING)
             break;
         struct pollfd pfd = {.fd = wake, .events = POLLIN};
@@ -85,7 +89,7 @@ static int esem_wait_common(sem_t *s, int mode, const struct timespec *abstime,
     }
     pthread_cleanup_pop(0);
     if (interrupted)
-        rc = esem_shim_interrupted(s, p.req);
+        rc = esem_shim_interrupted(s, p.req, p.client);
     if (rc == ESEM_DONE)
         return 0;
     return fail(rc);

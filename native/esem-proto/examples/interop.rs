@@ -171,6 +171,7 @@ fn reply_from_json(v: &Value) -> Result<Reply> {
             Opcode::OPEN | Opcode::ATTACH => ReplyBody::Handle {
                 handle: handle(v)?,
                 created: field(v, "created")?.as_bool().unwrap_or(false),
+                sem_id: u(v, "sem_id")?,
             },
             Opcode::GETVALUE | Opcode::CANCEL | Opcode::SWITCHLESS | Opcode::RECLAIM => {
                 ReplyBody::Value(u(v, "value")? as u32)
@@ -188,15 +189,19 @@ fn reply_from_json(v: &Value) -> Result<Reply> {
 }
 
 fn reply_to_json(r: &Reply) -> Value {
-    let (handle, created, value, data) = match &r.body {
-        ReplyBody::Handle { handle, created } => (hex(handle), *created, 0, String::new()),
-        ReplyBody::Value(v) => (String::new(), false, *v, String::new()),
-        ReplyBody::Json(d) => (String::new(), false, 0, hex(d)),
-        _ => (String::new(), false, 0, String::new()),
+    let (handle, created, sem_id, value, data) = match &r.body {
+        ReplyBody::Handle {
+            handle,
+            created,
+            sem_id,
+        } => (hex(handle), *created, *sem_id, 0, String::new()),
+        ReplyBody::Value(v) => (String::new(), false, 0, *v, String::new()),
+        ReplyBody::Json(d) => (String::new(), false, 0, 0, hex(d)),
+        _ => (String::new(), false, 0, 0, String::new()),
     };
     json!({"opcode": r.opcode.name(), "req_id": r.req_id, "status": r.status.name(),
-           "handle": handle, "created": created, "value": value, "data": data,
-           "message": r.message()})
+           "handle": handle, "created": created, "sem_id": sem_id, "value": value,
+           "data": data, "message": r.message()})
 }
 
 fn err_json(e: &Error) -> Value {

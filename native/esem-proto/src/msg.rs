@@ -111,8 +111,13 @@ pub struct Request {
 pub enum ReplyBody {
     /// CLOSE UNLINK WAIT POST PING.
     Empty,
-    /// OPEN ATTACH.
-    Handle { handle: Handle, created: bool },
+    /// OPEN ATTACH. `sem_id` names the semaphore (unique for the service's lifetime:
+    /// a name unlinked and created again is another semaphore, with another id).
+    Handle {
+        handle: Handle,
+        created: bool,
+        sem_id: u64,
+    },
     /// GETVALUE CANCEL SWITCHLESS RECLAIM (units released).
     Value(u32),
     /// LIST STAT: UTF-8 JSON, opaque here.
@@ -462,9 +467,17 @@ pub fn encode_reply(rep: &Reply, mac: bool) -> Result<Vec<u8>> {
             out.extend_from_slice(&text[..text.len().min(MAX_MESSAGE_BYTES)])
         }
         (ReplyBody::Empty, true) if shape == ReplyShape::Empty => {}
-        (ReplyBody::Handle { handle, created }, true) if shape == ReplyShape::Handle => {
+        (
+            ReplyBody::Handle {
+                handle,
+                created,
+                sem_id,
+            },
+            true,
+        ) if shape == ReplyShape::Handle => {
             out.extend_from_slice(handle);
             out.push(u8::from(*created));
+            out.extend_from_slice(&sem_id.to_be_bytes());
         }
         (ReplyBody::Value(v), true) if shape == ReplyShape::Value => {
             out.extend_from_slice(&v.to_be_bytes())
@@ -516,6 +529,7 @@ pub fn decode_reply(data: &[u8]) -> Result<Decoded<Reply>> {
                 ReplyBody::Handle {
                     handle,
                     created: created == 1,
+                    sem_id: r.u64()?,
                 }
             }
             ReplyShape::Value => ReplyBody::Value(r.u32()?),

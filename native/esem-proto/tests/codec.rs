@@ -338,8 +338,21 @@ fn reply_field_rules() {
     assert_eq!(d.message.body, ReplyBody::Value(5));
     assert!(is_protocol(decode_reply(&rep(13, 0, b""))));
     assert!(is_protocol(decode_reply(&rep(13, 0, &[0; 5]))));
-    let mut open = [0u8; 17];
-    assert!(decode_reply(&rep(1, 0, &open)).is_ok());
+    // OPEN: handle (16), created (1), sem_id (u64): exactly 25 bytes.
+    let mut open = [0u8; 25];
+    open[17..].copy_from_slice(&0x0102_0304_0506_0708u64.to_be_bytes());
+    let d = decode_reply(&rep(1, 0, &open)).unwrap();
+    assert_eq!(
+        d.message.body,
+        ReplyBody::Handle {
+            handle: [0; 16],
+            created: false,
+            sem_id: 0x0102_0304_0506_0708
+        }
+    );
+    assert!(is_protocol(decode_reply(&rep(1, 0, &open[..17]))));
+    assert!(is_protocol(decode_reply(&rep(1, 0, &open[..24]))));
+    assert!(is_protocol(decode_reply(&rep(1, 0, &[0; 26]))));
     open[16] = 2;
     assert!(is_protocol(decode_reply(&rep(1, 0, &open))));
     assert!(is_protocol(decode_reply(&rep(1, 0, &open[..16]))));

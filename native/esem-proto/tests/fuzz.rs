@@ -176,6 +176,7 @@ fn valid_replies() -> Vec<Vec<u8>> {
             Opcode::OPEN | Opcode::ATTACH => ReplyBody::Handle {
                 handle: [1; 16],
                 created: true,
+                sem_id: 0x0102_0304_0506_0708,
             },
             Opcode::GETVALUE | Opcode::CANCEL | Opcode::SWITCHLESS | Opcode::RECLAIM => {
                 ReplyBody::Value(7)

@@ -32,6 +32,15 @@ strategy row is ``defended`` iff all its scenarios are; anything else is ``broke
 the reason first in the evidence. Rows exist for ``esem`` and, with a key-bound
 semaphore (every operation and reply MAC'd under the semaphore's key), ``esem+key``.
 
+The same scenarios run against the native client (``esem-native``, ``esem-native+key``):
+the victim is then a C program using ``sem_wait``/``sem_post`` under the preload library
+(``native_victim``), its session pointed at the proxy; a tampered frame must come back
+as ``-1`` with an errno (``EPROTO`` for a failed authentication, read as
+``IntegrityError``), never as a success. The native client's keepalive is the
+protocol's 5 s (not the Python victims' 0.3 s), so a dropped frame surfaces later and
+the operations get a longer bound. Without a C compiler or a built preload library
+those rows are ``n/a``, saying which is missing.
+
 Legacy POSIX semaphores have no channel at all (the count is a word in shared memory,
 see A1), so their row is ``n/a``.
 """
@@ -47,10 +56,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from esem.api import O_CREAT, O_EXCL, USE_ESEM, EsemSemaphore, sem_open, sem_unlink
 from esem.attack.base import Outcome, Target
+from esem.attack.native_victim import NativeBuild, NativeSem, NativeVictim
+from esem.attack.native_victim import build as build_native
 from esem.client.admin import stat_semaphore
 from esem.client.blocking import Client
 from esem.core.status import Status
@@ -80,6 +91,7 @@ STRATEGIES: tuple[str, ...] = (
     "forge-grant",
 )
 ESEM_BACKENDS: tuple[str, ...] = ("esem", "esem+key")
+NATIVE_BACKENDS: tuple[str, ...] = ("esem-native", "esem-native+key")
 
 C2S = "c2s"  # victim -> service
 S2C = "s2c"  # service -> victim
@@ -87,6 +99,9 @@ KEEPALIVE = 0.3  # seconds: the victims' keepalive, so a dropped frame surfaces 
 TIMED = 0.15  # seconds: the victims' timed waits
 HOLD = 1.5  # seconds the delay strategy holds a direction (beyond 2 keepalives)
 OP_BOUND = 4.0  # seconds: a victim operation still running by then "hung"
+# The native client pings after KEEPALIVE_INTERVAL (5 s) without an answer and gives up
+# 5 s later: a dropped frame surfaces within about 10 s.
+NATIVE_OP_BOUND = 14.0
 SETTLE = 3.0  # seconds for the service to forget a victim session that ended
 CLOSE_GRACE = 1.0  # seconds to wait for the service to drop a tampered session
 GAP = 0.05  # seconds between a frame and its duplicate, so each is read on its own
@@ -358,9 +373,11 @@ class MitmProxy:
 class _Op:
     """One victim operation, run in a thread of its own."""
 
-    def __init__(self, label: str, kind: str, fn: Callable[[], object]) -> None:
+    def __init__(self, label: str, kind: str, fn: Callable[[], object],
+                 bound: float = OP_BOUND) -> None:
         self.label = label
         self.kind = kind  # "wait", "post" or "other"
+        self.bound = bound
         self.error: BaseException | None = None
         self.done = False
         self.hung = False
@@ -379,8 +396,8 @@ class _Op:
             self.elapsed = time.monotonic() - self._started
             self.done = True
 
-    def finish(self, bound: float = OP_BOUND) -> _Op:
-        self._thread.join(bound)
+    def finish(self, bound: float | None = None) -> _Op:
+        self._thread.join(self.bound if bound is None else bound)
         if self._thread.is_alive():
             self.hung = True
         return self
@@ -394,6 +411,9 @@ class _Op:
     def result(self) -> str:
         end = "running" if not self.done else (
             "success" if self.error is None else type(self.error).__name__)
+        c_errno = getattr(self.error, "c_errno", None)  # a native victim's sem_* errno
+        if c_errno is not None:
+            end += f" (-1, errno {c_errno})"
         return f"hung, then {end}" if self.hung else end
 
     def describe(self) -> str:
@@ -475,6 +495,20 @@ class _Env:
     backend: str
     key: bytes | None
     admin: Client
+    native: NativeBuild | None = None  # the victims are C programs under the preload
+
+    @property
+    def op_bound(self) -> float:
+        return OP_BOUND if self.native is None else NATIVE_OP_BOUND
+
+
+class VictimSem(Protocol):
+    """What the scenarios do with a victim's semaphore (Python or native client)."""
+
+    def wait(self) -> None: ...
+    def timedwait(self, timeout: float) -> None: ...
+    def post(self) -> None: ...
+    def getvalue(self) -> int: ...
 
 
 @dataclass
@@ -501,7 +535,7 @@ class _Bench:
         self.env = env
         self.name = f"/a2-{label}-{secrets.token_hex(4)}"
         self.initial = value
-        self.clients: list[Client] = []
+        self.clients: list[Client | NativeVictim] = []
         self.ops: list[_Op] = []
         self.admin_posts = 0
         sem = sem_open(self.name, O_CREAT | O_EXCL, 0o600, value, flags=USE_ESEM,
@@ -525,9 +559,14 @@ class _Bench:
         """Size of a WAIT-OK transport frame body: what a grant looks like on the wire."""
         return REPLY_HEADER_BYTES + (MAC_BYTES if self.keyed else 0) + AEAD_TAG_BYTES
 
-    def victim(self) -> tuple[EsemSemaphore, Link]:
+    def victim(self) -> tuple[VictimSem, Link]:
         """A victim client pointed at the proxy, pinned to the real key, with the
-        semaphore open through it."""
+        semaphore open through it (for the native backends: a C program's)."""
+        if self.env.native is not None:
+            native = NativeVictim(self.env.native, self.proxy.path, self.env.target.pubkey)
+            self.clients.append(native)
+            return (NativeSem.open(native, self.name, self.env.key),
+                    self.proxy.link(len(self.clients) - 1))
         client = Client(self.proxy.path, pubkey=self.env.target.pubkey,
                         connect_timeout=OP_BOUND, keepalive=KEEPALIVE)
         self.clients.append(client)
@@ -535,21 +574,22 @@ class _Bench:
         assert isinstance(sem, EsemSemaphore)
         return sem, self.proxy.link(len(self.clients) - 1)
 
-    def wait(self, sem: EsemSemaphore, label: str, timeout: float | None = None) -> _Op:
+    def wait(self, sem: VictimSem, label: str, timeout: float | None = None) -> _Op:
+        bound = self.env.op_bound
         if timeout is None:
-            op = _Op(label, "wait", sem.wait)
+            op = _Op(label, "wait", sem.wait, bound)
         else:
-            op = _Op(f"{label} ({timeout:g}s)", "wait", lambda: sem.timedwait(timeout))
+            op = _Op(f"{label} ({timeout:g}s)", "wait", lambda: sem.timedwait(timeout), bound)
         self.ops.append(op)
         return op
 
-    def post(self, sem: EsemSemaphore, label: str = "post") -> _Op:
-        op = _Op(label, "post", sem.post)
+    def post(self, sem: VictimSem, label: str = "post") -> _Op:
+        op = _Op(label, "post", sem.post, self.env.op_bound)
         self.ops.append(op)
         return op
 
-    def getvalue(self, sem: EsemSemaphore, label: str = "next getvalue") -> _Op:
-        op = _Op(label, "other", sem.getvalue)
+    def getvalue(self, sem: VictimSem, label: str = "next getvalue") -> _Op:
+        op = _Op(label, "other", sem.getvalue, self.env.op_bound)
         self.ops.append(op)
         return op
 
@@ -1011,14 +1051,22 @@ def _admin(target: Target) -> Iterator[Client]:
 
 
 def run_strategies(target: Target, strategies: Sequence[str] = STRATEGIES,
-                   backends: Sequence[str] = ESEM_BACKENDS) -> list[StrategyResult]:
-    """Every scenario of every strategy, against each esem backend."""
+                   backends: Sequence[str] = ESEM_BACKENDS,
+                   native: NativeBuild | None = None) -> list[StrategyResult]:
+    """Every scenario of every strategy, against each esem backend (the native ones
+    with the victim ``native``, built by ``native_victim.build``)."""
     results: list[StrategyResult] = []
+    for backend in backends:
+        if backend not in ESEM_BACKENDS + NATIVE_BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}")
+        if backend in NATIVE_BACKENDS and native is None:
+            raise ValueError(f"backend {backend!r} needs the native victim's build")
     with _admin(target) as admin:
         for strategy in strategies:
             for backend in backends:
-                key = secrets.token_bytes(32) if backend == "esem+key" else None
-                env = _Env(target, backend, key, admin)
+                key = secrets.token_bytes(32) if backend.endswith("+key") else None
+                env = _Env(target, backend, key, admin,
+                           native if backend in NATIVE_BACKENDS else None)
                 repeats = 1 if target.quick else FULL_REPEATS.get(strategy, 1)
                 start = time.monotonic()
                 phases = [_run_phase(env, strategy, scenario)
@@ -1041,8 +1089,19 @@ def outcomes(results: Sequence[StrategyResult]) -> list[Outcome]:
     return [LEGACY_ROW] + [r.outcome() for r in results]
 
 
+def native_na_rows(reason: str) -> list[Outcome]:
+    return [Outcome(f"{LABEL} channel", backend, "n/a",
+                    f"the native client cannot be attacked on this machine: {reason}")
+            for backend in NATIVE_BACKENDS]
+
+
 def run(target: Target) -> list[Outcome]:
-    return outcomes(run_strategies(target))
+    rows = outcomes(run_strategies(target))
+    native = build_native(target.workdir)
+    if isinstance(native, str):
+        return rows + native_na_rows(native)
+    return rows + [r.outcome() for r in run_strategies(target, backends=NATIVE_BACKENDS,
+                                                           native=native)]
 
 
 # ------------------------------------------------------------------ the control
@@ -1075,7 +1134,9 @@ def run_control(target: Target) -> ControlResult:
             bench.post(sem).finish()
             bench.ops.append(_Op("getvalue", "other", lambda: value.append(sem.getvalue())))
             bench.ops[-1].finish()
-            requests = bench.clients[0].stats.requests
+            client = bench.clients[0]
+            assert isinstance(client, Client)  # the control's victim is a Python client
+            requests = client.stats.requests
             c2s, s2c = link.count(C2S), link.count(S2C)
         finally:
             truth = bench.teardown()

@@ -20,6 +20,15 @@ looks through its own handles.
   and its handle. The forger tries both as the victim's uid and as uid 0, which passes
   every mode and ownership check.
 * legacy: ``broken``: the file's owner is the uid, and nothing else.
+
+The same forger then goes after a native victim (``run_native``): a C program of the
+victim's uid under the preload library that creates a plain (``sem_open`` with
+``USE_ESEM``) and a key-bound (``esem_sem_open_keyed``) semaphore of value 1. The forger
+is handed the handle tokens read out of the program's own ``sem_t`` memory (what a
+process that reads the victim's memory, or a shared mapping, would steal) and makes the
+same attempts; the C program then checks its semaphores through ``sem_getvalue``,
+``sem_trywait``/``sem_post`` and a fresh open. Rows ``esem-native`` (the documented
+limit again) and ``esem-native+key``; ``n/a`` where the native client cannot be built.
 """
 
 from __future__ import annotations
@@ -46,6 +55,8 @@ from esem.attack.a3_rogue import (
     unique_name,
 )
 from esem.attack.base import Outcome, OutcomeKind, Target
+from esem.attack.native_victim import NativeBuild, NativeSem, NativeVictim
+from esem.attack.native_victim import build as build_native
 from esem.errors import EsemError, ExistentialError, KeyRejected
 from esem.legacy import LegacySemaphore
 from esem.legacy import unlink as legacy_unlink
@@ -78,6 +89,11 @@ def _unchanged(v: View) -> bool:
 
 
 def run(target: Target) -> list[Outcome]:
+    """Every row: the Python client's and legacy's, then the native client's."""
+    return run_python(target) + run_native(target)
+
+
+def run_python(target: Target) -> list[Outcome]:
     plain, keyed, lname = unique_name("a4"), unique_name("a4k"), unique_name("a4l")
     key = secrets.token_bytes(KEY_BYTES)
     wrong = secrets.token_bytes(KEY_BYTES)
@@ -148,40 +164,10 @@ def run(target: Target) -> list[Outcome]:
     # ------------------------------------------------------------ the forger
 
     def forge_plain(token: bytes) -> list[Attempt]:
-        c = new_client(target)
-        opened: list[Any] = []
-        return [
-            attempt("open", lambda: opened.append(sem_open(plain, flags=USE_ESEM, client=c)),
-                    FORGED),
-            attempt("trywait (take the victim's unit)", lambda: opened[0].trywait(), FORGED),
-            attempt("post", lambda: opened[0].post(), FORGED),
-            attempt("post", lambda: opened[0].post(), FORGED),
-            attempt("ATTACH the victim's token", lambda: raw(c, Opcode.ATTACH, token), FORGED),
-            attempt("unlink", lambda: sem_unlink(plain, flags=USE_ESEM, client=c), FORGED),
-        ]
+        return _forge_plain(target, plain, token)
 
     def forge_keyed(token: bytes) -> list[Attempt]:
-        c = new_client(target)
-        kr = (KeyRejected,)
-        return [
-            attempt("open", lambda: sem_open(keyed, flags=USE_ESEM, client=c), kr),
-            attempt("open O_CREAT value 5",
-                    lambda: sem_open(keyed, O_CREAT, 0o600, 5, flags=USE_ESEM, client=c), kr),
-            attempt("open with a wrong key",
-                    lambda: sem_open(keyed, flags=USE_ESEM, key=wrong, client=c), kr),
-            attempt("posix_ipc-style release", lambda: esem_posix_ipc.Semaphore(keyed).release(),
-                    kr),
-            attempt("ATTACH the victim's token", lambda: raw(c, Opcode.ATTACH, token), kr),
-            attempt("ATTACH it with a wrong key",
-                    lambda: raw(c, Opcode.ATTACH, token, wrong), kr),
-            attempt("raw POST with the victim's token",
-                    lambda: raw(c, Opcode.POST, token), (ExistentialError,)),
-            attempt("raw WAIT with the victim's token",
-                    lambda: raw(c, Opcode.WAIT, token), (ExistentialError,)),
-            attempt("unlink", lambda: sem_unlink(keyed, flags=USE_ESEM, client=c), kr),
-            attempt("unlink with a wrong key",
-                    lambda: sem_unlink(keyed, flags=USE_ESEM, key=wrong, client=c), kr),
-        ]
+        return _forge_keyed(target, keyed, token, wrong)
 
     def forge_legacy() -> list[Attempt]:
         opened: list[LegacySemaphore] = []
@@ -249,6 +235,108 @@ def run(target: Target) -> list[Outcome]:
     return rows
 
 
+def _forge_plain(target: Target, plain: str, token: bytes) -> list[Attempt]:
+    """The forger against a plain e-semaphore of the victim's, given its handle token."""
+    c = new_client(target)
+    opened: list[Any] = []
+    return [
+        attempt("open", lambda: opened.append(sem_open(plain, flags=USE_ESEM, client=c)),
+                FORGED),
+        attempt("trywait (take the victim's unit)", lambda: opened[0].trywait(), FORGED),
+        attempt("post", lambda: opened[0].post(), FORGED),
+        attempt("post", lambda: opened[0].post(), FORGED),
+        attempt("ATTACH the victim's token", lambda: raw(c, Opcode.ATTACH, token), FORGED),
+        attempt("unlink", lambda: sem_unlink(plain, flags=USE_ESEM, client=c), FORGED),
+    ]
+
+
+def _forge_keyed(target: Target, keyed: str, token: bytes, wrong: bytes) -> list[Attempt]:
+    """The forger against a key-bound one: without the key, with a wrong one (forged
+    MACs), with the stolen token."""
+    c = new_client(target)
+    kr = (KeyRejected,)
+    return [
+        attempt("open", lambda: sem_open(keyed, flags=USE_ESEM, client=c), kr),
+        attempt("open O_CREAT value 5",
+                lambda: sem_open(keyed, O_CREAT, 0o600, 5, flags=USE_ESEM, client=c), kr),
+        attempt("open with a wrong key",
+                lambda: sem_open(keyed, flags=USE_ESEM, key=wrong, client=c), kr),
+        attempt("posix_ipc-style release", lambda: esem_posix_ipc.Semaphore(keyed).release(),
+                kr),
+        attempt("ATTACH the victim's token", lambda: raw(c, Opcode.ATTACH, token), kr),
+        attempt("ATTACH it with a wrong key",
+                lambda: raw(c, Opcode.ATTACH, token, wrong), kr),
+        attempt("raw POST with the victim's token",
+                lambda: raw(c, Opcode.POST, token), (ExistentialError,)),
+        attempt("raw WAIT with the victim's token",
+                lambda: raw(c, Opcode.WAIT, token), (ExistentialError,)),
+        attempt("unlink", lambda: sem_unlink(keyed, flags=USE_ESEM, client=c), kr),
+        attempt("unlink with a wrong key",
+                lambda: sem_unlink(keyed, flags=USE_ESEM, key=wrong, client=c), kr),
+    ]
+
+
+NATIVE_BACKENDS = ("esem-native", "esem-native+key")
+
+
+def run_native(target: Target, native: NativeBuild | str | None = None) -> list[Outcome]:
+    """The forger against a C program's semaphores (native client, preload library)."""
+    if native is None:
+        native = build_native(target.workdir)
+    if isinstance(native, str):
+        return [Outcome("A4 forged uid", b, "n/a",
+                        f"the native client cannot be attacked on this machine: {native}")
+                for b in NATIVE_BACKENDS]
+    plain, keyed = unique_name("a4n"), unique_name("a4nk")
+    key, wrong = secrets.token_bytes(KEY_BYTES), secrets.token_bytes(KEY_BYTES)
+    check_reachable(target, VICTIM_UID, VICTIM_GID)
+    as_victim = (VICTIM_UID, VICTIM_GID)
+    victims = [NativeVictim(native, target.socket_path, target.pubkey, user=as_victim)
+               for _ in range(2)]
+    try:
+        p_sem = NativeSem.create(victims[0], plain, 1, None)
+        k_sem = NativeSem.create(victims[1], keyed, 1, key)
+        plain_res: list[Attempt] = run_as(*as_victim, lambda: _forge_plain(
+            target, plain, p_sem.token), target)
+        keyed_res: list[Attempt] = run_as(*as_victim, lambda: _forge_keyed(
+            target, keyed, k_sem.token, wrong), target)
+        keyed_root: list[Attempt] = run_as(0, 0, lambda: _forge_keyed(
+            target, keyed, k_sem.token, wrong), target)
+        views: dict[str, View] = {}
+        for backend, sem, name, k in (("esem-native", p_sem, plain, None),
+                                      ("esem-native+key", k_sem, keyed, key)):
+            value, named, works, error = sem.view(name, k)
+            views[backend] = View(value=value, named=named, handle_works=works, error=error)
+            with contextlib.suppress(EsemError):
+                sem.unlink(name, k)
+    finally:
+        for v in victims:
+            v.close()
+        _cleanup(target, plain, keyed, key, "")
+
+    who = (f"forger: a root process that setuid()s to uid {VICTIM_UID} of the victim, a C "
+           "program under the preload library, and is handed the handle tokens read out of "
+           "the program's sem_t memory")
+    kind: OutcomeKind = ("broken" if any_allowed(plain_res) or not _unchanged(
+        views["esem-native"]) else "defended")
+    rows = [Outcome(
+        "A4 forged uid", "esem-native", kind,
+        f"{who}: {summary(plain_res)}. After, the C program: "
+        f"{_describe_view(views['esem-native'])}. The documented limit of uid-based "
+        "checks, as for the Python client: key binding is the defence (esem-native+key).",
+        documented_limit=True)]
+    defended = (all_refused(keyed_res) and all_refused(keyed_root)
+                and _unchanged(views["esem-native+key"]))
+    as_root = ("refused identically" if summary(keyed_root) == summary(keyed_res)
+               else summary(keyed_root))
+    rows.append(Outcome(
+        "A4 forged uid", "esem-native+key", "defended" if defended else "broken",
+        f"{who}: {summary(keyed_res)}. The same {len(keyed_root)} attempts as uid 0: "
+        f"{as_root}. After, the C program (esem_sem_open_keyed, every sem_* call MAC'd "
+        f"by the native client): {_describe_view(views['esem-native+key'])}."))
+    return rows
+
+
 def _cleanup(target: Target, plain: str, keyed: str, key: bytes, lname: str) -> None:
     """As root, remove whatever the victim could not (root may unlink any name)."""
     c = new_client(target)
@@ -258,5 +346,6 @@ def _cleanup(target: Target, plain: str, keyed: str, key: bytes, lname: str) -> 
                 sem_unlink(name, flags=USE_ESEM, key=k, client=c)
     finally:
         c.close()
-    with contextlib.suppress(EsemError):
-        legacy_unlink(lname)
+    if lname:
+        with contextlib.suppress(EsemError):
+            legacy_unlink(lname)

@@ -91,6 +91,7 @@ class Opened:
     handle: bytes
     created: bool
     key: bytes | None
+    sem_id: int  # the semaphore's identity (OPEN/ATTACH replies carry it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,7 +461,7 @@ class SemTable:
             self._sems_by_uid[uid] += 1
             created = True
         handle = self._add_handle(sess, sem)
-        return Opened(handle.token, created, sem.key)
+        return Opened(handle.token, created, sem.key, sem.sem_id)
 
     def attach(self, sid: int, token: bytes, *, auth: Authenticator | None = None) -> Opened:
         """Give session ``sid`` its own handle on the semaphore behind another session's
@@ -479,7 +480,7 @@ class SemTable:
             )
         self._authenticate(other.sem, auth)
         handle = self._add_handle(sess, other.sem)
-        return Opened(handle.token, False, other.sem.key)
+        return Opened(handle.token, False, other.sem.key, other.sem.sem_id)
 
     def close(self, sid: int, token: bytes, *, auth: Authenticator | None = None) -> list[WaitDone]:
         """``sem_close``. Waits of this session still queued on the handle end with EBADF

@@ -94,6 +94,9 @@ class Reply:
     status: Status
     handle: bytes = b""  # OPEN ATTACH
     created: bool = False  # OPEN
+    # OPEN ATTACH: the semaphore's identity, unique for the service's lifetime (a name
+    # unlinked and created again is another semaphore, with another id)
+    sem_id: int = 0
     value: int = 0  # GETVALUE; CANCEL: 1 if the wait was still queued; RECLAIM: units
     data: bytes = b""  # LIST STAT: UTF-8 JSON
     message: str = ""  # refusals: what was wrong, for a human
@@ -256,7 +259,7 @@ def encode_reply(rep: Reply, *, mac: bool = False) -> bytes:
         return head + rep.message.encode("utf-8")[:MAX_MESSAGE_BYTES]
     op = rep.opcode
     if op in (Opcode.OPEN, Opcode.ATTACH):
-        return head + rep.handle + _U8.pack(rep.created)
+        return head + rep.handle + _U8.pack(rep.created) + _U64.pack(rep.sem_id)
     if op in _U32_REPLIES:
         return head + _U32.pack(rep.value)
     if op in (Opcode.LIST, Opcode.STAT):
@@ -284,7 +287,8 @@ def decode_reply(data: bytes) -> tuple[Reply, bytes, bytes | None]:
         (created,) = r.unpack(_U8)
         if created > 1:
             raise ProtocolError("created flag out of range")
-        rep = Reply(op, req_id, st, handle=handle, created=bool(created))
+        (sem_id,) = r.unpack(_U64)
+        rep = Reply(op, req_id, st, handle=handle, created=bool(created), sem_id=sem_id)
     elif op in _U32_REPLIES:
         (value,) = r.unpack(_U32)
         rep = Reply(op, req_id, st, value=value)

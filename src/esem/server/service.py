@@ -383,7 +383,7 @@ class Service:
                 )
                 key = opened.key
                 reply = Reply(op, req.req_id, Status.OK, handle=opened.handle,
-                              created=opened.created)
+                              created=opened.created, sem_id=opened.sem_id)
             elif op is Opcode.WAIT:
                 now = asyncio.get_running_loop().time()
                 deadline = now + req.timeout_ns / 1e9 if req.wait_mode is WaitMode.TIMED else None
@@ -418,7 +418,8 @@ class Service:
             elif op is Opcode.ATTACH:
                 opened = table.attach(sid, req.handle, auth=auth)
                 key = opened.key
-                reply = Reply(op, req.req_id, Status.OK, handle=opened.handle)
+                reply = Reply(op, req.req_id, Status.OK, handle=opened.handle,
+                              sem_id=opened.sem_id)
             elif op is Opcode.LIST:
                 reply = Reply(op, req.req_id, Status.OK, data=self._list_page(sid, req.after))
             elif op is Opcode.SWITCHLESS:

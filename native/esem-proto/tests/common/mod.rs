@@ -107,10 +107,15 @@ pub fn reply() -> impl Strategy<Value = Reply> {
         any::<bool>(),
         any::<u32>(),
         proptest::collection::vec(any::<u8>(), 0..200),
+        any::<u64>(),
     )
-        .prop_map(|(opcode, req_id, handle, created, value, json)| {
+        .prop_map(|(opcode, req_id, handle, created, value, json, sem_id)| {
             let body = match opcode {
-                Opcode::OPEN | Opcode::ATTACH => ReplyBody::Handle { handle, created },
+                Opcode::OPEN | Opcode::ATTACH => ReplyBody::Handle {
+                    handle,
+                    created,
+                    sem_id,
+                },
                 Opcode::GETVALUE | Opcode::CANCEL | Opcode::SWITCHLESS | Opcode::RECLAIM => {
                     ReplyBody::Value(value)
                 }
