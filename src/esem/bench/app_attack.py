@@ -1,0 +1,213 @@
+"""``esem bench app --attack``: the harm legacy semaphores let through, on a real server.
+
+The program is PostgreSQL, whose backends sleep on unnamed process-shared POSIX
+semaphores kept in the postmaster's main shared memory segment (an anonymous shared
+mapping, ``/dev/zero (deleted)`` in ``/proc/PID/maps``, starting with PostgreSQL's
+segment header magic). The adversary is a process with the power of PostgreSQL's own
+uid over that memory (here root, through ``/proc/PID/mem``; a same-uid process has it
+too whenever ptrace is allowed, and so has any code that runs inside any backend). It:
+
+1. finds the segment and, in it, the semaphores the way glibc lays them out: 32-byte
+   ``sem_t`` cells whose 64-bit word holds the count (low half) and the number of
+   sleepers (high half), followed by ``private`` = 128 (FUTEX_SHARED); PostgreSQL puts
+   them 128 bytes apart, so the array is the longest run of such cells at that stride;
+2. while pgbench (TPC-B) runs, writes 0 over each cell's count word every millisecond.
+
+Under legacy a sleeping backend is then never woken: the next ``sem_post`` sees no
+sleeper in the word and skips the futex wake. The backend stays asleep holding its
+transaction's row locks, every other client queues behind it, and pgbench's progress
+drops to 0 tps; ``pg_stat_activity`` shows the stuck backends and how long they have
+waited. Under ``esem run --all`` the same adversary finds the cells at the same place but
+no count in them (the ``sem_t`` holds esem's magic word and a handle; the count is in
+the service), so it has nothing to write, and pgbench finishes with its invariant
+(sum of balances = sum of history deltas) intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from esem.bench.app_servers import PgCluster, ServerError, Watched
+
+PG_SHMEM_MAGIC = 679834894  # PGShmemMagic, the first int32 of the segment header
+FUTEX_SHARED = 128  # glibc's sem_t.private for pshared = 1
+ESEM_MAGIC = 0x6D65_7365_E5E5_E5E5  # what the preload library writes in an e-semaphore's sem_t
+PG_SEM_STRIDE = 128  # PGSemaphoreData is padded to a cache line
+SCAN_BYTES = 1 << 20
+ZERO_EVERY = 0.001  # seconds between the adversary's passes
+STALL_AFTER = 3.0  # seconds without a committed transaction that count as stalled
+
+
+@dataclass
+class Cells:
+    base: int  # address of the segment in the postmaster
+    glibc: list[int] = field(default_factory=list)  # addresses of glibc counts
+    esem: int = 0  # cells at the same stride holding esem's magic
+
+
+def _runs(offsets: list[int], stride: int) -> list[int]:
+    """The longest run of offsets ``stride`` apart."""
+    best: list[int] = []
+    cur: list[int] = []
+    for off in sorted(offsets):
+        cur = [*cur, off] if cur and off - cur[-1] == stride else [off]
+        if len(cur) > len(best):
+            best = cur
+    return best
+
+
+def find_cells(pid: int) -> Cells:
+    """The adversary's step 1 (see the module text)."""
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            fields = line.split()
+            if len(fields) < 2 or fields[1] != "rw-s":
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if end - start < SCAN_BYTES:
+                continue
+            mem.seek(start)
+            head = mem.read(SCAN_BYTES)
+            if struct.unpack_from("<i", head, 0)[0] != PG_SHMEM_MAGIC:
+                continue
+            glibc, esem = [], []
+            for off in range(0, len(head) - 32, 8):
+                word, private, pad = struct.unpack_from("<QII", head, off)
+                if private == FUTEX_SHARED and pad == 0 and word >> 32 < 1 << 16 \
+                        and word & 0xFFFFFFFF <= 0x7FFFFFFF:
+                    glibc.append(off)
+                elif word == ESEM_MAGIC:
+                    esem.append(off)
+            return Cells(start, [start + o for o in _runs(glibc, PG_SEM_STRIDE)],
+                         len(_runs(esem, PG_SEM_STRIDE)))
+    raise ServerError(f"no PostgreSQL shared memory segment in /proc/{pid}/maps")
+
+
+class Adversary:
+    """The adversary's step 2: zero every count word, every millisecond, in a thread."""
+
+    def __init__(self, pid: int, cells: list[int]) -> None:
+        self.pid, self.cells = pid, cells
+        self.writes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        if not self.cells:
+            return
+        with open(f"/proc/{self.pid}/mem", "r+b", buffering=0) as mem:
+            while not self._stop.is_set():
+                for addr in self.cells:
+                    mem.seek(addr)
+                    try:
+                        mem.write(b"\0" * 8)
+                    except OSError:  # the server went away
+                        return
+                    self.writes += 1
+                time.sleep(ZERO_EVERY)
+
+    def __enter__(self) -> Adversary:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@dataclass
+class Outcome:
+    config: str
+    glibc_cells: int
+    esem_cells: int
+    writes: int
+    finished: bool  # pgbench ended by itself
+    transactions: int  # committed during the attack (pgbench's progress reports)
+    stalled_s: float  # the longest stretch of 0 tps seen
+    stuck: list[str]  # backends waiting longer than STALL_AFTER (pg_stat_activity)
+    consistent: bool | None  # TPC-B's invariant after the run (None: not readable)
+    sem_ops: float  # operations the service served during the run (esem)
+    evidence: str = ""
+
+
+def _progress_tps(stderr: str) -> list[float]:
+    out = []
+    for line in stderr.splitlines():
+        if line.startswith("progress:") and " tps," in line:
+            out.append(float(line.split(",")[1].split()[0]))
+    return out
+
+
+def attack_run(pg: PgCluster, config: str, seconds: float, clients: int,
+               watched: Watched | None) -> Outcome:
+    """One attacked pgbench run on the started cluster ``pg``."""
+    pid = pg.postmaster_pid
+    cells = find_cells(pid)
+    before = watched.scrape() if watched is not None else None
+    limit = seconds + STALL_AFTER + 8
+    with Adversary(pid, cells.glibc) as adv:
+        bench = pg.popen_pgbench("-n", "-c", str(clients), "-j", "2", "-T", str(int(seconds)),
+                                 "-P", "1")
+        try:
+            _, err = bench.communicate(timeout=limit)
+            finished = bench.returncode == 0
+            stuck: list[str] = []
+        except subprocess.TimeoutExpired:  # stuck: read who waits, then stop it
+            stuck = pg.psql(
+                "select pid || ' ' || coalesce(wait_event_type, '-') || ':' || "
+                "coalesce(wait_event, '-') || ' waiting ' || "
+                "round(extract(epoch from now() - query_start)::numeric, 1) || ' s: ' || "
+                "left(query, 60) from pg_stat_activity where backend_type = "
+                f"'client backend' and state = 'active' and now() - query_start > "
+                f"interval '{STALL_AFTER} seconds'", timeout=20).splitlines()
+            bench.kill()
+            _out, err = bench.communicate()
+            finished = False
+        writes = adv.writes
+    after = watched.scrape() if watched is not None else None
+    tps = _progress_tps(err)
+    zero_run = longest = 0
+    for v in tps:
+        zero_run = zero_run + 1 if v == 0 else 0
+        longest = max(longest, zero_run)
+    consistent: bool | None = None
+    if finished:
+        a, d, _ = pg.tpcb_sums()
+        consistent = a == d
+    ops = Watched.sem_ops(before, after) if before is not None and after is not None else 0.0
+    return Outcome(config, len(cells.glibc), cells.esem, writes, finished, round(sum(tps)),
+                   float(longest), stuck, consistent, ops)
+
+
+def describe(o: Outcome) -> str:
+    """What was written and what the application saw, in one paragraph."""
+    found = (f"found {o.glibc_cells} glibc semaphore counts in the postmaster's shared "
+             f"memory (128 bytes apart) and wrote 0 over each count word, {o.writes:,} "
+             "writes in all" if o.glibc_cells else
+             f"found no glibc semaphore count in the postmaster's shared memory: the "
+             f"{o.esem_cells} semaphore cells there hold esem's magic and a handle (the "
+             "counts are in the service), so it wrote nothing")
+    if o.finished:
+        seen = (f"pgbench finished: {o.transactions:,} transactions committed, longest "
+                f"stretch at 0 tps {o.stalled_s:.0f} s, sum(abalance) "
+                f"{'=' if o.consistent else '!='} sum(delta)")
+    else:
+        seen = (f"pgbench stalled and never finished ({o.transactions:,} transactions "
+                f"committed, then {o.stalled_s:.0f} s at 0 tps); backends stuck: "
+                + ("; ".join(o.stuck[:4]) if o.stuck else "none listed"))
+    served = f"; the service served {o.sem_ops:,.0f} semaphore operations" if o.sem_ops else ""
+    return f"{o.config}: the adversary {found}. {seen}{served}."
+
+
+def stop_attacked(pg: PgCluster) -> None:
+    """A backend asleep on a lost wake-up ignores the fast shutdown (it retries sem_wait
+    on EINTR): give it a few seconds, then the process group is killed."""
+    with contextlib.suppress(ServerError):
+        pg.stop(timeout=8)
