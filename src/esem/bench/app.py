@@ -577,6 +577,13 @@ def add_arguments(parser: Any) -> None:
 
 
 def run(opts: Options, args: argparse.Namespace | None = None) -> list[Row]:
+    try:
+        return _run(opts, args)
+    except ServerError as exc:
+        raise BenchError(str(exc)) from exc
+
+
+def _run(opts: Options, args: argparse.Namespace | None) -> list[Row]:
     quick = bool(args is not None and getattr(args, "quick", False))
     if args is not None and getattr(args, "attack", False):
         return attack(quick)

@@ -39,6 +39,7 @@ PG_SHMEM_MAGIC = 679834894  # PGShmemMagic, the first int32 of the segment heade
 FUTEX_SHARED = 128  # glibc's sem_t.private for pshared = 1
 ESEM_MAGIC = 0x6D65_7365_E5E5_E5E5  # what the preload library writes in an e-semaphore's sem_t
 PG_SEM_STRIDE = 128  # PGSemaphoreData is padded to a cache line
+MIN_RUN = 8  # fewer cells in a row are a coincidence of other data, not the array
 SCAN_BYTES = 1 << 20
 ZERO_EVERY = 0.001  # seconds between the adversary's passes
 STALL_AFTER = 3.0  # seconds without a committed transaction that count as stalled
@@ -52,14 +53,14 @@ class Cells:
 
 
 def _runs(offsets: list[int], stride: int) -> list[int]:
-    """The longest run of offsets ``stride`` apart."""
+    """The longest run of offsets ``stride`` apart (none when shorter than MIN_RUN)."""
     best: list[int] = []
     cur: list[int] = []
     for off in sorted(offsets):
         cur = [*cur, off] if cur and off - cur[-1] == stride else [off]
         if len(cur) > len(best):
             best = cur
-    return best
+    return best if len(best) >= MIN_RUN else []
 
 
 def find_cells(pid: int) -> Cells:
@@ -151,7 +152,7 @@ def attack_run(pg: PgCluster, config: str, seconds: float, clients: int,
     pid = pg.postmaster_pid
     cells = find_cells(pid)
     before = watched.scrape() if watched is not None else None
-    limit = seconds + STALL_AFTER + 8
+    limit = seconds + STALL_AFTER + 3
     with Adversary(pid, cells.glibc) as adv:
         bench = pg.popen_pgbench("-n", "-c", str(clients), "-j", "2", "-T", str(int(seconds)),
                                  "-P", "1")

@@ -174,6 +174,12 @@ def stop(proc: subprocess.Popen[bytes], sig: int, out: Path, timeout: float = 60
         proc.wait()
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+        # Until the last of them is gone it still holds what the next start needs
+        # (PostgreSQL refuses to start while its old shared memory is attached).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            os.killpg(proc.pid, 0)
+            time.sleep(0.05)
     return out.read_text(errors="replace") if out.exists() else ""
 
 
@@ -335,12 +341,42 @@ class PgCluster:
         """The postmaster's pid (postmaster.pid's first line; esem run and setpriv exec)."""
         return int((self.data / "postmaster.pid").read_text().split()[0])
 
+    def children(self) -> list[int]:
+        """The postmaster's child processes now (each backend makes a session of its
+        own, so killing the postmaster's process group does not reach them)."""
+        if self.proc is None:
+            return []
+        pids: list[int] = []
+        for f in glob.glob(f"/proc/{self.proc.pid}/task/*/children"):
+            with contextlib.suppress(OSError):
+                pids += [int(p) for p in Path(f).read_text().split()]
+        return pids
+
     def stop(self, timeout: float = 60.0) -> str:
-        """Fast shutdown (SIGINT); its log."""
+        """Fast shutdown (SIGINT); its log. A backend that ignores it (one asleep on a
+        lost wake-up) is killed with the postmaster when ``timeout`` runs out."""
         if self.proc is None:
             return ""
-        out = stop(self.proc, signal.SIGINT, self.log, timeout)
+        kids = self.children()
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # Kill the backends first, so that the postmaster reaps them (and then
+            # exits, shutdown having been asked): none is left to init as a zombie.
+            for pid in self.children():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        out = stop(self.proc, signal.SIGQUIT, self.log, 10)
         self.proc = None
+        for pid in kids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{pid}") for pid in kids) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
         return out
 
     def pgbench(self, *args: str, timeout: float = 600.0) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,139 @@
+"""``esem bench app`` over the real programs: ``--quick`` (what CI runs) and ``--attack``.
+
+Both run the real servers (Debian's apache2, postgresql, stress-ng) against a real
+service, so they need root and the packages (.ci/run installs them); they check the
+structure of the JSON and its correctness fields, never a time or a rate's size. The
+parsers the benchmark reads the programs' output with are checked on real output too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from esem.bench import app, app_attack
+from esem.bench.app_servers import apache_missing, pg_missing
+
+as_root = pytest.mark.skipif(os.geteuid() != 0,
+                             reason="runs Apache and PostgreSQL as their own users (root)")
+
+
+def _need(*why: str | None) -> None:
+    for w in why:
+        if w:
+            pytest.skip(f"{w} (.ci/run installs it)")
+
+
+def _run(*args: str, timeout: float) -> list[dict[str, Any]]:
+    done = subprocess.run([sys.executable, "-m", "esem", "bench", "app", *args, "--quiet",
+                           "--json", "-"], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows: list[dict[str, Any]] = json.loads(done.stdout)["results"]
+    return rows
+
+
+def _value(rows: list[dict[str, Any]], **match: str) -> float:
+    found = [r["value"] for r in rows if all(r[k] == v for k, v in match.items())]
+    assert len(found) == 1, (match, found)
+    return float(found[0])
+
+
+@as_root
+def test_quick_measures_every_program_legacy_beside_esem() -> None:
+    _need(pg_missing(), apache_missing(),
+          None if shutil.which("stress-ng") else "stress-ng is not installed")
+    rows = _run("--quick", timeout=240)
+    cases = {r["case"] for r in rows}
+    pg = [c for c in cases if c.startswith("postgres/")]
+    ab = [c for c in cases if c.startswith("apache/")]
+    stress = [c for c in cases if c.startswith("stress-ng/")]
+    assert {c.split(",")[0] for c in pg} == {"postgres/tpcb", "postgres/select-only"}
+    assert len(ab) == len(app.QUICK.ab_concurrency) and len(stress) == 1
+    switchless = any(r["mode"] == "switchless" and r["case"] in pg for r in rows)
+    if not switchless:  # said so, not left out silently
+        assert _value(rows, mode="switchless", case="preload", metric="available") == 0
+    modes = [("legacy", "-"), ("esem", "socket")] + ([("esem", "switchless")]
+                                                      if switchless else [])
+    for case, metric in ([(c, "tps") for c in pg] + [(c, "requests_per_s") for c in ab]
+                         + [(c, "ops_per_s") for c in stress]):
+        for backend, mode in modes:
+            assert _value(rows, backend=backend, mode=mode, case=case, metric=metric) > 0
+            assert _value(rows, backend=backend, mode=mode, case=case, metric="runs") == 1
+            if backend == "esem":  # counted by the service, so the program was on esem
+                assert _value(rows, backend=backend, mode=mode, case=case,
+                              metric="ratio") > 0
+                assert _value(rows, backend=backend, mode=mode, case=case,
+                              metric="service_cpu") > 0
+                ops = _value(rows, backend=backend, mode=mode, case=case,
+                             metric="sem_ops_per_unit")
+                if not case.startswith("postgres/select-only"):  # may never contend
+                    assert ops > 0, case
+            if case.startswith("postgres/tpcb"):
+                assert _value(rows, backend=backend, mode=mode, case=case,
+                              metric="consistent") == 1
+            if case in pg or case in ab:
+                assert _value(rows, backend=backend, mode=mode, case=case,
+                              metric="failed") == 0
+            if case in ab:
+                assert _value(rows, backend=backend, mode=mode, case=case,
+                              metric="time_per_request") > 0
+    # Apache takes the accept mutex about once per request: a wait and a post.
+    for case in ab:
+        assert _value(rows, backend="esem", mode="socket", case=case,
+                      metric="sem_ops_per_unit") >= 1.5
+    if shutil.which("redis-server") and shutil.which("objdump"):
+        assert _value(rows, backend="redis", case="redis", metric="sem_imports") == 0
+    assert _value(rows, backend="legacy", case="vault", metric="requests_per_s") > 0
+
+
+@as_root
+def test_attack_breaks_legacy_postgres_and_not_esem() -> None:
+    _need(pg_missing())
+    rows = _run("--attack", "--quick", timeout=240)
+    case = "attack/postgres"
+
+    def legacy(metric: str) -> float:
+        return _value(rows, backend="legacy", case=case, metric=metric)
+
+    def esem(metric: str) -> float:
+        return _value(rows, backend="esem", mode="socket", case=case, metric=metric)
+
+    # legacy: the counts were there to zero (one per possible process), and PostgreSQL
+    # lost wake-ups: pgbench stalled with backends asleep, and never finished.
+    assert legacy("glibc_counts_found") >= 20 and legacy("writes") > 0
+    assert legacy("pgbench_finished") == 0
+    assert legacy("stuck_backends") >= 1 and legacy("zero_tps_s") >= 2
+    # esem: the same cells hold esem's handles, no count; nothing was written and
+    # pgbench finished with TPC-B's invariant intact.
+    assert esem("glibc_counts_found") == 0 and esem("writes") == 0
+    assert esem("esem_cells_found") >= 20
+    assert esem("pgbench_finished") == 1 and esem("consistent") == 1
+    assert esem("stuck_backends") == 0 and esem("transactions") > 0
+
+
+def test_parsers_read_real_output() -> None:
+    """ab's summary and pgbench's progress lines, in the installed versions' format."""
+    text = ("Document Length:        1920 bytes\nComplete requests:      300\n"
+            "Failed requests:        0\nRequests per second:    2345.67 [#/sec] (mean)\n"
+            "Time per request:       1.705 [ms] (mean)\n"
+            "Time per request:       0.426 [ms] (mean, across all concurrent requests)\n"
+            "HTML transferred:       576000 bytes\n")
+    assert app.parse_ab(text) == {"complete": 300, "failed": 0, "rps": 2345.67,
+                                  "tpr": 1.705, "length": 1920, "html": 576000}
+    progress = ("progress: 1.0 s, 254.7 tps, lat 0.786 ms stddev 0.454, 0 failed\n"
+                "progress: 2.0 s, 0.0 tps, lat 0.000 ms stddev 0.000, 0 failed\n")
+    assert app_attack._progress_tps(progress) == [254.7, 0.0]
+
+
+def test_runs_of_cells() -> None:
+    """The adversary takes the longest run at PostgreSQL's stride, and no stray cell."""
+    stride = app_attack.PG_SEM_STRIDE
+    run = [56 + stride * i for i in range(47)]
+    assert app_attack._runs([8, *run, 9000], stride) == run
+    assert app_attack._runs([8, 8 + stride, 4096], stride) == []
