@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import re
 import shutil
 import signal
@@ -70,6 +71,7 @@ from esem.bench.common import (
     Phase,
     Row,
     Table,
+    UsageError,
     esem_target,
     lookup,
     median,
@@ -162,6 +164,10 @@ def configs(names: Sequence[str]) -> Iterator[list[Config]]:
     service (metrics on) for the whole benchmark."""
     from esem.native import NativeError, library_path
 
+    if any(n != "legacy" for n in names) and importlib.util.find_spec(
+            "prometheus_client") is None:
+        raise UsageError("the real programs' operations are counted by the service's "
+                         "metrics, which need prometheus_client: pip install 'esem[bench]'")
     out: list[Config] = []
     with contextlib.ExitStack() as stack:
         for name in names:
@@ -618,9 +624,8 @@ def _run(opts: Options, args: argparse.Namespace | None) -> list[Row]:
             progress(f"app: {p} skipped: {why_not}")
     todo = [p for p in todo if p not in _missing]
     if todo:
-        steps = sizes.reps * len(names) * sum(
-            {"postgres": 2, "apache": 1, "stress-ng": 1}[p] for p in todo)
-        with configs(names) as cfgs, phase("app", steps) as ph:
+        with configs(names) as cfgs, phase("app", sizes.reps * len(cfgs) * sum(
+                {"postgres": 2, "apache": 1, "stress-ng": 1}[p] for p in todo)) as ph:
             for p in todo:
                 _, fn, unit, per = PROGRAMS[p]
                 rows += sample_rows(fn(cfgs, sizes, ph), unit, per)
