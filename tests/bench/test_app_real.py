@@ -13,12 +13,14 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from esem.bench import app, app_attack
-from esem.bench.app_servers import apache_missing, pg_missing
+from esem.bench.app_servers import apache_missing, pg_missing, watched_service
+from esem.bench.common import BenchError
 
 as_root = pytest.mark.skipif(os.geteuid() != 0,
                              reason="runs Apache and PostgreSQL as their own users (root)")
@@ -137,3 +139,50 @@ def test_runs_of_cells() -> None:
     run = [56 + stride * i for i in range(47)]
     assert app_attack._runs([8, *run, 9000], stride) == run
     assert app_attack._runs([8, 8 + stride, 4096], stride) == []
+
+
+def test_switchless_is_offered_only_by_a_library_that_reads_the_variable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    without, with_ = tmp_path / "without.so", tmp_path / "with.so"
+    without.write_bytes(b"\x7fELF... ESEM_SOCKET ...")
+    with_.write_bytes(b"\x7fELF... ESEM_SWITCHLESS ...")
+    monkeypatch.setenv("ESEM_PRELOAD_LIB", str(without))
+    ok, why = app.switchless_status()
+    assert not ok and "does not read ESEM_SWITCHLESS" in why
+    monkeypatch.setenv("ESEM_PRELOAD_LIB", str(with_))
+    assert app.switchless_status() == (True, "")
+
+
+@pytest.mark.parametrize("rings", [False, True])
+def test_a_switchless_run_must_have_been_on_the_rings(rings: bool) -> None:
+    """A program that asked for nothing runs over the socket even on a switchless
+    service: its figures must not be labelled switchless. One that did is accepted even
+    when its sessions got their rings before the measured window (Apache's workers
+    attach at start): the check counts from the program's start, not the window's."""
+    code = ("import sys, esem.posix_ipc as p\n"
+            "s = p.Semaphore('/h-apps-rings', p.O_CREAT, initial_value=0)\n"
+            "s.release(); s.acquire()\n"
+            "print('ready', flush=True); sys.stdin.readline()\n"
+            "for _ in range(5):\n    s.release(); s.acquire()\n"
+            "s.unlink()\n")
+    with watched_service(switchless=True) as w:
+        cfg = app.Config("switchless", w, None)
+        env = {**os.environ, **w.svc.env()}
+        env.pop("ESEM_SWITCHLESS", None)
+        if rings:
+            env["ESEM_SWITCHLESS"] = "1"
+        cfg.kw()  # what the benchmark calls right before starting the program
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "ready"
+        meter = app.Meter(cfg)  # the measured window opens after the session started
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0
+        if rings:
+            sample = meter.done(1.0, 10)
+            assert sample.ops >= 10
+        else:
+            with pytest.raises(BenchError, match="ran over the socket"):
+                meter.done(1.0, 10)

@@ -142,6 +142,8 @@ class Config:
     name: str  # legacy | socket | switchless
     watched: Watched | None = None
     preload: Path | None = None
+    rings_before: float = 0.0  # sessions granted rings before the program started
+
 
     @property
     def backend(self) -> str:
@@ -152,8 +154,12 @@ class Config:
         return NO_MODE if self.name == "legacy" else self.name
 
     def kw(self) -> dict[str, Any]:
+        """What ``spawn`` (or ``PgCluster.start``) takes to run the program in this
+        configuration; called right before the program starts."""
         if self.watched is None:
             return {}
+        if self.name == "switchless":
+            self.rings_before = _granted_rings(self.watched.scrape())
         return {"svc": self.watched.svc, "preload": self.preload,
                 "switchless": self.name == "switchless"}
 
@@ -229,8 +235,7 @@ class Meter:
         if ops <= 0:
             raise BenchError(f"{self.cfg.name}: the service counted no semaphore operation "
                              "during the run: the program is not on esem")
-        if self.cfg.name == "switchless" and _granted_rings(after) <= _granted_rings(
-                self.before):
+        if self.cfg.name == "switchless" and _granted_rings(after) <= self.cfg.rings_before:
             raise BenchError("switchless: the service granted no session of the program "
                              "its rings: it ran over the socket")
         cpu = None if cpu1 is None or self.cpu0 is None else cpu1 - self.cpu0
@@ -238,6 +243,7 @@ class Meter:
 
 
 def _granted_rings(sample: dict[str, float]) -> float:
+    """Sessions the service has moved to shared-memory rings (SWITCHLESS granted)."""
     return sum(v for k, v in sample.items() if k.startswith(
         'esem_requests_total{') and 'opcode="SWITCHLESS"' in k and 'status="OK"' in k)
 
