@@ -97,7 +97,7 @@ def test_quick_measures_every_program_legacy_beside_esem() -> None:
 @as_root
 def test_attack_breaks_legacy_postgres_and_not_esem() -> None:
     _need(pg_missing())
-    rows = _run("--attack", "--quick", timeout=240)
+    rows = _run("--attack", "--quick", "--only", "postgres", timeout=240)
     case = "attack/postgres"
 
     def legacy(metric: str) -> float:
@@ -117,6 +117,30 @@ def test_attack_breaks_legacy_postgres_and_not_esem() -> None:
     assert esem("esem_cells_found") >= 20
     assert esem("pgbench_finished") == 1 and esem("consistent") == 1
     assert esem("stuck_backends") == 0 and esem("transactions") > 0
+
+
+@as_root
+def test_attack_breaks_apaches_accept_mutex_under_legacy_and_not_esem() -> None:
+    _need(apache_missing(), None if shutil.which("ab") else "ab is not installed")
+    rows = _run("--attack", "--quick", "--only", "apache", timeout=240)
+    case = "attack/apache"
+
+    def legacy(metric: str) -> float:
+        return _value(rows, backend="legacy", case=case, metric=metric)
+
+    def esem(metric: str) -> float:
+        return _value(rows, backend="esem", mode="socket", case=case, metric=metric)
+
+    # Before the write, the mutex admits one child at a time under both.
+    assert legacy("in_accept_before") <= 1 and esem("in_accept_before") <= 1
+    # legacy: the sem_t was in shared memory the adversary could write; after the
+    # inflated count, several children waited in accept at once.
+    assert legacy("mutex_found") == 1 and legacy("count_written") == app_attack.INFLATED
+    assert legacy("in_accept_after") >= 3
+    # esem: no sem_t with a count anywhere in Apache's memory; still one at a time.
+    assert esem("mutex_found") == 0 and esem("count_written") == 0
+    assert esem("in_accept_after") <= 1
+    assert legacy("failed") == 0 and esem("failed") == 0
 
 
 def test_parsers_read_real_output() -> None:

@@ -26,9 +26,10 @@ least 0.97; stress-ng at least 0.83) and, where one is missed, says by how much 
 the time goes. The published evaluation's figures stand beside ours.
 
 --quick: short runs (one repetition; what CI runs). --smoke: the vault only, tiny.
---attack: instead of the benchmark, an adversary zeroes PostgreSQL's semaphore counts in
-its shared memory while pgbench runs, under legacy and then under esem, and reports what
-it wrote and what PostgreSQL did. --mode does not apply to the real programs (every
+--attack: instead of the benchmark, an adversary tampers with the real servers'
+semaphores in their memory, under legacy and then under esem, and reports what it wrote
+and what the server did: it zeroes PostgreSQL's counts while pgbench runs, and inflates
+the count of Apache's accept mutex while ab runs. --mode does not apply to the real programs (every
 configuration runs; choose with --configs). The real programs need root (Apache binds and
 drops to www-data; PostgreSQL runs as postgres) and their packages; without them their
 rows say why they are missing.
@@ -577,8 +578,9 @@ def add_arguments(parser: Any) -> None:
                         "CI runs); not for comparison")
     parser.add_argument("--attack", action="store_true",
                         help="instead of the benchmark: an adversary zeroes PostgreSQL's "
-                        "semaphore counts in its shared memory during pgbench, legacy "
-                        "beside esem, and the evidence of what broke")
+                        "semaphore counts in its shared memory during pgbench, and inflates "
+                        "Apache's accept mutex under ab, legacy beside esem, with the "
+                        "evidence of what broke (--only postgres or apache: one of them)")
     parser.add_argument("--only", type=lambda t: _names(t, APPS), metavar="APP,...",
                         help=f"run only these ({', '.join(APPS)}; default all)")
     parser.add_argument("--configs", type=lambda t: _names(t, CONFIGS), metavar="C,...",
@@ -598,7 +600,7 @@ def run(opts: Options, args: argparse.Namespace | None = None) -> list[Row]:
 def _run(opts: Options, args: argparse.Namespace | None) -> list[Row]:
     quick = bool(args is not None and getattr(args, "quick", False))
     if args is not None and getattr(args, "attack", False):
-        return attack(quick)
+        return attack(quick, getattr(args, "only", None) or list(APPS))
     if opts.smoke and not quick:  # the common --smoke: the vault only, tiny (as ever)
         return vault(opts, opts.modes, smoke=True)
     sizes = QUICK if quick else FULL
@@ -641,15 +643,91 @@ def _run(opts: Options, args: argparse.Namespace | None) -> list[Row]:
     return rows
 
 
-def attack(quick: bool) -> list[Row]:
-    """``--attack``: the adversary of ``esem.bench.app_attack`` on PostgreSQL."""
-    why = pg_missing()
-    if why:
-        raise BenchError(f"--attack runs PostgreSQL, which cannot run here: {why}")
+def attack(quick: bool, only: Sequence[str] = APPS) -> list[Row]:
+    """``--attack``: the adversaries of ``esem.bench.app_attack``, on PostgreSQL and on
+    Apache, each under legacy and then under esem."""
+    pg_why = pg_missing() if "postgres" in only else "not asked for (--only)"
+    ap_why = apache_missing() if "apache" in only else "not asked for (--only)"
+    if pg_why and ap_why:
+        raise BenchError(f"--attack runs PostgreSQL and Apache, which cannot run here: "
+                         f"{pg_why}; {ap_why}")
+    rows: list[Row] = []
+    with configs(["legacy", "socket"]) as cfgs, phase(
+            "app attack", 2 * (not pg_why) + 2 * (not ap_why)) as ph:
+        if pg_why:
+            _missing["postgres (attack)"] = pg_why
+        else:
+            rows += _attack_postgres(cfgs, quick, ph)
+        if ap_why:
+            _missing["apache (attack)"] = ap_why
+        else:
+            rows += _attack_apache(cfgs, quick, ph)
+    return rows
+
+
+ATTACK_WORKERS = 8
+
+
+def _attack_apache(cfgs: list[Config], quick: bool, ph: Phase) -> list[Row]:
+    seconds = 2 if quick else 5
+    ab = shutil.which("ab")
+    if ab is None:
+        raise BenchError("ab is not installed (Debian apache2-utils)")
+    rows: list[Row] = []
+    with shared_tmpdir("esem-bench-attack-apache-") as root:
+        conf, ports = apache_site(root, PAGE, ATTACK_WORKERS, access_log=False)
+        for cfg in cfgs:
+            ph.step(f"app: attack on apache, {cfg.name}", 2 * seconds)
+            proc = spawn(apache_argv(root, conf), root, **cfg.kw())
+            try:
+                wait_listening(ports, proc, root / "logs" / "error.log")
+                deadline = time.monotonic() + 60
+                while len(kids := app_attack.apache_children(proc.pid)) < ATTACK_WORKERS:
+                    if time.monotonic() > deadline:
+                        raise BenchError("Apache never started its workers")
+                    time.sleep(0.1)
+                time.sleep(1.0)  # each worker reaches the mutex
+                failed, most = 0.0, []
+                found = app_attack.find_accept_mutex([proc.pid, *kids])
+                old = 0
+                for attacked in (False, True):
+                    if attacked and found is not None:
+                        old = app_attack.inflate(found[0], found[1])
+                    load = subprocess.Popen(
+                        [ab, "-q", "-t", str(seconds), "-n", "10000000", "-c",
+                         str(ATTACK_WORKERS), "-s", "30", f"http://127.0.0.1:{ports[0]}/page.txt"],
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                    most.append(app_attack.sample_section(kids, load))
+                    out = load.communicate()[0]
+                    got = parse_ab(out)
+                    if "rps" not in got:
+                        raise BenchError(f"ab failed: {out[-800:]}")
+                    failed += got.get("failed", 0) + got.get("non2xx", 0)
+            finally:
+                stop(proc, signal.SIGTERM, root / "out.log")
+            o = app_attack.ApacheOutcome(
+                "legacy" if cfg.watched is None else "esem socket", ATTACK_WORKERS,
+                found[2] if found else "", old, app_attack.INFLATED if found else 0,
+                most[0], most[1], int(failed))
+            case = "attack/apache"
+            rows += [row(BENCH, cfg.backend, cfg.mode, case, "mutex_found", int(bool(found)),
+                         "bool"),
+                     row(BENCH, cfg.backend, cfg.mode, case, "count_written", o.written,
+                         "units"),
+                     row(BENCH, cfg.backend, cfg.mode, case, "in_accept_before", o.before,
+                         "children"),
+                     row(BENCH, cfg.backend, cfg.mode, case, "in_accept_after", o.after,
+                         "children"),
+                     row(BENCH, cfg.backend, cfg.mode, case, "failed", o.failed, "count")]
+            _evidence.append(app_attack.describe_apache(o))
+            progress(f"app: {_evidence[-1]}")
+    return rows
+
+
+def _attack_postgres(cfgs: list[Config], quick: bool, ph: Phase) -> list[Row]:
     seconds, clients = (4, 4) if quick else (8, 4)
     rows: list[Row] = []
-    with configs(["legacy", "socket"]) as cfgs, phase("app attack", 2) as ph, \
-            shared_tmpdir("esem-bench-attack-") as root:
+    with shared_tmpdir("esem-bench-attack-") as root:
         pg = PgCluster(root)
         pg.initdb()
         pg.start()
@@ -779,7 +857,26 @@ def tables(results: list[Row]) -> list[Table]:
                          {"1": "yes", "0": "NO"}.get(a("pgbench_finished"), "-")])
         out.append(Table("app --attack: zeroing PostgreSQL's semaphore counts during pgbench",
                          ["config", "counts found", "writes", "tx committed", "0-tps s",
-                          "stuck backends", "pgbench finished"], body, list(_evidence)))
+                          "stuck backends", "pgbench finished"], body,
+                         [e for e in _evidence if "pgbench" in e]))
+    ap_rows = [r for r in rows if r["case"] == "attack/apache"]
+    if ap_rows:
+        body = []
+        for backend, mode in (("legacy", NO_MODE), ("esem", "socket")):
+            def b(metric: str, be: str = backend, m: str = mode) -> str:
+                x = lookup(ap_rows, backend=be, mode=m, metric=metric)
+                return "-" if x is None else num(x, 0)
+
+            body.append(["legacy" if backend == "legacy" else "esem socket",
+                         {"1": "yes", "0": "no"}.get(b("mutex_found"), "-"),
+                         b("count_written"), b("in_accept_before"), b("in_accept_after"),
+                         b("failed")])
+        out.append(Table("app --attack: inflating Apache's accept mutex count under load",
+                         ["config", "sem_t found", "count written",
+                          "in accept at once, before", "after", "failed responses"], body,
+                         ["children waiting for a connection (epoll_wait or accept) at once, "
+                          "the most seen while ab ran; the mutex admits one",
+                          *(e for e in _evidence if "accept" in e)]))
     if real or vault_rows:
         out.append(app_published.comparison(results))
     return out

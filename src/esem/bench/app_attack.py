@@ -26,6 +26,7 @@ the service), so it has nothing to write, and pgbench finishes with its invarian
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 import subprocess
 import threading
@@ -212,3 +213,104 @@ def stop_attacked(pg: PgCluster) -> None:
     on EINTR): give it a few seconds, then the process group is killed."""
     with contextlib.suppress(ServerError):
         pg.stop(timeout=8)
+
+
+# ------------------------------------------------------------------- Apache
+#
+# Apache prefork's accept mutex (``Mutex posixsem``): root's parent makes it with
+# ``sem_open`` and unlinks it at once, so it lives on only in the parent's and the
+# children's shared mapping of the deleted file (``/dev/shm/sem.XXXXXX (deleted)`` in
+# /proc/PID/maps). The mutex lets one child at a time wait for a connection (in
+# epoll_wait, then accept); the others sleep in futex_wait. The adversary (root, or the
+# owner of the mapping) writes a count of ``INFLATED`` into the sem_t's count word; from
+# then on every child that comes for the mutex walks in, and several wait in accept at
+# once: the mutual exclusion is gone. Who is where is read from /proc/CHILD/syscall
+# (the main thread's current system call), sampled while ab loads the server.
+
+INFLATED = 64
+SECTION_SYSCALLS = frozenset({"232", "281", "43", "288"})  # epoll_wait, epoll_pwait, accept(4)
+
+
+def apache_children(parent: int) -> list[int]:
+    pids: list[int] = []
+    for f in Path(f"/proc/{parent}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            pids += [int(p) for p in f.read_text().split()]
+    return pids
+
+
+def find_accept_mutex(pids: list[int]) -> tuple[int, int, str] | None:
+    """(pid, address, mapping) of a glibc named semaphore mapped in any of ``pids``."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[1] == "rw-s" and "/dev/shm/sem." in fields[5]:
+                    return pid, int(fields[0].split("-")[0], 16), fields[5]
+    return None
+
+
+def _section(fds: list[int]) -> set[int]:
+    """Indices of the children whose main thread is in epoll_wait or accept now."""
+    inside = set()
+    for i, fd in enumerate(fds):
+        with contextlib.suppress(OSError, IndexError):
+            if os.pread(fd, 64, 0).split()[0].decode() in SECTION_SYSCALLS:
+                inside.add(i)
+    return inside
+
+
+def sample_section(children: list[int], load: subprocess.Popen[str]) -> int:
+    """The most children seen in the accept section at once while ``load`` runs. A
+    child counts when two reads in a row both find it there: one pass reads the
+    children one after another, so a hand-off between two of them during a pass would
+    otherwise look like both at once."""
+    fds = []
+    try:
+        for pid in children:
+            with contextlib.suppress(OSError):
+                fds.append(os.open(f"/proc/{pid}/syscall", os.O_RDONLY))
+        most = 0
+        while load.poll() is None:
+            most = max(most, len(_section(fds) & _section(fds)))
+            time.sleep(0.001)
+        return most
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@dataclass
+class ApacheOutcome:
+    config: str
+    workers: int
+    mapping: str  # where the adversary found the mutex ("" when it found none)
+    old_word: int
+    written: int
+    before: int  # most children in the accept section at once, before the write
+    after: int  # the same, after it
+    failed: int  # ab's failed + non-2xx responses over both loads
+
+
+def inflate(pid: int, addr: int) -> int:
+    """Write INFLATED into the sem_t's count word (its low 32 bits, leaving the sleeper
+    count); returns the 64-bit word read before."""
+    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
+        mem.seek(addr)
+        old: int = struct.unpack("<Q", mem.read(8))[0]
+        mem.seek(addr)
+        mem.write(struct.pack("<I", INFLATED))
+    return old
+
+
+def describe_apache(o: ApacheOutcome) -> str:
+    if o.mapping:
+        found = (f"found the accept mutex's sem_t in {o.mapping}, shared by the parent and "
+                 f"its {o.workers} children; read the word {o.old_word:#x} and wrote the "
+                 f"count {o.written}")
+    else:
+        found = ("found no /dev/shm/sem.* mapping in any Apache process (the accept mutex "
+                 "is in the service), so it wrote nothing")
+    return (f"{o.config}: the adversary {found}. Children waiting in accept at once, under "
+            f"ab load: at most {o.before} before, {o.after} after; {o.failed} failed "
+            "responses.")
