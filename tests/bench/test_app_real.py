@@ -210,3 +210,38 @@ def test_a_switchless_run_must_have_been_on_the_rings(rings: bool) -> None:
         else:
             with pytest.raises(BenchError, match="ran over the socket"):
                 meter.done(1.0, 10)
+
+
+def test_sem_imports_tells_a_semaphore_user_from_redis() -> None:
+    """The Redis row rests on this check: it must see the imports of a program that
+    does take POSIX semaphores (stress-ng), or its 0 for Redis would mean nothing."""
+    stress = shutil.which("stress-ng")
+    if stress is None or shutil.which("objdump") is None:
+        pytest.skip("stress-ng or objdump is not installed (.ci/run installs them)")
+    assert app.sem_imports(stress) >= 4  # sem_init, sem_post, sem_trywait, ...
+    found = app.redis_sem_imports()
+    if found is None:
+        pytest.skip("redis-server is not installed")
+    assert found[1] == 0
+
+
+def test_published_figures_stand_beside_ours_row_by_row() -> None:
+    from esem.bench.app_published import comparison
+    from esem.bench.common import row
+
+    rows = [row("app", "legacy", "-", "postgres/tpcb,scale=1", "tps", 1000, "tps"),
+            row("app", "esem", "socket", "postgres/tpcb,scale=1", "tps", 950, "tps"),
+            row("app", "legacy", "-", "apache/c=1", "time_per_request", 100, "us"),
+            row("app", "legacy", "-", "apache/c=32", "time_per_request", 2000, "us"),
+            row("app", "esem", "socket", "apache/c=32", "time_per_request", 2200, "us"),
+            row("app", "redis", "-", "redis", "sem_imports", 0, "symbols")]
+    table = comparison(rows)
+    by = {r[1]: r for r in table.body}
+    pg = by["PostgreSQL pgbench TPC-B"]
+    assert pg[2] == "1,088 / 1,113 tps" and pg[3] == "+2.3%"
+    assert pg[4] == "1,000 / 950 tps" and pg[5] == "-5.0%"
+    ap = by["Apache httpd, time per request"]  # the highest concurrency; slower is minus
+    assert ap[4] == "2,000 / 2,200 us" and ap[5] == "-10.0%"
+    assert by["Redis"][4] == "not applicable: no sem_* import"
+    assert by["post latency (micro)"][2] == "5.3 / 7.0 us"
+    assert any("SGX" in n for n in table.notes)

@@ -451,12 +451,22 @@ def stress_ng(cfgs: list[Config], s: Sizes, ph: Phase) -> Samples:
 
 
 def redis_sem_imports() -> tuple[str, int] | None:
-    """redis-server's path and how many ``sem_*`` functions it imports (dynamic
-    symbols, ``objdump -T``); None when Redis or objdump is not installed."""
-    exe, objdump = shutil.which("redis-server"), shutil.which("objdump")
-    if exe is None or objdump is None:
+    """redis-server's path and how many ``sem_*`` functions it imports; None when Redis
+    or objdump is not installed."""
+    exe = shutil.which("redis-server")
+    if exe is None or shutil.which("objdump") is None:
         return None
     real = str(Path(exe).resolve())
+    return real, sem_imports(real)
+
+
+def sem_imports(path: str) -> int:
+    """How many ``sem_*`` functions the ELF file ``path`` imports (its undefined dynamic
+    symbols, ``objdump -T``): a program that imports none cannot call one."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        raise BenchError("objdump is not installed (Debian binutils)")
+    real = path
     done = subprocess.run([objdump, "-T", real], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         raise BenchError(f"objdump -T {real} failed: {done.stderr.strip()}")
@@ -464,7 +474,7 @@ def redis_sem_imports() -> tuple[str, int] | None:
             if "*UND*" in line and line.split()]
     if not syms:
         raise BenchError(f"objdump -T {real} listed no imported symbol at all")
-    return real, sum(1 for name in syms if re.fullmatch(r"sem_\w+", name))
+    return sum(1 for name in syms if re.fullmatch(r"sem_\w+", name))
 
 
 # --------------------------------------------------------------------- rows
