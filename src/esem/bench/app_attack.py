@@ -21,6 +21,15 @@ waited. Under ``esem run --all`` the same adversary finds the cells at the same 
 no count in them (the ``sem_t`` holds esem's magic word and a handle; the count is in
 the service), so it has nothing to write, and pgbench finishes with its invariant
 (sum of balances = sum of history deltas) intact.
+
+What the ``sem_t`` still holds is a reference: the handle token that names the
+e-semaphore, in the program's own memory (outside the threat model: DESIGN section 2).
+A third run shows what that leaves: the handle-flipper writes into each cell, every
+millisecond, alternately its own token and its neighbour's, so that a waiter and the
+process that posts it can read different tokens and name different semaphores; every
+count stays intact in the service, but the wake-up goes to the wrong semaphore and
+PostgreSQL stalls as under legacy. (A uniform permutation of the tokens, written once,
+is harmless: every process then reads the same token for a cell.)
 """
 
 from __future__ import annotations
@@ -50,7 +59,11 @@ STALL_AFTER = 3.0  # seconds without a committed transaction that count as stall
 class Cells:
     base: int  # address of the segment in the postmaster
     glibc: list[int] = field(default_factory=list)  # addresses of glibc counts
-    esem: int = 0  # cells at the same stride holding esem's magic
+    esem_cells: list[int] = field(default_factory=list)  # esem's magic, same stride
+
+    @property
+    def esem(self) -> int:
+        return len(self.esem_cells)
 
 
 def _runs(offsets: list[int], stride: int) -> list[int]:
@@ -88,15 +101,19 @@ def find_cells(pid: int) -> Cells:
                 elif word == ESEM_MAGIC:
                     esem.append(off)
             return Cells(start, [start + o for o in _runs(glibc, PG_SEM_STRIDE)],
-                         len(_runs(esem, PG_SEM_STRIDE)))
+                         [start + o for o in _runs(esem, PG_SEM_STRIDE)])
     raise ServerError(f"no PostgreSQL shared memory segment in /proc/{pid}/maps")
 
 
-class Adversary:
-    """The adversary's step 2: zero every count word, every millisecond, in a thread."""
+ZERO = b"\0" * 8
 
-    def __init__(self, pid: int, cells: list[int]) -> None:
-        self.pid, self.cells = pid, cells
+
+class Adversary:
+    """The adversary's step 2, in a thread: every millisecond, write into each address
+    the next of its byte strings (the count-zeroer: 8 zero bytes over each count word)."""
+
+    def __init__(self, pid: int, writes: list[tuple[int, list[bytes]]]) -> None:
+        self.pid, self.cells = pid, writes
         self.writes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -105,14 +122,16 @@ class Adversary:
         if not self.cells:
             return
         with open(f"/proc/{self.pid}/mem", "r+b", buffering=0) as mem:
+            passes = 0
             while not self._stop.is_set():
-                for addr in self.cells:
+                for addr, values in self.cells:
                     mem.seek(addr)
                     try:
-                        mem.write(b"\0" * 8)
+                        mem.write(values[passes % len(values)])
                     except OSError:  # the server went away
                         return
                     self.writes += 1
+                passes += 1
                 time.sleep(ZERO_EVERY)
 
     def __enter__(self) -> Adversary:
@@ -136,7 +155,7 @@ class Outcome:
     stuck: list[str]  # backends waiting longer than STALL_AFTER (pg_stat_activity)
     consistent: bool | None  # TPC-B's invariant after the run (None: not readable)
     sem_ops: float  # operations the service served during the run (esem)
-    evidence: str = ""
+    flipped: bool = False  # the handle-flipper, not the count-zeroer
 
 
 def _progress_tps(stderr: str) -> list[float]:
@@ -147,14 +166,30 @@ def _progress_tps(stderr: str) -> list[float]:
     return out
 
 
+def handle_flips(pid: int, cells: list[int]) -> list[tuple[int, list[bytes]]]:
+    """The handle-flipper's writes: each e-semaphore cell's handle token, alternately its
+    own and its neighbour's (a waiter and a poster that read the cell at different
+    moments then name different semaphores). Tokens are copied, never invented."""
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        tokens = []
+        for addr in cells:
+            mem.seek(addr + 8)
+            tokens.append(mem.read(16))
+    return [(addr + 8, [tokens[i], tokens[(i + 1) % len(tokens)]])
+            for i, addr in enumerate(cells)]
+
+
 def attack_run(pg: PgCluster, config: str, seconds: float, clients: int,
-               watched: Watched | None) -> Outcome:
-    """One attacked pgbench run on the started cluster ``pg``."""
+               watched: Watched | None, flip_handles: bool = False) -> Outcome:
+    """One attacked pgbench run on the started cluster ``pg``: the count-zeroer, or
+    (``flip_handles``) the handle-flipper."""
     pid = pg.postmaster_pid
     cells = find_cells(pid)
     before = watched.scrape() if watched is not None else None
     limit = seconds + STALL_AFTER + 3
-    with Adversary(pid, cells.glibc) as adv:
+    plan = (handle_flips(pid, cells.esem_cells) if flip_handles
+            else [(addr, [ZERO]) for addr in cells.glibc])
+    with Adversary(pid, plan) as adv:
         bench = pg.popen_pgbench("-n", "-c", str(clients), "-j", "2", "-T", str(int(seconds)),
                                  "-P", "1")
         try:
@@ -185,17 +220,22 @@ def attack_run(pg: PgCluster, config: str, seconds: float, clients: int,
         consistent = a == d
     ops = Watched.sem_ops(before, after) if before is not None and after is not None else 0.0
     return Outcome(config, len(cells.glibc), cells.esem, writes, finished, round(sum(tps)),
-                   float(longest), stuck, consistent, ops)
+                   float(longest), stuck, consistent, ops, flip_handles)
 
 
 def describe(o: Outcome) -> str:
     """What was written and what the application saw, in one paragraph."""
-    found = (f"found {o.glibc_cells} glibc semaphore counts in the postmaster's shared "
-             f"memory (128 bytes apart) and wrote 0 over each count word, {o.writes:,} "
-             "writes in all" if o.glibc_cells else
-             f"found no glibc semaphore count in the postmaster's shared memory: the "
-             f"{o.esem_cells} semaphore cells there hold esem's magic and a handle (the "
-             "counts are in the service), so it wrote nothing")
+    if o.flipped:
+        found = (f"(handle-flipper) found the {o.esem_cells} e-semaphore cells and wrote "
+                 "into each, every millisecond, alternately its own handle token and its "
+                 f"neighbour's, {o.writes:,} writes in all")
+    else:
+            found = (f"found {o.glibc_cells} glibc semaphore counts in the postmaster's shared "
+                 f"memory (128 bytes apart) and wrote 0 over each count word, {o.writes:,} "
+                 "writes in all" if o.glibc_cells else
+                 f"found no glibc semaphore count in the postmaster's shared memory: the "
+                 f"{o.esem_cells} semaphore cells there hold esem's magic and a handle (the "
+                 "counts are in the service), so it wrote nothing")
     if o.finished:
         seen = (f"pgbench finished: {o.transactions:,} transactions committed, longest "
                 f"stretch at 0 tps {o.stalled_s:.0f} s, sum(abalance) "
