@@ -17,29 +17,34 @@ packages (.ci/run); a machine without them, or not running as root, skips.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import glob
 import http.client
 import os
 import pwd
-import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from esem.bench.app_servers import (
+    APACHE,
+    APACHE_MODULES,
+    PgCluster,
+    ServerError,
+    Watched,
+    apache_site,
+    pg_bin,
+    shared_tmpdir,
+    spawn,
+    stop,
+    wait_listening,
+    watched_service,
+)
 from esem.server.embedded import EmbeddedService
 
-APACHE = "/usr/sbin/apache2"
-APACHE_MODULES = Path("/usr/lib/apache2/modules")
 REQUESTS = 200
 START_SERVERS = 4  # children forked at start (MinSpare = MaxSpare: no more, no fewer)
 APACHE_DEFAULT_WORKERS = 150  # prefork's default MaxRequestWorkers
@@ -56,147 +61,16 @@ def _user(name: str) -> pwd.struct_passwd:
         pytest.skip(f"no user {name} (its Debian package is not installed)")
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-@contextlib.contextmanager
-def _shared_tmpdir(prefix: str) -> Iterator[Path]:
-    """A temp dir other uids can traverse (pytest's tmp_path is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        path.chmod(0o755)
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-class Watched:
-    """A private service with Prometheus metrics: what it holds and served, per uid."""
-
-    def __init__(self, svc: EmbeddedService) -> None:
-        self.svc = svc
-        deadline = time.monotonic() + 15
-        while True:
-            m = re.search(r"metrics on http://([\d.]+):(\d+)/metrics",
-                          svc.log_path.read_text(errors="replace"))
-            if m:
-                self.url = f"http://{m[1]}:{m[2]}/metrics"
-                break
-            assert time.monotonic() < deadline, "the service never logged its metrics port"
-            time.sleep(0.05)
-
-    def scrape(self) -> dict[str, float]:
-        """Every sample as ``name{labels}`` -> value."""
-        with urllib.request.urlopen(self.url, timeout=10) as r:
-            text = r.read().decode()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                out[key] = float(value)
-        return out
-
-    @staticmethod
-    def requests(sample: dict[str, float], opcode: str) -> float:
-        """Requests of ``opcode`` served: granted, queued or refused alike."""
-        return sum(v for k, v in sample.items()
-                   if k.startswith("esem_requests_total{") and f'opcode="{opcode}"' in k)
-
-
 @pytest.fixture
 def watched() -> Iterator[Watched]:
-    with _watching() as w:
+    with watched_service() as w:
         yield w
-
-
-@contextlib.contextmanager
-def _watching(*extra: str) -> Iterator[Watched]:
-    svc = EmbeddedService(extra_args=["--metrics", "127.0.0.1:0", *extra])
-    svc.dir.mkdir(parents=True, exist_ok=True)
-    # Apache's www-data children and PostgreSQL's postgres processes must reach the
-    # socket and the published public key; the private key stays 0600 inside.
-    os.chmod(svc.dir, 0o755)
-    svc.start()
-    try:
-        yield Watched(svc)
-    finally:
-        svc.cleanup()
-
-
-def _env(svc: EmbeddedService, preload: Path) -> dict[str, str]:
-    """This environment aimed at ``svc`` only (no other service's socket or key)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ESEM_", "LD_PRELOAD"))}
-    return {**env, **svc.env(), "ESEM_PRELOAD_LIB": str(preload)}
 
 
 def _spawn(argv: list[str], svc: EmbeddedService, preload: Path,
            root: Path) -> subprocess.Popen[bytes]:
-    """``esem run --all -- ARGV`` in ``root``, output to ``root/out.log``, in a session of
-    its own: prefork's shutdown signals its whole process group, and a parent that dies
-    early must not leave its children in ours."""
-    with (root / "out.log").open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "esem", "run", "--all", "--", *argv],
-            env=_env(svc, preload), cwd=root, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int, out: Path) -> str:
-    """Stop a server started in its own session with ``sig`` (its orderly shutdown), then
-    kill whatever is left of its process group (children of a parent that died), and
-    return its output."""
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(sig)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    return out.read_text(errors="replace")
-
-
-# ------------------------------------------------------------------------ Apache
-
-APACHE_CONF = """\
-ServerRoot "{root}"
-ServerName 127.0.0.1
-PidFile "{root}/run/httpd.pid"
-DefaultRuntimeDir "{root}/run"
-LoadModule mpm_prefork_module {mods}/mod_mpm_prefork.so
-LoadModule authz_core_module {mods}/mod_authz_core.so
-LoadModule mime_module {mods}/mod_mime.so
-User www-data
-Group www-data
-Listen 127.0.0.1:{port1}
-Listen 127.0.0.1:{port2}
-# With two Listen ports prefork serializes accept; this makes the lock a POSIX semaphore.
-Mutex posixsem default
-StartServers {start}
-MinSpareServers {start}
-MaxSpareServers {start}
-ServerLimit {workers}
-MaxRequestWorkers {workers}
-KeepAlive Off
-TypesConfig /etc/mime.types
-DocumentRoot "{root}/htdocs"
-<Directory "{root}/htdocs">
-    Require all granted
-</Directory>
-ErrorLog "{root}/logs/error.log"
-LogLevel info
-LogFormat "%h %>s %B" small
-CustomLog "{root}/logs/access.log" small
-"""
+    """``esem run --all -- ARGV`` in ``root`` (app_servers.spawn: its own session)."""
+    return spawn(argv, root, svc, preload)
 
 
 def _get(port: int, path: str) -> tuple[int, bytes, int | None]:
@@ -212,16 +86,13 @@ def _get(port: int, path: str) -> tuple[int, bytes, int | None]:
 
 
 def _wait_listening(ports: list[int], proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    for port in ports:
-        while True:
-            assert proc.poll() is None, f"apache2 exited {proc.returncode}:\n" + (
-                log.read_text(errors="replace") if log.exists() else "(no error log)")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            assert time.monotonic() < deadline, f"apache2 never listened on {port}"
-            time.sleep(0.1)
+    try:
+        wait_listening(ports, proc, log)
+    except ServerError as exc:
+        pytest.fail(str(exc))
 
+
+# ------------------------------------------------------------------------ Apache
 
 @pytest.mark.parametrize("start", [START_SERVERS, APACHE_DEFAULT_WORKERS],
                          ids=["small", "default-workers"])
@@ -231,17 +102,8 @@ def test_apache_prefork_accept_mutex(preload: Path, watched: Watched, start: int
     if not os.path.exists(APACHE) or not (APACHE_MODULES / "mod_mpm_prefork.so").exists():
         pytest.skip("Debian apache2 is not installed (.ci/run installs it)")
     _user("www-data")
-    with _shared_tmpdir("esem-apache-") as root:
-        for sub in ("htdocs", "run", "logs"):
-            (root / sub).mkdir()
-        (root / "htdocs" / "page.txt").write_bytes(PAGE)
-        (root / "htdocs").chmod(0o755)
-        (root / "htdocs" / "page.txt").chmod(0o644)
-        ports = _free_ports(2)
-        conf = root / "httpd.conf"
-        conf.write_text(APACHE_CONF.format(root=root, mods=APACHE_MODULES,
-                                           port1=ports[0], port2=ports[1],
-                                           start=start, workers=start))
+    with shared_tmpdir("esem-apache-") as root:
+        conf, ports = apache_site(root, PAGE, start)
         before = watched.scrape()
         proc = _spawn([APACHE, "-d", str(root), "-f", str(conf), "-D", "FOREGROUND"],
                       watched.svc, preload, root)
@@ -257,7 +119,7 @@ def test_apache_prefork_accept_mutex(preload: Path, watched: Watched, start: int
                                         range(REQUESTS)))
             during = watched.scrape()
         finally:
-            out = _stop(proc, signal.SIGTERM, root / "out.log")
+            out = stop(proc, signal.SIGTERM, root / "out.log")
         error_log = (root / "logs" / "error.log").read_text(errors="replace")
         access = (root / "logs" / "access.log").read_text(errors="replace").splitlines()
 
@@ -290,60 +152,34 @@ PG_MAX_CONNECTIONS = 20
 
 
 def _pg_bin() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: int(Path(p).parts[-3]))
-    if not found or not os.path.exists(Path(found[-1]).parent / "pgbench"):
+    found = pg_bin()
+    if found is None:
         pytest.skip("Debian postgresql is not installed (.ci/run installs it)")
-    return Path(found[-1]).parent
+    return found
 
 
 def test_postgresql_pgbench(preload: Path, watched: Watched) -> None:
-    bin_dir = _pg_bin()
+    _pg_bin()
     pg = _user("postgres")
-    with _shared_tmpdir("esem-pg-") as root:
-        data, sock = root / "data", root / "sock"
-        for d in (data, sock):
-            d.mkdir(mode=0o700)
-            os.chown(d, pg.pw_uid, pg.pw_gid)
-        as_pg = {"user": pg.pw_uid, "group": pg.pw_gid, "extra_groups": [], "cwd": root}
-        made = subprocess.run([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres",
-                               "-A", "trust", "--no-sync", "-E", "UTF8", "--locale", "C"],
-                              capture_output=True, text=True, timeout=120, **as_pg)  # type: ignore[arg-type]
-        assert made.returncode == 0, made.stdout + made.stderr
-        port = _free_ports(1)[0]
-        conn = ["-h", str(sock), "-p", str(port), "-U", "postgres"]
+    with shared_tmpdir("esem-pg-") as root:
+        cluster = PgCluster(root, max_connections=PG_MAX_CONNECTIONS)
+        cluster.initdb()
         before = watched.scrape()
         # postgres refuses to run as root; esem run starts as root and setpriv (which
         # execs, keeping the environment) drops to postgres, as a systemd User= would.
         # (esem run itself as postgres would need an interpreter that user can read.)
-        postmaster = _spawn(
-            ["setpriv", "--reuid", str(pg.pw_uid), "--regid", str(pg.pw_gid),
-             "--clear-groups", "--",
-             str(bin_dir / "postgres"), "-D", str(data), "-k", str(sock),
-             "-p", str(port), "-c", "listen_addresses=", "-c", "fsync=off",
-             "-c", f"max_connections={PG_MAX_CONNECTIONS}"], watched.svc, preload, root)
+        cluster.start(watched.svc, preload)
+        postmaster = cluster.proc
+        assert postmaster is not None
         try:
-            deadline = time.monotonic() + 60
-            while subprocess.run([str(bin_dir / "pg_isready"), *conn, "-q"]).returncode != 0:
-                assert postmaster.poll() is None, (root / "out.log").read_text()
-                assert time.monotonic() < deadline, "postgres never accepted connections"
-                time.sleep(0.2)
-            init = subprocess.run([str(bin_dir / "pgbench"), *conn, "-i", "-s", "1", "-q",
-                                   "postgres"], capture_output=True, text=True, timeout=300)
+            init = cluster.pgbench("-i", "-s", "1", "-q", timeout=300)
             assert init.returncode == 0, init.stderr
-            bench = subprocess.run(
-                [str(bin_dir / "pgbench"), *conn, "-c", str(PG_CLIENTS), "-j", "2",
-                 "-t", str(PG_TRANSACTIONS), "postgres"],
-                capture_output=True, text=True, timeout=600)
+            bench = cluster.pgbench("-c", str(PG_CLIENTS), "-j", "2",
+                                    "-t", str(PG_TRANSACTIONS))
             during = watched.scrape()
-            sums = subprocess.run(
-                [str(bin_dir / "psql"), *conn, "-At", "-d", "postgres", "-c",
-                 "select (select sum(abalance) from pgbench_accounts), "
-                 "(select sum(delta) from pgbench_history), "
-                 "(select count(*) from pgbench_history)"],
-                capture_output=True, text=True, timeout=60)
+            sums = cluster.tpcb_sums()
         finally:
-            log = _stop(postmaster, signal.SIGINT, root / "out.log")  # SIGINT: fast shutdown
+            log = cluster.stop()  # SIGINT: fast shutdown
         after = watched.scrape()
 
     assert bench.returncode == 0, bench.stdout + bench.stderr
@@ -352,9 +188,8 @@ def test_postgresql_pgbench(preload: Path, watched: Watched) -> None:
         bench.stdout
     assert "number of failed transactions: 0" in bench.stdout, bench.stdout
     # TPC-B's invariant: every transaction adds its delta to one account and logs it.
-    assert sums.returncode == 0, sums.stderr
-    abalance, delta, history = sums.stdout.strip().split("|")
-    assert int(abalance) == int(delta) and int(history) == total, sums.stdout
+    abalance, delta, history = sums
+    assert abalance == delta and history == total, sums
     assert postmaster.returncode == 0 and "database system is shut down" in log, log
     # The service held PostgreSQL's semaphores: the postmaster's sem_init of one per
     # possible process (max_connections, autovacuum and background workers, auxiliary
@@ -378,19 +213,14 @@ def test_apache_refused_session_is_reported_as_such(preload: Path) -> None:
     if not os.path.exists(APACHE) or not (APACHE_MODULES / "mod_mpm_prefork.so").exists():
         pytest.skip("Debian apache2 is not installed (.ci/run installs it)")
     _user("www-data")
-    with _watching("--quota-sessions", "4") as w, _shared_tmpdir("esem-apache-") as root:
-        for sub in ("htdocs", "run", "logs"):
-            (root / sub).mkdir()
-        ports = _free_ports(2)
-        conf = root / "httpd.conf"
-        conf.write_text(APACHE_CONF.format(root=root, mods=APACHE_MODULES, port1=ports[0],
-                                           port2=ports[1], start=8, workers=8))
+    with watched_service("--quota-sessions", "4") as w, shared_tmpdir("esem-apache-") as root:
+        conf, _ = apache_site(root, PAGE, 8)
         proc = _spawn([APACHE, "-d", str(root), "-f", str(conf), "-D", "FOREGROUND"],
                       w.svc, preload, root)
         try:
             proc.wait(timeout=60)  # a worker that cannot take the mutex is fatal to httpd
         finally:
-            out = _stop(proc, signal.SIGTERM, root / "out.log")
+            out = stop(proc, signal.SIGTERM, root / "out.log")
         error_log = (root / "logs" / "error.log").read_text(errors="replace")
     assert proc.returncode != 0, out
     grab = [line for line in error_log.splitlines() if "AH00144" in line]
@@ -405,13 +235,13 @@ def test_stress_ng_sem_in_the_service(preload: Path, watched: Watched) -> None:
     if stress is None:
         pytest.skip("stress-ng is not installed (.ci/run installs it)")
     before = watched.scrape()
-    with _shared_tmpdir("esem-stress-") as root:
+    with shared_tmpdir("esem-stress-") as root:
         proc = _spawn([stress, "--sem", "2", "-t", "2", "--metrics-brief"], watched.svc,
                       preload, root)
         try:
             proc.wait(timeout=120)
         finally:
-            out = _stop(proc, signal.SIGTERM, root / "out.log")
+            out = stop(proc, signal.SIGTERM, root / "out.log")
     after = watched.scrape()
     assert proc.returncode == 0 and "successful run completed" in out, out
     posts = Watched.requests(after, "POST") - Watched.requests(before, "POST")

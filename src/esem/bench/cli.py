@@ -248,7 +248,7 @@ def _app() -> Any:
 # The Python packages of the ``bench`` extra each command imports (peer talks to Redis
 # through redis-py; all also plots with matplotlib). A plain ``pip install .`` leaves
 # them out, so they are checked before anything is measured, not minutes into a run.
-NEEDS = {"peer": ("redis",), "all": ("matplotlib", "redis")}
+NEEDS = {"peer": ("redis",), "all": ("matplotlib", "redis", "prometheus_client")}
 EXTRA_HINT = "pip install 'esem[bench]'"
 
 
