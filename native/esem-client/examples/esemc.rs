@@ -124,8 +124,9 @@ fn main() {
                 })
             }),
             // The session's transport and its switchless region's descriptor (-1: none).
-            "mode" => process_client()
-                .map(|c| format!("{} {}", c.mode(), c.ring_memfd().unwrap_or(-1))),
+            "mode" => {
+                process_client().map(|c| format!("{} {}", c.mode(), c.ring_memfd().unwrap_or(-1)))
+            }
             "ping" => process_client()
                 .and_then(|c| c.call(&RequestBody::Ping, None))
                 .map(|_| String::new()),

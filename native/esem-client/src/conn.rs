@@ -453,8 +453,6 @@ impl Shared {
     }
 }
 
-
-
 thread_local! {
     /// This thread's doorbell, with the pid that created it (a fork child's copy of
     /// the parent's eventfd is the same file description: never shared, replaced).

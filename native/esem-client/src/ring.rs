@@ -23,8 +23,8 @@
 use crate::error::{ClientError, Result};
 use crate::sys;
 use esem_proto::ring::{
-    check_capacity, check_header, offset, region_size, reply_area, request_area,
-    ConsumerIndex, ProducerIndex, Spans,
+    check_capacity, check_header, offset, region_size, reply_area, request_area, ConsumerIndex,
+    ProducerIndex, Spans,
 };
 use esem_proto::{ClientSession, Error as ProtoError, RequestBody, Status};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -261,6 +261,16 @@ impl Rings {
     /// The client's ends over `shm`, after checking the header the service wrote
     /// against the capacity of the authenticated reply.
     pub fn attach(shm: Shm, capacity: u64) -> std::result::Result<Rings, ProtoError> {
+        Self::attach_at(shm, capacity, 0)
+    }
+
+    /// `attach` with both private counters starting at `start` instead of zero (the
+    /// tests of the wrap at 2^64; an honest session always starts at zero).
+    pub fn attach_at(
+        shm: Shm,
+        capacity: u64,
+        start: u64,
+    ) -> std::result::Result<Rings, ProtoError> {
         let size = region_size(check_capacity(capacity)?)?;
         if shm.len() != size {
             return Err(ring_error("shared region has the wrong size"));
@@ -276,8 +286,8 @@ impl Rings {
         Ok(Rings {
             shm,
             capacity,
-            tx: ProducerIndex::new(capacity, 0)?,
-            rx: ConsumerIndex::new(capacity, 0)?,
+            tx: ProducerIndex::new(capacity, start)?,
+            rx: ConsumerIndex::new(capacity, start)?,
         })
     }
 
@@ -429,8 +439,7 @@ impl ClientRing {
         let rings = Rings::attach(shm, capacity)?;
         let memfd = sys::dup_high(&memfd).map_err(|e| integrity(e.to_string()))?;
         let bell = sys::dup_high(&bell).map_err(|e| integrity(e.to_string()))?;
-        let bell_ident =
-            sys::identity(bell.as_raw_fd()).map_err(|e| integrity(e.to_string()))?;
+        let bell_ident = sys::identity(bell.as_raw_fd()).map_err(|e| integrity(e.to_string()))?;
         // Nobody spins yet: the service must ring for every reply.
         rings.set_sleeping(true);
         Ok(ClientRing {

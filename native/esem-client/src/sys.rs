@@ -184,7 +184,13 @@ fn sockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into the live `v`.
     let rc = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut v as *mut libc::c_int).cast(), &mut len)
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -216,7 +222,12 @@ pub fn send_byte(fd: RawFd) -> io::Result<()> {
     let b = [1u8];
     // SAFETY: sends one byte from a live buffer.
     let n = unsafe {
-        libc::send(fd, b.as_ptr().cast(), 1, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        libc::send(
+            fd,
+            b.as_ptr().cast(),
+            1,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
     };
     if n < 0 {
         return Err(io::Error::last_os_error());
@@ -251,7 +262,12 @@ pub fn peek_byte(fd: RawFd) -> io::Result<Option<bool>> {
     let mut b = [0u8; 1];
     // SAFETY: peeks at most one byte into the live buffer.
     let n = unsafe {
-        libc::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_DONTWAIT | libc::MSG_PEEK)
+        libc::recv(
+            fd,
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_DONTWAIT | libc::MSG_PEEK,
+        )
     };
     if n < 0 {
         let e = io::Error::last_os_error();
@@ -331,7 +347,8 @@ pub fn recv_fds_cloexec(fd: RawFd, buf: &mut [u8], max_fds: usize) -> io::Result
                 let bytes = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
                 for i in 0..bytes / std::mem::size_of::<libc::c_int>() {
                     let raw = std::ptr::read_unaligned(
-                        data.add(i * std::mem::size_of::<libc::c_int>()).cast::<libc::c_int>(),
+                        data.add(i * std::mem::size_of::<libc::c_int>())
+                            .cast::<libc::c_int>(),
                     );
                     fds.push(OwnedFd::from_raw_fd(raw));
                 }
@@ -357,8 +374,16 @@ pub struct Two {
 /// empty result.
 pub fn poll_two(a: RawFd, b: RawFd, timeout_ms: i32) -> io::Result<Two> {
     let mut p = [
-        libc::pollfd { fd: a, events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: b, events: libc::POLLIN, revents: 0 },
+        libc::pollfd {
+            fd: a,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b,
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
     // SAFETY: two pollfds, live for the call.
     let rc = unsafe { libc::poll(p.as_mut_ptr(), 2, timeout_ms) };
@@ -370,5 +395,8 @@ pub fn poll_two(a: RawFd, b: RawFd, timeout_ms: i32) -> io::Result<Two> {
         return Err(e);
     }
     let hit = |p: &libc::pollfd| p.revents != 0;
-    Ok(Two { first: hit(&p[0]), second: hit(&p[1]) })
+    Ok(Two {
+        first: hit(&p[0]),
+        second: hit(&p[1]),
+    })
 }
