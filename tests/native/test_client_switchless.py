@@ -243,3 +243,50 @@ def test_tampered_ring_is_an_error_never_a_grant(
     finally:
         owner.close()
         adm.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (a counter, not a timing)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+IDLE_BUDGET = 0.1  # CPU seconds over a 1-second window: generous (a spinner uses ~1.0)
+
+
+def test_idle_and_blocked_native_sessions_cost_no_cpu(
+        esemc: Callable[..., Esemc], sl_service: EmbeddedService, sem_name: str) -> None:
+    """A native switchless session that is idle, then one with a thread blocked in a
+    wait on a semaphore at zero: over a second each, neither the service nor the native
+    client burns CPU (both spun briefly after the last operation, then slept)."""
+    assert sl_service.proc is not None
+    service = sl_service.proc.pid
+    a, b = esemc(), esemc()
+    assert a(f"open {sem_name} c 0 600") == "ok created=1"
+    assert b(f"open {sem_name} - 0 600") == "ok created=0"
+    switchless_session(a)
+    for _ in range(200):  # warm: the poller and the callers spin after this
+        assert a("post") == "ok"
+        assert a("wait") == "ok"
+    for label, blocked in (("idle", False), ("blocked", True)):
+        if blocked:
+            a.send("wait")
+            adm = admin(sl_service)
+            try:
+                deadline = time.monotonic() + 10
+                while stat_semaphore(adm, sem_name)["waiters"] != 1:
+                    assert time.monotonic() < deadline, "the wait never queued"
+                    time.sleep(0.01)
+            finally:
+                adm.close()
+        time.sleep(0.1)
+        s0, c0 = cpu_seconds(service), cpu_seconds(a.proc.pid)
+        time.sleep(1.0)
+        used_service = cpu_seconds(service) - s0
+        used_client = cpu_seconds(a.proc.pid) - c0
+        assert used_service < IDLE_BUDGET, f"{label}: the service used {used_service:.2f}s"
+        assert used_client < IDLE_BUDGET, f"{label}: the client used {used_client:.2f}s"
+    assert b("post") == "ok"
+    assert a.answer() == "ok"
+    assert a(f"unlink {sem_name}") == "ok"
