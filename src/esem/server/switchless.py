@@ -18,9 +18,9 @@ after ``SPIN_IDLE`` without work. While it spins it keeps its CPU: it gives it a
 (``sched_yield``, which hands it to whatever else is runnable, another tenant included)
 only when a reply has sat unread for ``YIELD_AFTER`` while its client says it is awake,
 the sign of a client waiting for this vCPU (the two share one), at most once per
-``YIELD_AFTER``. A client on another vCPU thus costs no yield per operation. A session whose reply ring is full keeps its replies
-in memory and is retried on a timer; it stops being read above ``WRITE_HIGH_WATER``, as
-a socket session is paused.
+``YIELD_AFTER``. A client on another vCPU thus costs no yield per operation. A session
+whose reply ring is full keeps its replies in memory and is retried on a timer; it stops
+being read above ``WRITE_HIGH_WATER``, as a socket session is paused.
 
 Doorbells are a socket pair, not an eventfd. An eventfd passed to the client is one open
 file description shared with it, so the client could clear its ``O_NONBLOCK`` and leave
