@@ -44,9 +44,13 @@ FLOOR_BINARY = _NATIVE_DIR / "target" / "release" / "esem-floor"
 C_SOURCE = r"""
 /* esem-micro BACKEND N SERVICE_PID: N of each semaphore operation and N hand-off rounds,
  * on a named semaphore (BACKEND esem: oflag | USE_ESEM, run under the preload library;
- * legacy: glibc's). JSON on stdout: latency samples in microseconds, and per loop
- * [calls, this process's CPU s, the service's CPU s or null]. Written by esem bench. */
+ * legacy: glibc's). JSON on stdout: latency samples in microseconds, per loop
+ * [calls, this process's CPU s, the service's CPU s or null], and the transport the
+ * preload library's session used (esem_transport(): 2 rings, 1 socket, 0 none; -1
+ * without the library). `esem-micro probe` prints only the transport.
+ * Written by esem bench. */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <semaphore.h>
@@ -209,7 +213,16 @@ static void handoff(const char *tag, int n, double *a) {
     sem_unlink(qn);
 }
 
+static int transport(void) {
+    int (*f)(void) = (int (*)(void))dlsym(RTLD_DEFAULT, "esem_transport");
+    return f ? f() : -1;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 2 && strcmp(argv[1], "probe") == 0) {
+        printf("{\"transport\": %d}\n", transport());
+        return 0;
+    }
     if (argc != 5) {
         fprintf(stderr, "usage: esem-micro esem|legacy N SERVICE_PID TAG\n");
         return 2;
@@ -230,7 +243,7 @@ int main(int argc, char **argv) {
         if (cpus[i].service < 0) printf("null]");
         else printf("%.9f]", cpus[i].service);
     }
-    printf("}}\n");
+    printf("}, \"transport\": %d}\n", flag ? transport() : -1);
     return 0;
 }
 """
@@ -326,13 +339,37 @@ def _run_json(argv: list[str], env: dict[str, str] | None, timeout: float) -> An
         raise BenchError(f"{Path(argv[0]).name} printed no JSON: {exc}") from exc
 
 
-def measure(backend: str, n: int, service_pid: int | None, tag: str) -> NativeMeasured:
+TRANSPORTS = {2: "switchless", 1: "socket"}  # esem_transport() of the preload library
+
+
+def check_transport(got: int, mode: str, what: str) -> None:
+    """Refuse to label native figures with a transport the native client did not use
+    (``ESEM_SWITCHLESS=1`` falls back to the socket with only a warning; a preload
+    library built before the native rings knows no switchless at all)."""
+    used = TRANSPORTS.get(got)
+    if used != mode:
+        raise BenchError(f"{what}: the native client's session ran over "
+                         f"{used or 'no esem session'}, not {mode} (rebuild the preload "
+                         "library: pip install -e ., or cargo build --release)")
+
+
+def probe_transport(env: dict[str, str]) -> int:
+    """The transport a native client gets in ``env`` (the C program's ``probe``)."""
+    data = _run_json([str(c_binary()), "probe"], env, timeout=60)
+    return int(data["transport"])
+
+
+def measure(backend: str, n: int, service_pid: int | None, tag: str,
+            mode: str = "socket") -> NativeMeasured:
     """N of each operation and N hand-off rounds from C: ``esem`` under the preload library
-    (against the service this process's environment names), ``legacy`` through glibc."""
+    (against the service this process's environment names, over the transport ``mode``
+    names: a run that got another raises ``BenchError``), ``legacy`` through glibc."""
     env = preload_environment(False) if backend == "esem" else \
         {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     data = _run_json([str(c_binary()), backend, str(n), str(service_pid or 0), tag], env,
                      timeout=60 + n * 0.1)
+    if backend == "esem":
+        check_transport(int(data["transport"]), mode, "micro")
     m = NativeMeasured()
     for case in CASES:
         m.samples[case] = [float(x) for x in data["samples"][case]]
