@@ -894,7 +894,8 @@ pub unsafe extern "C" fn esem_shim_begin(
             _ => return Err(libc::EINVAL),
         };
         let fd = esem(my_wake_fd())?;
-        let (_, id) = esem(sem.start_wait(wmode, timeout_ns))?;
+        let (client, id) = esem(sem.start_wait(wmode, timeout_ns))?;
+        WAIT_CLIENT.with(|w| w.set(client as *const Client));
         // SAFETY: shim.c passes pointers to its own locals.
         unsafe {
             *req = id;
@@ -916,9 +917,28 @@ fn finished(r: Option<esem_client::Result<esem_proto::Reply>>) -> Result<c_int, 
     }
 }
 
+thread_local! {
+    /// The client this thread's wait in progress was sent on (set by `esem_shim_begin`;
+    /// a leaked, never freed client). Its reply, or the error that ended its session,
+    /// comes from that client: the process client may have been replaced meanwhile
+    /// (after a failure), and a new session knows nothing of the request, which would
+    /// turn an integrity failure into a bare EINVAL.
+    static WAIT_CLIENT: StdCell<*const Client> = const { StdCell::new(std::ptr::null()) };
+}
+
+fn wait_client() -> Result<&'static Client, c_int> {
+    let p = WAIT_CLIENT.with(StdCell::get);
+    // SAFETY: only ever set from a `&'static Client` (process clients are leaked boxes,
+    // never freed), so a non-null pointer is valid for 'static.
+    match unsafe { p.as_ref() } {
+        Some(c) => Ok(c),
+        None => esem(process_client()),
+    }
+}
+
 #[no_mangle]
 pub extern "C" fn esem_shim_poll(_s: *mut sem_t, req: u64) -> c_int {
-    step(guarded(|| finished(esem(process_client())?.try_reply(req))))
+    step(guarded(|| finished(wait_client()?.try_reply(req))))
 }
 
 /// A signal interrupted the wait: withdraw it. `ESEM_DONE` if the grant won the race
@@ -927,7 +947,7 @@ pub extern "C" fn esem_shim_poll(_s: *mut sem_t, req: u64) -> c_int {
 pub extern "C" fn esem_shim_interrupted(s: *mut sem_t, req: u64) -> c_int {
     step(guarded(|| {
         let sem = lookup(s).ok_or(libc::EINVAL)?;
-        let client = esem(process_client())?;
+        let client = wait_client()?;
         if esem(sem.cancel_wait(client, req))? {
             Ok(ESEM_DONE)
         } else {
@@ -942,7 +962,7 @@ pub extern "C" fn esem_shim_interrupted(s: *mut sem_t, req: u64) -> c_int {
 pub extern "C" fn esem_shim_cancelled(s: *mut sem_t, req: u64) {
     let _ = guarded(|| {
         let sem = lookup(s).ok_or(libc::EINVAL)?;
-        let client = esem(process_client())?;
+        let client = wait_client()?;
         if esem(sem.cancel_wait(client, req))? {
             esem(sem.post())?;
         }

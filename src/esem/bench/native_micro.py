@@ -272,21 +272,28 @@ def _compiler() -> str:
 def c_binary() -> Path:
     """The compiled C benchmark, built on first use; cached by source, header and
     compiler, so an edit or another compiler rebuilds it."""
+    return build_c_program(C_SOURCE, "esem-micro")
+
+
+def build_c_program(source: str, stem: str) -> Path:
+    """A C program of the package (``source``, which may include ``esem.h``), compiled on
+    first use into the cache and found there again by the hash of its source, the header
+    and the compiler, so an edit or another compiler rebuilds it."""
     if not HEADER.is_file():
-        raise NativeError(f"{HEADER} not found (the native benchmark needs the repository's "
+        raise NativeError(f"{HEADER} not found (the native programs need the repository's "
                           "native/ directory)")
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True,
                              check=False).stdout
     digest = hashlib.sha256(
-        "\0".join((C_SOURCE, HEADER.read_text(), cc, version)).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"esem-micro-{digest}"
+        "\0".join((source, HEADER.read_text(), cc, version)).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"{stem}-{digest}"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     # Per-process names: two benches building at once never read each other's files.
     src = out.with_name(out.name + f".{os.getpid()}.c")
-    src.write_text(C_SOURCE)
+    src.write_text(source)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     done = subprocess.run([cc, "-O2", "-Wall", "-Werror", "-I", str(HEADER.parent), "-o",
                            str(tmp), str(src), "-pthread"], capture_output=True, text=True,
@@ -294,8 +301,8 @@ def c_binary() -> Path:
     src.unlink()
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise NativeError(f"building the native benchmark failed:\n{done.stderr.strip()}")
-    tmp.replace(out)  # atomic: a concurrent bench sees the whole binary or none
+        raise NativeError(f"building {stem} failed:\n{done.stderr.strip()}")
+    tmp.replace(out)  # atomic: a concurrent build sees the whole binary or none
     return out
 
 
