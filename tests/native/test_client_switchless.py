@@ -290,3 +290,19 @@ def test_idle_and_blocked_native_sessions_cost_no_cpu(
     assert b("post") == "ok"
     assert a.answer() == "ok"
     assert a(f"unlink {sem_name}") == "ok"
+
+
+@pytest.mark.parametrize("case", ["ops", "handoff", "eintr", "cancel"])
+def test_c_program_under_preload_on_the_rings(preload: Path, semtest: Path,
+                                              sl_service: EmbeddedService, sem_name: str,
+                                              case: str) -> None:
+    """The preload library's own C tests (every operation, a hand-off across fork, EINTR
+    with the unit accounting, pthread_cancel of a waiter) with the session on the rings:
+    the spinning caller, the doorbell and the fork child's own rings behave as the
+    socket does."""
+    env = {**os.environ, **sl_service.env(), "ESEM_PUBKEY": sl_service.pubkey.hex(),
+           "LD_PRELOAD": str(preload), **SWITCHLESS}
+    r = subprocess.run([str(semtest), case, sem_name], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "using socket mode" not in r.stderr  # it really ran on the rings
