@@ -77,8 +77,7 @@ impl Switchless {
             "" | "0" | "false" | "no" | "off" => Switchless::Off,
             _ => {
                 warn(&format!(
-                    "{ENV}={:?} is neither 1 nor 0; using socket mode",
-                    raw.escape_debug().to_string()
+                    "{ENV}={raw:?} is neither 1 nor 0; using socket mode"
                 ));
                 Switchless::Off
             }
