@@ -407,7 +407,7 @@ impl Shared {
         let mut end = start + ring::CLIENT_SPIN;
         let mut parked = false;
         loop {
-            {
+            let service_has_all = {
                 let mut guard = self.lock();
                 let inner = &mut *guard;
                 if self.consume_locked(inner).is_err() || inner.failure.is_some() {
@@ -416,19 +416,24 @@ impl Shared {
                 if inner.slots.get(&req_id).is_none_or(|s| s.reply.is_some()) {
                     break;
                 }
-                if !parked && inner.ring.as_ref().is_some_and(|r| r.rings.all_done()) {
+                let rings = inner.ring.as_ref().map(|r| &r.rings);
+                if !parked && rings.is_some_and(|r| r.all_done()) {
                     end = end.min(Instant::now() + ring::PARKED_SPIN);
                     parked = true;
                 }
-            }
+                rings.is_some_and(|r| r.unconsumed().is_ok_and(|n| n == 0))
+            };
             let now = Instant::now();
             if now >= end {
                 break;
             }
-            if now - start < ring::PURE_SPIN {
+            if service_has_all && now - start < ring::PURE_SPIN {
+                // The service took our requests: it is at work on another vCPU.
                 std::hint::spin_loop();
             } else {
-                // The service, or the thread that will post, may need this vCPU.
+                // Our requests still sit in the ring (the service is asleep, or waits
+                // for this very vCPU), or we spun long enough: the service, or the
+                // thread that will post, may need this vCPU.
                 std::thread::yield_now();
             }
         }

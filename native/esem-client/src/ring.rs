@@ -42,8 +42,10 @@ pub const CLIENT_SPIN: Duration = Duration::from_micros(200);
 /// sent without answering: what is left is a queued wait, which only another
 /// session's post ends (a short spin still catches a quick hand-off).
 pub const PARKED_SPIN: Duration = Duration::from_micros(50);
-/// Spinning without giving the CPU up for this long, then yielding on every turn: a
-/// service (or the thread that will post) sharing our vCPU must get it.
+/// Spinning without giving the CPU up for at most this long, and only while the service
+/// has taken every request we sent (it is at work elsewhere); otherwise, and after it,
+/// yielding on every turn: a service (or a thread that will post) sharing our vCPU must
+/// get it.
 pub const PURE_SPIN: Duration = Duration::from_micros(5);
 /// The reader thread's longest sleep while requests are outstanding: the backstop for
 /// a wake-up lost to a lying or slow flag (it rings the service again if our requests

@@ -16,9 +16,10 @@ every ring, dispatches, writes the replies, and keeps spinning while work keeps 
 ``PASS_BUDGET`` so socket sessions and timers are never starved, and goes back to sleep
 after ``SPIN_IDLE`` without work. While it spins it keeps its CPU: it gives it away
 (``sched_yield``, which hands it to whatever else is runnable, another tenant included)
-only when a reply has sat unread for ``YIELD_AFTER`` while its client says it is awake,
-the sign of a client waiting for this vCPU (the two share one), at most once per
-``YIELD_AFTER``. A client on another vCPU thus costs no yield per operation. A session
+only when it finds a reply unread while its client says it is awake, the sign of a
+client waiting for this vCPU (the two share one): at once after a batch of work, then at
+most once per ``YIELD_AFTER`` of idle spinning.
+A native client on another vCPU thus costs no yield per operation. A session
 whose reply ring is full keeps its replies in memory and is retried on a timer; it stops
 being read above ``WRITE_HIGH_WATER``, as a socket session is paused.
 
@@ -64,11 +65,12 @@ SPIN_IDLE = 100e-6
 # Seconds of continuous work after which the poller yields to the event loop (socket
 # sessions, timers) before its next pass.
 PASS_BUDGET = 500e-6
-# Seconds a reply may sit unread, with its client saying it is awake, before the idle
-# poller gives its CPU away once (``sched_yield``): that client may be waiting for this
-# very vCPU. A native client on another vCPU reads its reply well within this, so the
-# poller then never yields; one sharing the vCPU gets it after at most this long.
-YIELD_AFTER = 5e-6
+# The idle poller gives its CPU away (``sched_yield``) when it finds a reply unread
+# while its client says it is awake: that client may be waiting for this very vCPU (it
+# gets it at once after every batch of work), or be slow on another one (then at most
+# once per this many seconds of idle spinning). A native client spinning on another
+# vCPU has read its reply before the poller looks, so the poller then never yields.
+YIELD_AFTER = 20e-6
 # Seconds between retries of a session whose reply ring was full (doubling up to the
 # maximum while the client does not read).
 RETRY_MIN = 0.001
@@ -489,7 +491,7 @@ class Switchboard:
         clock = time.perf_counter
         now = clock()
         idle_since = now
-        unread_since: float | None = None  # since when an awake client leaves a reply unread
+        last_yield = -YIELD_AFTER
         budget_end = now + PASS_BUDGET
         while True:
             worked = False
@@ -499,18 +501,15 @@ class Switchboard:
             now = clock()
             if worked:
                 idle_since = now
-                unread_since = None
+                last_yield = -YIELD_AFTER  # new replies: their clients may need us at once
             elif now - idle_since >= SPIN_IDLE:
                 break
-            elif not any(c.awake_with_unread_replies() for c in conns):
-                unread_since = None
-            elif unread_since is None:
-                unread_since = now
-            elif now - unread_since >= YIELD_AFTER:
+            elif now - last_yield >= YIELD_AFTER and any(
+                    c.awake_with_unread_replies() for c in conns):
                 # That client may be waiting for our vCPU: let it run, once.
                 os.sched_yield()
                 self.yields += 1
-                unread_since = clock()
+                last_yield = clock()
             if now >= budget_end:
                 asyncio.get_running_loop().call_soon(self._pass)
                 return
