@@ -52,7 +52,7 @@ def test_micro_smoke_measures_the_native_client_and_floor(tmp_path: Path) -> Non
     for column in ("legacy C", "esem py", "esem native", "native/floor", "native floor"):
         assert column in text, column
     assert "placement: unpinned" in text
-    assert "micro: esem native client (C under libesem_preload.so)" in result.stderr
+    assert "micro: esem native client (socket; C under libesem_preload.so)" in result.stderr
 
 
 def test_native_c_program_is_cached_and_rebuilt_on_change(
