@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from esem.attack import a2_ring, runner
+from esem.attack import native_ring_victim as native_victim
 from esem.attack.base import Target
 from esem.client import blocking
+from esem.native import NativeError, library_path
 from esem.server.embedded import EmbeddedService
 
 
@@ -63,3 +65,33 @@ def test_a_plain_service_has_no_rings_to_attack(tmp_path: Path) -> None:
     assert rows[0].backend == "legacy" and rows[0].outcome == "n/a"
     assert all(r.outcome == "n/a" and "--switchless" in r.evidence for r in rows[1:])
     assert runner.ATTACKS["A2-RING"] == "esem.attack.a2_ring"
+
+
+@pytest.fixture(scope="module")
+def native_results(switchless_target: Target) -> list[a2_ring.StrategyResult]:
+    try:
+        native_victim.binary()
+        library_path()
+    except NativeError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the ring adversary against the native client: {exc}")
+        pytest.skip(f"the native victim cannot run here: {exc}")
+    return a2_ring.run_strategies(switchless_target, backends=(a2_ring.NATIVE_BACKEND,))
+
+
+def test_every_ring_row_is_defended_for_the_native_client(
+        native_results: list[a2_ring.StrategyResult]) -> None:
+    """The same scenarios against a C program under the preload library, its session on
+    the rings: every tampered operation is an error in the host program (EPROTO for a
+    reply that fails authentication, EIO once the service dropped the session), never a
+    grant, and the service's counts hold."""
+    assert {r.strategy for r in native_results} == set(a2_ring.STRATEGIES)
+    for r in native_results:
+        row = r.outcome()
+        assert row.backend == "esem native"
+        assert row.outcome == "defended", f"{row.attack} {row.backend}: {row.evidence}"
+        for p in r.phases:
+            assert p.truth is not None and p.truth.conserved and p.truth.settled, p.evidence
+            if p.direction == "s2c":
+                # The host program learns the channel failed (not a bare EINVAL).
+                assert any(op.endswith("IntegrityError") for op in p.ops), p.evidence

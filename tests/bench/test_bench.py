@@ -110,12 +110,12 @@ def native_expected() -> bool:
 
 
 def micro_native_keys(mode: str = "socket") -> set[tuple[str, ...]]:
-    """The rows of the C program (legacy always, esem in socket mode) and the native
+    """The rows of the C program (legacy always, esem in every mode) and the native
     floor."""
     floor = native_micro.FLOOR_CASE
     expected = {("floor", "-", floor, m) for m in ("median", "p99")}
     expected.add(("floor", "-", f"{floor}/client-cpu", "cpu_per_mop"))
-    backends = [("legacy", "-")] + ([("esem", mode)] if mode == "socket" else [])
+    backends = [("legacy", "-"), ("esem", mode)]
     for backend, m in backends:
         for case in native_micro.CASES:
             expected |= {(backend, m, f"native/{case}", "median"),
@@ -168,6 +168,11 @@ def stress_keys(workers: int, threads: int, mode: str = "socket") -> set[tuple[s
                      ("esem", mode, stress.CAPACITY_CASE, "ops_per_cpu_s")}
     if shutil.which("stress-ng"):
         expected.add(("stress-ng", "-", case, "ops_per_s"))
+        if native_expected():  # stress-ng under the preload library, in this mode
+            native = stress.NATIVE + case
+            expected |= {("esem", mode, native, "ops_per_s"),
+                         ("esem", mode, f"{native}/client-cpu", "cpu_per_mop"),
+                         ("esem", mode, f"{native}/service-cpu", "cpu_per_mop")}
     return expected
 
 
@@ -395,3 +400,21 @@ def test_app_smoke_measures_the_vault_on_both_backends(tmp_path: Path) -> None:
                           ("esem", "socket", "vault", "overhead")}
     assert all(r["value"] > 0 for r in rows if r["metric"] == "requests_per_s")
     assert "FILE VAULT requests per second" in result.stdout
+
+
+def test_stress_native_switchless_beside_socket() -> None:
+    """stress-ng under the preload library in both modes: rows per mode, and the table of
+    switchless beside socket (issue 12's ratio)."""
+    if not (switchless_supported() and shutil.which("stress-ng") and native_expected()):
+        pytest.skip("needs switchless mode, stress-ng and the native client")
+    result = esem("bench", "stress", "--smoke", "--seconds", "0.3", "--mode", "both",
+                  "--json", "-")
+    assert result.returncode == 0, result.stderr
+    rows = check_report(json.loads(result.stdout))
+    workers = os.cpu_count() or 1
+    assert keys(rows) == stress_keys(workers, 2, "socket") | stress_keys(workers, 2,
+                                                                         "switchless")
+    for r in rows:
+        if r["case"].startswith(stress.NATIVE) and r["metric"] == "ops_per_s":
+            assert r["value"] > 0, r
+    assert "switchless beside socket" in result.stderr  # --json -: the tables on stderr

@@ -44,7 +44,7 @@ def test_micro_smoke_measures_the_native_client_and_floor(tmp_path: Path) -> Non
         assert f"placement {placement}: the service" in text
     for column in ("legacy C", "esem py", "esem native", "native/floor", "native floor"):
         assert column in text, column
-    assert "micro: esem native client (C under libesem_preload.so)" in result.stderr
+    assert "micro: esem native client (socket; C under libesem_preload.so)" in result.stderr
 
 
 def _check_native_rows(rows: list[dict[str, Any]]) -> None:

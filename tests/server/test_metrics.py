@@ -181,3 +181,30 @@ def test_service_with_metrics_stops_cleanly(tmp_path: Path) -> None:
         assert svc.stop() == 0  # SIGTERM: exit status 0, the HTTP thread stopped with it
     with pytest.raises(OSError):
         urllib.request.urlopen(url, timeout=5)
+
+
+def test_switchless_poller_counters(tmp_path: Path) -> None:
+    """A --switchless service exports its poller's counters (sessions on the rings,
+    wake-ups, passes, idle yields): what a profile of the poller reads."""
+    with EmbeddedService(tmp_path, ["--metrics", "127.0.0.1:0"], switchless=True) as svc:
+        before = scrape(svc)
+        assert before[("esem_switchless_sessions", ())] == 0
+        client = Client(svc.socket_path, pubkey=svc.pubkey, switchless=True)
+        client.connect()
+        try:
+            sem = sem_open(f"/m-{uuid.uuid4().hex[:12]}", CREX, 0o600, 0, flags=USE_ESEM,
+                           client=client)
+            for _ in range(20):
+                sem.post()
+            after = scrape(svc)
+            assert after[("esem_switchless_sessions", ())] == 1
+            assert after[("esem_switchless_wakeups_total", ())] >= 1
+            assert after[("esem_switchless_passes_total", ())] >= 1
+            assert ("esem_switchless_yields_total", ()) in after
+            sem.close()
+            sem_unlink(sem.name, flags=USE_ESEM, client=client)
+        finally:
+            client.close()
+    plain = tmp_path / "plain"
+    with EmbeddedService(plain, ["--metrics", "127.0.0.1:0"]) as svc:
+        assert ("esem_switchless_sessions", ()) not in scrape(svc)

@@ -6,7 +6,8 @@
 //! `wait`, `trywait`, `timedwait MS`, `post`, `value`, `close`, `unlink NAME [KEYHEX]`,
 //! `fork-post` (a fork child posts through the inherited handle, which ATTACHes),
 //! `fd` (the session descriptor), `clobber-fd` (put a socket of the program's at that
-//! number) and `peer` (bytes that reached that socket), `sid`, `ping`.
+//! number) and `peer` (bytes that reached that socket), `sid`, `ping`, `mode` (the
+//! transport, socket or switchless, and the switchless region's descriptor).
 
 use esem_client::{conn, process_client, unlink, ClientError, OpenOptions, Semaphore};
 use esem_proto::RequestBody;
@@ -122,6 +123,10 @@ fn main() {
                     s.iter().map(|b| format!("{b:02x}")).collect()
                 })
             }),
+            // The session's transport and its switchless region's descriptor (-1: none).
+            "mode" => {
+                process_client().map(|c| format!("{} {}", c.mode(), c.ring_memfd().unwrap_or(-1)))
+            }
             "ping" => process_client()
                 .and_then(|c| c.call(&RequestBody::Ping, None))
                 .map(|_| String::new()),

@@ -23,6 +23,7 @@
 
 use crate::error::{ClientError, Result};
 use crate::paths;
+use crate::ring::{self, ClientRing, Switchless};
 use crate::sys::{self, Polled};
 use esem_proto::consts::{CONNECT_TIMEOUT_SECS, KEEPALIVE_INTERVAL_SECS};
 use esem_proto::{ClientSession, Reply, RequestBody, Status};
@@ -41,6 +42,8 @@ const RECV_BYTES: usize = 65536;
 struct Slot {
     reply: Option<Reply>,
     wake: RawFd,
+    /// Its thread is spinning on the reply ring (switchless): no eventfd ring needed.
+    spinning: bool,
 }
 
 struct Inner {
@@ -50,10 +53,14 @@ struct Inner {
     /// The keepalive PING in flight: its id and when it was sent.
     ping: Option<(u64, Instant)>,
     last_rx: Instant,
+    /// The switchless rings (PROTOCOL.md 15), when the session was upgraded.
+    ring: Option<ClientRing>,
 }
 
 struct Shared {
     sock: UnixStream,
+    /// Our end of the switchless doorbell (-1 in socket mode), for the reader's poll.
+    bell: RawFd,
     ident: (u64, u64),
     path: PathBuf,
     inner: Mutex<Inner>,
@@ -102,10 +109,20 @@ impl Shared {
         if let Some(e) = &inner.failure {
             return Err(e.clone());
         }
-        if let Err(e) = self.check_fd() {
-            return Err(self.fail_locked(inner, e));
+        // In switchless mode nothing is written to the socket (the reader checks it
+        // before it reads): no system call per request.
+        if inner.ring.is_none() {
+            if let Err(e) = self.check_fd() {
+                return Err(self.fail_locked(inner, e));
+            }
         }
         let (req_id, frame) = inner.session.send_request(body, key)?;
+        if inner.ring.is_some() {
+            if let Err(e) = self.ring_send_locked(inner, &frame) {
+                return Err(self.fail_locked(inner, e));
+            }
+            return Ok(req_id);
+        }
         if let Err(e) = (&self.sock).write_all(&frame) {
             let e = ClientError::Unavailable(format!("{}: {e}", self.path.display()));
             return Err(self.fail_locked(inner, e));
@@ -115,6 +132,9 @@ impl Shared {
 
     /// The reader thread: reads, verifies and dispatches replies; keepalive.
     fn reader(self: Arc<Self>) {
+        if self.bell >= 0 {
+            return self.ring_reader();
+        }
         let interval = Duration::from_secs(KEEPALIVE_INTERVAL_SECS);
         let mut buf = vec![0u8; RECV_BYTES];
         let fd = self.sock.as_raw_fd();
@@ -184,19 +204,258 @@ impl Shared {
             let inner = &mut *inner;
             inner.last_rx = Instant::now();
             match inner.session.receive_data(&buf[..n]) {
-                Ok(replies) => {
-                    for reply in replies {
-                        if inner.ping.is_some_and(|(id, _)| id == reply.req_id) {
-                            inner.ping = None;
-                        } else if let Some(slot) = inner.slots.get_mut(&reply.req_id) {
-                            slot.reply = Some(reply);
-                            sys::eventfd_ring(slot.wake);
-                        }
-                    }
-                }
+                Ok(replies) => Self::deliver_locked(inner, replies),
                 Err(e) => {
                     self.fail_locked(inner, ClientError::from(e));
                     return;
+                }
+            }
+        }
+    }
+
+    /// Hand each reply to the thread waiting for it (ringing its eventfd unless it is
+    /// spinning for it), or close the keepalive PING.
+    fn deliver_locked(inner: &mut Inner, replies: Vec<Reply>) {
+        Self::deliver(&mut inner.slots, &mut inner.ping, replies)
+    }
+
+    fn deliver(
+        slots: &mut HashMap<u64, Slot>,
+        ping: &mut Option<(u64, Instant)>,
+        replies: Vec<Reply>,
+    ) {
+        for reply in replies {
+            if ping.is_some_and(|(id, _)| id == reply.req_id) {
+                *ping = None;
+            } else if let Some(slot) = slots.get_mut(&reply.req_id) {
+                slot.reply = Some(reply);
+                if !slot.spinning {
+                    sys::eventfd_ring(slot.wake);
+                }
+            }
+        }
+    }
+
+    /// Switchless: publish one frame in the request ring (under the lock: one
+    /// producer), taking replies out meanwhile if the ring is full.
+    fn ring_send_locked(&self, inner: &mut Inner, frame: &[u8]) -> Result<()> {
+        let Inner {
+            ring,
+            session,
+            slots,
+            ping,
+            last_rx,
+            ..
+        } = inner;
+        let ring = ring.as_mut().expect("ring mode");
+        let mut delivered = Vec::new();
+        ring.send(frame, &self.sock, |bytes| {
+            *last_rx = Instant::now();
+            delivered.extend(session.receive_data(&bytes)?);
+            Ok(())
+        })?;
+        Self::deliver(slots, ping, delivered);
+        Ok(())
+    }
+
+    /// Switchless: take every reply the ring holds, verify and deliver them. Returns
+    /// whether there were any; an error has failed the session.
+    fn consume_locked(&self, inner: &mut Inner) -> Result<bool> {
+        let mut any = false;
+        loop {
+            let Some(ring) = inner.ring.as_mut() else {
+                return Ok(any);
+            };
+            let bytes = match ring.rings.read(ring::READ_BYTES) {
+                Ok(b) => b,
+                Err(e) => return Err(self.fail_locked(inner, ClientError::from(e))),
+            };
+            if bytes.is_empty() {
+                return Ok(any);
+            }
+            any = true;
+            inner.last_rx = Instant::now();
+            match inner.session.receive_data(&bytes) {
+                Ok(replies) => Self::deliver_locked(inner, replies),
+                Err(e) => return Err(self.fail_locked(inner, ClientError::from(e))),
+            }
+        }
+    }
+
+    /// The keepalive of PROTOCOL.md 11, on a quiet turn of the reader: a PING when a
+    /// request is outstanding and nothing came for an interval, failure when the PING
+    /// is not answered within another. False once the session has failed.
+    fn keepalive_locked(&self, inner: &mut Inner) -> bool {
+        let interval = Duration::from_secs(KEEPALIVE_INTERVAL_SECS);
+        if inner.session.pending() == 0 {
+            inner.last_rx = Instant::now();
+            return true;
+        }
+        match inner.ping {
+            Some((_, sent)) if sent.elapsed() >= interval => {
+                let e = ClientError::Unavailable(format!(
+                    "{}: no answer to a keepalive in {}s",
+                    self.path.display(),
+                    KEEPALIVE_INTERVAL_SECS
+                ));
+                self.fail_locked(inner, e);
+                return false;
+            }
+            None if inner.last_rx.elapsed() >= interval => {
+                if let Ok(id) = self.send_locked(inner, &RequestBody::Ping, None) {
+                    inner.ping = Some((id, Instant::now()));
+                }
+            }
+            _ => {}
+        }
+        true
+    }
+
+    /// The reader thread of a switchless session: it never spins (callers do, for
+    /// their own replies); it sleeps in `poll` on the doorbell and the session socket,
+    /// so the service rings it only while no caller spins, and a dead service (EOF on
+    /// either) is noticed at once. While requests are outstanding it wakes at least
+    /// every `BACKSTOP` and rings the service again if they still sit unread.
+    fn ring_reader(self: Arc<Self>) {
+        let fd = self.sock.as_raw_fd();
+        loop {
+            let timeout = {
+                let inner = self.lock();
+                if inner.failure.is_some() {
+                    return;
+                }
+                if inner.session.pending() > 0 {
+                    ring::BACKSTOP.as_millis() as i32
+                } else {
+                    1000
+                }
+            };
+            let polled = sys::poll_two(self.bell, fd, timeout);
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            if inner.failure.is_some() {
+                return;
+            }
+            let polled = match polled {
+                Ok(p) => p,
+                Err(e) => {
+                    self.fail_locked(inner, ClientError::Unavailable(e.to_string()));
+                    return;
+                }
+            };
+            let checked = (|| {
+                if polled.second {
+                    self.check_fd()?;
+                    ring::check_socket(&self.sock, 0)?;
+                }
+                if polled.first {
+                    inner.ring.as_ref().expect("ring mode").drain_bell()?;
+                }
+                Ok(())
+            })();
+            if let Err(e) = checked {
+                self.fail_locked(inner, e);
+                return;
+            }
+            let got = match self.consume_locked(inner) {
+                Ok(got) => got,
+                Err(_) => return,
+            };
+            if !polled.first && !polled.second && !got {
+                if !self.keepalive_locked(inner) {
+                    return;
+                }
+                let ring = inner.ring.as_mut().expect("ring mode");
+                let unread = ring.rings.unconsumed().map(|n| n > 0);
+                let rung = match unread {
+                    Ok(true) => ring.ring(),
+                    Ok(false) => Ok(()),
+                    Err(e) => Err(ClientError::from(e)),
+                };
+                if let Err(e) = rung {
+                    self.fail_locked(inner, e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Switchless: spin on the reply ring for the reply to `req_id` (taking and
+    /// delivering whatever arrives), for `CLIENT_SPIN` at most, or `PARKED_SPIN` once the
+    /// service says it has executed everything we sent (a queued wait is left). While
+    /// any thread spins the service need not ring; the last one to stop says it must,
+    /// then looks once more. No-op in socket mode.
+    fn spin_for(&self, req_id: u64) {
+        let start = Instant::now();
+        {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            let Some(ring) = inner.ring.as_mut() else {
+                return;
+            };
+            match inner.slots.get_mut(&req_id) {
+                Some(slot) if slot.reply.is_none() && inner.failure.is_none() => {
+                    slot.spinning = true;
+                }
+                _ => return,
+            }
+            ring.spinners += 1;
+            if ring.spinners == 1 {
+                ring.rings.set_sleeping(false);
+            }
+        }
+        let mut end = start + ring::CLIENT_SPIN;
+        let mut parked = false;
+        loop {
+            let service_has_all = {
+                let mut guard = self.lock();
+                let inner = &mut *guard;
+                if self.consume_locked(inner).is_err() || inner.failure.is_some() {
+                    break;
+                }
+                if inner.slots.get(&req_id).is_none_or(|s| s.reply.is_some()) {
+                    break;
+                }
+                let rings = inner.ring.as_ref().map(|r| &r.rings);
+                if !parked && rings.is_some_and(|r| r.all_done()) {
+                    end = end.min(Instant::now() + ring::PARKED_SPIN);
+                    parked = true;
+                }
+                rings.is_some_and(|r| r.unconsumed().is_ok_and(|n| n == 0))
+            };
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            if service_has_all && now - start < ring::PURE_SPIN {
+                // The service took our requests: it is at work on another vCPU.
+                std::hint::spin_loop();
+            } else {
+                // Our requests still sit in the ring (the service is asleep, or waits
+                // for this very vCPU), or we spun long enough: the service, or the
+                // thread that will post, may need this vCPU.
+                std::thread::yield_now();
+            }
+        }
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        if let Some(slot) = inner.slots.get_mut(&req_id) {
+            slot.spinning = false;
+        }
+        let Some(ring) = inner.ring.as_mut() else {
+            return;
+        };
+        ring.spinners = ring.spinners.saturating_sub(1);
+        if ring.spinners == 0 && inner.failure.is_none() {
+            // From here the service rings for replies; one that it published before it
+            // could see the flag is taken now (the reader thread gets the rest).
+            match ring.rings.sleep_check() {
+                Ok(0) => {}
+                Ok(_) => {
+                    let _ = self.consume_locked(inner);
+                }
+                Err(e) => {
+                    self.fail_locked(inner, ClientError::from(e));
                 }
             }
         }
@@ -241,6 +500,9 @@ pub struct Client {
     /// The effective uid and gid at connect: the service knows the session by these
     /// (SO_PEERCRED), whatever the process becomes later.
     creds: (u32, u32),
+    /// The switchless mapping and descriptors, for the fork child to let go of
+    /// without taking the lock (zeros and -1 in socket mode).
+    ring_parts: ((usize, usize), (RawFd, RawFd)),
 }
 
 impl std::fmt::Debug for Client {
@@ -266,8 +528,18 @@ impl Client {
         Self::connect_to(&sock, &key)
     }
 
-    /// Connect to `sock`, pinning `service_public`.
+    /// Connect to `sock`, pinning `service_public`; switchless if `ESEM_SWITCHLESS`
+    /// asks for it (a refusal falls back to the socket).
     pub fn connect_to(sock: &Path, service_public: &[u8; 32]) -> Result<Client> {
+        Self::connect_with(sock, service_public, Switchless::from_environment())
+    }
+
+    /// Connect to `sock`, pinning `service_public`, in the transport `mode` asks for.
+    pub fn connect_with(
+        sock: &Path,
+        service_public: &[u8; 32],
+        mode: Switchless,
+    ) -> Result<Client> {
         let unavailable = |e: &dyn std::fmt::Display| {
             ClientError::Unavailable(format!("no esem service at {}: {e}", sock.display()))
         };
@@ -320,9 +592,15 @@ impl Client {
             })?;
         }
         stream.set_read_timeout(None).map_err(|e| unavailable(&e))?;
+        let ring = ring::upgrade(&stream, &mut session, deadline, mode)?;
+        let bell = ring.as_ref().map_or(-1, ClientRing::bell);
+        let ring_parts = ring
+            .as_ref()
+            .map_or(((0, 0), (-1, -1)), ClientRing::child_parts);
         let fd = stream.as_raw_fd();
         let shared = Arc::new(Shared {
             sock: stream,
+            bell,
             ident,
             path: sock.to_path_buf(),
             inner: Mutex::new(Inner {
@@ -331,6 +609,7 @@ impl Client {
                 failure: None,
                 ping: None,
                 last_rx: Instant::now(),
+                ring,
             }),
         });
         let reader = Arc::clone(&shared);
@@ -349,7 +628,22 @@ impl Client {
             forked: AtomicBool::new(false),
             fd: AtomicI32::new(fd),
             creds,
+            ring_parts,
         })
+    }
+
+    /// The session's transport: "switchless" (the rings) or "socket".
+    pub fn mode(&self) -> &'static str {
+        if self.shared.bell >= 0 {
+            "switchless"
+        } else {
+            "socket"
+        }
+    }
+
+    /// The switchless region's descriptor (for tools and the ring adversary), if any.
+    pub fn ring_memfd(&self) -> Option<RawFd> {
+        self.shared.lock().ring.as_ref().map(ClientRing::memfd)
     }
 
     /// The 32-byte session id (the Noise handshake hash).
@@ -394,7 +688,14 @@ impl Client {
         let mut inner = self.shared.lock();
         let inner = &mut *inner;
         let id = self.shared.send_locked(inner, body, key)?;
-        inner.slots.insert(id, Slot { reply: None, wake });
+        inner.slots.insert(
+            id,
+            Slot {
+                reply: None,
+                wake,
+                spinning: false,
+            },
+        );
         Ok(id)
     }
 
@@ -405,6 +706,7 @@ impl Client {
         if let Err(e) = self.check_pid() {
             return Some(Err(e));
         }
+        self.shared.spin_for(req_id);
         if let Ok(fd) = my_wake_fd() {
             sys::eventfd_drain(fd);
         }
@@ -431,6 +733,7 @@ impl Client {
     /// (wait again to get its reply).
     pub fn wait_reply(&self, req_id: u64, interruptible: bool) -> Result<Reply> {
         self.check_pid()?;
+        self.shared.spin_for(req_id);
         loop {
             let wake = {
                 let mut guard = self.shared.lock();
@@ -476,6 +779,8 @@ impl Client {
     fn forked_away(&self) {
         self.forked.store(true, Ordering::Release);
         sys::close_raw(self.fd.swap(-1, Ordering::AcqRel));
+        // Never touch the parent's rings: drop the mapping and our descriptor copies.
+        ring::forget_in_child(self.ring_parts.0, self.ring_parts.1);
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod conn;
 pub mod error;
 pub mod paths;
+pub mod ring;
 pub mod sem;
 mod sys;
 
@@ -13,5 +14,6 @@ pub use conn::{
     has_own_thread, process_client, set_reconnect_at_fork, spawning_own_thread, Client,
 };
 pub use error::{ClientError, Result};
+pub use ring::Switchless;
 pub use sem::{unlink, unlink_via, OpenOptions, Semaphore};
 pub use sys::HIGH_FD;

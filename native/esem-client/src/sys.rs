@@ -1,5 +1,6 @@
-//! The few system calls std does not offer, each behind a safe function. This is the
-//! only module of the client with `unsafe`; every block says why it is sound.
+//! The few system calls std does not offer, each behind a safe function. With the
+//! switchless mapping's accessors (`ring.rs`), the only `unsafe` of the client; every
+//! block says why it is sound.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -153,4 +154,249 @@ pub fn geteuid() -> u32 {
 pub fn getegid() -> u32 {
     // SAFETY: getegid cannot fail and touches no memory.
     unsafe { libc::getegid() }
+}
+
+// ------------------------------------------------- for the switchless transport
+
+/// `fstat` of `fd`.
+pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: fstat writes a struct stat into the buffer we pass; any fd value is fine.
+    if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstat succeeded, so the struct is initialised (it was zeroed anyway).
+    Ok(unsafe { st.assume_init() })
+}
+
+/// The seals of a memfd (`F_GET_SEALS`); an error for anything else.
+pub fn get_seals(fd: RawFd) -> io::Result<i32> {
+    // SAFETY: F_GET_SEALS only reads the file's seals.
+    let s = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    if s < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(s)
+}
+
+fn sockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the live `v`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// Whether `fd` is a Unix stream socket.
+pub fn is_unix_stream(fd: RawFd) -> bool {
+    sockopt_int(fd, libc::SO_DOMAIN).ok() == Some(libc::AF_UNIX)
+        && sockopt_int(fd, libc::SO_TYPE).ok() == Some(libc::SOCK_STREAM)
+}
+
+/// Set `O_NONBLOCK` on our descriptor (a socket pair end is a description of its own:
+/// the peer's flags are not ours).
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL only read and change the descriptor's status flags.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl < 0 || libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Send one byte without blocking and without SIGPIPE (a doorbell).
+pub fn send_byte(fd: RawFd) -> io::Result<()> {
+    let b = [1u8];
+    // SAFETY: sends one byte from a live buffer.
+    let n = unsafe {
+        libc::send(
+            fd,
+            b.as_ptr().cast(),
+            1,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Read a non-blocking socket until it would block: `Ok(true)`, or `Ok(false)` at EOF.
+pub fn drain_socket(fd: RawFd) -> io::Result<bool> {
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        // SAFETY: reads at most buf.len() bytes into the live buffer.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n == 0 {
+            return Ok(false);
+        }
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(true),
+                io::ErrorKind::Interrupted => continue,
+                _ => Err(e),
+            };
+        }
+    }
+    Ok(true) // still ringing: the next poll wakes us again
+}
+
+/// Whether a socket has a byte to read (`Some(true)`), is at EOF (`Some(false)`) or has
+/// nothing yet (`None`), without taking the byte.
+pub fn peek_byte(fd: RawFd) -> io::Result<Option<bool>> {
+    let mut b = [0u8; 1];
+    // SAFETY: peeks at most one byte into the live buffer.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_DONTWAIT | libc::MSG_PEEK,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(n > 0))
+}
+
+/// Write all of `data` to `fd` (blocking), retrying on EINTR, without SIGPIPE.
+pub fn write_all(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        // SAFETY: sends from a live buffer of data.len() bytes.
+        let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        data = &data[n as usize..];
+    }
+    Ok(())
+}
+
+/// What `recv_fds_cloexec` got.
+pub struct Received {
+    pub len: usize,
+    pub fds: Vec<OwnedFd>,
+    /// `MSG_CTRUNC`: descriptors were cut off (more came than we made room for).
+    pub truncated: bool,
+}
+
+/// `recvmsg` into `buf` with room for up to `max_fds` descriptors, received
+/// close-on-exec (`MSG_CMSG_CLOEXEC`), so they never reach a program this process execs.
+pub fn recv_fds_cloexec(fd: RawFd, buf: &mut [u8], max_fds: usize) -> io::Result<Received> {
+    let fd_bytes = (max_fds * std::mem::size_of::<libc::c_int>()) as u32;
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)]; // u64: cmsghdr alignment
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: a zeroed msghdr is a valid empty one; the fields set below point at live
+    // buffers of the stated lengths.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    let n = loop {
+        // SAFETY: recvmsg writes into the iovec's buffer and the control buffer, both
+        // live and of the lengths given in `msg`.
+        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        break n as usize;
+    };
+    let mut fds = Vec::new();
+    // SAFETY: the CMSG_* macros walk the control buffer recvmsg filled, bounded by the
+    // msg_controllen it set; each SCM_RIGHTS payload holds whole c_ints, each a new
+    // descriptor the kernel gave this process and nobody else owns.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let bytes = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..bytes / std::mem::size_of::<libc::c_int>() {
+                    let raw = std::ptr::read_unaligned(
+                        data.add(i * std::mem::size_of::<libc::c_int>())
+                            .cast::<libc::c_int>(),
+                    );
+                    fds.push(OwnedFd::from_raw_fd(raw));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(Received {
+        len: n,
+        fds,
+        truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+    })
+}
+
+/// Which of two descriptors `poll_two` found readable (or hung up).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Two {
+    pub first: bool,
+    pub second: bool,
+}
+
+/// Wait until `a` or `b` is readable or hung up, for at most `timeout_ms`; EINTR is an
+/// empty result.
+pub fn poll_two(a: RawFd, b: RawFd, timeout_ms: i32) -> io::Result<Two> {
+    let mut p = [
+        libc::pollfd {
+            fd: a,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: two pollfds, live for the call.
+    let rc = unsafe { libc::poll(p.as_mut_ptr(), 2, timeout_ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(Two::default());
+        }
+        return Err(e);
+    }
+    let hit = |p: &libc::pollfd| p.revents != 0;
+    Ok(Two {
+        first: hit(&p[0]),
+        second: hit(&p[1]),
+    })
 }

@@ -34,6 +34,14 @@ grant, the service counted no post the victim did not make, conservation holds, 
 victim's session was forgotten, and a bystander session kept working throughout. The
 truth is the service's STAT, read by the admin. Rows: ``esem`` and ``esem+key``; legacy
 has no channel (its shared memory *is* the count, see A1): ``n/a``.
+
+``esem native``: the same scenarios against a C program under the preload library, whose
+native client runs the session on the rings (``esem.attack.native_ring_victim``): a tampered
+ring must be an error in the host program (``EPROTO``, or ``EIO`` once the service
+dropped the session), never a grant. A native client replaces a failed session on its
+next call (as it does after fork), so after a dropped session its next operation is
+either refused or goes through a new, honest session; what is judged is that the
+tampered one failed and the service's counts.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from esem.api import O_CREAT, O_EXCL, USE_ESEM, EsemSemaphore, sem_open, sem_unlink
+from esem.attack import native_ring_victim as native_victim
 from esem.attack.a3_rogue import Channel, Child
 from esem.attack.base import Outcome, Target
 from esem.client.admin import stat_semaphore
@@ -55,6 +64,7 @@ from esem.client.blocking import Client
 from esem.client.switchless import SwitchlessUnavailable
 from esem.core.status import Status
 from esem.errors import EsemError
+from esem.native import NativeError, library_path
 from esem.protocol.constants import AEAD_TAG_BYTES, LENGTH_BYTES, MAC_BYTES, Opcode
 from esem.protocol.messages import Reply, Request, encode_reply
 from esem.protocol.ring import HEADER_BYTES, MASK64, REP_HEAD, REP_TAIL, REQ_HEAD, REQ_TAIL, Region
@@ -63,6 +73,7 @@ LABEL = "A2"
 STRATEGIES: tuple[str, ...] = ("ring-flip-bits", "ring-replay-grant", "ring-forge-grant",
                                "ring-garbage-indices", "ring-replay-request")
 ESEM_BACKENDS: tuple[str, ...] = ("esem", "esem+key")
+NATIVE_BACKEND = "esem native"  # a C program under the preload library (no key API)
 KEEPALIVE = 1.0  # seconds: the victim's keepalive, so that nothing it does can hang long
 OP_BOUND = 6.0  # seconds: a victim operation still running by then "hung"
 SETTLE = 3.0  # seconds for the service to forget a victim session that ended
@@ -249,15 +260,27 @@ class _Bench:
     tap: Tap | None = None
     sem: EsemSemaphore | None = None
 
+    @property
+    def native(self) -> bool:
+        return self.backend == NATIVE_BACKEND
+
     def setup(self) -> None:
         sem = sem_open(self.name, O_CREAT | O_EXCL, 0o600, 0, flags=USE_ESEM, key=self.key,
                        client=self.admin)
         assert isinstance(sem, EsemSemaphore)
         self.sem = sem
-        self.victim = _spawn_victim(self.target, self.name, self.key)
+        if self.native:
+            self.victim = native_victim.spawn(self.target.socket_path, self.target.pubkey,
+                                              self.name, OP_BOUND)
+        else:
+            self.victim = _spawn_victim(self.target, self.name, self.key)
         hello = self.victim.channel.recv()
         if "crash" in hello:
             raise RuntimeError(f"victim failed: {hello['crash']}")
+        if self.native:
+            if hello.get("transport") != native_victim.SWITCHLESS:
+                raise RuntimeError(f"the native victim's session is not switchless ({hello})")
+            hello["memfd"] = native_victim.ring_fd(self.victim.pid)
         self.tap = Tap(self.victim.pid, int(hello["memfd"]))
 
     @property
@@ -474,12 +497,17 @@ class PhaseResult:
 
 def _judge(b: _Bench, strategy: str, plan: _Plan, truth: Truth | None) -> PhaseResult:
     reasons: list[str] = []
+    expected = plan.expected
+    if b.native and plan.direction == "c2s":
+        # After the service dropped its session, a native client's next call may run on a
+        # new session (it replaces a failed one), where the old handle is unknown: EINVAL.
+        expected = (*expected, "OSError: Invalid argument")
     for op in plan.tampered:
         if op.succeeded:
             reasons.append(f"{op.label} returned success")
-        elif not op.result.startswith(plan.expected):
+        elif not op.result.startswith(expected):
             reasons.append(f"{op.label} ended in {op.result!r}, expected "
-                           f"{'/'.join(plan.expected)}")
+                           f"{'/'.join(expected)}")
     victim_waits = sum(op.succeeded for op in b.ops if op.kind == "wait")
     posts = [op for op in b.ops if op.kind == "post"]
     if truth is None:
@@ -541,6 +569,8 @@ class StrategyResult:
 
 def run_strategies(target: Target, strategies: Sequence[str] = STRATEGIES,
                    backends: Sequence[str] = ESEM_BACKENDS) -> list[StrategyResult]:
+    """Every strategy against every backend in ``backends`` (``ESEM_BACKENDS``, and
+    ``NATIVE_BACKEND`` for the C victim)."""
     admin = Client(target.socket_path, pubkey=target.pubkey, switchless=False)
     bystander = Client(target.socket_path, pubkey=target.pubkey, switchless=True)
     try:
@@ -572,7 +602,15 @@ def run(target: Target) -> list[Outcome]:
         return [LEGACY_ROW] + [
             Outcome(f"{LABEL} {s}", b, "n/a", f"the service does not offer switchless mode "
                     f"(start it with esem serve --switchless): {exc}")
-            for s in STRATEGIES for b in ESEM_BACKENDS]
+            for s in STRATEGIES for b in (*ESEM_BACKENDS, NATIVE_BACKEND)]
     finally:
         probe.close()
-    return [LEGACY_ROW] + [r.outcome() for r in run_strategies(target)]
+    rows = [LEGACY_ROW] + [r.outcome() for r in run_strategies(target)]
+    try:
+        native_victim.binary()
+        library_path()
+    except NativeError as exc:
+        return rows + [Outcome(f"{LABEL} {s}", NATIVE_BACKEND, "n/a",
+                               f"the native victim cannot run here: {exc}")
+                       for s in STRATEGIES]
+    return rows + [r.outcome() for r in run_strategies(target, backends=(NATIVE_BACKEND,))]

@@ -338,7 +338,8 @@ def native_available() -> str | None:
 
 def collect(opts: Options, iterations: int | None = None) -> list[Row]:
     """Every micro row: legacy and the floors once, esem once per mode, the native
-    client once (socket mode: the preload library has no switchless transport)."""
+    client once per mode (``ESEM_SWITCHLESS=1``, which ``esem_target`` sets for the
+    switchless mode, makes the preload library's client take the rings too)."""
     n = iterations or (SMOKE_ITERATIONS if opts.smoke else DEFAULT_ITERATIONS)
     if n < 10:
         raise ValueError("--iterations must be at least 10")
@@ -347,7 +348,7 @@ def collect(opts: Options, iterations: int | None = None) -> list[Row]:
     if why_not is not None:
         print(f"micro: the native rows are skipped: {why_not}", file=sys.stderr)
     native = why_not is None
-    steps = 4 + 2 * len(opts.modes) + (2 + ("socket" in opts.modes) if native else 0)
+    steps = 4 + 2 * len(opts.modes) + (2 + len(opts.modes) if native else 0)
     with phase("micro", steps * len(placement.names(opts))) as ph:
         for _ in placement.each(opts, BENCH):
             rows += _collect(opts, n, native, ph)
@@ -383,10 +384,11 @@ def _collect(opts: Options, n: int, native: bool, ph: Phase) -> list[Row]:
     for mode in opts.modes:
         with esem_target(mode, opts.socket) as target:
             rows += _esem_rows(target, n, ph)
-            if native and mode == "socket":
-                ph.step("micro: esem native client (C under libesem_preload.so) ...")
+            if native:
+                ph.step(f"micro: esem native client ({mode}; C under "
+                        "libesem_preload.so) ...")
                 rows += _native_rows("esem", mode, native_micro.measure(
-                    "esem", n, target.service_pid, tag, pl.partner("esem")))
+                    "esem", n, target.service_pid, tag, pl.partner("esem"), mode))
     return rows
 
 
@@ -471,6 +473,9 @@ def _native_table(rows: list[Row], mode: str) -> Table | None:
     body.append(["native floor", "", "", "", num(floor, 2),
                  num(get("floor", native_micro.FLOOR_CASE, "p99"), 2), "", "", "", "",
                  num(fc, 1), ""])
+    handoff_c = get("legacy", NATIVE + "handoff")
+    body.append(["post / legacy C handoff", "", "", "", "", "",
+                 ratio(get("esem", NATIVE + "post", m=mode), handoff_c), "", "", "", "", ""])
     notes = [
         "esem native: a C program calling sem_open(name, O_CREAT | USE_ESEM, ...) and the "
         "other sem_* functions under LD_PRELOAD=libesem_preload.so (the Rust native client, "
@@ -482,6 +487,10 @@ def _native_table(rows: list[Row], mode: str) -> Table | None:
         "cpu: CPU microseconds per call of the legacy C process and of the native client "
         "process (its reader thread included; handoff counts both processes), and of the "
         "esem service",
+        "post / legacy C handoff: the native post against legacy's one-way hand-off "
+        "between two C processes (which must wake a sleeping process; a spinning "
+        "switchless service need not): issue 12's target is <= 0.5 in switchless mode, "
+        "split placement",
         _placement_note(rows),
     ]
     return Table(

@@ -47,9 +47,13 @@ C_SOURCE = r"""
 /* esem-micro BACKEND N SERVICE_PID TAG CHILD_CPU: N of each semaphore operation and N
  * hand-off rounds (the forked pong process pinned to CHILD_CPU unless it is -1),
  * on a named semaphore (BACKEND esem: oflag | USE_ESEM, run under the preload library;
- * legacy: glibc's). JSON on stdout: latency samples in microseconds, and per loop
- * [calls, this process's CPU s, the service's CPU s or null]. Written by esem bench. */
+ * legacy: glibc's). JSON on stdout: latency samples in microseconds, per loop
+ * [calls, this process's CPU s, the service's CPU s or null], and the transport the
+ * preload library's session used (esem_transport(): 2 rings, 1 socket, 0 none; -1
+ * without the library). `esem-micro probe` prints only the transport.
+ * Written by esem bench. */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
@@ -220,7 +224,16 @@ static void handoff(const char *tag, int n, double *a) {
     sem_unlink(qn);
 }
 
+static int transport(void) {
+    int (*f)(void) = (int (*)(void))dlsym(RTLD_DEFAULT, "esem_transport");
+    return f ? f() : -1;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 2 && strcmp(argv[1], "probe") == 0) {
+        printf("{\"transport\": %d}\n", transport());
+        return 0;
+    }
     if (argc != 6) {
         fprintf(stderr, "usage: esem-micro esem|legacy N SERVICE_PID TAG CHILD_CPU\n");
         return 2;
@@ -242,7 +255,7 @@ int main(int argc, char **argv) {
         if (cpus[i].service < 0) printf("null]");
         else printf("%.9f]", cpus[i].service);
     }
-    printf("}}\n");
+    printf("}, \"transport\": %d}\n", flag ? transport() : -1);
     return 0;
 }
 """
@@ -271,21 +284,28 @@ def _compiler() -> str:
 def c_binary() -> Path:
     """The compiled C benchmark, built on first use; cached by source, header and
     compiler, so an edit or another compiler rebuilds it."""
+    return build_c_program(C_SOURCE, "esem-micro")
+
+
+def build_c_program(source: str, stem: str) -> Path:
+    """A C program of the package (``source``, which may include ``esem.h``), compiled on
+    first use into the cache and found there again by the hash of its source, the header
+    and the compiler, so an edit or another compiler rebuilds it."""
     if not HEADER.is_file():
-        raise NativeError(f"{HEADER} not found (the native benchmark needs the repository's "
+        raise NativeError(f"{HEADER} not found (the native programs need the repository's "
                           "native/ directory)")
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True,
                              check=False).stdout
     digest = hashlib.sha256(
-        "\0".join((C_SOURCE, HEADER.read_text(), cc, version)).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"esem-micro-{digest}"
+        "\0".join((source, HEADER.read_text(), cc, version)).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"{stem}-{digest}"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     # Per-process names: two benches building at once never read each other's files.
     src = out.with_name(out.name + f".{os.getpid()}.c")
-    src.write_text(C_SOURCE)
+    src.write_text(source)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     done = subprocess.run([cc, "-O2", "-Wall", "-Werror", "-I", str(HEADER.parent), "-o",
                            str(tmp), str(src), "-pthread"], capture_output=True, text=True,
@@ -293,8 +313,8 @@ def c_binary() -> Path:
     src.unlink()
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise NativeError(f"building the native benchmark failed:\n{done.stderr.strip()}")
-    tmp.replace(out)  # atomic: a concurrent bench sees the whole binary or none
+        raise NativeError(f"building {stem} failed:\n{done.stderr.strip()}")
+    tmp.replace(out)  # atomic: a concurrent build sees the whole binary or none
     return out
 
 
@@ -347,15 +367,38 @@ def _one_cpu(cpus: frozenset[int] | None) -> int:
     return next(iter(cpus))
 
 
+TRANSPORTS = {2: "switchless", 1: "socket"}  # esem_transport() of the preload library
+
+
+def check_transport(got: int, mode: str, what: str) -> None:
+    """Refuse to label native figures with a transport the native client did not use
+    (``ESEM_SWITCHLESS=1`` falls back to the socket with only a warning; a preload
+    library built before the native rings knows no switchless at all)."""
+    used = TRANSPORTS.get(got)
+    if used != mode:
+        raise BenchError(f"{what}: the native client's session ran over "
+                         f"{used or 'no esem session'}, not {mode} (rebuild the preload "
+                         "library: pip install -e ., or cargo build --release)")
+
+
+def probe_transport(env: dict[str, str]) -> int:
+    """The transport a native client gets in ``env`` (the C program's ``probe``)."""
+    data = _run_json([str(c_binary()), "probe"], env, timeout=60)
+    return int(data["transport"])
+
+
 def measure(backend: str, n: int, service_pid: int | None, tag: str,
-            child_cpus: frozenset[int] | None = None) -> NativeMeasured:
+            child_cpus: frozenset[int] | None = None, mode: str = "socket") -> NativeMeasured:
     """N of each operation and N hand-off rounds from C: ``esem`` under the preload library
-    (against the service this process's environment names), ``legacy`` through glibc;
-    the pong process of the hand-off pinned to ``child_cpus`` (None: not pinned)."""
+    (against the service this process's environment names, over the transport ``mode``
+    names: a run that got another raises ``BenchError``), ``legacy`` through glibc; the
+    pong process of the hand-off pinned to ``child_cpus`` (None: not pinned)."""
     env = preload_environment(False) if backend == "esem" else \
         {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     data = _run_json([str(c_binary()), backend, str(n), str(service_pid or 0), tag,
                       str(_one_cpu(child_cpus))], env, timeout=60 + n * 0.1)
+    if backend == "esem":
+        check_transport(int(data["transport"]), mode, "micro")
     m = NativeMeasured()
     for case in CASES:
         m.samples[case] = [float(x) for x in data["samples"][case]]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import subprocess
 import threading
@@ -40,7 +41,7 @@ from contextlib import suppress
 from typing import Any
 
 from esem.api import O_CREAT, O_EXCL, USE_ESEM, sem_open, sem_unlink
-from esem.bench import placement
+from esem.bench import native_micro, placement
 from esem.bench.common import (
     NO_MODE,
     Options,
@@ -64,6 +65,7 @@ from esem.bench.common import (
     self_cpu,
 )
 from esem.errors import BusyError, EsemError
+from esem.native import NativeError, preload_environment
 
 BENCH = "stress"
 DEFAULT_SECONDS, SMOKE_SECONDS = 5.0, 0.5
@@ -220,7 +222,8 @@ def collect(opts: Options, seconds: float | None = None, workers: int | None = N
     if not 1 <= threads <= MAX_THREADS:
         raise ValueError(f"--threads must be 1..{MAX_THREADS}, not {threads}")
     label = f"{workers} workers x {threads} threads, {seconds:g}s"
-    steps = 1 + len(opts.modes) + ("socket" in opts.modes) + 1  # + capacity, stress-ng
+    # legacy, esem per mode, capacity, stress-ng, and stress-ng on esem per mode
+    steps = 1 + 2 * len(opts.modes) + ("socket" in opts.modes) + 1
     rows: list[Row] = []
     with phase("stress", steps * len(placement.names(opts))) as ph:
         for _ in placement.each(opts, BENCH):
@@ -232,6 +235,7 @@ def collect(opts: Options, seconds: float | None = None, workers: int | None = N
                     rows += measure("esem", target, workers, threads, seconds)
                     if mode == "socket" and target.service_pid is not None:
                         rows += capacity(target, opts.smoke, ph)
+                    rows += stress_ng_native(target, workers, threads, seconds, ph)
             rows += stress_ng(workers, threads, seconds, ph)
     return rows
 
@@ -279,7 +283,8 @@ def _tables(results: list[Row]) -> list[Table]:
 
 def _stress_tables(rows: list[Row]) -> list[Table]:
     body = []
-    for case in dict.fromkeys(r["case"] for r in rows if r["metric"] == "ops_per_s"):
+    for case in dict.fromkeys(r["case"] for r in rows if r["metric"] == "ops_per_s"
+                              and not r["case"].startswith(NATIVE)):
         leg = lookup(rows, backend="legacy", case=case, metric="ops_per_s")
         keys = sorted({(r["backend"], r["mode"]) for r in rows
                        if r["case"] == case and r["metric"] == "ops_per_s"},
@@ -300,7 +305,90 @@ def _stress_tables(rows: list[Row]) -> list[Table]:
                   ["calls: every getvalue, trywait/timedwait and post; cpu: CPU "
                    "microseconds per call (= seconds per million)",
                    "stress-ng: the C stressor itself (bogo ops/s, real time), same workers "
-                   "and threads"])]
+                   "and threads"]),
+            *_native_stress_tables(rows)]
+
+
+NATIVE = "native/"  # case prefix of stress-ng under the preload library (esem backend)
+
+
+def stress_ng_native(target: Target, workers: int, threads: int, seconds: float,
+                     ph: Phase | None = None) -> list[Row]:
+    """``stress-ng --sem`` under ``esem run --all`` against ``target``: every semaphore of
+    the C stressor in the service, through the native client in ``target.mode``
+    (``esem_target`` sets ``ESEM_SWITCHLESS`` for the switchless mode, which the native
+    client reads as the Python client does). Bogo ops/s (real time), and CPU per bogo op
+    of stress-ng's processes and of the service. No rows without stress-ng or the
+    preload library."""
+    exe = shutil.which("stress-ng")
+    if exe is None:
+        return []  # stress_ng() says so once
+    try:
+        env = preload_environment(True)
+        # The same library, environment and service: the transport stress-ng gets.
+        native_micro.check_transport(native_micro.probe_transport(env), target.mode,
+                                     "stress-ng under esem")
+    except NativeError as exc:
+        progress(f"stress: no row for stress-ng on esem: {exc}")
+        return []
+    whole = max(1, round(seconds))
+    what = (f"stress: stress-ng --sem {workers} --sem-procs {threads} for {whole}s under "
+            f"esem run --all ({target.mode}) ...")
+    (ph.step(what, whole) if ph is not None else progress(what))
+    cmd = [exe, "--sem", str(workers), "--sem-procs", str(threads), "--timeout",
+           f"{whole}s", "--metrics-brief"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    service0 = target.service_cpu()
+    try:
+        # The clients' vCPUs of the placement: the service keeps its own under split.
+        with placement.starting_on(placement.current().client):
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=whole + 60,
+                                  env=env)
+    except subprocess.TimeoutExpired:
+        progress(f"stress: stress-ng under esem ({target.mode}) did not finish in time")
+        return []
+    service1 = target.service_cpu()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    match = _METRIC_LINE.search(done.stdout + done.stderr)
+    if done.returncode != 0 or match is None:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+        progress(f"stress: stress-ng under esem ({target.mode}) exited {done.returncode} "
+                 "without a sem metric line: " + " | ".join(tail))
+        return []
+    case = NATIVE + case_name(workers, threads)
+    bogo = int(match.group(1))
+    client = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    service = None if service0 is None or service1 is None else service1 - service0
+    rows = [row(BENCH, "esem", target.mode, case, "ops_per_s", float(match.group(5)),
+                "ops/s")]
+    if bogo > 0:
+        rows += cpu_rows(BENCH, "esem", target.mode, case, bogo, client, service)
+    return rows
+
+
+def _native_stress_tables(rows: list[Row]) -> list[Table]:
+    """stress-ng on esem, switchless beside socket (issue 12's target: >= 5x)."""
+    body = []
+    for case in dict.fromkeys(r["case"] for r in rows if r["case"].startswith(NATIVE)
+                              and r["metric"] == "ops_per_s"):
+        sock = lookup(rows, backend="esem", mode="socket", case=case, metric="ops_per_s")
+        fast = lookup(rows, backend="esem", mode="switchless", case=case, metric="ops_per_s")
+        if sock is None or fast is None:
+            continue
+        body.append([case.removeprefix(NATIVE), num(sock, 0), num(fast, 0), ratio(fast, sock),
+                     num(lookup(rows, backend="esem", mode="socket",
+                                case=f"{case}/service-cpu")),
+                     num(lookup(rows, backend="esem", mode="switchless",
+                                case=f"{case}/service-cpu"))])
+    if not body:
+        return []
+    return [Table("stress: stress-ng on esem (native client), switchless beside socket",
+                  ["case", "socket ops/s", "switchless ops/s", "switchless/socket",
+                   "service cpu socket", "service cpu switchless"], body,
+                  ["stress-ng --sem under esem run --all (rows native/CASE of the esem "
+                   "backend), bogo ops/s (real time); service cpu: the service's CPU "
+                   "microseconds per bogo op",
+                   "issue 12's target: switchless/socket >= 5"])]
 
 
 def run(opts: Options, json_out: str | None, seconds: float | None, workers: int | None,

@@ -187,6 +187,16 @@ class Metrics:
         out.append(CounterMetricFamily(
             "esem_sessions_started", "Sessions started since the service began",
             value=stats["sessions_started"]))
+        board = self.service.switchboard
+        if board is not None and hasattr(board, "statistics"):
+            sl = board.statistics()
+            out.append(GaugeMetricFamily("esem_switchless_sessions", "Sessions on the "
+                                         "switchless rings", value=sl["switchless_sessions"]))
+            for key, what in (("wakeups", "Doorbells that woke the switchless poller"),
+                              ("passes", "Passes of the switchless poller over the rings"),
+                              ("yields", "CPU yields of the idle switchless poller")):
+                out.append(CounterMetricFamily(f"esem_switchless_{key}", what,
+                                               value=sl[f"switchless_{key}"]))
         for kind, by_uid in sorted(self.service.table.quota_use().items()):
             family = GaugeMetricFamily(
                 f"esem_uid_{kind}", f"{kind.capitalize()} in use per uid (quota: "

@@ -14,9 +14,14 @@ the only thread that touches the table. It sleeps until a client rings; then it 
 every ring, dispatches, writes the replies, and keeps spinning while work keeps coming
 (so a busy client pays no wake-up per operation), but yields to the event loop every
 ``PASS_BUDGET`` so socket sessions and timers are never starved, and goes back to sleep
-after ``SPIN_IDLE`` without work. A session whose reply ring is full keeps its replies
-in memory and is retried on a timer; it stops being read above ``WRITE_HIGH_WATER``, as
-a socket session is paused.
+after ``SPIN_IDLE`` without work. While it spins it keeps its CPU: it gives it away
+(``sched_yield``, which hands it to whatever else is runnable, another tenant included)
+only when it finds a reply unread while its client says it is awake, the sign of a
+client waiting for this vCPU (the two share one): at once after a batch of work, then at
+most once per ``YIELD_AFTER`` of idle spinning.
+A native client on another vCPU thus costs no yield per operation. A session
+whose reply ring is full keeps its replies in memory and is retried on a timer; it stops
+being read above ``WRITE_HIGH_WATER``, as a socket session is paused.
 
 Doorbells are a socket pair, not an eventfd. An eventfd passed to the client is one open
 file description shared with it, so the client could clear its ``O_NONBLOCK`` and leave
@@ -60,6 +65,12 @@ SPIN_IDLE = 100e-6
 # Seconds of continuous work after which the poller yields to the event loop (socket
 # sessions, timers) before its next pass.
 PASS_BUDGET = 500e-6
+# The idle poller gives its CPU away (``sched_yield``) when it finds a reply unread
+# while its client says it is awake: that client may be waiting for this very vCPU (it
+# gets it at once after every batch of work), or be slow on another one (then at most
+# once per this many seconds of idle spinning). A native client spinning on another
+# vCPU has read its reply before the poller looks, so the poller then never yields.
+YIELD_AFTER = 20e-6
 # Seconds between retries of a session whose reply ring was full (doubling up to the
 # maximum while the client does not read).
 RETRY_MIN = 0.001
@@ -316,6 +327,18 @@ class SwitchlessConnection(Connection):
             return True
         return worked
 
+    def awake_with_unread_replies(self) -> bool:
+        """Replies sit in the ring while the client says it is not sleeping: a hint
+        (from untrusted memory) that it may be waiting for a CPU. A lying client only
+        makes the idle poller yield, at most once per ``YIELD_AFTER``."""
+        tx = self.tx
+        if tx is None or self.closed:
+            return False
+        try:
+            return tx.unconsumed() > 0 and not tx.peer_sleeping()
+        except RingError:
+            return False  # the next pump refuses the ring and ends the session
+
     def ring_client(self) -> None:
         if self._bell is None:
             return
@@ -403,6 +426,7 @@ class Switchboard:
         self._version = 0  # bumped when a session comes or goes
         self.passes = 0
         self.wakeups = 0
+        self.yields = 0  # sched_yield calls of the idle poller (see YIELD_AFTER)
 
     def __repr__(self) -> str:
         state = "running" if self._running else "asleep"
@@ -410,7 +434,7 @@ class Switchboard:
 
     def statistics(self) -> dict[str, int]:
         return {"switchless_sessions": len(self._conns), "switchless_wakeups": self.wakeups,
-                "switchless_passes": self.passes}
+                "switchless_passes": self.passes, "switchless_yields": self.yields}
 
     def connection(self, service: Service) -> Connection:
         return SwitchlessConnection(service, self)
@@ -465,9 +489,9 @@ class Switchboard:
             if c.rx is not None:
                 c.rx.wake()  # clients need not ring while we look anyway
         clock = time.perf_counter
-        yield_cpu = os.sched_yield
         now = clock()
         idle_since = now
+        last_yield = -YIELD_AFTER
         budget_end = now + PASS_BUDGET
         while True:
             worked = False
@@ -477,10 +501,15 @@ class Switchboard:
             now = clock()
             if worked:
                 idle_since = now
+                last_yield = -YIELD_AFTER  # new replies: their clients may need us at once
             elif now - idle_since >= SPIN_IDLE:
                 break
-            else:
-                yield_cpu()  # a client waiting for a CPU gets ours while we have no work
+            elif now - last_yield >= YIELD_AFTER and any(
+                    c.awake_with_unread_replies() for c in conns):
+                # That client may be waiting for our vCPU: let it run, once.
+                os.sched_yield()
+                self.yields += 1
+                last_yield = clock()
             if now >= budget_end:
                 asyncio.get_running_loop().call_soon(self._pass)
                 return
