@@ -423,6 +423,11 @@ class Service:
                 reply = Reply(op, req.req_id, Status.OK, data=self._list_page(sid, req.after))
             elif op is Opcode.SWITCHLESS:
                 reply = conn.upgrade(req)
+            elif op is Opcode.RESUME:  # interim: no session survives its connection yet
+                reply = Reply(op, req.req_id, Status.ENOENT, message="no such session")
+            elif op is Opcode.END:
+                conn.ending = True
+                reply = Reply(op, req.req_id, Status.OK)
             elif op is Opcode.STAT:
                 key = table.key_for_name(req.name)
                 view = table.view(sid, req.name, cap=STAT_LIST_CAP,
@@ -439,6 +444,9 @@ class Service:
             reply = Reply(op, req.req_id, exc.status, message=exc.message)
         mac = event.mac is not None and key is not None and reply.status is not Status.EKEYREJECTED
         conn.session.send_reply(reply, mac_key=key if mac else None)
+        if conn.ending:
+            conn.flush()
+            conn.close()  # END: the session ends with its connection
         return reply.status
 
     def _reclaim(self, sid: int, req: Request, *, keyed: bool,
@@ -539,6 +547,7 @@ class Connection(asyncio.Protocol):
         self.logs = LogBucket()  # this session's log budget
         self.half_open = False  # counted in the service's half-open connections
         self.scheduled = False  # a later loop turn will serve the backlog
+        self.ending = False  # END was received: hang up after its reply
         self._write_paused = False  # the transport's buffer is above the high-water mark
         self._reading = True
         self._handshake_timer: asyncio.TimerHandle | None = None
