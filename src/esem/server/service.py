@@ -176,6 +176,30 @@ def process_running(pid: int) -> bool:
     return state not in ([b"Z"], [b"X"])
 
 
+_PF_EXITING = 0x4  # <linux/sched.h>: the task is in do_exit
+
+
+def process_staying(pid: int) -> bool:
+    """Whether process ``pid`` runs and is not exiting: a lost connection of a process in
+    its exit (it closes its sockets before it becomes a zombie) is not held for a RESUME
+    that will never come. A process whose main thread alone has exited reads as exiting:
+    its sessions end as they did before resumption existed."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return True  # cannot tell: assume it runs
+    fields = stat.rpartition(b")")[2].split()
+    if not fields or fields[0] in (b"Z", b"X"):
+        return False
+    try:
+        return not int(fields[6]) & _PF_EXITING
+    except (IndexError, ValueError):
+        return True
+
+
 def peer_cred(sock: socket.socket) -> Cred:
     pid, uid, gid = _PEERCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -333,7 +357,7 @@ class Service:
         if self.stopping and self.journal is not None:
             return  # the journal keeps the session: it comes back detached at restart
         cred = self.table.session_cred(sid)
-        if not final and self.resume_grace > 0 and process_running(cred.pid):
+        if not final and self.resume_grace > 0 and process_staying(cred.pid):
             self._uid_log(cred.uid, logging.INFO, "session %d detached pid=%d uid=%d (%s)",
                           sid, cred.pid, cred.uid, _text(reason))
             self._log(["detach", sid])
@@ -359,7 +383,7 @@ class Service:
 
     def _check_one(self, rec: SessionRecord) -> None:
         if (rec.conn is None and self._records.get(rec.sid) is rec
-                and not process_running(self.table.session_cred(rec.sid).pid)):
+                and not process_staying(self.table.session_cred(rec.sid).pid)):
             self._end(rec.sid, "its process exited")
 
     def _check_processes(self) -> None:
@@ -369,7 +393,7 @@ class Service:
         for rec in list(self._records.values()):
             if rec.conn is not None:
                 continue
-            if process_running(self.table.session_cred(rec.sid).pid):
+            if process_staying(self.table.session_cred(rec.sid).pid):
                 waiting = True
             else:
                 self._end(rec.sid, "its process exited")
