@@ -544,9 +544,9 @@ class Service:
             conn.close()
             return Status.OK
         if op is Opcode.SWITCHLESS:  # the connection's, not the session's: not journaled
-            reply = conn.upgrade(req)
-            conn.session.send_reply(reply)
-            return reply.status
+            upgraded = conn.upgrade(req)
+            conn.session.send_reply(upgraded)
+            return upgraded.status
         loop = asyncio.get_running_loop()
         ctx = self._ctx = Ctx(now=loop.time(), wall=time.time())
         # Only a request with a MAC can prove a key; without one the core refuses any
