@@ -38,8 +38,7 @@ from esem.core import CoreError, Cred, Quotas, SemTable, SemView, Status, WaitDo
 from esem.core.replay import ReplayWindow
 from esem.core.table import TOKEN_BYTES, Authenticator
 from esem.errors import EsemError
-from esem.protocol.constants import MAX_PLAINTEXT, RESUME_MAX_AWAITED, Opcode, OpenFlag
-from esem.protocol.constants import Direction
+from esem.protocol.constants import MAX_PLAINTEXT, RESUME_MAX_AWAITED, Direction, Opcode, OpenFlag
 from esem.protocol.crypto import verifier_matches, verify_keybind_mac
 from esem.protocol.messages import Reply, Request, decode_request
 from esem.protocol.session import HelloIn, RequestIn, ServerSession, State, seal_reply
@@ -304,7 +303,7 @@ class Service:
         replayed through the same code that executed it (``_execute`` over the one
         table). Raises ``ValueError`` if the journal does not replay to what it recorded.
         Every session comes back detached; ``start_restored`` gives them their grace."""
-        seq = 0
+        position = 0
         try:
             self.table = SemTable.restore(snapshot["table"], self.table.quotas,
                                           token_factory=self._token)
@@ -317,9 +316,10 @@ class Service:
                 self._records[sid] = rec
                 self._by_binding[rec.binding] = rec
             for seq, record in records:
+                position = seq
                 self._replay(record)
         except (KeyError, IndexError, TypeError, ValueError, CoreError, EsemError) as exc:
-            where = f"record seq {seq}" if seq else "its snapshot"
+            where = f"record seq {position}" if position else "its snapshot"
             raise ValueError(f"the journal does not replay at {where}: {exc!r}") from None
         finally:
             self._ctx = Ctx()
@@ -357,8 +357,8 @@ class Service:
             if (reply is None) != (body is None):
                 raise ValueError(f"request {req.req_id} of session {sid} did not replay")
             if reply is not None:
-                use = mac is not None and key is not None and reply.status is not Status.EKEYREJECTED
-                sealed = seal_reply(reply, rec.binding, key if use else None)
+                use = key is not None and reply.status is not Status.EKEYREJECTED
+                sealed = seal_reply(reply, rec.binding, key if use and mac else None)
                 if sealed != bytes.fromhex(body):
                     raise ValueError(f"request {req.req_id} of session {sid} replayed to "
                                      "another reply")
