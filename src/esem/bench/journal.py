@@ -24,6 +24,7 @@ from esem.bench.common import (
     Options,
     Row,
     Table,
+    UsageError,
     cpu_rows,
     emit,
     latency_rows,
@@ -112,6 +113,9 @@ def _restart_seconds(svc: EmbeddedService) -> float:
 
 def run(opts: Options, json_out: str | None, posts: int | None = None,
         sizes: list[int] | None = None) -> int:
+    if opts.socket is not None:
+        raise UsageError("measures daemons of its own (three journal settings, restarts): "
+                         "--socket does not apply")
     n = posts or (SMOKE_POSTS if opts.smoke else DEFAULT_POSTS)
     counts = sizes or list(SMOKE_SIZES if opts.smoke else DEFAULT_SIZES)
     results: list[Row] = []
