@@ -353,6 +353,7 @@ def test_journal_smoke(tmp_path: Path) -> None:
         assert {(f"post/{config}", "median"), (f"post/{config}", "p99"),
                 (f"post/{config}/service-cpu", "cpu_per_mop")} <= got
     assert {("restart/1", "seconds"), ("restart/20", "seconds")} <= got
+    assert {("resume-all/1", "seconds"), ("resume-all/5", "seconds")} <= got
     assert "restart on a tmpfs" in result.stdout
     assert set(Path("/dev/shm").glob("esem-bench-journal-*")) <= before  # cleaned up
     refused = esem("bench", "journal", "--smoke", "--socket", str(tmp_path / "x"))

@@ -6,8 +6,11 @@ the state directory under ``/run``), and the journal on disk with ``--fsync``
 (group-committed fdatasync before replies). For each: post latency (median, p99) from
 one client, and the service's CPU per post (its process CPU clock over the loop).
 
-Then restart time: a daemon with the journal on tmpfs holds N semaphores (each created
-and closed: they stay, as POSIX named semaphores do), is SIGKILLed, and a new daemon is
+Then the time from a restart until every waiting client has resumed: N raw sessions
+(the protocol objects over sockets) each with a wait queued, SIGKILL, a new daemon,
+each session reconnects and sends RESUME. Then restart time: a daemon with the journal on
+tmpfs holds N semaphores (each created and closed: they stay, as POSIX named semaphores
+do), is SIGKILLed, and a new daemon is
 started on its journal; the time from ``exec`` until it listens (its published key
 appears), the journal read, verified, replayed and compacted in between. Nothing here
 passes or fails on a time.
@@ -16,11 +19,14 @@ passes or fails on a time.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from esem.bench.common import (
+    BenchError,
     Options,
     Row,
     Table,
@@ -36,15 +42,18 @@ from esem.bench.common import (
 )
 from esem.bench.progress import phase
 from esem.client.blocking import Client
+from esem.core.status import Status
 from esem.core.table import WaitMode
 from esem.protocol.constants import Opcode, OpenFlag
 from esem.protocol.messages import Request
+from esem.protocol.session import ClientSession
 from esem.server.embedded import EmbeddedService
 
 BENCH = "journal"
 CONFIGS = ("no-journal", "tmpfs", "disk-fsync")
 DEFAULT_POSTS, SMOKE_POSTS = 5000, 200
 DEFAULT_SIZES, SMOKE_SIZES = (1, 1000, 100_000), (1, 100)
+DEFAULT_RESUMERS, SMOKE_RESUMERS = (1, 10, 100), (1, 5)  # clients with a wait queued
 TMPFS = Path("/dev/shm")
 
 
@@ -104,6 +113,67 @@ def _fill(svc: EmbeddedService, count: int) -> None:
         client.close()
 
 
+class _Waiter:
+    """A raw session (the protocol objects over a socket) with one wait queued."""
+
+    def __init__(self, svc: EmbeddedService, name: str) -> None:
+        self.session = self._connect(svc)
+        frame = self.session.send_request(
+            Request(Opcode.OPEN, 1, name=name, oflag=OpenFlag.CREAT, mode=0o600, value=0))
+        self.sock.sendall(frame)
+        self._until(lambda: not self.session.pending)
+        self.sock.sendall(self.session.send_request(
+            Request(Opcode.WAIT, 2, handle=self.handle, wait_mode=WaitMode.BLOCK)))
+        self.session._next_req_id = 3
+
+    def _connect(self, svc: EmbeddedService) -> ClientSession:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(svc.socket_path))
+        session = ClientSession(svc.pubkey)
+        self.sock.sendall(session.start())
+        self.session = session
+        self._until(lambda: session.established)
+        return session
+
+    def _until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            data = self.sock.recv(65536)
+            if not data:
+                raise BenchError("the service closed a benchmark connection")
+            for reply in self.session.receive_data(data):
+                if reply.opcode is Opcode.OPEN:
+                    self.handle = reply.handle
+                elif reply.opcode is Opcode.RESUME and reply.status is not Status.OK:
+                    raise BenchError(f"RESUME refused: {reply.status.name}")
+
+    def resume(self, svc: EmbeddedService) -> None:
+        old = self.session
+        self.sock.close()
+        new = self._connect(svc)
+        self.sock.sendall(new.resume(old))
+        self._until(lambda: new.resumed_last is not None)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _resume_all_seconds(svc: EmbeddedService, waiters: int) -> float:
+    """Kill the service under ``waiters`` queued waits; restart it; the time until
+    every waiter has reconnected and resumed (one after the other, from this process:
+    an upper bound of what clients resuming in parallel see)."""
+    clients = [_Waiter(svc, "/bench-resume") for _ in range(waiters)]
+    try:
+        svc.kill()
+        t0 = time.perf_counter()
+        svc.start(timeout=600)
+        for c in clients:
+            c.resume(svc)
+        return time.perf_counter() - t0
+    finally:
+        for c in clients:
+            c.close()
+
+
 def _restart_seconds(svc: EmbeddedService) -> float:
     svc.kill()
     t0 = time.perf_counter()
@@ -118,11 +188,12 @@ def run(opts: Options, json_out: str | None, posts: int | None = None,
                          "--socket does not apply")
     n = posts or (SMOKE_POSTS if opts.smoke else DEFAULT_POSTS)
     counts = sizes or list(SMOKE_SIZES if opts.smoke else DEFAULT_SIZES)
+    resumers = list(SMOKE_RESUMERS if opts.smoke else DEFAULT_RESUMERS)
     results: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="esem-bench-journal-") as tmp:
         work = Path(tmp)
         try:
-            with phase("journal", len(CONFIGS) + len(counts)) as steps:
+            with phase("journal", len(CONFIGS) + len(resumers) + len(counts)) as steps:
                 for config in CONFIGS:
                     steps.step(f"{n} posts, {config}")
                     with _service(config, work) as svc:
@@ -131,6 +202,12 @@ def run(opts: Options, json_out: str | None, posts: int | None = None,
                                             samples)
                     results += cpu_rows(BENCH, "esem", "socket", f"post/{config}", n, None,
                                         cpu)
+                for waiters in resumers:
+                    steps.step(f"restart under {waiters} queued waits until all resumed")
+                    with _service("tmpfs", work / f"resume-{waiters}") as svc:
+                        seconds = _resume_all_seconds(svc, waiters)
+                    results.append(row(BENCH, "esem", "socket", f"resume-all/{waiters}",
+                                       "seconds", seconds, "s"))
                 for count in counts:
                     steps.step(f"restart with {count} semaphores")
                     quota = ["--quota-semaphores", str(max(1024, count + 16))]
@@ -158,6 +235,8 @@ def tables(results: list[Row], n: int) -> list[Table]:
                      num(lookup(results, case=f"{case}/service-cpu", metric="cpu_per_mop"))])
     restart = [[c.split("/")[1], num(r["value"], 3)] for r in results
                if (c := str(r["case"])).startswith("restart/")]
+    resumed = [[c.split("/")[1], num(r["value"], 3)] for r in results
+               if (c := str(r["case"])).startswith("resume-all/")]
     return [
         Table(f"post latency, {n} posts from one client (one run, three daemons)",
               ["journal", "median us", "p99 us", "service CPU s / M posts"], body,
@@ -165,4 +244,7 @@ def tables(results: list[Row], n: int) -> list[Table]:
                      "with --fsync (fdatasync per group commit)"]),
         Table("restart on a tmpfs journal (SIGKILL, then exec until listening)",
               ["semaphores", "seconds"], restart),
+        Table("restart until every waiting client has resumed (SIGKILL, exec, then each "
+              "client reconnects and sends RESUME, one after the other)",
+              ["waiting clients", "seconds"], resumed),
     ]
