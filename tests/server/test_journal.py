@@ -240,3 +240,17 @@ def test_a_compaction_interrupted_after_the_head_is_completed(jdir: Path) -> Non
     got = load(jdir)
     assert got is not None and got.snapshot["table"] == {"n": 3}
     assert not (jdir / NEW_NAME).exists()
+
+
+def test_a_compaction_the_directory_refuses_keeps_the_journal_whole(jdir: Path) -> None:
+    j = write(jdir, 2)
+    (jdir / NEW_NAME).mkdir()  # a real obstacle: the temporary name is taken by a directory
+    assert not j.compact({"format": 1, "table": {"n": 9}})
+    assert j.compaction_error is not None
+    j.append(["after", 1])
+    j.commit()
+    j.close()
+    (jdir / NEW_NAME).rmdir()
+    got = load(jdir)
+    assert got is not None and got.snapshot == SNAP  # the old file, still whole
+    assert got.records[-1][1] == ["after", 1] and len(got.records) == 3

@@ -274,6 +274,7 @@ class Journal:
         self.snapshot_bytes = 0
         self.commits = 0
         self.records = 0
+        self.compaction_error: str | None = None
 
     @property
     def seq(self) -> int:
@@ -329,6 +330,22 @@ class Journal:
 
     def wants_compaction(self) -> bool:
         return self.tail_records >= COMPACT_RECORDS and self.tail_bytes > self.snapshot_bytes
+
+    def compact(self, snapshot: dict[str, Any]) -> bool:
+        """``start`` a new file from ``snapshot``; if the directory refuses (full, or no
+        longer writable after ``--user``), keep appending to the current file and say
+        so: the journal stays whole, only larger. True if it compacted."""
+        saved = (self._aead, self._prev, self._file_id, self._seq)
+        try:
+            self.start(snapshot)
+        except OSError as exc:
+            self._aead, self._prev, self._file_id, self._seq = saved
+            with contextlib.suppress(OSError):
+                os.unlink(NEW_NAME, dir_fd=self._dir_fd)
+            self.tail_records = 0  # try again after as many records
+            self.compaction_error = str(exc)
+            return False
+        return True
 
     def start(self, snapshot: dict[str, Any]) -> None:
         """Begin a new file holding ``snapshot`` (at start-up, and to compact): written
