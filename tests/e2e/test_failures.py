@@ -331,6 +331,18 @@ def test_signal_storm_loses_no_unit(service: Any, sem_name: str) -> None:
 
 # ------------------------------------------------------------ service killed
 
+# A killed service that does not come back: clients try to resume the session for
+# ESEM_RESUME_TIMEOUT (10 s by default), then every call fails. These tests shorten it.
+RESUME_TIMEOUT = 1.0
+
+
+@pytest.fixture
+def short_resume(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Clients made from now on (this process's next one, forked children's) give up
+    resuming after RESUME_TIMEOUT."""
+    monkeypatch.setenv("ESEM_RESUME_TIMEOUT", str(RESUME_TIMEOUT))
+    return RESUME_TIMEOUT + PROMPT
+
 
 class Outcome:
     """What a blocked call ended with, and when."""
@@ -353,10 +365,11 @@ class Outcome:
 
 
 def test_service_killed_mid_wait_fails_waiters_promptly(fresh_service: EmbeddedService,
-                                                        sem_name: str) -> None:
+                                                        sem_name: str,
+                                                        short_resume: float) -> None:
     """Three threads of this process wait (wait, a long timedwait, and a wait on a second
-    handle); SIGKILL the service: every one ends in ServiceUnavailable, promptly, and
-    none succeeds or times out."""
+    handle); SIGKILL the service for good: every one ends in ServiceUnavailable, promptly
+    once the resume timeout is over, and none succeeds or times out."""
     sem = sem_open(sem_name, CREX, 0o600, 0, flags=USE_ESEM)
     other = sem_open(sem_name, flags=USE_ESEM)
     ops: list[Callable[[], None]] = [sem.wait, lambda: sem.timedwait(60), other.wait]
@@ -373,7 +386,7 @@ def test_service_killed_mid_wait_fails_waiters_promptly(fresh_service: EmbeddedS
     for o in outcomes:
         assert not o.returned, "a wait succeeded without a grant"
         assert isinstance(o.exc, ServiceUnavailable), repr(o.exc)
-        assert o.at is not None and o.at - killed_at < PROMPT
+        assert o.at is not None and o.at - killed_at < short_resume
     # The failure is sticky, and no service is started behind our back.
     for op in (sem.post, sem.getvalue, sem.trywait):
         with pytest.raises(ServiceUnavailable):
@@ -389,7 +402,7 @@ def test_service_killed_mid_wait_fails_waiters_promptly(fresh_service: EmbeddedS
 
 
 def test_service_killed_while_main_thread_waits(fresh_service: EmbeddedService,
-                                                sem_name: str) -> None:
+                                                sem_name: str, short_resume: float) -> None:
     sem = sem_open(sem_name, CREX, 0o600, 0, flags=USE_ESEM)
     killed: list[float] = []
 
@@ -404,11 +417,12 @@ def test_service_killed_while_main_thread_waits(fresh_service: EmbeddedService,
         sem.wait()
     ended = time.monotonic()
     thread.join(JOIN_TIMEOUT)
-    assert killed and ended - killed[0] < PROMPT
+    assert killed and ended - killed[0] < short_resume
 
 
 def test_service_killed_mid_wait_in_other_processes(fresh_service: EmbeddedService,
-                                                    sem_name: str) -> None:
+                                                    sem_name: str,
+                                                    short_resume: float) -> None:
     """Waiters in four child processes (one of them with two waiting threads, one on an
     inherited handle) all end in ServiceUnavailable once the service is killed."""
     sem = sem_open(sem_name, CREX, 0o600, 0, flags=USE_ESEM)
@@ -447,11 +461,12 @@ def test_service_killed_mid_wait_in_other_processes(fresh_service: EmbeddedServi
     codes = [reap(pid, timeout=JOIN_TIMEOUT) for pid in pids]
     elapsed = time.monotonic() - killed_at
     assert codes == [0, 0, 0, 0]
-    assert elapsed < PROMPT, f"waiters took {elapsed:.1f}s to notice the dead service"
+    assert elapsed < short_resume, f"waiters took {elapsed:.1f}s to give up on the dead service"
 
 
 def test_restarted_service_does_not_resurrect_old_handles(fresh_service: EmbeddedService,
-                                                          sem_name: str) -> None:
+                                                          sem_name: str,
+                                                          short_resume: float) -> None:
     """After a kill and a restart (same key, same socket), handles of the dead session
     stay failed, and the semaphore, which lived only in the dead service, is gone: never
     a silent success against state that no longer exists."""
