@@ -25,7 +25,6 @@ RESUME_SECRET_BYTES = 32
 NOISE_WELCOME_BYTES = 32 + RESUME_SECRET_BYTES + 16
 SESSION_ID_BYTES = 32  # the handshake hash h: a session's id for its whole life
 RESUME_MAX_AWAITED = 1024  # req_ids a RESUME may list (more is EINVAL)
-REPLAY_WINDOW = 256  # final replies a session keeps for RESUME (PROTOCOL.md 16.3)
 
 HANDLE_BYTES = 16  # handle capability tokens, 128 random bits
 MAC_BYTES = 32  # key-binding MAC: keyed BLAKE2s-256

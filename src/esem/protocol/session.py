@@ -418,11 +418,13 @@ class ClientSession(_Session):
         takes over ``old``'s id, numbering and pending requests; then ``resend``."""
         if self.state is not State.OPEN or self._transport is None:
             raise RuntimeError(f"cannot send in state {self.state.value}")
-        if self._pending or self._next_req_id != 1:
+        if self._pending or self._next_req_id != 1 or self.resumed_last is not None:
             raise RuntimeError("RESUME must be the first request of a connection")
         if old.resumption_secret is None:
             raise RuntimeError("the old session never completed its handshake")
         req_id = old.next_request_id()
+        # Should the RESUME fail, this fresh session goes on numbering above it.
+        self._next_req_id = req_id + 1
         req = Request(Opcode.RESUME, req_id, session=old.binding_id,
                       secret=old.resumption_secret, awaited=tuple(sorted(old._pending)))
         body = encode_request(req)
