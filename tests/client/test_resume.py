@@ -438,3 +438,20 @@ def test_anyio_session_resumes(svc: EmbeddedService, name: str) -> None:
 
 async def _acquire(sem: esem.anyio.Semaphore, results: list[bool]) -> None:
     results.append(await sem.acquire())
+
+
+def test_an_idle_holder_resumes_by_itself(svc: EmbeddedService, name: str) -> None:
+    """A client that holds a unit and makes no call for longer than the grace period
+    (a long critical section) still has its session: the loss was noticed and resumed
+    at once, not at its next call."""
+    c = client(svc)
+    sem = opened(c, name, 1)
+    sem.wait()
+    cut_blocking(c)
+    time.sleep(GRACE + 1.0)  # no call: only the client's watcher can notice
+    assert c.stats.resumes == 1
+    st = stat(svc, name)
+    assert st["holders_total"] == 1 and st["value"] == 0
+    sem.post()
+    assert sem.getvalue() == 1
+    c.close()

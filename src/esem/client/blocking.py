@@ -66,6 +66,9 @@ CONNECT_TIMEOUT = 5.0  # seconds for connect + handshake
 KEEPALIVE_INTERVAL = 5.0  # seconds of silence with requests pending before a PING
 RECV_BYTES = 65536
 END_LINGER = 0.2  # seconds close() waits at most for END to leave (best effort)
+# Milliseconds the watcher of an idle session sleeps in poll between looks at its client
+# (it wakes at once on a hang-up): bounds how long a closed client's thread lingers.
+WATCH_POLL_MS = 1000
 
 
 # madvise(2) MADV_WIPEONFORK (Linux 4.14): the kernel hands a fork child this page zeroed,
@@ -314,6 +317,9 @@ class Client:
         self._poller.register(sock, select.POLLIN)
         self._sock, self._session, self._ring = sock, session, ring
         self._pub = pub
+        if self.resumable:
+            threading.Thread(target=_watch, args=(weakref.ref(self),), daemon=True,
+                             name=f"esem-watch-{self.socket_path.name}").start()
 
     def _open_session(self, pub: bytes) -> tuple[socket.socket, ClientSession, ClientRing | None]:
         """Connect, complete the handshake and (if asked) the switchless upgrade; on any
@@ -726,6 +732,31 @@ class Client:
                     self._secrets.unknown_outcome(offered, rotated)
                 sock.close()
 
+    def _watch_lost(self) -> None:
+        """The watcher saw the connection hang up while no thread reads: resume now
+        (an idle holder must not wait for its next call, or its session could outlive
+        the grace period and its units be taken from it)."""
+        me = threading.get_ident()
+        with self._lock:
+            if self._failure is not None or self._reader is not None:
+                return
+            if self._down_since is None:
+                try:
+                    self._lost_locked(None, "closed the connection")
+                except EsemError:
+                    return
+            self._reader = me
+        try:
+            self._resume()
+        except EsemError:
+            pass  # sticky: the next call raises it
+        finally:
+            with self._lock:
+                if self._reader == me:
+                    self._reader = None
+                    if self._sleepers:
+                        self._cond.notify_all()
+
     def _install_locked(self, sock: socket.socket) -> None:
         """The resumed session's connection is up: reads and writes go to it again."""
         sock.settimeout(None)
@@ -763,6 +794,44 @@ class Client:
                     self._ring.shutdown()
             self._cond.notify_all()
         return self._failure
+
+
+def _watch(ref: weakref.ref[Client]) -> None:
+    """The thread of a resumable client: waits for its connection to hang up
+    (``POLLRDHUP``: never reads, so it takes nothing from the reader) and then, if no
+    thread is reading, resumes the session. Ends with the client (failed, closed,
+    garbage-collected, or left behind in a fork child)."""
+    watched: socket.socket | None = None
+    poller = select.poll()  # a new one per connection: a closed one's number may be reused
+    while True:
+        client = ref()
+        if client is None or client._failure is not None or not client._guard.here():
+            return
+        sock = client._sock
+        if client._down_since is not None or sock is None:
+            if client._reader is None:
+                client._watch_lost()
+            del client
+            time.sleep(0.01)
+            continue
+        if sock is not watched:
+            poller = select.poll()
+            poller.register(sock, select.POLLRDHUP)
+            watched = sock
+        del client  # not kept alive by its watcher
+        try:
+            events = poller.poll(WATCH_POLL_MS)
+        except (OSError, ValueError):
+            return
+        if not events:
+            continue
+        client = ref()
+        if client is None:
+            return
+        if client._reader is None:
+            client._watch_lost()
+        del client
+        time.sleep(0.01)  # a reader has it, or it was just resumed
 
 
 class _ParentsSession(ServiceUnavailable):
