@@ -143,7 +143,8 @@ def test_torture_mutex_and_buffer_survive_restarts(daemon: Restartable, tmp_path
     procs.append(_worker(daemon, work, "consumer", slots_name, items_name))
     rng = random.Random(int.from_bytes(os.urandom(4), "big"))
     try:
-        time.sleep(0.3)  # let them connect and start working
+        _until(lambda: len(list(work.glob("up-*"))) == len(procs), "every worker at work",
+               timeout=60)
         while daemon.restarts < RESTARTS:
             time.sleep(rng.uniform(0.02, 0.3))
             exited = [p.args for p in procs if p.poll() is not None]
@@ -182,7 +183,8 @@ def test_torture_mutex_and_buffer_survive_restarts(daemon: Restartable, tmp_path
         st = daemon.stat(name)
         assert st["value"] == value
         assert st["waiters"] == 0 and st["holders_total"] == 0
-        assert st["dead_holders_total"] == 0
+        if name == mutex_name:  # the buffer's producer keeps slot units (a work queue)
+            assert st["dead_holders_total"] == 0, st
         # Conservation by the service's own counts, kept across every restart.
         assert st["value"] == st["initial"] + st["posts"] - st["waits"] + st["robust_releases"]
     print(f"{RESTARTS} restarts: {completed} critical sections, {produced} items, "

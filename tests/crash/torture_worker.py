@@ -36,6 +36,11 @@ def _result(directory: Path, who: str, **fields: object) -> None:
     tmp.rename(directory / f"result-{who}.json")
 
 
+def _up(directory: Path, who: str) -> None:
+    """Tells the test this worker has done its first operation."""
+    (directory / f"up-{who}").touch()
+
+
 def mutex(directory: Path, name: str, ident: str) -> dict[str, object]:
     sem = sem_open(name, flags=USE_ESEM)
     stop, marker, counter = directory / "stop", directory / "inside", directory / "counter"
@@ -55,6 +60,8 @@ def mutex(directory: Path, name: str, ident: str) -> dict[str, object]:
                     time.sleep(random.uniform(0, 0.002))  # widen the window
                 counter.write_text(str(value + 1))
                 completed += 1
+                if completed == 1:
+                    _up(directory, f"mutex-{ident}")
             finally:
                 os.close(fd)
                 marker.unlink()
@@ -75,6 +82,8 @@ def producer(directory: Path, slots_name: str, items_name: str) -> dict[str, obj
         os.close(fd)
         produced += 1
         items.post()
+        if produced == 1:
+            _up(directory, "producer")
     (directory / "produced").write_text(str(produced))
     return {"produced": produced}
 
@@ -103,6 +112,8 @@ def consumer(directory: Path, slots_name: str, items_name: str) -> dict[str, obj
         os.rename(spool / first, done / first)
         consumed.append(int(first))
         slots.post()
+        if len(consumed) == 1:
+            _up(directory, "consumer")
     return {"consumed": consumed, "errors": errors}
 
 
