@@ -126,6 +126,7 @@ class ClientStats:
     keepalives: int = 0
     resumes: int = 0  # connections lost and the session resumed on a new one
     reconnect_attempts: int = 0
+    resumed_at: float | None = None  # time.monotonic() of the last resume
 
 
 class Client:
@@ -765,7 +766,7 @@ class Client:
         self._sock = sock
         self._down_since = None
         self._ping_sent_at = None
-        self._progress_at = time.monotonic()
+        self._progress_at = self.stats.resumed_at = time.monotonic()
         self.stats.resumes += 1
         if self._sleepers:
             self._cond.notify_all()
