@@ -129,6 +129,8 @@ def _names(tag: str) -> str:
     return f"/esem-torture-{tag}-{os.getpid()}-{random.randrange(1 << 30)}"
 
 
+# A restart takes about half a second on an idle machine; a loaded one may take seconds.
+@pytest.mark.timeout(60 + 3 * RESTARTS)
 def test_torture_mutex_and_buffer_survive_restarts(daemon: Restartable, tmp_path: Path) -> None:
     work = tmp_path / "work"
     (work / "items").mkdir(parents=True)
