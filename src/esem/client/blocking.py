@@ -36,6 +36,7 @@ import math
 import mmap
 import os
 import select
+import signal
 import socket
 import threading
 import time
@@ -67,8 +68,10 @@ KEEPALIVE_INTERVAL = 5.0  # seconds of silence with requests pending before a PI
 RECV_BYTES = 65536
 END_LINGER = 0.2  # seconds close() waits at most for END to leave (best effort)
 # Milliseconds the watcher of an idle session sleeps in poll between looks at its client
-# (it wakes at once on a hang-up): bounds how long a closed client's thread lingers.
-WATCH_POLL_MS = 1000
+# (it wakes at once on a hang-up, and close() hangs up): bounds how long the thread of a
+# client dropped without close() lingers. Long, so that it seldom runs at all (a C-level
+# fork made while it holds the GIL would leave the child without it).
+WATCH_POLL_MS = 10_000
 
 
 # madvise(2) MADV_WIPEONFORK (Linux 4.14): the kernel hands a fork child this page zeroed,
@@ -250,6 +253,8 @@ class Client:
                 ring.shutdown()  # wakes a reader asleep on the rings
             self._cond.notify_all()
         if sock is not None:
+            with contextlib.suppress(OSError):  # wakes the watcher (END is out already)
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
             if ring is not None:
                 ring.close()
@@ -801,7 +806,10 @@ def _watch(ref: weakref.ref[Client]) -> None:
     """The thread of a resumable client: waits for its connection to hang up
     (``POLLRDHUP``: never reads, so it takes nothing from the reader) and then, if no
     thread is reading, resumes the session. Ends with the client (failed, closed,
-    garbage-collected, or left behind in a fork child)."""
+    garbage-collected, or left behind in a fork child). It blocks every signal, so the
+    kernel delivers them to threads that run Python handlers promptly (a signal caught
+    by a thread asleep in poll would wait until the main thread next wakes)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     watched: socket.socket | None = None
     poller = select.poll()  # a new one per connection: a closed one's number may be reused
     while True:
