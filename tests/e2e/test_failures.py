@@ -24,7 +24,6 @@ from esem import (
     USE_ESEM,
     BusyError,
     EsemSemaphore,
-    ExistentialError,
     ServiceUnavailable,
     SignalError,
     sem_open,
@@ -472,12 +471,12 @@ def test_service_killed_mid_wait_in_other_processes(fresh_service: EmbeddedServi
     assert elapsed < short_resume, f"waiters took {elapsed:.1f}s to give up on the dead service"
 
 
-def test_restarted_service_does_not_resurrect_old_handles(fresh_service: EmbeddedService,
-                                                          sem_name: str,
-                                                          short_resume: float) -> None:
-    """After a kill and a restart (same key, same socket), handles of the dead session
-    stay failed, and the semaphore, which lived only in the dead service, is gone: never
-    a silent success against state that no longer exists."""
+def test_restarted_service_restores_state_not_a_given_up_session(
+        fresh_service: EmbeddedService, sem_name: str, short_resume: float) -> None:
+    """Killed, and restarted only after the client gave up resuming: the client's failure
+    stays (never a silent success on a session it abandoned), while the semaphore, kept
+    in the service's journal, is restored exactly: a new session finds it with its value,
+    and O_CREAT does not silently make a fresh one at its initial value beside it."""
     sem = sem_open(sem_name, CREX, 0o600, 3, flags=USE_ESEM)
     fresh_service.kill()
     with pytest.raises(ServiceUnavailable):
@@ -485,7 +484,6 @@ def test_restarted_service_does_not_resurrect_old_handles(fresh_service: Embedde
     fresh_service.start()
     with pytest.raises(ServiceUnavailable):
         sem.trywait()
-    with pytest.raises(ExistentialError):
-        sem_open(sem_name, flags=USE_ESEM)  # a new session, on the new service
-    fresh = sem_open(sem_name, CREX, 0o600, 0, flags=USE_ESEM)
-    assert fresh.getvalue() == 0
+    again = sem_open(sem_name, O_CREAT, 0o600, 0, flags=USE_ESEM)  # a new session
+    assert not again.created
+    assert again.getvalue() == 3
