@@ -910,6 +910,8 @@ class Service:
                 self._dirty.add(conn)
 
     def _flush(self) -> None:
+        # Commit even with no reply to write: a wait that queued has its place recorded.
+        self.commit()
         dirty, self._dirty = self._dirty, set()
         for conn in dirty:
             conn.flush()
