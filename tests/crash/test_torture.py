@@ -30,6 +30,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,3 +263,92 @@ def test_client_that_died_during_the_outage(daemon: Restartable, tmp_path: Path)
     assert plain["value"] == 0 and plain["dead_holders_total"] == 1
     robust = daemon.stat(robust_name)
     assert robust["holders_total"] == 0 and robust["robust_releases"] == 1
+
+
+def test_an_idle_holder_keeps_its_unit_across_a_restart(daemon: Restartable) -> None:
+    """A process that holds the mutex and makes no call while the service restarts, and
+    for longer than the grace period after: its session was resumed by itself (not at
+    its next call), so the unit is still its own, and its post returns it."""
+    name = _names("idle")
+    sem = sem_open(name, CREX, 0o600, 1, flags=USE_ESEM)
+    sem.wait()
+    daemon.crash_and_restart()
+    time.sleep(GRACE + 1.0)
+    st = daemon.stat(name)
+    assert st["value"] == 0 and st["holders_total"] == 1 and st["dead_holders_total"] == 0
+    sem.post()
+    assert sem.getvalue() == 1
+
+
+def test_asyncio_and_anyio_clients_ride_out_restarts(daemon: Restartable) -> None:
+    """Waiters of an asyncio client and of an anyio session, queued when the service is
+    killed, are granted after three restarts by posts made after them: each exactly
+    once, and nothing else changed."""
+    import asyncio
+
+    import anyio
+
+    import esem.aio
+    import esem.anyio
+
+    name = _names("async")
+    sem_open(name, CREX, 0o600, 0, flags=USE_ESEM).close()
+    restarted = threading.Event()
+
+    def restarts() -> None:
+        _until(lambda: daemon.stat(name)["waiters"] == 4, "four waiters")
+        for _ in range(3):
+            daemon.crash_and_restart()
+            time.sleep(0.2)
+        restarted.set()
+
+    async def aio_side() -> list[bool]:
+        sem = await esem.aio.open(name)
+        waits = [asyncio.ensure_future(sem.acquire()) for _ in range(2)]
+        while not restarted.is_set():
+            await asyncio.sleep(0.05)
+        return list(await asyncio.wait_for(asyncio.gather(*waits), 30))
+
+    async def anyio_side(out: list[bool]) -> None:
+        async with esem.anyio.connect() as s:
+            sem = await s.open(name)
+
+            async def one() -> None:
+                out.append(await sem.acquire())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(one)
+                tg.start_soon(one)
+
+    results: dict[str, object] = {}
+
+    def run_anyio() -> None:
+        out: list[bool] = []
+        try:
+            anyio.run(anyio_side, out)
+            results["anyio"] = out
+        except BaseException as exc:
+            results["anyio"] = exc
+
+    thread = threading.Thread(target=run_anyio, daemon=True)
+    thread.start()
+    killer = threading.Thread(target=restarts, daemon=True)
+    killer.start()
+
+    async def main() -> list[bool]:
+        side = asyncio.ensure_future(aio_side())
+        while not restarted.is_set():
+            await asyncio.sleep(0.05)
+        poster = sem_open(name, flags=USE_ESEM)
+        for _ in range(4):
+            poster.post()
+        return await side
+
+    assert asyncio.run(main()) == [True, True]
+    killer.join(60)
+    thread.join(30)
+    assert results["anyio"] == [True, True]
+    sem = sem_open(name, flags=USE_ESEM)
+    assert sem.getvalue() == 0
+    st = daemon.stat(name)
+    assert st["posts"] == 4 and st["waits"] == 4 and st["waiters"] == 0
