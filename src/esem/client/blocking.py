@@ -810,7 +810,9 @@ def _watch(ref: weakref.ref[Client]) -> None:
     kernel delivers them to threads that run Python handlers promptly (a signal caught
     by a thread asleep in poll would wait until the main thread next wakes)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-    watched: socket.socket | None = None
+    # Neither the client nor its socket is kept alive by the watcher: a client dropped
+    # without close() still closes its connection when it is collected, as before.
+    watched: weakref.ref[socket.socket] | None = None
     poller = select.poll()  # a new one per connection: a closed one's number may be reused
     while True:
         client = ref()
@@ -820,14 +822,14 @@ def _watch(ref: weakref.ref[Client]) -> None:
         if client._down_since is not None or sock is None:
             if client._reader is None:
                 client._watch_lost()
-            del client
+            del client, sock
             time.sleep(0.01)
             continue
-        if sock is not watched:
+        if watched is None or watched() is not sock:
             poller = select.poll()
             poller.register(sock, select.POLLRDHUP)
-            watched = sock
-        del client  # not kept alive by its watcher
+            watched = weakref.ref(sock)
+        del client, sock
         try:
             events = poller.poll(WATCH_POLL_MS)
         except (OSError, ValueError):
