@@ -24,6 +24,7 @@ from esem import (
     USE_ESEM,
     BusyError,
     EsemSemaphore,
+    ExistentialError,
     ServiceUnavailable,
     SignalError,
     sem_open,
@@ -485,8 +486,27 @@ def test_restarted_service_restores_state_not_a_given_up_session(
     with pytest.raises(ServiceUnavailable):
         sem.trywait()
     again = sem_open(sem_name, O_CREAT, 0o600, 0, flags=USE_ESEM)  # a new session
-    if fresh_service.switchless and again.created:
-        pytest.xfail("service: a request served over the switchless rings is not in the "
-                     "journal when its reply is sent (found here; the service's to fix)")
     assert not again.created
     assert again.getvalue() == 3
+
+
+def test_restarted_service_restores_the_semaphore(fresh_service: EmbeddedService,
+                                                  sem_name: str) -> None:
+    """After a SIGKILL and a restart (same key, same socket, its journal), the semaphore
+    is restored with its count: a process that opens the name again gets it, never a
+    fresh one at its initial value beside the old holder (issue 14). The old handle
+    either carries on (its client resumed its session) or fails: never a success
+    against state that no longer exists."""
+    sem = sem_open(sem_name, CREX, 0o600, 3, flags=USE_ESEM)
+    sem.trywait()
+    fresh_service.kill()
+    fresh_service.start()
+    try:
+        sem.trywait()
+        old_took = 1  # resumed: the same semaphore, one more unit taken
+    except ServiceUnavailable:
+        old_took = 0
+    with pytest.raises(ExistentialError):
+        sem_open(sem_name, CREX, 0o600, 3, flags=USE_ESEM)  # it exists: not created again
+    again = sem_open(sem_name, flags=USE_ESEM)  # a new session, on the new service
+    assert again.getvalue() == 2 - old_took

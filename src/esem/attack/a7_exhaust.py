@@ -216,6 +216,14 @@ class RawSession:
 Flood = Callable[[Channel], Json]
 
 
+def release(client: Client) -> None:
+    """END the session, then close: it leaves the uid's quota now, not after its grace
+    period (a closed connection of a running process waits detached for a RESUME)."""
+    with contextlib.suppress(EsemError):
+        client.call(Request(Opcode.END, 0))
+    client.close()
+
+
 def flood_connections(sock: Path, pubkey: bytes) -> Flood:
     def body(ch: Channel) -> Json:
         clients: list[Client] = []
@@ -239,7 +247,7 @@ def flood_connections(sock: Path, pubkey: bytes) -> Flood:
         ch.send({"held": len(clients), "refused": refused, "again": again})
         ch.commanded(None)
         for client in clients:
-            client.close()
+            release(client)
         return {"released": len(clients)}
 
     return body
@@ -308,8 +316,8 @@ def flood_semaphores(sock: Path, pubkey: bytes, tag: str) -> Flood:
         ch.commanded(None)
         for name in names:
             sem_unlink(name, flags=USE_ESEM, client=client)
-        client.close()
-        other.close()
+        release(client)
+        release(other)
         return {"released": len(names)}
 
     return body
@@ -331,7 +339,7 @@ def flood_handles(sock: Path, pubkey: bytes, tag: str) -> Flood:
         ch.send({"held": held, "refused": refused})
         ch.commanded(None)
         sem_unlink(name, flags=USE_ESEM, client=client)
-        client.close()
+        release(client)
         return {"released": held}
 
     return body
@@ -368,7 +376,7 @@ def flood_waiters(sock: Path, pubkey: bytes, tag: str) -> Flood:
         for raw in sessions:
             raw.close()
         sem_unlink(name, flags=USE_ESEM, client=client)
-        client.close()
+        release(client)
         return {"released": sum(queued)}
 
     return body
@@ -447,7 +455,7 @@ def victim(sock: Path, pubkey: bytes, name: str, legacy: bool = False) -> Flood:
         except Exception as exc:
             return {"ok": False, "steps": steps, "error": f"{type(exc).__name__}: {exc}"}
         finally:
-            client.close()
+            release(client)
 
     return body
 
@@ -465,7 +473,7 @@ def connecting_victim(sock: Path, pubkey: bytes) -> Flood:
             except EsemError as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
             finally:
-                client.close()
+                release(client)
             time.sleep(0.05)
         return {"ok": ok, "errors": errors}
 
