@@ -6,7 +6,8 @@ the public API with no retries: three do mutual exclusion on a value-1 e-semapho
 a read-modify-write of a counter file, a producer and a consumer move numbered items
 through a four-slot buffer (``slots``/``items`` counting semaphores). A killer SIGKILLs
 the service at random moments and starts it again, ``ESEM_TORTURE_RESTARTS`` times (50 by
-default). Nothing may be seen but latency:
+default; once more with the workers on switchless rings, half as many restarts, since
+the first moves their sessions to the socket). Nothing may be seen but latency:
 
 - never two workers inside at once (an O_EXCL marker file), and the counter equals the
   number of completed critical sections;
@@ -57,6 +58,7 @@ class Restartable:
     def __init__(self, directory: Path, extra: list[str] | None = None) -> None:
         self.svc = EmbeddedService(directory, extra_args=extra)
         self.restarts = 0
+        self.switchless = False
 
     def start(self) -> None:
         self.svc.start(timeout=30.0)
@@ -79,11 +81,16 @@ class Restartable:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Restartable]:
+def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Restartable]:
+    """The daemon; with ``switchless`` (indirect parametrization) started with
+    ``--switchless``, and the workers ask for it (their sessions resume over the
+    socket)."""
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     previous = os.environ.get("ESEM_SOCKET")
-    d = Restartable(state)
+    switchless = getattr(request, "param", "socket") == "switchless"
+    d = Restartable(state, ["--switchless"] if switchless else None)
+    d.switchless = switchless
     d.start()
     os.environ["ESEM_SOCKET"] = str(d.svc.socket_path)
     blocking._process_client = None
@@ -104,7 +111,7 @@ def daemon(tmp_path: Path) -> Iterator[Restartable]:
 def _worker(d: Restartable, work: Path, *args: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "ESEM_SOCKET": str(d.svc.socket_path),
            # Generous for a loaded CI machine: a restart takes well under a second idle.
-           "ESEM_RESUME_TIMEOUT": "30"}
+           "ESEM_RESUME_TIMEOUT": "30", "ESEM_SWITCHLESS": "1" if d.switchless else "0"}
     return subprocess.Popen([sys.executable, str(WORKER), args[0], str(work), *args[1:]],
                             env=env, stdin=subprocess.DEVNULL)
 
@@ -132,7 +139,11 @@ def _names(tag: str) -> str:
 
 # A restart takes about half a second on an idle machine; a loaded one may take seconds.
 @pytest.mark.timeout(60 + 3 * RESTARTS)
+@pytest.mark.parametrize("daemon", ["socket", "switchless"], indirect=True)
 def test_torture_mutex_and_buffer_survive_restarts(daemon: Restartable, tmp_path: Path) -> None:
+    """With ``switchless`` the workers start on the shared-memory rings, and only half
+    the restarts are made (the first moves every session to the socket)."""
+    restarts = RESTARTS // 2 if daemon.switchless else RESTARTS
     work = tmp_path / "work"
     (work / "items").mkdir(parents=True)
     (work / "consumed").mkdir()
@@ -148,7 +159,9 @@ def test_torture_mutex_and_buffer_survive_restarts(daemon: Restartable, tmp_path
     try:
         _until(lambda: len(list(work.glob("up-*"))) == len(procs), "every worker at work",
                timeout=60)
-        while daemon.restarts < RESTARTS:
+        modes = {p.read_text() for p in work.glob("up-*")}
+        assert modes == {"switchless" if daemon.switchless else "socket"}, modes
+        while daemon.restarts < restarts:
             time.sleep(rng.uniform(0.02, 0.3))
             exited = [p.args for p in procs if p.poll() is not None]
             assert not exited, f"workers exited during the torture: {exited}: {_results(work)}"
@@ -162,7 +175,7 @@ def test_torture_mutex_and_buffer_survive_restarts(daemon: Restartable, tmp_path
     errors = {who: r["error"] for who, r in results.items() if r.get("error")}
     assert not errors, f"workers saw errors: {errors}"
     assert [p.returncode for p in procs] == [0] * len(procs)
-    assert daemon.restarts == RESTARTS
+    assert daemon.restarts == restarts
 
     mutexes = [results[f"mutex-{i}"] for i in range(MUTEX_WORKERS)]
     assert sum(m["violations"] for m in mutexes) == 0, "two workers were inside at once"
@@ -177,7 +190,7 @@ def test_torture_mutex_and_buffer_survive_restarts(daemon: Restartable, tmp_path
     assert consumed == list(range(produced)), "items lost, duplicated or out of order"
     assert not os.listdir(work / "items")
     resumed = sum(r.get("resumes", 0) for r in results.values())
-    assert resumed >= RESTARTS, f"only {resumed} resumptions over {RESTARTS} restarts"
+    assert resumed >= restarts, f"only {resumed} resumptions over {restarts} restarts"
 
     for name, value in ((mutex_name, 1), (slots_name, SLOTS), (items_name, 0)):
         sem = sem_open(name, flags=USE_ESEM)
@@ -190,7 +203,8 @@ def test_torture_mutex_and_buffer_survive_restarts(daemon: Restartable, tmp_path
             assert st["dead_holders_total"] == 0, st
         # Conservation by the service's own counts, kept across every restart.
         assert st["value"] == st["initial"] + st["posts"] - st["waits"] + st["robust_releases"]
-    print(f"{RESTARTS} restarts: {completed} critical sections, {produced} items, "
+    mode = "switchless" if daemon.switchless else "socket"
+    print(f"{restarts} restarts ({mode}): {completed} critical sections, {produced} items, "
           f"{resumed} resumptions")
 
 

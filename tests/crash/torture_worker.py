@@ -37,8 +37,11 @@ def _result(directory: Path, who: str, **fields: object) -> None:
 
 
 def _up(directory: Path, who: str) -> None:
-    """Tells the test this worker has done its first operation."""
-    (directory / f"up-{who}").touch()
+    """Tells the test this worker has done its first operation, and how its session's
+    frames travel ("socket" or "switchless")."""
+    tmp = directory / f".up-{who}"
+    tmp.write_text(get_client().mode)
+    tmp.rename(directory / f"up-{who}")  # whole when seen
 
 
 def mutex(directory: Path, name: str, ident: str) -> dict[str, object]:
