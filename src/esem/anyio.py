@@ -12,7 +12,9 @@ It is a thin shell over the sans-I/O ``ClientSession``, as the blocking and asyn
 clients are, on an anyio Unix socket stream: the service key is pinned, requests are
 encrypted and written under one lock (ids reach the wire in order), a reader task feeds
 replies to the session and wakes their waiters, a keepalive PING makes a dropped frame
-surface, and failure is sticky. Handles have ``esem.aio``'s shape (``acquire(timeout=None)
+surface, a lost connection is resumed by the reader task (reconnect with a backoff for up
+to ``ESEM_RESUME_TIMEOUT``, RESUME, PROTOCOL.md 16; requests made meanwhile are sent once
+it is back), and failure is sticky. Handles have ``esem.aio``'s shape (``acquire(timeout=None)
 -> bool``, ``try_acquire``, ``release``, ``async with``, ``getvalue``, ``close``,
 ``unlink``). Cancellation (a cancel scope, ``move_on_after``, ``fail_after``) withdraws a
 queued wait at the service inside a shielded scope (CANCEL, both replies, a unit granted
@@ -25,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 
@@ -33,11 +35,26 @@ import anyio
 import anyio.abc
 
 from esem.api import USE_ESEM, _check_args, _current_umask
-from esem.client.blocking import CONNECT_TIMEOUT, KEEPALIVE_INTERVAL, RECV_BYTES, pinned_key
+from esem.client import resume
+from esem.client.blocking import (
+    CONNECT_TIMEOUT,
+    END_LINGER,
+    KEEPALIVE_INTERVAL,
+    RECV_BYTES,
+    pinned_key,
+)
 from esem.core.limits import check_key, check_name
 from esem.core.status import CoreError, Status
 from esem.core.table import WaitMode
-from esem.errors import EsemError, ExistentialError, ServiceUnavailable, error_for, wait_granted
+from esem.errors import (
+    EsemError,
+    ExistentialError,
+    IntegrityError,
+    ProtocolError,
+    ServiceUnavailable,
+    error_for,
+    wait_granted,
+)
 from esem.legacy import _check_timeout
 from esem.paths import is_default_location, socket_path
 from esem.protocol.constants import MAX_TIMEOUT_NS, Opcode, OpenFlag
@@ -46,6 +63,8 @@ from esem.protocol.session import ClientSession
 
 O_CREAT = os.O_CREAT
 O_EXCL = os.O_EXCL
+# What a lost connection raises on an anyio stream.
+_LOST = (anyio.EndOfStream, anyio.BrokenResourceError, OSError)
 
 
 class _Slot:
@@ -60,7 +79,18 @@ class Session:
     """One authenticated session, owned by the ``connect()`` context that made it."""
 
     def __init__(self, stream: anyio.abc.ByteStream, session: ClientSession, path: Path,
-                 keepalive: float) -> None:
+                 keepalive: float, *, pub: bytes = b"", explicit_pubkey: bytes | str | None = None,
+                 default_location: bool = False, connect_timeout: float = CONNECT_TIMEOUT,
+                 resume_timeout: float | None = None) -> None:
+        self._resume_timeout = resume.resume_timeout(resume_timeout)
+        self._pub = pub
+        self._explicit_pubkey = explicit_pubkey
+        self._default_location = default_location
+        self._connect_timeout = connect_timeout
+        self._down_since: float | None = None  # the connection is lost: being resumed
+        self._down_reason = ""
+        self._secrets = resume.Secrets()
+        self.resumes = 0
         self.socket_path = path
         self.pid = os.getpid()
         self.requests = 0
@@ -76,6 +106,8 @@ class Session:
 
     def __repr__(self) -> str:
         state = "failed" if self._failure else "open"
+        if state == "open" and self._down_since is not None:
+            state = "reconnecting"
         return f"<esem.anyio.Session {self.socket_path} {state} pending={len(self._slots)}>"
 
     @property
@@ -87,6 +119,20 @@ class Session:
             raise RuntimeError("esem anyio session used across fork; open a new one")
         if self._failure is not None:
             raise self._failure
+
+    @property
+    def resumable(self) -> bool:
+        return (self._resume_timeout > 0 and self._session.resumption_secret is not None
+                and len(self._pub) == 32)
+
+    def _lost(self, exc: BaseException, what: str) -> None:
+        """The connection is gone: the reader resumes the session, or it fails."""
+        reason = f"{what}: {exc!r}"
+        if not self.resumable:
+            raise self._fail(ServiceUnavailable(f"esem service at {self.socket_path} {reason}"))
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            self._down_reason = reason
 
     def _fail(self, exc: EsemError) -> EsemError:
         if self._failure is None:
@@ -107,12 +153,16 @@ class Session:
             req_id = self._session.next_request_id()
             frame = self._session.send_request(build, key=key, req_id=req_id)
             self._slots[req_id] = _Slot()
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._stream.send(frame)
-                except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-                    raise self._fail(ServiceUnavailable(
-                        f"esem service at {self.socket_path} went away: {exc}")) from exc
+            # While the connection is lost the request waits in the session: the resume
+            # sends it.
+            if self._down_since is None:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self._stream.send(frame)
+                    except anyio.ClosedResourceError as exc:
+                        raise self._fail(ServiceUnavailable("session closed")) from exc
+                    except _LOST as exc:
+                        self._lost(exc, "went away")
         self.requests += 1
         return req_id
 
@@ -135,44 +185,151 @@ class Session:
         return reply
 
     async def _reader(self) -> None:
-        ping_at, progress = 0.0, time.monotonic()
+        """Reads and files replies, sends keepalives, and resumes a lost connection."""
+        while self._failure is None:
+            try:
+                await self._read()
+            except EsemError as exc:
+                self._fail(exc)
+            except anyio.ClosedResourceError:
+                self._fail(ServiceUnavailable("session closed"))
+            except _LOST as exc:
+                try:
+                    self._lost(exc, "closed the session")
+                except EsemError:
+                    return
+                await self._resume()
+
+    def _deliver(self, replies: list[Reply]) -> None:
+        for reply in replies:
+            if reply.req_id in self._pings:
+                self._pings.discard(reply.req_id)
+                self._slots.pop(reply.req_id, None)
+                continue
+            slot = self._slots.get(reply.req_id)
+            if slot is not None:
+                slot.reply = reply
+                slot.event.set()
+
+    async def _resume(self) -> None:
+        """Reconnect with a backoff and RESUME, until resumed, refused or out of time."""
+        with anyio.CancelScope(shield=True):
+            await self._stream.aclose()
+        assert self._down_since is not None
+        end = self._down_since + self._resume_timeout
+        backoff = resume.Backoff()
+        while self._failure is None:
+            left = end - time.monotonic()
+            if left <= 0:
+                self._fail(resume.gave_up(self.socket_path, self._resume_timeout,
+                                          self._down_reason))
+                return
+            if await self._resume_once(min(left, self._connect_timeout)):
+                return
+            await anyio.sleep(max(0.0, min(backoff.next(), end - time.monotonic())))
+
+    async def _resume_once(self, timeout: float) -> bool:
+        """One attempt: True once resumed."""
         try:
-            while True:
-                data = None
-                with anyio.move_on_after(self._keepalive / 2):
-                    data = await self._stream.receive(RECV_BYTES)
-                now = time.monotonic()
-                if data is None:  # quiet: keepalive while something is pending
-                    if not self._slots:
-                        progress = now
-                        continue
-                    if self._pings:
-                        if now - ping_at >= self._keepalive:
-                            raise ServiceUnavailable(
-                                f"esem service at {self.socket_path} stopped answering "
-                                f"({self._keepalive:.0f}s without a reply to a keepalive)")
-                    elif now - progress >= self._keepalive:
-                        ping_at = now
-                        self.keepalives += 1
-                        self._pings.add(await self.send(Request(Opcode.PING, 0)))
-                    continue
-                for reply in self._session.receive_data(data):
-                    progress = now
-                    if reply.req_id in self._pings:
-                        self._pings.discard(reply.req_id)
-                        self._slots.pop(reply.req_id, None)
-                        continue
-                    slot = self._slots.get(reply.req_id)
-                    if slot is not None:
-                        slot.reply = reply
-                        slot.event.set()
-        except EsemError as exc:
+            pub = pinned_key(self.socket_path, self._explicit_pubkey,
+                             default_location=self._default_location)
+        except ServiceUnavailable:
+            return False
+        if pub != self._pub:
+            self._fail(IntegrityError(
+                f"the esem service at {self.socket_path} now publishes another key; the "
+                "session is not resumed with it"))
+            return False
+        new = ClientSession(pub)
+        stream: anyio.abc.ByteStream | None = None
+        offered: tuple[bytes, bytes | None] | None = None
+        try:
+            with anyio.fail_after(timeout):
+                stream = await anyio.connect_unix(str(self.socket_path))
+                await stream.send(new.start())
+                while not new.established:
+                    new.receive_data(await stream.receive(RECV_BYTES))
+                old = self._session
+                assert old.resumption_secret is not None
+                secret = self._secrets.pick(old.resumption_secret)
+                old.resumption_secret = secret
+                offered = (secret, new.resumption_secret)
+                await stream.send(new.resume(old))
+                replies: list[Reply] = []
+                while not replies:
+                    replies = new.receive_data(await stream.receive(RECV_BYTES))
+            offered = None  # answered
+            answer = replies[0]  # RESUME was the first request, so it is answered first
+            if answer.opcode is not Opcode.RESUME:
+                self._fail(ProtocolError("the first reply after RESUME does not answer it"))
+                return False
+            if answer.status is not Status.OK:
+                if not (answer.status is Status.EACCES and self._secrets.refused()):
+                    self._fail(resume.not_resumed(self.socket_path, answer.status,
+                                                  answer.message))
+                return False
+            async with self._send_lock:
+                self._session = new  # it has taken over the pending requests
+                self._stream, stream = stream, None
+                self._down_since = None
+                self._secrets.clear()
+                self.resumes += 1
+                self._deliver(replies[1:])
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self._stream.send(new.resend())
+                    except _LOST as exc:
+                        self._lost(exc, "went away")  # the reader notices and resumes again
+            return True
+        except IntegrityError as exc:
             self._fail(exc)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
-            self._fail(ServiceUnavailable(
-                f"esem service at {self.socket_path} closed the session ({exc!r})"))
-        except anyio.ClosedResourceError:
-            self._fail(ServiceUnavailable("session closed"))
+            return False
+        except (TimeoutError, EsemError, *_LOST):
+            return False
+        finally:
+            if stream is not None:
+                if offered is not None:
+                    self._secrets.unknown_outcome(*offered)
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+
+    async def _end(self) -> None:
+        """Best effort: END, so the service ends the session now instead of keeping it
+        for a resumption."""
+        if self._failure is not None or self._down_since is not None:
+            return
+        async with self._send_lock:
+            frame = self._session.send_request(Request(Opcode.END, 0),
+                                               req_id=self._session.next_request_id())
+            await self._stream.send(frame)
+
+    async def _read(self) -> None:
+        """Until the connection is lost (raises). Entered afresh after each resume: a
+        keepalive PING still pending then counts from now."""
+        ping_at = progress = time.monotonic()
+        while True:
+            data = None
+            with anyio.move_on_after(self._keepalive / 2):
+                data = await self._stream.receive(RECV_BYTES)
+            now = time.monotonic()
+            if data is None:  # quiet: keepalive while something is pending
+                if not self._slots:
+                    progress = now
+                    continue
+                if self._pings:
+                    if now - ping_at >= self._keepalive:
+                        raise ServiceUnavailable(
+                            f"esem service at {self.socket_path} stopped answering "
+                            f"({self._keepalive:.0f}s without a reply to a keepalive)")
+                elif now - progress >= self._keepalive:
+                    ping_at = now
+                    self.keepalives += 1
+                    self._pings.add(await self.send(Request(Opcode.PING, 0)))
+                continue
+            replies = self._session.receive_data(data)
+            if replies:
+                progress = now
+            self._deliver(replies)
 
     # ---------------------------------------------------------------- opening
 
@@ -207,9 +364,12 @@ class Session:
 async def connect(sock: str | os.PathLike[str] | None = None,
                   pubkey: bytes | str | None = None, *,
                   connect_timeout: float = CONNECT_TIMEOUT,
-                  keepalive: float = KEEPALIVE_INTERVAL) -> AsyncIterator[Session]:
+                  keepalive: float = KEEPALIVE_INTERVAL,
+                  resume_timeout: float | None = None) -> AsyncIterator[Session]:
     """Open a session with the service (socket and key resolved as everywhere in esem),
-    run its reader for the duration of the block, and end the session after it."""
+    run its reader for the duration of the block, and end the session after it (END).
+    ``resume_timeout``: seconds to keep resuming a lost connection (default
+    ``ESEM_RESUME_TIMEOUT``, else 10; 0: never)."""
     path = Path(socket_path(sock))
     pub = pinned_key(path, pubkey, default_location=is_default_location(sock))
     session = ClientSession(pub)
@@ -231,14 +391,20 @@ async def connect(sock: str | os.PathLike[str] | None = None,
         except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
             raise ServiceUnavailable(
                 f"esem service at {path} closed during the handshake") from exc
-        s = Session(stream, session, path, keepalive)
+        s = Session(stream, session, path, keepalive, pub=pub, explicit_pubkey=pubkey,
+                    default_location=is_default_location(sock),
+                    connect_timeout=connect_timeout, resume_timeout=resume_timeout)
         async with anyio.create_task_group() as tg:
             tg.start_soon(s._reader)
             try:
                 yield s
             finally:
+                with anyio.move_on_after(END_LINGER, shield=True), suppress(Exception):
+                    await s._end()
                 s._fail(ServiceUnavailable("session closed"))
                 tg.cancel_scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await s._stream.aclose()
 
 
 class Semaphore:

@@ -29,7 +29,7 @@ def test_protocol_speaking_fakes_are_refused(rows: dict[tuple[str, str], Outcome
         assert f"{variant}: IntegrityError" in row.evidence
     # The fake is a real service: a client trusting its key was served (and "granted").
     assert "control: returned a handle" in row.evidence
-    assert "decrypted 2 requests (OPEN, WAIT)" in row.evidence
+    assert "decrypted 3 requests (OPEN, WAIT, END)" in row.evidence  # END: its close()
 
 
 def test_garbage_fakes_are_refused(rows: dict[tuple[str, str], Outcome]) -> None:

@@ -73,7 +73,9 @@ def _pointed_at(svc: EmbeddedService, mode: str) -> Iterator[EmbeddedService]:
         used = _drop_process_client()
         if used is not None:
             try:
-                if mode == "switchless" and used.failed is None and used._session is not None:
+                # A resumed session carries on over the socket (PROTOCOL.md 16.5).
+                if (mode == "switchless" and used.failed is None and used._session is not None
+                        and not used.stats.resumes):
                     assert used.mode == "switchless", "the session fell back to the socket"
             finally:
                 used.close()

@@ -32,6 +32,14 @@ from esem.protocol.messages import Request
 
 from . import reap, spawn, wait_for_waiters
 
+
+def others_threads() -> bool:
+    """Threads besides this one, not counting the esem clients' watchers (which block
+    every signal and sleep in poll, so they neither take a signal nor, but for a
+    microsecond every ten seconds, hold the GIL)."""
+    return any(t is not threading.current_thread() and not t.name.startswith("esem-watch")
+               for t in threading.enumerate())
+
 CREX = O_CREAT | O_EXCL
 JOIN_TIMEOUT = 30.0
 _libc_fork = ctypes.CDLL(None, use_errno=True).fork
@@ -42,7 +50,7 @@ _libc_fork.argtypes = []
 def native_spawn(child: Callable[[], int | None]) -> int:
     """``spawn`` (tests/e2e/__init__.py) through libc's ``fork()``: no atfork handler runs
     in parent or child."""
-    if threading.active_count() != 1:
+    if others_threads():
         # ctypes releases the GIL around the call: another thread could hold it at the
         # moment of the fork, and the child would never get it back.
         pytest.skip("a C-level fork needs a single-threaded process")

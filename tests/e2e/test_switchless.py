@@ -477,9 +477,12 @@ def own_switchless_service() -> Iterator[EmbeddedService]:
 
 
 def test_service_killed_while_a_switchless_client_spins(
-        own_switchless_service: EmbeddedService, sem_name: str) -> None:
-    """Kill the service in the middle of a stream of operations: the client fails with
-    ServiceUnavailable at once, never hangs, never succeeds afterwards."""
+        own_switchless_service: EmbeddedService, sem_name: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kill the service for good in the middle of a stream of operations: the client
+    fails with ServiceUnavailable once its resume timeout is over, never hangs, never
+    succeeds afterwards."""
+    monkeypatch.setenv("ESEM_RESUME_TIMEOUT", "1")
     sem = sem_open(sem_name, CREX, 0o600, 0, flags=USE_ESEM)
     assert get_client().mode == "switchless"
     errors: list[BaseException] = []

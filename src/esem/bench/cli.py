@@ -215,6 +215,22 @@ def register(sub: Any) -> None:
     _json(b)
 
     b = bsub.add_parser(
+        "restart", help="time from a service restart until every waiting client resumed",
+        formatter_class=fmt,
+        description=_wrap("N client sessions block in wait on one e-semaphore; the "
+        "embedded service is SIGKILLed and started again on the same state directory "
+        "(key and journal), and every client reconnects and resumes by itself. Median "
+        "time from the restart until the service is ready and until the last client has "
+        "resumed, per N. Needs the service's journal (a restart without one cannot be "
+        "resumed)."), epilog=JSON_SCHEMA)
+    b.add_argument("--clients", type=_int_list(1, 1000), metavar="N,N,...",
+                   help="numbers of waiting clients (default 1,10,100; smoke 1,4)")
+    b.add_argument("--reps", type=_bounded(int, 1, 100), metavar="N",
+                   help="restarts per number of clients (default 3; smoke 1)")
+    _common(b, modes=False)
+    _json(b)
+
+    b = bsub.add_parser(
         "journal", help="crash safety's cost: post latency and service CPU without a "
         "journal, on tmpfs, on disk with fsync; restart time", formatter_class=fmt,
         description=_wrap("Post latency (median, p99) and the service's CPU per post of "
@@ -317,6 +333,10 @@ def run(args: argparse.Namespace) -> int:
             from esem.bench import peer
 
             return peer.run(opts, args.json, args.iterations, args.procs, args.seconds)
+        if args.bench == "restart":
+            from esem.bench import restart
+
+            return restart.run(opts, args.json, args.clients, args.reps)
         if args.bench == "journal":
             from esem.bench import journal
 

@@ -8,10 +8,13 @@ is what makes 200 waiters of one loop queue FIFO at the service.
 
 It keeps the blocking client's rules: the service key is pinned (``read_pubkey``), the
 socket is resolved the same way, a keepalive PING makes a dropped frame surface instead
-of a hang, and failure is sticky: once the connection is lost or a frame fails
-authentication, every pending and later call raises the same error. A forked child never
-uses a parent's session: at fork its descriptor is replaced by ``/dev/null`` (the
-service sees the parent's session only through the parent) and the client is failed.
+of a hang, a lost connection is resumed (a task reconnects with a backoff for up to
+``ESEM_RESUME_TIMEOUT`` and RESUMEs the session, PROTOCOL.md 16; requests made meanwhile
+are sent once it is back), and failure is sticky: once a frame fails authentication or
+the session cannot be resumed, every pending and later call raises the same error. A
+forked child never uses a parent's session: at fork its descriptor is replaced by
+``/dev/null`` (the service sees the parent's session only through the parent) and the
+client is failed.
 Sessions are kept per loop (weakly), made lazily by ``get_async_client()``.
 """
 
@@ -23,9 +26,12 @@ import os
 import time
 import weakref
 from pathlib import Path
+from typing import cast
 
+from esem.client import resume
 from esem.client.blocking import CONNECT_TIMEOUT, KEEPALIVE_INTERVAL, pinned_key
-from esem.errors import EsemError, IntegrityError, ServiceUnavailable, error_for
+from esem.core.status import Status
+from esem.errors import EsemError, IntegrityError, ProtocolError, ServiceUnavailable, error_for
 from esem.paths import is_default_location, socket_path
 from esem.protocol.constants import Opcode
 from esem.protocol.messages import Reply, Request
@@ -33,16 +39,23 @@ from esem.protocol.session import ClientSession
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, client: AsyncClient) -> None:
+    """One connection and the protocol session made on it. A client has a current one
+    and, while it resumes, the one of its attempt; events of any other are stale."""
+
+    def __init__(self, client: AsyncClient, session: ClientSession) -> None:
         self._client = client
+        self.session = session
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not derive from asyncio.Transport, but are one
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self._client._data_received(data)
+        self._client._data_received(self, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._client._fail(ServiceUnavailable(
-            f"esem service at {self._client.socket_path} closed the session"
-            + (f": {exc}" if exc else "")))
+        self._client._connection_lost(self, exc)
 
 
 class AsyncClient:
@@ -55,7 +68,9 @@ class AsyncClient:
         *,
         connect_timeout: float = CONNECT_TIMEOUT,
         keepalive: float = KEEPALIVE_INTERVAL,
+        resume_timeout: float | None = None,
     ) -> None:
+        self._resume_timeout = resume.resume_timeout(resume_timeout)
         self.socket_path = Path(socket_path(sock))
         self._default_location = is_default_location(sock)
         self._explicit_pubkey = pubkey
@@ -78,10 +93,25 @@ class AsyncClient:
         self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
         self._progress_at = 0.0
         self._ping_sent_at: float | None = None
+        # Resumption: the key pinned at connect; the current connection; while it is
+        # lost, since when, why, and the attempt in progress (its connection, the future
+        # its RESUME's answer resolves: True resumed, False try again).
+        self._pub: bytes | None = None
+        self._proto: _Protocol | None = None
+        self._down_since: float | None = None
+        self._down_reason = ""
+        self._resuming: asyncio.Task[None] | None = None
+        self._attempt: _Protocol | None = None
+        self._answer: asyncio.Future[bool] | None = None
+        self._offered: tuple[bytes, bytes | None] | None = None
+        self._secrets = resume.Secrets()
+        self.resumes = 0
         _all_clients.add(self)
 
     def __repr__(self) -> str:
         state = "failed" if self._failure else ("open" if self._session else "unconnected")
+        if state == "open" and self._down_since is not None:
+            state = "reconnecting"
         return (f"<esem.AsyncClient {self.socket_path} pid={self.pid} {state} "
                 f"pending={len(self._futures)}>")
 
@@ -89,7 +119,8 @@ class AsyncClient:
         return {"socket": str(self.socket_path), "pid": self.pid,
                 "connected": self.connected, "failed": repr(self._failure),
                 "requests": self.requests, "pending": len(self._futures),
-                "keepalives": self.keepalives}
+                "keepalives": self.keepalives, "resumes": self.resumes,
+                "reconnecting": self._down_since is not None}
 
     @property
     def failed(self) -> EsemError | None:
@@ -102,7 +133,15 @@ class AsyncClient:
 
     @property
     def connected(self) -> bool:
-        return self._transport is not None and self._failure is None
+        """True once the session is established and until it fails; while a lost
+        connection is being resumed too (requests are then sent once it is back)."""
+        return self._session is not None and self._failure is None
+
+    @property
+    def resumable(self) -> bool:
+        session = self._session
+        return (self._resume_timeout > 0 and session is not None
+                and session.resumption_secret is not None)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -110,7 +149,7 @@ class AsyncClient:
         """Connect and finish the handshake (once; concurrent callers share the attempt)."""
         if self._failure is not None:
             raise self._failure
-        if self._transport is not None:
+        if self._session is not None:
             return
         if os.getpid() != self.pid:
             raise RuntimeError("esem async client used across fork; use get_async_client()")
@@ -130,17 +169,14 @@ class AsyncClient:
         self._handshake = loop.create_future()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                transport, _ = await loop.create_unix_connection(
-                    lambda: _Protocol(self), str(self.socket_path))
-                self._transport = transport
-                sock = transport.get_extra_info("socket")
-                self._fd = sock.fileno() if sock is not None else -1
-                if self._fd >= 0:
-                    st = os.fstat(self._fd)
-                    self._fd_id = (st.st_dev, st.st_ino)
-                self._session = session
-                self._transport.write(session.start())
+                transport, proto = await loop.create_unix_connection(
+                    lambda: _Protocol(self, session), str(self.socket_path))
+                self._proto = proto
+                self._set_transport(transport)
+                transport.write(session.start())
                 await self._handshake
+                self._session = session
+                self._pub = pub
         except TimeoutError as exc:
             raise self._fail(ServiceUnavailable(
                 f"esem service at {self.socket_path} did not answer")) from exc
@@ -150,8 +186,29 @@ class AsyncClient:
         except EsemError as exc:  # refused (a quota) or failed to prove its identity
             raise self._fail(exc) from None
 
+    def _set_transport(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
+        if self._fd >= 0:
+            st = os.fstat(self._fd)
+            self._fd_id = (st.st_dev, st.st_ino)
+
     def close(self) -> None:
-        """End the session: the service closes its handles and drops its waits."""
+        """End the session: the service closes its handles and drops its waits. END
+        goes first (best effort), so the service does not keep the session for a
+        resumption."""
+        session, transport = self._session, self._transport
+        if (self._failure is None and session is not None and transport is not None
+                and os.getpid() == self.pid):
+            with contextlib.suppress(OSError, EsemError, RuntimeError):
+                transport.write(session.send_request(Request(Opcode.END, 0),
+                                                     req_id=session.next_request_id()))
+            self._transport = None
+            self._fd = -1
+            self._fail(ServiceUnavailable("client closed"))
+            transport.close()  # after the buffered END is written, unlike abort()
+            return
         self._fail(ServiceUnavailable("client closed"))
 
     def _forked_away(self) -> None:
@@ -172,6 +229,9 @@ class AsyncClient:
                 os.close(devnull)
         self._fd = -1
         self._transport = None
+        self._proto = self._attempt = None  # they refer to the loop through their transport
+        self._resuming = None
+        self._answer = None
         self._timer = None
         self._connecting = self._handshake = None
         self._futures = {}
@@ -198,6 +258,9 @@ class AsyncClient:
         transport, self._transport = self._transport, None
         if transport is not None and os.getpid() == self.pid:
             transport.abort()
+        self._abort_attempt()
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(False)
         if self._handshake is not None and not self._handshake.done():
             self._handshake.set_exception(exc)
             self._handshake.exception()  # raised through _connect, not by this future
@@ -209,10 +272,10 @@ class AsyncClient:
 
     # ------------------------------------------------------------------ I/O
 
-    def _data_received(self, data: bytes) -> None:
-        session = self._session
-        if session is None or self._failure is not None:
-            return
+    def _data_received(self, proto: _Protocol, data: bytes) -> None:
+        if self._failure is not None or (proto is not self._proto and proto is not self._attempt):
+            return  # a stale connection's
+        session = proto.session
         try:
             replies = session.receive_data(data)
         except EsemError as exc:
@@ -220,6 +283,9 @@ class AsyncClient:
             return
         if self._handshake is not None and not self._handshake.done() and session.established:
             self._handshake.set_result(None)
+        # RESUME was the first request on an attempt's connection, so it is answered first.
+        if proto is self._attempt and replies and not self._resumed(proto, replies.pop(0)):
+            return
         if replies:
             self._progress_at = time.monotonic()
         for reply in replies:
@@ -231,6 +297,129 @@ class AsyncClient:
             if fut is not None and not fut.done():
                 fut.set_result(reply)
 
+    # ---------------------------------------------------------- resumption
+
+    def _connection_lost(self, proto: _Protocol, exc: Exception | None) -> None:
+        if proto is self._attempt:  # a resume attempt's connection died
+            self._attempt = None
+            if self._handshake is not None and not self._handshake.done():
+                self._handshake.set_exception(ServiceUnavailable("closed during the handshake"))
+                self._handshake.exception()
+            if self._answer is not None and not self._answer.done():
+                self._answer.set_result(False)
+            return
+        if proto is not self._proto or self._failure is not None:
+            return
+        reason = "closed the session" + (f": {exc}" if exc else "")
+        if not self.resumable:
+            self._fail(ServiceUnavailable(f"esem service at {self.socket_path} {reason}"))
+            return
+        self._proto = None
+        self._transport = None
+        self._fd = -1
+        self._down_since = time.monotonic()
+        self._down_reason = reason
+        self._resuming = asyncio.get_running_loop().create_task(self._resume())
+
+    async def _resume(self) -> None:
+        """Reconnect with a backoff and RESUME, until resumed, refused or out of time."""
+        backoff = resume.Backoff()
+        assert self._down_since is not None
+        end = self._down_since + self._resume_timeout
+        try:
+            while self._failure is None and self._down_since is not None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    self._fail(resume.gave_up(self.socket_path, self._resume_timeout,
+                                              self._down_reason))
+                    return
+                if await self._resume_once(min(left, self._connect_timeout)):
+                    return
+                await asyncio.sleep(max(0.0, min(backoff.next(), end - time.monotonic())))
+        except asyncio.CancelledError:
+            self._fail(ServiceUnavailable("esem session resumption cancelled (loop closing)"))
+            raise
+
+    async def _resume_once(self, timeout: float) -> bool:
+        """One attempt; True when there is nothing more to try (resumed, or failed)."""
+        try:
+            pub = pinned_key(self.socket_path, self._explicit_pubkey,
+                             default_location=self._default_location)
+        except ServiceUnavailable:
+            return False
+        if pub != self._pub:
+            self._fail(IntegrityError(
+                f"the esem service at {self.socket_path} now publishes another key; the "
+                "session is not resumed with it"))
+            return True
+        loop = asyncio.get_running_loop()
+        new = ClientSession(pub)
+        self._handshake = loop.create_future()
+        self._answer = answer = loop.create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                transport, proto = await loop.create_unix_connection(
+                    lambda: _Protocol(self, new), str(self.socket_path))
+                self._attempt = proto
+                transport.write(new.start())
+                await self._handshake
+                old = self._session
+                assert old is not None and old.resumption_secret is not None
+                secret = self._secrets.pick(old.resumption_secret)
+                old.resumption_secret = secret
+                self._offered = (secret, new.resumption_secret)
+                transport.write(new.resume(old))
+                resumed: bool = await answer
+                return resumed
+        except (OSError, TimeoutError):
+            return self._failure is not None
+        except IntegrityError as exc:
+            self._fail(exc)
+            return True
+        except EsemError:
+            return self._failure is not None
+        finally:
+            self._handshake = None
+            self._answer = None
+            if self._attempt is not None and self._down_since is not None:
+                self._abort_attempt()
+            self._attempt = None
+
+    def _abort_attempt(self) -> None:
+        attempt, self._attempt = self._attempt, None
+        if self._offered is not None:
+            self._secrets.unknown_outcome(*self._offered)
+            self._offered = None
+        if attempt is not None and attempt.transport is not None:
+            attempt.transport.abort()
+
+    def _resumed(self, proto: _Protocol, answer: Reply) -> bool:
+        """The RESUME of attempt ``proto`` was answered: carry on over it, or not."""
+        self._offered = None
+        result = self._answer
+        ok = False
+        if answer.opcode is not Opcode.RESUME:
+            self._fail(ProtocolError("the first reply after RESUME does not answer it"))
+        elif answer.status is Status.OK:
+            assert proto.transport is not None
+            self._attempt = None
+            self._proto = proto
+            self._session = proto.session  # it has taken over the pending requests
+            self._secrets.clear()
+            self._set_transport(proto.transport)
+            self._down_since = None
+            self._progress_at, self._ping_sent_at = time.monotonic(), None
+            self.resumes += 1
+            proto.transport.write(proto.session.resend())
+            ok = True
+        elif answer.status is Status.EACCES and self._secrets.refused():
+            self._abort_attempt()
+        else:
+            self._fail(resume.not_resumed(self.socket_path, answer.status, answer.message))
+        if result is not None and not result.done():
+            result.set_result(ok or self._failure is not None)
+        return ok
+
     def send(self, build: Request, *, key: bytes | None = None) -> asyncio.Future[Reply]:
         """Send ``build`` at once (connected clients only) under a fresh id; the future
         resolves with its reply. The future is the client's: cancelling an ``await`` on
@@ -240,14 +429,17 @@ class AsyncClient:
     def _send(self, build: Request, key: bytes | None) -> tuple[int, asyncio.Future[Reply]]:
         if self._failure is not None:
             raise self._failure
-        if self._session is None or self._transport is None:
+        if self._session is None:
             raise RuntimeError("esem async client is not connected; await connect() first")
         session = self._session
         req_id = session.next_request_id()
         frame = session.send_request(build, key=key, req_id=req_id)
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._futures[req_id] = fut
-        self._transport.write(frame)
+        if self._transport is not None:
+            self._transport.write(frame)
+        # else the connection is lost: the request is pending in the session, and the
+        # resume sends it
         self.requests += 1
         if self._timer is None:
             self._progress_at = time.monotonic()
@@ -275,6 +467,10 @@ class AsyncClient:
         if self._failure is not None or not (self._futures or self._pings):
             return
         now = time.monotonic()
+        if self._down_since is not None:  # the resume has its own deadline
+            self._progress_at, self._ping_sent_at = now, None
+            self._arm()
+            return
         if self._ping_sent_at is not None:
             if now - self._ping_sent_at >= self._keepalive:
                 self._fail(ServiceUnavailable(

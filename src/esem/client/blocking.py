@@ -7,9 +7,16 @@ hands out the replies of every other thread, and passes the role on when its own
 comes, so a blocked wait never delays another thread's post, and a lone thread pays no
 hand-off to a reader thread.
 
-Failure is sticky: once the service is gone or a frame fails authentication, every
-pending and later call on this session raises the same error, and nothing it granted
-before is taken back. While requests are pending and the line is quiet, the reader sends
+A lost connection (the service restarted, or its socket was reset) is not a failure:
+the thread that finds it lost (or the next one to read) reconnects with a backoff for up
+to ``ESEM_RESUME_TIMEOUT``, pins the same key, and RESUMEs the session (PROTOCOL.md 16):
+the service re-sends the replies it had already sent, the client re-sends, under their
+ids, the requests it never executed, and callers see only latency. Requests made
+meanwhile are kept and sent once the session is back.
+
+Failure is sticky: once a frame fails authentication, or the session cannot be resumed,
+every pending and later call on this session raises the same error, and nothing it
+granted before is taken back. While requests are pending and the line is quiet, the reader sends
 a keepalive PING, so a dropped frame surfaces as an ``IntegrityError`` (the next frame
 fails its counter) or, if nothing at all arrives, as ``ServiceUnavailable``; never as a
 hang. The client never starts a service.
@@ -29,6 +36,7 @@ import math
 import mmap
 import os
 import select
+import signal
 import socket
 import threading
 import time
@@ -37,7 +45,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from esem.errors import EsemError, IntegrityError, ServiceUnavailable, SignalError, error_for
+from esem.client import resume
+from esem.core.status import Status
+from esem.errors import (
+    EsemError,
+    IntegrityError,
+    ProtocolError,
+    ServiceUnavailable,
+    SignalError,
+    error_for,
+)
 from esem.paths import is_default_location, read_pubkey, socket_path
 from esem.protocol.constants import Opcode
 from esem.protocol.messages import Reply, Request
@@ -49,6 +66,12 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT = 5.0  # seconds for connect + handshake
 KEEPALIVE_INTERVAL = 5.0  # seconds of silence with requests pending before a PING
 RECV_BYTES = 65536
+END_LINGER = 0.2  # seconds close() waits at most for END to leave (best effort)
+# Milliseconds the watcher of an idle session sleeps in poll between looks at its client
+# (it wakes at once on a hang-up, and close() hangs up): bounds how long the thread of a
+# client dropped without close() lingers. Long, so that it seldom runs at all (a C-level
+# fork made while it holds the GIL would leave the child without it).
+WATCH_POLL_MS = 10_000
 
 
 # madvise(2) MADV_WIPEONFORK (Linux 4.14): the kernel hands a fork child this page zeroed,
@@ -104,6 +127,9 @@ class ClientStats:
     requests: int = 0
     reader_handoffs: int = 0
     keepalives: int = 0
+    resumes: int = 0  # connections lost and the session resumed on a new one
+    reconnect_attempts: int = 0
+    resumed_at: float | None = None  # time.monotonic() of the last resume
 
 
 class Client:
@@ -117,7 +143,11 @@ class Client:
         connect_timeout: float = CONNECT_TIMEOUT,
         keepalive: float = KEEPALIVE_INTERVAL,
         switchless: bool | None = None,
+        resume_timeout: float | None = None,
     ) -> None:
+        """``resume_timeout``: seconds to keep trying to resume the session after its
+        connection is lost (default ``ESEM_RESUME_TIMEOUT``, else 10; 0: never)."""
+        self._resume_timeout = resume.resume_timeout(resume_timeout)
         self.socket_path = Path(socket_path(sock))
         self._default_location = is_default_location(sock)
         self._explicit_pubkey = pubkey
@@ -149,12 +179,35 @@ class Client:
         # esem.client.switchless); ``_ring`` replaces the socket once upgraded.
         self._switchless = switchless
         self._ring: ClientRing | None = None
+        # Resumption. The key pinned at the first connect: a reconnect must find it again.
+        self._pub: bytes | None = None
+        # While the connection is lost: since when (monotonic) and why. Requests made
+        # meanwhile are encrypted into the session (so they are pending, and listed in
+        # the RESUME) but not written; the resume re-sends them.
+        self._down_since: float | None = None
+        self._down_reason = ""
+        # Sockets and rings of lost connections, closed by the reader that resumes (a
+        # reader may still be polling one: closing it under that thread could let the
+        # reconnect reuse its descriptor number).
+        self._retired: list[socket.socket | ClientRing] = []
+        self._secrets = resume.Secrets()
+        self._backoff = resume.Backoff()
         self.stats = ClientStats()
         _all_clients.add(self)
 
     def __repr__(self) -> str:
         state = "failed" if self._failure else ("open" if self._session else "unconnected")
+        if state == "open" and self._down_since is not None:
+            state = "reconnecting"
         return f"<esem.Client {self.socket_path} pid={self.pid} {state}>"
+
+    @property
+    def resumable(self) -> bool:
+        """True when a lost connection will be resumed (resumption not turned off, and
+        the session's service gave it a resumption secret)."""
+        session = self._session
+        return (self._resume_timeout > 0 and session is not None
+                and session.resumption_secret is not None)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -193,15 +246,39 @@ class Client:
         with self._lock:
             if self._failure is None:
                 self._failure = ServiceUnavailable("client closed")
+                self._send_end_locked()
             sock, self._sock = self._sock, None
             ring, self._ring = self._ring, None  # unmapped once no reader holds it
             if ring is not None:
                 ring.shutdown()  # wakes a reader asleep on the rings
             self._cond.notify_all()
         if sock is not None:
+            with contextlib.suppress(OSError):  # wakes the watcher (END is out already)
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
             if ring is not None:
                 ring.close()
+
+    def _send_end_locked(self) -> None:
+        """Best effort: END tells the service the session is over on purpose, so it does
+        not keep it for a resumption during the grace period. Not waited for: on the
+        socket END is read before the EOF that follows it; on the rings the reader
+        waits a moment for the service to have taken it (the EOF of the socket could
+        otherwise overtake it)."""
+        session = self._session
+        if session is None or self._down_since is not None or not session.established:
+            return
+        try:
+            frame = session.send_request(Request(Opcode.END, 0),
+                                         req_id=session.next_request_id())
+            if self._ring is not None:
+                self._ring.send(frame)
+                self._ring.drain(END_LINGER)
+            elif self._sock is not None:
+                self._sock.settimeout(END_LINGER)
+                self._sock.sendall(frame)
+        except (OSError, EsemError, RuntimeError):
+            pass  # gone already: the service ends the session by itself
 
     def _forked_away(self) -> EsemError:
         """In a fork child: drop the inherited descriptors (closing our copies sends
@@ -233,7 +310,9 @@ class Client:
         if self._session is not None:
             return
         try:
-            sock, session, ring = self._open_session()
+            pub = pinned_key(self.socket_path, self._explicit_pubkey,
+                             default_location=self._default_location)
+            sock, session, ring = self._open_session(pub)
         except EsemError:
             raise
         except Exception as exc:  # raised by a signal handler (as in EsemSemaphore._wait)
@@ -241,36 +320,20 @@ class Client:
                 f"connecting to the esem service at {self.socket_path} was interrupted by a "
                 "signal; nothing was opened") from exc
         sock.settimeout(None)
-        self._poller.register(sock, select.POLLIN)  # a client connects once (failure is final)
+        self._poller.register(sock, select.POLLIN)
         self._sock, self._session, self._ring = sock, session, ring
+        self._pub = pub
+        if self.resumable:
+            threading.Thread(target=_watch, args=(weakref.ref(self),), daemon=True,
+                             name=f"esem-watch-{self.socket_path.name}").start()
 
-    def _open_session(self) -> tuple[socket.socket, ClientSession, ClientRing | None]:
+    def _open_session(self, pub: bytes) -> tuple[socket.socket, ClientSession, ClientRing | None]:
         """Connect, complete the handshake and (if asked) the switchless upgrade; on any
         exception the socket is closed and nothing is left behind."""
-        pub = pinned_key(self.socket_path, self._explicit_pubkey,
-                         default_location=self._default_location)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._connect(sock)
-            session = ClientSession(pub)
-            # A service that refuses us (a quota) writes its reason and hangs up,
-            # possibly before our HELLO is out: read the reason before giving up.
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                sock.sendall(session.start())
-            deadline = time.monotonic() + self._connect_timeout
-            while not session.established:
-                # One deadline for the whole handshake: a peer that trickles its answer
-                # byte by byte must not stretch it (each recv gets what is left).
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError
-                sock.settimeout(left)
-                data = sock.recv(RECV_BYTES)
-                if not data:
-                    raise ServiceUnavailable(
-                        f"esem service at {self.socket_path} closed during the handshake"
-                    )
-                session.receive_data(data)
+            session, deadline = self._handshake(sock, pub)
             ring = self._upgrade(sock, session, deadline)
         except TimeoutError as exc:
             sock.close()
@@ -282,6 +345,29 @@ class Client:
             sock.close()
             raise
         return sock, session, ring
+
+    def _handshake(self, sock: socket.socket, pub: bytes) -> tuple[ClientSession, float]:
+        """Noise NK over a connected socket: the new session and the deadline it used."""
+        session = ClientSession(pub)
+        # A service that refuses us (a quota) writes its reason and hangs up,
+        # possibly before our HELLO is out: read the reason before giving up.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(session.start())
+        deadline = time.monotonic() + self._connect_timeout
+        while not session.established:
+            # One deadline for the whole handshake: a peer that trickles its answer
+            # byte by byte must not stretch it (each recv gets what is left).
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+            data = sock.recv(RECV_BYTES)
+            if not data:
+                raise ServiceUnavailable(
+                    f"esem service at {self.socket_path} closed during the handshake"
+                )
+            session.receive_data(data)
+        return session, deadline
 
     def _connect(self, sock: socket.socket) -> None:
         sock.settimeout(self._connect_timeout)
@@ -319,21 +405,22 @@ class Client:
             raise self._forked_away()
         with self._lock:
             self._ensure_connected()
-            assert self._session is not None and self._sock is not None
+            assert self._session is not None
             req_id = self._session.next_request_id()
             frame = self._session.send_request(build, key=key, req_id=req_id)
+            self.stats.requests += 1
+            if self._down_since is not None:
+                return req_id  # pending in the session: the resume sends it
             try:
                 if self._ring is not None:
                     self._ring.send(frame)
                 else:
+                    assert self._sock is not None  # set whenever the connection is up
                     self._sock.sendall(frame)
-            except OSError as exc:
-                raise self._fail_locked(
-                    ServiceUnavailable(f"esem service at {self.socket_path} went away: {exc}")
-                ) from exc
-            except EsemError as exc:  # the rings: service gone, or tampered
-                raise self._fail_locked(exc) from None
-            self.stats.requests += 1
+            except (OSError, EsemError) as exc:  # gone; on the rings also: tampered
+                # Whether the service read it or not, it stays pending: a resume re-sends
+                # it if the service never executed it, or gets its reply again if it did.
+                self._lost_locked(exc, "went away")
             return req_id
 
     def call(self, build: Request, *, key: bytes | None = None) -> Reply:
@@ -384,6 +471,9 @@ class Client:
                     if self._reader is None:
                         self._reader = me
                         self._progress_at = time.monotonic()
+                if self._down_since is not None:  # only the reader changes it back
+                    self._resume()
+                    continue
                 data = self._recv()
                 if data is None:
                     continue
@@ -393,14 +483,7 @@ class Client:
                         replies = self._session.receive_data(data)
                     except EsemError as exc:
                         raise self._fail_locked(exc) from None
-                    if replies:
-                        self._progress_at = time.monotonic()
-                    for reply in replies:
-                        if reply.opcode is Opcode.PING and reply.req_id in self._pings:
-                            self._pings.discard(reply.req_id)
-                            self._ping_sent_at = None
-                            continue
-                        self._replies[reply.req_id] = reply
+                    self._file_locked(replies)
                     self._taking = False
                     if self._ring is not None:
                         self._ring.taking = False
@@ -422,6 +505,18 @@ class Client:
                         self.stats.reader_handoffs += 1
                         if self._sleepers:
                             self._cond.notify_all()
+
+    def _file_locked(self, replies: list[Reply]) -> None:
+        """Keep decoded replies for the threads that wait for them (keepalive PINGs are
+        consumed here, also when a RESUME answers one ESTALE)."""
+        if replies:
+            self._progress_at = time.monotonic()
+        for reply in replies:
+            if reply.req_id in self._pings:
+                self._pings.discard(reply.req_id)
+                self._ping_sent_at = None
+                continue
+            self._replies[reply.req_id] = reply
 
     def _interrupted_with_bytes(self) -> None:
         """A signal handler raised in the reader. If it struck after bytes were taken
@@ -450,6 +545,8 @@ class Client:
         only ``wait_reply``, which has checked, makes a thread the reader.)"""
         sock = self._sock
         if sock is None:
+            if self._down_since is not None:
+                return None  # lost meanwhile (by a sender): the reader loop resumes
             raise self._fail(ServiceUnavailable("client closed"))
         if self._took_unfiled():
             # An earlier read was interrupted after taking bytes and before filing their
@@ -457,11 +554,14 @@ class Client:
             raise self._fail(self._lost_bytes())
         since = self._ping_sent_at if self._ping_sent_at is not None else self._progress_at
         left = self._keepalive - (time.monotonic() - since)
-        if self._ring is not None:
+        ring = self._ring
+        if ring is not None:
             try:
-                data = self._ring.recv(left)
-            except EsemError as exc:
-                raise self._fail(exc) from None
+                data = ring.recv(left)
+            except EsemError as exc:  # the service is gone, or the rings were tampered
+                ring.taking = False  # nothing was taken
+                self._lost(exc, "went away")
+                return None
             if data is None:
                 self._keepalive_tick()
             return data
@@ -473,13 +573,13 @@ class Client:
         try:
             data = sock.recv(RECV_BYTES)
         except OSError as exc:
-            raise self._fail(
-                ServiceUnavailable(f"esem service at {self.socket_path} went away: {exc}")
-            ) from exc
+            self._taking = False
+            self._lost(exc, "went away")
+            return None
         if not data:
-            raise self._fail(
-                ServiceUnavailable(f"esem service at {self.socket_path} closed the session")
-            )
+            self._taking = False
+            self._lost(None, "closed the connection")
+            return None
         return data
 
     def _keepalive_tick(self) -> None:
@@ -499,6 +599,186 @@ class Client:
         req_id = self.send(Request(Opcode.PING, 0))
         with self._lock:
             self._pings.add(req_id)
+
+    # ---------------------------------------------------------- resumption
+
+    def _lost(self, exc: BaseException | None, what: str) -> None:
+        with self._lock:
+            self._lost_locked(exc, what)
+
+    def _lost_locked(self, exc: BaseException | None, what: str) -> None:
+        """The connection failed with ``exc`` (None: EOF). A lost connection of a
+        resumable session marks it down for the reader to resume; anything else (a
+        tampered ring, resumption turned off) fails the session and raises."""
+        if self._failure is not None:
+            raise self._failure
+        reason = f"{what}: {exc}" if exc is not None else what
+        if (exc is not None and not resume.is_connection_loss(exc)) or not self.resumable:
+            error = (exc if isinstance(exc, EsemError)
+                     else ServiceUnavailable(f"esem service at {self.socket_path} {reason}"))
+            raise self._fail_locked(error) from (exc if isinstance(exc, OSError) else None)
+        if self._down_since is not None:
+            return
+        self._down_since = time.monotonic()
+        self._down_reason = reason
+        self._backoff = resume.Backoff()
+        sock, self._sock = self._sock, None
+        ring, self._ring = self._ring, None
+        if sock is not None:
+            with contextlib.suppress(OSError):  # wakes a reader polling it
+                sock.shutdown(socket.SHUT_RDWR)
+            self._retired.append(sock)
+        if ring is not None:
+            ring.shutdown()
+            self._retired.append(ring)
+        if self._sleepers:
+            self._cond.notify_all()  # one of them takes the reader role and resumes
+
+    def _resume(self) -> None:
+        """Called by the reader while the connection is lost: reconnect with a backoff
+        and RESUME the session, until it is back (return), refused or out of time
+        (raise, and the session fails). A signal handler that raises interrupts it like
+        any read: the session stays lost, and the next reader carries on."""
+        while True:
+            with self._lock:
+                if self._failure is not None:
+                    raise self._failure
+                since = self._down_since
+                if since is None:
+                    return
+                retired, self._retired = self._retired, []
+            for old in retired:
+                with contextlib.suppress(OSError):
+                    old.close()
+            end = since + self._resume_timeout
+            left = end - time.monotonic()
+            if left <= 0:
+                raise self._fail(resume.gave_up(self.socket_path, self._resume_timeout,
+                                                self._down_reason))
+            self.stats.reconnect_attempts += 1
+            if self._resume_once(min(left, self._connect_timeout)):
+                continue  # resumed; or lost again at once, which the loop notices
+            time.sleep(max(0.0, min(self._backoff.next(), end - time.monotonic())))
+
+    def _resume_once(self, timeout: float) -> bool:
+        """One attempt: True once the session is resumed, False to try again later."""
+        try:
+            pub = pinned_key(self.socket_path, self._explicit_pubkey,
+                             default_location=self._default_location)
+        except ServiceUnavailable:  # e.g. the restarting service has not published it yet
+            return False
+        if pub != self._pub:
+            raise self._fail(IntegrityError(
+                f"the esem service at {self.socket_path} now publishes another key; the "
+                "session is not resumed with it"))
+        sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        assert sock is not None
+        offered: bytes | None = None  # the secret of a RESUME sent and not yet answered
+        rotated: bytes | None = None
+        try:
+            sock.settimeout(timeout)
+            sock.connect(str(self.socket_path))
+            new, deadline = self._handshake(sock, pub)
+            with self._lock:
+                if self._failure is not None:
+                    raise self._failure
+                old = self._session
+                assert old is not None and old.resumption_secret is not None
+                secret = self._secrets.pick(old.resumption_secret)
+                old.resumption_secret = secret
+                frame = new.resume(old)
+            sock.sendall(frame)
+            offered, rotated = secret, new.resumption_secret
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
+                data = sock.recv(RECV_BYTES)
+                if not data:
+                    return False
+                with self._lock:
+                    try:
+                        replies = new.receive_data(data)
+                    except EsemError as exc:
+                        raise self._fail_locked(exc) from None
+                    if not replies:
+                        continue
+                    offered = None  # answered: the outcome is known
+                    answer = replies[0]  # RESUME was the first request, so first answered
+                    if answer.opcode is not Opcode.RESUME:
+                        raise self._fail_locked(ProtocolError(
+                            "the first reply after RESUME does not answer it"))
+                    if answer.status is not Status.OK:
+                        if answer.status is Status.EACCES and self._secrets.refused():
+                            return False
+                        raise self._fail_locked(resume.not_resumed(
+                            self.socket_path, answer.status, answer.message))
+                    self._session = new  # it has taken over the pending requests
+                    self._secrets.clear()
+                    self._file_locked(replies[1:])
+                    self._install_locked(sock)
+                    sock = None
+                    try:
+                        self._sock_sendall_locked(new.resend())
+                    except OSError as exc:
+                        self._lost_locked(exc, "went away")
+                    return True
+        except (OSError, TimeoutError):
+            return False
+        except IntegrityError as exc:  # an impostor or tampering: never resumed through
+            raise self._fail(exc) from None
+        except EsemError:
+            if self._failure is not None:  # refused, closed, or failed meanwhile
+                raise
+            return False  # closed during the handshake, or refused (a quota): again
+        finally:
+            if sock is not None:
+                if offered is not None:
+                    self._secrets.unknown_outcome(offered, rotated)
+                sock.close()
+
+    def _watch_lost(self) -> None:
+        """The watcher saw the connection hang up while no thread reads: resume now
+        (an idle holder must not wait for its next call, or its session could outlive
+        the grace period and its units be taken from it)."""
+        me = threading.get_ident()
+        with self._lock:
+            if self._failure is not None or self._reader is not None:
+                return
+            if self._down_since is None:
+                try:
+                    self._lost_locked(None, "closed the connection")
+                except EsemError:
+                    return
+            self._reader = me
+        try:
+            self._resume()
+        except EsemError:
+            pass  # sticky: the next call raises it
+        finally:
+            with self._lock:
+                if self._reader == me:
+                    self._reader = None
+                    if self._sleepers:
+                        self._cond.notify_all()
+
+    def _install_locked(self, sock: socket.socket) -> None:
+        """The resumed session's connection is up: reads and writes go to it again."""
+        sock.settimeout(None)
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
+        self._sock = sock
+        self._down_since = None
+        self._ping_sent_at = None
+        self._progress_at = self.stats.resumed_at = time.monotonic()
+        self.stats.resumes += 1
+        if self._sleepers:
+            self._cond.notify_all()
+
+    def _sock_sendall_locked(self, data: bytes) -> None:
+        if data and self._sock is not None:
+            self._sock.sendall(data)
 
     def _fail(self, exc: EsemError) -> EsemError:
         with self._lock:
@@ -520,6 +800,49 @@ class Client:
                     self._ring.shutdown()
             self._cond.notify_all()
         return self._failure
+
+
+def _watch(ref: weakref.ref[Client]) -> None:
+    """The thread of a resumable client: waits for its connection to hang up
+    (``POLLRDHUP``: never reads, so it takes nothing from the reader) and then, if no
+    thread is reading, resumes the session. Ends with the client (failed, closed,
+    garbage-collected, or left behind in a fork child). It blocks every signal, so the
+    kernel delivers them to threads that run Python handlers promptly (a signal caught
+    by a thread asleep in poll would wait until the main thread next wakes)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    # Neither the client nor its socket is kept alive by the watcher: a client dropped
+    # without close() still closes its connection when it is collected, as before.
+    watched: weakref.ref[socket.socket] | None = None
+    poller = select.poll()  # a new one per connection: a closed one's number may be reused
+    while True:
+        client = ref()
+        if client is None or client._failure is not None or not client._guard.here():
+            return
+        sock = client._sock
+        if client._down_since is not None or sock is None:
+            if client._reader is None:
+                client._watch_lost()
+            del client, sock
+            time.sleep(0.01)
+            continue
+        if watched is None or watched() is not sock:
+            poller = select.poll()
+            poller.register(sock, select.POLLRDHUP)
+            watched = weakref.ref(sock)
+        del client, sock
+        try:
+            events = poller.poll(WATCH_POLL_MS)
+        except (OSError, ValueError):
+            return
+        if not events:
+            continue
+        client = ref()
+        if client is None:
+            return
+        if client._reader is None:
+            client._watch_lost()
+        del client
+        time.sleep(0.01)  # a reader has it, or it was just resumed
 
 
 class _ParentsSession(ServiceUnavailable):

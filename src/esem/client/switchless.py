@@ -344,6 +344,15 @@ class ClientRing:
 
     # ----------------------------------------------------------------- ends
 
+    def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the service to have processed everything
+        written (``close()`` after END: the socket's EOF must not overtake the END still
+        in the ring). A hint only: a service that lies about it just makes us wait."""
+        give_up = time.monotonic() + timeout
+        while not self._tx.all_done() and time.monotonic() < give_up:
+            self._ring()
+            time.sleep(0.001)
+
     def shutdown(self) -> None:
         """The session is over (failed or closed): wake a sleeping reader at once."""
         self._dead = True
