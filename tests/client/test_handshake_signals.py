@@ -15,6 +15,7 @@ protocol from a ``ServerSession`` with the key the client pins.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -56,7 +57,8 @@ class Staller:
 
 def _serve_properly(conn: socket.socket, private: bytes, staller: Staller) -> None:
     session = ServerSession(private)
-    with conn:
+    # A client's close() sends END and hangs up without waiting for the reply.
+    with conn, contextlib.suppress(BrokenPipeError, ConnectionResetError):
         while True:
             data = conn.recv(65536)
             if not data:
