@@ -20,9 +20,18 @@
 //! the child's copy of its socket without sending anything (a reused nonce would break
 //! ChaCha20-Poly1305), and connects the child's own session at once (before a server's
 //! child drops privileges, as Apache's do; a failure there is retried on first use).
+//!
+//! Crash safety (PROTOCOL.md 16, policy in `resume.rs`): when the connection is lost
+//! (the service exited, crashed or restarted) the reader thread reconnects with a
+//! backoff for up to `ESEM_RESUME_TIMEOUT`, RESUMEs the session, and the service's
+//! answers (replayed, re-sent or still queued requests) reach the waiting threads as
+//! usual: blocked callers see latency, not an error. Meanwhile requests are queued in
+//! the session. A refused resume, a timeout, or any integrity or protocol error fails
+//! the session as before. Closing the client, or the process's exit, sends END.
 
 use crate::error::{ClientError, Result};
 use crate::paths;
+use crate::resume::{self, Backoff, KeySource};
 use crate::sys::{self, Polled};
 use esem_proto::consts::{CONNECT_TIMEOUT_SECS, KEEPALIVE_INTERVAL_SECS};
 use esem_proto::{ClientSession, Reply, RequestBody, Status};
@@ -43,6 +52,13 @@ struct Slot {
     wake: RawFd,
 }
 
+/// The current connection: the socket, shared by the writers (under the lock) and the
+/// reader thread, and its identity (device, inode), checked before each use.
+struct Conn {
+    sock: Arc<UnixStream>,
+    ident: (u64, u64),
+}
+
 struct Inner {
     session: ClientSession,
     slots: HashMap<u64, Slot>,
@@ -50,12 +66,17 @@ struct Inner {
     /// The keepalive PING in flight: its id and when it was sent.
     ping: Option<(u64, Instant)>,
     last_rx: Instant,
+    /// `None` while the reader thread reconnects (requests are queued meanwhile).
+    conn: Option<Conn>,
 }
 
 struct Shared {
-    sock: UnixStream,
-    ident: (u64, u64),
     path: PathBuf,
+    /// The pinned service key and where it came from (re-checked on reconnect).
+    key: [u8; 32],
+    key_source: KeySource,
+    /// The current connection's descriptor (for the fork-child handler), -1 if none.
+    fd: AtomicI32,
     inner: Mutex<Inner>,
 }
 
@@ -73,7 +94,9 @@ impl Shared {
             }
             inner.failure = Some(e);
             // Unblock the reader thread's poll and make the service end the session.
-            let _ = self.sock.shutdown(std::net::Shutdown::Both);
+            if let Some(c) = &inner.conn {
+                let _ = c.sock.shutdown(std::net::Shutdown::Both);
+            }
         }
         for slot in inner.slots.values() {
             sys::eventfd_ring(slot.wake);
@@ -84,12 +107,38 @@ impl Shared {
             .unwrap_or(ClientError::Unavailable("session failed".into()))
     }
 
-    fn check_fd(&self) -> Result<()> {
-        match sys::identity(self.sock.as_raw_fd()) {
-            Ok(id) if id == self.ident => Ok(()),
+    fn check_fd(conn: &Conn) -> Result<()> {
+        match sys::identity(conn.sock.as_raw_fd()) {
+            Ok(id) if id == conn.ident => Ok(()),
             _ => Err(ClientError::Unavailable(
                 "the session's descriptor was closed or replaced by the program".into(),
             )),
+        }
+    }
+
+    /// Write frames on the current connection. A lost connection is not an error
+    /// here: the requests stay pending, the reader thread sees the loss and resumes.
+    fn write_locked(&self, inner: &mut Inner, frame: &[u8]) -> Result<()> {
+        if frame.is_empty() {
+            return Ok(());
+        }
+        let Some(conn) = &inner.conn else {
+            return Ok(()); // reconnecting: the session re-sends it after the RESUME
+        };
+        if let Err(e) = Self::check_fd(conn) {
+            return Err(self.fail_locked(inner, e));
+        }
+        match (&*conn.sock).write_all(frame) {
+            Ok(()) => Ok(()),
+            Err(e) if resume::is_connection_loss(&e) && inner.session.resumable() => {
+                // Wake the reader (its poll sees the shutdown) to reconnect.
+                let _ = conn.sock.shutdown(std::net::Shutdown::Both);
+                Ok(())
+            }
+            Err(e) => {
+                let e = ClientError::Unavailable(format!("{}: {e}", self.path.display()));
+                Err(self.fail_locked(inner, e))
+            }
         }
     }
 
@@ -102,27 +151,149 @@ impl Shared {
         if let Some(e) = &inner.failure {
             return Err(e.clone());
         }
-        if let Err(e) = self.check_fd() {
-            return Err(self.fail_locked(inner, e));
+        if let Some(conn) = &inner.conn {
+            if let Err(e) = Self::check_fd(conn) {
+                return Err(self.fail_locked(inner, e));
+            }
         }
         let (req_id, frame) = inner.session.send_request(body, key)?;
-        if let Err(e) = (&self.sock).write_all(&frame) {
-            let e = ClientError::Unavailable(format!("{}: {e}", self.path.display()));
-            return Err(self.fail_locked(inner, e));
-        }
+        self.write_locked(inner, &frame)?;
         Ok(req_id)
     }
 
-    /// The reader thread: reads, verifies and dispatches replies; keepalive.
+    /// Best effort END (the client is closing, or the process exiting): the service
+    /// ends the session at once instead of keeping it for a resume.
+    fn end_locked(&self, inner: &mut Inner) {
+        if inner.failure.is_some() || inner.conn.is_none() || !inner.session.established() {
+            return;
+        }
+        if let Ok((_, frame)) = inner.session.send_request(&RequestBody::End, None) {
+            if let Some(conn) = &inner.conn {
+                if Self::check_fd(conn).is_ok() {
+                    let _ = (&*conn.sock).write_all(&frame);
+                }
+            }
+        }
+    }
+
+    /// The connection is gone: reconnect and RESUME, or fail the session. Returns the
+    /// new socket for the reader, or `None` once the session has failed.
+    fn connection_lost(&self, why: String) -> Option<Arc<UnixStream>> {
+        let unavailable =
+            |m: &str| ClientError::Unavailable(format!("{}: {m}", self.path.display()));
+        let timeout = {
+            let mut inner = self.lock();
+            let inner = &mut *inner;
+            if inner.failure.is_some() {
+                return None;
+            }
+            let timeout = match resume::resume_timeout() {
+                Some(t) if inner.session.resumable() => t,
+                _ => {
+                    self.fail_locked(inner, unavailable(&why));
+                    return None;
+                }
+            };
+            if let Err(e) = self.detach_locked(inner) {
+                self.fail_locked(inner, e);
+                return None;
+            }
+            timeout
+        };
+        let mut backoff = Backoff::new(timeout);
+        loop {
+            if self.lock().failure.is_some() {
+                return None; // closed meanwhile
+            }
+            let last = match self.reconnect_once(&backoff) {
+                Ok(sock) => return Some(sock),
+                Err(Attempt::Fatal(e)) => {
+                    let mut inner = self.lock();
+                    self.fail_locked(&mut inner, e);
+                    return None;
+                }
+                Err(Attempt::Retry(m)) => m,
+            };
+            if !backoff.pause() {
+                let mut inner = self.lock();
+                let e = unavailable(&format!(
+                    "{why}, and the session could not be resumed within {:.1}s ({last})",
+                    timeout.as_secs_f64()
+                ));
+                self.fail_locked(&mut inner, e);
+                return None;
+            }
+        }
+    }
+
+    /// Keep the session for a RESUME and let go of the dead connection.
+    fn detach_locked(&self, inner: &mut Inner) -> Result<()> {
+        inner.session.detach()?;
+        if let Some(c) = inner.conn.take() {
+            let _ = c.sock.shutdown(std::net::Shutdown::Both);
+        }
+        self.fd.store(-1, Ordering::Release);
+        inner.ping = None;
+        Ok(())
+    }
+
+    /// One reconnection: key re-check, connect, handshake, RESUME written.
+    fn reconnect_once(&self, backoff: &Backoff) -> std::result::Result<Arc<UnixStream>, Attempt> {
+        match resume::recheck_key(&self.path, self.key_source, &self.key) {
+            Ok(()) => {}
+            Err(None) => return Err(Attempt::Retry("the service's key cannot be read".into())),
+            Err(Some(e)) => return Err(Attempt::Fatal(e)),
+        }
+        let deadline = backoff
+            .deadline()
+            .min(Instant::now() + Duration::from_secs(CONNECT_TIMEOUT_SECS));
+        let (stream, ident, fresh) = match handshake(&self.path, &self.key, deadline) {
+            Ok(x) => x,
+            // Not there yet (ENOENT, ECONNREFUSED), or gone again: try again.
+            Err(ClientError::Unavailable(m)) => return Err(Attempt::Retry(m)),
+            Err(e) => return Err(Attempt::Fatal(e)),
+        };
+        let sock = Arc::new(stream);
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        if let Some(e) = &inner.failure {
+            return Err(Attempt::Fatal(e.clone()));
+        }
+        inner
+            .session
+            .resume_over(fresh)
+            .map_err(|e| Attempt::Fatal(e.into()))?;
+        let out = inner.session.take_outgoing();
+        inner.conn = Some(Conn {
+            sock: Arc::clone(&sock),
+            ident,
+        });
+        self.fd.store(sock.as_raw_fd(), Ordering::Release);
+        inner.last_rx = Instant::now();
+        match (&*sock).write_all(&out) {
+            Ok(()) => Ok(sock),
+            Err(e) if resume::is_connection_loss(&e) => {
+                self.detach_locked(inner)
+                    .map_err(|e| Attempt::Fatal(e))?;
+                Err(Attempt::Retry(e.to_string()))
+            }
+            Err(e) => Err(Attempt::Fatal(ClientError::Unavailable(e.to_string()))),
+        }
+    }
+
+    /// The reader thread: reads, verifies and dispatches replies; keepalive; resumes
+    /// the session when the connection is lost.
     fn reader(self: Arc<Self>) {
         let interval = Duration::from_secs(KEEPALIVE_INTERVAL_SECS);
         let mut buf = vec![0u8; RECV_BYTES];
-        let fd = self.sock.as_raw_fd();
+        let Some(mut sock) = self.lock().conn.as_ref().map(|c| Arc::clone(&c.sock)) else {
+            return;
+        };
         loop {
             if self.lock().failure.is_some() {
                 return;
             }
-            match sys::poll_in(fd, 1000) {
+            match sys::poll_in(sock.as_raw_fd(), 1000) {
                 Ok(Polled::Ready) => {}
                 Ok(Polled::Timeout) | Ok(Polled::Interrupted) => {
                     let mut inner = self.lock();
@@ -157,50 +328,146 @@ impl Shared {
                 }
             }
             // The program may have put a file of its own at our number: never read it.
-            if let Err(e) = self.check_fd() {
+            {
                 let mut inner = self.lock();
-                self.fail_locked(&mut inner, e);
-                return;
-            }
-            let n = match (&self.sock).read(&mut buf) {
-                Ok(0) => {
-                    let mut inner = self.lock();
-                    let e = ClientError::Unavailable(format!(
-                        "{}: the service closed the connection",
-                        self.path.display()
-                    ));
+                let check = match &inner.conn {
+                    Some(c) if Arc::ptr_eq(&c.sock, &sock) => Self::check_fd(c),
+                    _ => Err(ClientError::Unavailable("connection replaced".into())),
+                };
+                if let Err(e) = check {
                     self.fail_locked(&mut inner, e);
                     return;
                 }
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            }
+            let lost = match (&*sock).read(&mut buf) {
+                Ok(0) => Some("the service closed the connection".to_string()),
+                Ok(n) => {
+                    if !self.received(&buf[..n]) {
+                        return;
+                    }
+                    None
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => None,
+                Err(e) if resume::is_connection_loss(&e) => Some(e.to_string()),
                 Err(e) => {
                     let mut inner = self.lock();
                     self.fail_locked(&mut inner, ClientError::Unavailable(e.to_string()));
                     return;
                 }
             };
-            let mut inner = self.lock();
-            let inner = &mut *inner;
-            inner.last_rx = Instant::now();
-            match inner.session.receive_data(&buf[..n]) {
-                Ok(replies) => {
-                    for reply in replies {
-                        if inner.ping.is_some_and(|(id, _)| id == reply.req_id) {
-                            inner.ping = None;
-                        } else if let Some(slot) = inner.slots.get_mut(&reply.req_id) {
-                            slot.reply = Some(reply);
-                            sys::eventfd_ring(slot.wake);
-                        }
-                    }
-                }
-                Err(e) => {
-                    self.fail_locked(inner, ClientError::from(e));
-                    return;
+            if let Some(why) = lost {
+                match self.connection_lost(why) {
+                    Some(new) => sock = new,
+                    None => return,
                 }
             }
         }
     }
+
+    /// Verify and dispatch what the service sent; then write what the session queued
+    /// (the re-sends after a RESUME), under the same lock so that no other frame can
+    /// take a nonce between. False once the session has failed.
+    fn received(&self, data: &[u8]) -> bool {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        inner.last_rx = Instant::now();
+        match inner.session.receive_data(data) {
+            Ok(replies) => {
+                for reply in replies {
+                    if inner.ping.is_some_and(|(id, _)| id == reply.req_id) {
+                        inner.ping = None;
+                    } else if let Some(slot) = inner.slots.get_mut(&reply.req_id) {
+                        slot.reply = Some(reply);
+                        sys::eventfd_ring(slot.wake);
+                    }
+                }
+                let out = inner.session.take_outgoing();
+                self.write_locked(inner, &out).is_ok()
+            }
+            Err(e) => {
+                self.fail_locked(inner, ClientError::from(e));
+                false
+            }
+        }
+    }
+}
+
+/// A failed reconnection attempt: worth another try, or the end of the session.
+enum Attempt {
+    Retry(String),
+    Fatal(ClientError),
+}
+
+/// Connect to `sock` and run the handshake pinning `service_public`, before
+/// `deadline`: the new connection (close-on-exec, at `HIGH_FD` or above), its identity
+/// and its established session. `Unavailable` means nothing answered (yet).
+fn handshake(
+    sock: &Path,
+    service_public: &[u8; 32],
+    deadline: Instant,
+) -> Result<(UnixStream, (u64, u64), ClientSession)> {
+    let unavailable = |e: &dyn std::fmt::Display| {
+        ClientError::Unavailable(format!("no esem service at {}: {e}", sock.display()))
+    };
+    let stream = loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => break s,
+            // EAGAIN: the listen backlog is full; a Unix socket does not queue us.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            Err(e) => return Err(unavailable(&e)),
+        }
+    };
+    // std opens sockets close-on-exec; move it high (the duplicate is too).
+    let low = OwnedFd::from(stream);
+    let high = sys::dup_high(&low).map_err(|e| unavailable(&e))?;
+    drop(low);
+    let stream = UnixStream::from(high);
+    let ident = sys::identity(stream.as_raw_fd()).map_err(|e| unavailable(&e))?;
+    let mut session = ClientSession::new(service_public)?;
+    let hello = session.start()?;
+    // A service that refuses us writes its reason and hangs up, perhaps before our
+    // HELLO is out: a failed write is not the end, read the reason first.
+    let _ = (&stream).write_all(&hello);
+    let mut buf = [0u8; 1024];
+    while !session.established() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(unavailable(&"the service did not answer the handshake"));
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| unavailable(&e))?;
+        let n = match (&stream).read(&mut buf) {
+            Ok(0) => return Err(unavailable(&"the service closed during the handshake")),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(unavailable(&e)),
+        };
+        session.receive_data(&buf[..n]).map_err(|e| match e {
+            esem_proto::Error::Refused { status, text } => ClientError::Status {
+                status,
+                message: format!("service refused the session: {text}"),
+            },
+            other => ClientError::from(other),
+        })?;
+    }
+    stream.set_read_timeout(None).map_err(|e| unavailable(&e))?;
+    Ok((stream, ident, session))
+}
+
+/// A reply as the caller sees it: ESTALE (the service lost this reply across a
+/// restart, and says so rather than guess) is the service's unavailability, not a
+/// refusal of the operation.
+fn final_reply(reply: Reply) -> Result<Reply> {
+    if reply.status == Status::ESTALE {
+        return Err(ClientError::Unavailable(format!(
+            "reply lost across a service restart (request {})",
+            reply.req_id
+        )));
+    }
+    Ok(reply)
 }
 
 thread_local! {
@@ -237,7 +504,6 @@ pub struct Client {
     pid: u32,
     /// Set in a fork child for the process client: its socket was closed there.
     forked: AtomicBool,
-    fd: AtomicI32,
     /// The effective uid and gid at connect: the service knows the session by these
     /// (SO_PEERCRED), whatever the process becomes later.
     creds: (u32, u32),
@@ -263,74 +529,47 @@ impl Client {
                 sock.display()
             ))
         })?;
-        Self::connect_to(&sock, &key)
+        Self::connect_pinned(
+            &sock,
+            &key,
+            KeySource::Published {
+                default_location: default,
+            },
+        )
     }
 
     /// Connect to `sock`, pinning `service_public`.
     pub fn connect_to(sock: &Path, service_public: &[u8; 32]) -> Result<Client> {
+        Self::connect_pinned(sock, service_public, KeySource::Given)
+    }
+
+    fn connect_pinned(
+        sock: &Path,
+        service_public: &[u8; 32],
+        key_source: KeySource,
+    ) -> Result<Client> {
         let unavailable = |e: &dyn std::fmt::Display| {
             ClientError::Unavailable(format!("no esem service at {}: {e}", sock.display()))
         };
         let deadline = Instant::now() + Duration::from_secs(CONNECT_TIMEOUT_SECS);
         let creds = (sys::geteuid(), sys::getegid());
-        let stream = loop {
-            match UnixStream::connect(sock) {
-                Ok(s) => break s,
-                // EAGAIN: the listen backlog is full; a Unix socket does not queue us.
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(2))
-                }
-                Err(e) => return Err(unavailable(&e)),
-            }
-        };
-        // std opens sockets close-on-exec; move it high (the duplicate is too).
-        let low = OwnedFd::from(stream);
-        let high = sys::dup_high(&low).map_err(|e| unavailable(&e))?;
-        drop(low);
-        let stream = UnixStream::from(high);
-        let ident = sys::identity(stream.as_raw_fd()).map_err(|e| unavailable(&e))?;
-        let mut session = ClientSession::new(service_public)?;
-        let hello = session.start()?;
-        // A service that refuses us writes its reason and hangs up, perhaps before our
-        // HELLO is out: a failed write is not the end, read the reason first.
-        let _ = (&stream).write_all(&hello);
-        let mut buf = [0u8; 1024];
-        while !session.established() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(unavailable(&"the service did not answer the handshake"));
-            }
-            stream
-                .set_read_timeout(Some(left))
-                .map_err(|e| unavailable(&e))?;
-            let n = match (&stream).read(&mut buf) {
-                Ok(0) => return Err(unavailable(&"the service closed during the handshake")),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(unavailable(&e)),
-            };
-            session.receive_data(&buf[..n]).map_err(|e| match e {
-                esem_proto::Error::Refused { status, text } => ClientError::Status {
-                    status,
-                    message: format!("service refused the session: {text}"),
-                },
-                other => ClientError::from(other),
-            })?;
-        }
-        stream.set_read_timeout(None).map_err(|e| unavailable(&e))?;
+        let (stream, ident, session) = handshake(sock, service_public, deadline)?;
         let fd = stream.as_raw_fd();
         let shared = Arc::new(Shared {
-            sock: stream,
-            ident,
             path: sock.to_path_buf(),
+            key: *service_public,
+            key_source,
+            fd: AtomicI32::new(fd),
             inner: Mutex::new(Inner {
                 session,
                 slots: HashMap::new(),
                 failure: None,
                 ping: None,
                 last_rx: Instant::now(),
+                conn: Some(Conn {
+                    sock: Arc::new(stream),
+                    ident,
+                }),
             }),
         });
         let reader = Arc::clone(&shared);
@@ -347,7 +586,6 @@ impl Client {
             shared,
             pid: std::process::id(),
             forked: AtomicBool::new(false),
-            fd: AtomicI32::new(fd),
             creds,
         })
     }
@@ -417,7 +655,7 @@ impl Client {
         };
         if let Some(reply) = slot.reply.take() {
             inner.slots.remove(&req_id);
-            return Some(Ok(reply));
+            return Some(final_reply(reply));
         }
         if let Some(e) = inner.failure.clone() {
             inner.slots.remove(&req_id);
@@ -442,7 +680,7 @@ impl Client {
                 };
                 if let Some(reply) = slot.reply.take() {
                     inner.slots.remove(&req_id);
-                    return Ok(reply);
+                    return final_reply(reply);
                 }
                 let wake = slot.wake;
                 if let Some(e) = inner.failure.clone() {
@@ -475,7 +713,7 @@ impl Client {
     /// The fork-child handler's part: close our copy of the socket without sending.
     fn forked_away(&self) {
         self.forked.store(true, Ordering::Release);
-        sys::close_raw(self.fd.swap(-1, Ordering::AcqRel));
+        sys::close_raw(self.shared.fd.swap(-1, Ordering::AcqRel));
     }
 }
 
@@ -483,8 +721,9 @@ impl Drop for Client {
     fn drop(&mut self) {
         // In a fork child the lock may be held by a thread that no longer exists: an
         // inherited client is left alone (its descriptor stays open in the child).
-        if self.pid == std::process::id() {
+        if self.pid == std::process::id() && !self.forked.load(Ordering::Acquire) {
             let mut inner = self.shared.lock();
+            self.shared.end_locked(&mut inner);
             self.shared
                 .fail_locked(&mut inner, ClientError::Unavailable("client closed".into()));
         }
@@ -607,6 +846,29 @@ pub(crate) fn fork_connect_failure() -> Option<ClientError> {
     })
 }
 
+/// The process is exiting: END its session (best effort) so the service ends it at
+/// once instead of keeping it for a resume through the grace period. Registered in
+/// `.fini_array`, which glibc runs after every `atexit` handler (a program's handlers
+/// may still use their semaphores); never blocks on the session's lock.
+extern "C" fn end_at_exit() {
+    let Some(c) = current() else { return };
+    if c.pid != std::process::id() || c.forked.load(Ordering::Acquire) {
+        return;
+    }
+    let Ok(mut inner) = c.shared.inner.try_lock() else {
+        return;
+    };
+    c.shared.end_locked(&mut inner);
+    c.shared.fail_locked(
+        &mut inner,
+        ClientError::Unavailable("the process is exiting".into()),
+    );
+}
+
+#[used]
+#[link_section = ".fini_array"]
+static END_AT_EXIT: extern "C" fn() = end_at_exit;
+
 extern "C" fn after_fork_in_child() {
     CREATING.store(false, Ordering::Release);
     FORK_FAILURE.store(std::ptr::null_mut(), Ordering::Release); // the parent's, if any
@@ -631,5 +893,5 @@ extern "C" fn after_fork_in_child() {
 
 /// A descriptor number is the session's (for tests that check `HIGH_FD`).
 pub fn session_fd(c: &Client) -> RawFd {
-    c.fd.load(Ordering::Acquire)
+    c.shared.fd.load(Ordering::Acquire)
 }
