@@ -17,8 +17,10 @@ import json
 import logging
 import os
 import sys
+import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from esem import errors
@@ -74,6 +76,16 @@ def _sem_name(text: str) -> str:
     except CoreError as exc:
         raise argparse.ArgumentTypeError(printable(exc.message)) from None
     return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError("seconds must be finite and not negative")
+    return value
 
 
 def _metrics_address(text: str) -> str:
@@ -179,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="HOST:PORT", type=_metrics_address,
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST "
                    "defaults to 127.0.0.1: ':9464'; needs pip install 'esem[metrics]')")
+    p.add_argument("--resume-grace", type=_seconds, metavar="SECONDS", default=5.0,
+                   help="how long a session whose connection was lost (its process still "
+                   "running) waits for its client to reconnect and resume it (default 5; "
+                   "0: sessions end with their connection)")
+    p.add_argument("--journal", metavar="DIR",
+                   help="keep the journal (every acknowledged change, so a restarted "
+                   "service restores every semaphore and session) in DIR instead of the "
+                   "state directory (which is on tmpfs under /run: until reboot)")
+    p.add_argument("--fsync", action="store_true",
+                   help="fsync the journal before replies are sent (group-committed per "
+                   "event-loop turn): for a --journal on disk that must survive a reboot")
+    p.add_argument("--no-journal", action="store_true",
+                   help="keep state only in memory: a restart loses every semaphore")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
 
     p = sub.add_parser("ls", help="list the service's semaphores")
@@ -360,9 +385,14 @@ def _serve(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             quotas = replace(quotas, **{field: getattr(args, flag)})
     directory = state_dir(args.dir)
+    if args.no_journal and (args.journal or args.fsync):
+        print("esem serve: --no-journal excludes --journal and --fsync", file=sys.stderr)
+        return EXIT_USAGE
+    journal = None if args.no_journal else Path(args.journal) if args.journal else directory
     config = ServeConfig(state_dir=directory, socket_path=socket_path(args.socket, directory),
                          quotas=quotas, switchless=args.switchless, user=args.user,
-                         metrics=args.metrics)
+                         metrics=args.metrics, resume_grace=args.resume_grace,
+                         journal_dir=journal, fsync=args.fsync)
     try:
         serve(config)
     except StartupError as exc:

@@ -95,6 +95,7 @@ _BY_STATUS: dict[Status, type[EsemError]] = {
     Status.ECANCELED: Cancelled,
     Status.EINVAL: InvalidRequest,
     Status.ENAMETOOLONG: InvalidRequest,
+    Status.ESTALE: ServiceUnavailable,
 }
 
 

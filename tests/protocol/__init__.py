@@ -85,6 +85,13 @@ def _request_strategies(rid: st.SearchStrategy[int]) -> dict[Opcode, st.SearchSt
         ),
         Opcode.PING: st.builds(lambda i: Request(Opcode.PING, i), rid),
         Opcode.SWITCHLESS: st.builds(lambda i: Request(Opcode.SWITCHLESS, i), rid),
+        Opcode.END: st.builds(lambda i: Request(Opcode.END, i), rid),
+        Opcode.RESUME: st.builds(
+            lambda i, h, r, a: Request(Opcode.RESUME, i, session=h, secret=r, awaited=a),
+            rid, st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32),
+            st.one_of(st.lists(st.integers(0, U64_MAX), max_size=40).map(tuple),
+                      st.just(tuple(range(1, 1025)))),  # RESUME_MAX_AWAITED
+        ),
     }
     for op in (Opcode.CLOSE, Opcode.POST, Opcode.GETVALUE, Opcode.ATTACH):
         by_op[op] = st.builds(lambda i, h, op=op: Request(op, i, handle=h), rid, handles)
@@ -112,6 +119,8 @@ def _ok_reply(op: Opcode, rid: int, draw: st.DrawFn) -> Reply:
         return Reply(op, rid, Status.OK, value=draw(st.integers(0, 1)))
     if op in (Opcode.LIST, Opcode.STAT):
         return Reply(op, rid, Status.OK, data=draw(st.binary(max_size=300)))
+    if op is Opcode.RESUME:  # last_req_id
+        return Reply(op, rid, Status.OK, value=draw(st.integers(0, U64_MAX)))
     return Reply(op, rid, Status.OK)
 
 

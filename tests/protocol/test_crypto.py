@@ -28,6 +28,8 @@ from esem.protocol.crypto import (
     Transport,
     generate_static_key,
     public_key_of,
+    resume_verifier,
+    verifier_matches,
 )
 
 
@@ -53,7 +55,7 @@ def _noise_pair() -> tuple[NoiseConnection, NoiseConnection]:
 def _pair() -> tuple[Transport, Transport]:
     key = generate_static_key()
     initiator = Initiator(public_key_of(key))
-    welcome, server = Responder(key).respond(initiator.hello())
+    welcome, server = Responder(key).respond(initiator.hello(), bytes(32))
     return initiator.finish(welcome), server
 
 
@@ -168,13 +170,13 @@ def test_a_signal_handler_raising_inside_the_handshake_is_not_tampering() -> Non
 
     def client_end() -> Callable[[], object]:
         initiator = Initiator(public_key_of(key))
-        welcome, _ = Responder(key).respond(initiator.hello())
+        welcome, _ = Responder(key).respond(initiator.hello(), bytes(32))
         return lambda: initiator.finish(welcome)
 
     def service_end() -> Callable[[], object]:
         hello = Initiator(public_key_of(key)).hello()
         responder = Responder(key)
-        return lambda: responder.respond(hello)
+        return lambda: responder.respond(hello, bytes(32))
 
     for run in (client_end, service_end):
         outcomes = _interrupt_inside_noise(run)
@@ -197,7 +199,7 @@ def test_every_bad_handshake_message_is_an_integrity_error(message: bytes) -> No
     with pytest.raises(IntegrityError):
         initiator.finish(message)
     with pytest.raises(IntegrityError):
-        Responder(key).respond(message)
+        Responder(key).respond(message, bytes(32))
 
 
 @given(st.binary(max_size=120))
@@ -208,7 +210,7 @@ def test_random_handshake_messages_are_integrity_errors(message: bytes) -> None:
     with pytest.raises(IntegrityError):
         initiator.finish(message)
     with pytest.raises(IntegrityError):
-        Responder(key).respond(message)
+        Responder(key).respond(message, bytes(32))
 
 
 def test_session_id_is_public_an_observer_computes_it_from_the_wire() -> None:
@@ -219,7 +221,7 @@ def test_session_id_is_public_an_observer_computes_it_from_the_wire() -> None:
     key = generate_static_key()
     initiator = Initiator(public_key_of(key))
     hello = initiator.hello()
-    welcome, server = Responder(key).respond(hello)
+    welcome, server = Responder(key).respond(hello, bytes(32))
     client = initiator.finish(welcome)
 
     def blake2s(data: bytes) -> bytes:
@@ -230,3 +232,40 @@ def test_session_id_is_public_an_observer_computes_it_from_the_wire() -> None:
                    welcome[:32], welcome[32:]):
         h = blake2s(h + public)
     assert h == client.session_id == server.session_id
+
+
+@pytest.mark.parametrize("size", [0, 1, 31, 33, 64])
+def test_a_welcome_whose_payload_is_not_a_32_byte_secret_is_refused(size: int) -> None:
+    """PROTOCOL.md 16.1: WELCOME's payload is exactly the 32-byte resumption secret; a
+    service (or a forger with its key) that sends another size is refused."""
+    from noise.connection import Keypair, NoiseConnection
+
+    key = generate_static_key()
+    initiator = Initiator(public_key_of(key))
+    hello = initiator.hello()
+    noise = NoiseConnection.from_name(NOISE_PROTOCOL_NAME)
+    noise.set_as_responder()
+    noise.set_prologue(NOISE_PROLOGUE)
+    noise.set_keypair_from_private_bytes(Keypair.STATIC, key)
+    noise.start_handshake()
+    noise.read_message(hello)
+    welcome = bytes(noise.write_message(bytes(size)))
+    with pytest.raises(IntegrityError):
+        initiator.finish(welcome)
+    assert initiator.secret is None
+
+
+def test_the_welcome_carries_the_secret_and_the_verifier_is_its_hash() -> None:
+    key = generate_static_key()
+    initiator = Initiator(public_key_of(key))
+    secret = bytes(range(32))
+    welcome, _ = Responder(key).respond(initiator.hello(), secret)
+    assert len(welcome) == 80  # NOISE_WELCOME_BYTES
+    initiator.finish(welcome)
+    assert initiator.secret == secret
+    verifier = resume_verifier(secret)
+    assert verifier == hashlib.blake2s(secret).digest() and verifier != secret
+    assert verifier_matches(verifier, secret)
+    assert not verifier_matches(verifier, bytes(32))
+    with pytest.raises(ValueError):
+        Responder(key).respond(Initiator(public_key_of(key)).hello(), bytes(31))

@@ -61,6 +61,9 @@ EXAMPLE_REQUESTS = {
     Opcode.PING: Request(Opcode.PING, 7),
     Opcode.SWITCHLESS: Request(Opcode.SWITCHLESS, 7),
     Opcode.RECLAIM: Request(Opcode.RECLAIM, 7, name="/sem"),
+    Opcode.RESUME: Request(Opcode.RESUME, 7, session=bytes(range(32)),
+                           secret=bytes(range(32, 64)), awaited=(3, 5)),
+    Opcode.END: Request(Opcode.END, 7),
 }
 EXAMPLE_OK_REPLIES = {
     Opcode.OPEN: Reply(Opcode.OPEN, 7, Status.OK, handle=H, created=True),
@@ -71,8 +74,10 @@ EXAMPLE_OK_REPLIES = {
     Opcode.RECLAIM: Reply(Opcode.RECLAIM, 7, Status.OK, value=3),
     Opcode.LIST: Reply(Opcode.LIST, 7, Status.OK, data=b'{"total": 0}'),
     Opcode.STAT: Reply(Opcode.STAT, 7, Status.OK, data=b'{"name": "/sem"}'),
+    Opcode.RESUME: Reply(Opcode.RESUME, 7, Status.OK, value=2**64 - 1),
     **{op: Reply(op, 7, Status.OK)
-       for op in (Opcode.CLOSE, Opcode.UNLINK, Opcode.WAIT, Opcode.POST, Opcode.PING)},
+       for op in (Opcode.CLOSE, Opcode.UNLINK, Opcode.WAIT, Opcode.POST, Opcode.PING,
+                  Opcode.END)},
 }
 # Replies whose last field runs to the end of the message (opaque data or refusal text):
 # extra bytes there are content, not trailing garbage.
@@ -446,3 +451,42 @@ def test_list_cursor_is_bounded_utf8() -> None:
     with pytest.raises(ProtocolError, match="cursor is not UTF-8"):
         decode_request(head + b"\x02\xff\xfe")
     assert decode_request(head + b"\x00")[0].after == ""
+
+
+# ------------------------------------------------------------------ RESUME / END
+
+
+def test_resume_request_layout() -> None:
+    """PROTOCOL.md 16.2: session (32), secret (32), count u16, count u64 req_ids."""
+    req = EXAMPLE_REQUESTS[Opcode.RESUME]
+    body = encode_request(req)
+    assert body[REQ_HEAD:] == (bytes(range(64)) + struct.pack(">H", 2)
+                               + struct.pack(">QQ", 3, 5))
+    assert decode_request(body)[0] == req
+
+
+def test_resume_reply_carries_a_u64_last_req_id() -> None:
+    body = encode_reply(Reply(Opcode.RESUME, 9, Status.OK, value=2**40 + 3))
+    assert body[REP_HEAD:] == struct.pack(">Q", 2**40 + 3)
+
+
+@pytest.mark.parametrize("cut", [1, 31, 32, 63, 64, 65, 66, 67, 73])
+def test_a_truncated_resume_is_refused(cut: int) -> None:
+    body = encode_request(EXAMPLE_REQUESTS[Opcode.RESUME])
+    with pytest.raises(ProtocolError):
+        decode_request(body[: len(body) - cut] if cut < len(body) - REQ_HEAD else body[:REQ_HEAD])
+    with pytest.raises(ProtocolError):
+        decode_request(body + b"\x00")  # a count that does not match the ids
+
+
+def test_resume_misuse_is_a_value_error_before_sending() -> None:
+    for session, secret in ((bytes(31), bytes(32)), (bytes(32), bytes(33))):
+        with pytest.raises(ValueError):
+            encode_request(Request(Opcode.RESUME, 1, session=session, secret=secret))
+
+
+def test_end_has_an_empty_payload() -> None:
+    assert encode_request(Request(Opcode.END, 4)) == struct.pack(REQUEST_HEADER, VERSION,
+                                                                  Opcode.END, 0, 4)
+    with pytest.raises(ProtocolError):
+        decode_request(encode_request(Request(Opcode.END, 4)) + b"\x00")

@@ -31,6 +31,7 @@ from esem.protocol.constants import (
     MAX_MESSAGE_BYTES,
     MAX_PLAINTEXT,
     NOISE_MSG_BYTES,
+    NOISE_WELCOME_BYTES,
     VERSION,
     Direction,
     FrameKind,
@@ -100,8 +101,10 @@ def test_handshake_frames_layout() -> None:
     assert len(hello) == 4 + 2 + NOISE_MSG_BYTES
     server.receive_data(hello)
     welcome = server.data_to_send()
-    assert welcome[:6] == struct.pack(">IBB", 2 + NOISE_MSG_BYTES, VERSION, FrameKind.WELCOME)
-    assert len(welcome) == 4 + 2 + NOISE_MSG_BYTES
+    # WELCOME carries the 32-byte resumption secret: 80 + 2 = 82 body bytes, 86 on the wire
+    assert welcome[:6] == struct.pack(">IBB", 2 + NOISE_WELCOME_BYTES, VERSION,
+                                      FrameKind.WELCOME)
+    assert len(welcome) == 4 + 2 + NOISE_WELCOME_BYTES == 86
 
 
 def test_each_session_has_its_own_id_and_keys() -> None:
@@ -287,8 +290,10 @@ def test_every_opcode_goes_through_and_back() -> None:
         Request(Opcode.PING, 0),
         Request(Opcode.SWITCHLESS, 0),
         Request(Opcode.RECLAIM, 0, name="/a"),
+        Request(Opcode.END, 0),
     ]
-    assert {r.opcode for r in sent} == set(Opcode)
+    # RESUME is valid only as a connection's first request: tests of its own below
+    assert {r.opcode for r in sent} == set(Opcode) - {Opcode.RESUME}
     stream = b"".join(pair.request(r) for r in sent)
     assert pair.client.pending == len(sent)
     events = pair.server.receive_data(stream)

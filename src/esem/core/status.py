@@ -24,6 +24,7 @@ class Status(IntEnum):
     EKEYREJECTED = 10  # key-bound semaphore: missing or invalid MAC, or key mismatch
     EDQUOT = 11  # a quota of the caller's uid or session is exhausted
     ENAMETOOLONG = 12  # name longer than MAX_NAME_BYTES
+    ESTALE = 13  # RESUME: the request's reply was lost across a service restart
 
 
 class CoreError(Exception):

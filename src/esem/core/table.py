@@ -619,6 +619,11 @@ class SemTable:
         self._unqueue(waiter)
         return WaitDone(sid, req_id, waiter.handle.token, waiter.handle.sem.key, Status.ECANCELED)
 
+    def queued(self, sid: int, req_id: int) -> bool:
+        """Whether request ``req_id`` of session ``sid`` is a wait still queued."""
+        sess = self._sessions.get(sid)
+        return sess is not None and req_id in sess.waits
+
     def expire(self, now: float) -> list[WaitDone]:
         """End every timed wait whose deadline is at or before ``now``."""
         done: list[WaitDone] = []

@@ -18,7 +18,13 @@ MAX_FRAME_BODY = 16384
 AEAD_TAG_BYTES = 16  # ChaCha20-Poly1305 tag appended by every Noise transport message
 MAX_PLAINTEXT = MAX_FRAME_BODY - AEAD_TAG_BYTES
 HANDSHAKE_HEADER_BYTES = 2  # version, kind
-NOISE_MSG_BYTES = 48  # NK messages 1 and 2 with empty payloads: ephemeral key + tag
+NOISE_MSG_BYTES = 48  # NK message 1 (empty payload): ephemeral key + tag
+# WELCOME's payload: the resumption secret R of the session the connection creates
+# (PROTOCOL.md 16); NK message 2 is ephemeral key + R + tag.
+RESUME_SECRET_BYTES = 32
+NOISE_WELCOME_BYTES = 32 + RESUME_SECRET_BYTES + 16
+SESSION_ID_BYTES = 32  # the handshake hash h: a session's id for its whole life
+RESUME_MAX_AWAITED = 1024  # req_ids a RESUME may list (more is EINVAL)
 
 HANDLE_BYTES = 16  # handle capability tokens, 128 random bits
 MAC_BYTES = 32  # key-binding MAC: keyed BLAKE2s-256
@@ -54,6 +60,8 @@ class Opcode(IntEnum):
     PING = 11
     SWITCHLESS = 12  # move this session's frames to shared-memory rings (PROTOCOL.md 15)
     RECLAIM = 13  # release a semaphore's dead holders' units (owner or root)
+    RESUME = 14  # first request on a connection: carry on a detached session (PROTOCOL.md 16)
+    END = 15  # end this session on purpose (no grace period)
 
 
 class MsgFlag(IntFlag):

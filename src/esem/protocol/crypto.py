@@ -24,7 +24,13 @@ from noise.connection import Keypair, NoiseConnection
 from noise.exceptions import NoiseHandshakeError, NoiseInvalidMessage, NoiseValueError
 
 from esem.errors import IntegrityError
-from esem.protocol.constants import MAC_DOMAIN, NOISE_PROLOGUE, NOISE_PROTOCOL_NAME, Direction
+from esem.protocol.constants import (
+    MAC_DOMAIN,
+    NOISE_PROLOGUE,
+    NOISE_PROTOCOL_NAME,
+    RESUME_SECRET_BYTES,
+    Direction,
+)
 
 KEY_BYTES = 32  # X25519 private and public keys
 
@@ -126,17 +132,22 @@ class Initiator:
         self._noise.set_prologue(NOISE_PROLOGUE)
         self._noise.set_keypair_from_public_bytes(Keypair.REMOTE_STATIC, service_public)
         self._noise.start_handshake()
+        # The session's resumption secret R, from the WELCOME (PROTOCOL.md 16.1).
+        self.secret: bytes | None = None
 
     def hello(self) -> bytes:
         return bytes(self._noise.write_message(b""))
 
     def finish(self, welcome: bytes) -> Transport:
+        """Read the WELCOME; its payload must be exactly the 32-byte resumption secret,
+        kept in ``secret``."""
         try:
             payload = self._noise.read_message(welcome)
         except _BAD_HANDSHAKE as exc:  # wrong key (impersonator), tampering, garbage
             raise IntegrityError("service failed to prove its pinned identity") from exc
-        if payload or not self._noise.handshake_finished:
+        if len(payload) != RESUME_SECRET_BYTES or not self._noise.handshake_finished:
             raise IntegrityError("service failed to prove its pinned identity")
+        self.secret = bytes(payload)
         return Transport(self._noise)
 
 
@@ -154,12 +165,16 @@ class Responder:
         self._noise.set_keypair_from_private_bytes(Keypair.STATIC, static_private)
         self._noise.start_handshake()
 
-    def respond(self, hello: bytes) -> tuple[bytes, Transport]:
+    def respond(self, hello: bytes, secret: bytes) -> tuple[bytes, Transport]:
+        """Read the HELLO and write the WELCOME, whose encrypted payload is the new
+        session's resumption secret ``secret`` (``RESUME_SECRET_BYTES``)."""
+        if len(secret) != RESUME_SECRET_BYTES:
+            raise ValueError(f"resumption secret must be {RESUME_SECRET_BYTES} bytes")
         try:
             payload = self._noise.read_message(hello)
             if payload:
                 raise IntegrityError("unexpected handshake payload")
-            welcome = bytes(self._noise.write_message(b""))
+            welcome = bytes(self._noise.write_message(secret))
         except _BAD_HANDSHAKE as exc:
             raise IntegrityError("handshake failed") from exc
         return welcome, Transport(self._noise)
@@ -183,3 +198,14 @@ def verify_keybind_mac(
     expected = keybind_mac(key, session_id, direction, body)
     if mac is None or not hmac.compare_digest(expected, mac):
         raise IntegrityError("key-binding MAC did not verify")
+
+
+def resume_verifier(secret: bytes) -> bytes:
+    """V = BLAKE2s-256(R), unkeyed: what the service keeps (and journals) of a session's
+    resumption secret, so neither its memory nor its journal holds R itself."""
+    return hashlib.blake2s(secret, digest_size=32).digest()
+
+
+def verifier_matches(verifier: bytes, secret: bytes) -> bool:
+    """Constant-time check that ``secret`` is the R behind ``verifier``."""
+    return hmac.compare_digest(resume_verifier(secret), verifier)

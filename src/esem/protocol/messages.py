@@ -23,6 +23,8 @@ from esem.protocol.constants import (
     MAX_TIMEOUT_NS,
     REPLY_HEADER,
     REQUEST_HEADER,
+    RESUME_SECRET_BYTES,
+    SESSION_ID_BYTES,
     VERSION,
     MsgFlag,
     Opcode,
@@ -36,6 +38,7 @@ _WAIT = struct.Struct(">BQ")  # wait mode, timeout ns
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
 
 # Flag bits as plain ints (HAS_MAC is the only message flag). Not ``~MsgFlag.HAS_MAC``:
 # since Python 3.11 inverting an IntFlag complements only within its defined members
@@ -56,7 +59,7 @@ HANDLE_OPS = frozenset(
 _PLAIN_HANDLE_OPS = HANDLE_OPS - {Opcode.WAIT}  # payload: exactly the handle
 _REPLY_WITH_BODY = frozenset({Opcode.OPEN, Opcode.ATTACH, Opcode.GETVALUE, Opcode.CANCEL,
                               Opcode.LIST, Opcode.STAT, Opcode.SWITCHLESS,
-                              Opcode.RECLAIM})  # replies that carry more than a header
+                              Opcode.RECLAIM, Opcode.RESUME})  # more than a header
 # OK replies whose payload is one u32 ``value`` (SWITCHLESS: the ring capacity in bytes;
 # RECLAIM: the number of units released).
 _U32_REPLIES = frozenset({Opcode.GETVALUE, Opcode.CANCEL, Opcode.SWITCHLESS, Opcode.RECLAIM})
@@ -83,6 +86,9 @@ class Request:
     timeout_ns: int = 0  # WAIT with TIMED
     target: int = 0  # CANCEL: the request id of the wait to withdraw
     after: str = ""  # LIST: the cursor, the last name of the previous page ("": the first)
+    session: bytes = b""  # RESUME: the id (handshake hash) of the session to resume
+    secret: bytes = b""  # RESUME: that session's current resumption secret R
+    awaited: tuple[int, ...] = ()  # RESUME: the req_ids whose replies the client awaits
 
 
 @dataclass(slots=True)
@@ -94,7 +100,8 @@ class Reply:
     status: Status
     handle: bytes = b""  # OPEN ATTACH
     created: bool = False  # OPEN
-    value: int = 0  # GETVALUE; CANCEL: 1 if the wait was still queued; RECLAIM: units
+    value: int = 0  # GETVALUE; CANCEL: 1 if the wait was still queued; RECLAIM: units;
+    # RESUME: last_req_id (u64), the highest request of the session the service executed
     data: bytes = b""  # LIST STAT: UTF-8 JSON
     message: str = ""  # refusals: what was wrong, for a human
 
@@ -193,6 +200,14 @@ def encode_request(req: Request, *, mac: bool = False, req_id: int | None = None
         body = _U64.pack(req.target)
     elif op is Opcode.LIST:
         body = _short(req.after.encode("utf-8"))
+    elif op is Opcode.RESUME:
+        awaited = req.awaited
+        if len(req.session) != SESSION_ID_BYTES or len(req.secret) != RESUME_SECRET_BYTES:
+            raise ValueError("RESUME needs a 32-byte session id and a 32-byte secret")
+        if len(awaited) > 0xFFFF:
+            raise ValueError("RESUME lists at most 65535 request ids")
+        body = (req.session + req.secret + _U16.pack(len(awaited))
+                + struct.pack(f">{len(awaited)}Q", *awaited))
     else:
         body = b""
     return head + body
@@ -241,6 +256,14 @@ def _decode_request_body(op: Opcode, req_id: int, r: _Reader) -> Request:
     if op is Opcode.CANCEL:
         (target,) = r.unpack(_U64)
         return Request(op, req_id, target=target)
+    if op is Opcode.RESUME:
+        session = r.take(SESSION_ID_BYTES)
+        secret = r.take(RESUME_SECRET_BYTES)
+        (count,) = r.unpack(_U16)
+        # More than RESUME_MAX_AWAITED parses (the service answers EINVAL), so a client
+        # that awaits too many learns why instead of losing its connection.
+        awaited = struct.unpack(f">{count}Q", r.take(8 * count))
+        return Request(op, req_id, session=session, secret=secret, awaited=awaited)
     if op is Opcode.LIST:
         raw = r.short_bytes(0, MAX_NAME_BYTES + 1, "cursor")
         try:
@@ -261,6 +284,8 @@ def encode_reply(rep: Reply, *, mac: bool = False) -> bytes:
         return head + _U32.pack(rep.value)
     if op in (Opcode.LIST, Opcode.STAT):
         return head + rep.data
+    if op is Opcode.RESUME:
+        return head + _U64.pack(rep.value)
     return head
 
 
@@ -290,5 +315,8 @@ def decode_reply(data: bytes) -> tuple[Reply, bytes, bytes | None]:
         rep = Reply(op, req_id, st, value=value)
     elif op in (Opcode.LIST, Opcode.STAT):
         rep = Reply(op, req_id, st, data=r.take(len(r.data) - r.pos))
+    elif op is Opcode.RESUME:
+        (value,) = r.unpack(_U64)
+        rep = Reply(op, req_id, st, value=value)
     r.end()
     return rep, data, mac

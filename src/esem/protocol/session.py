@@ -25,6 +25,7 @@ reply with the request's opcode.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from esem.errors import EsemError, IntegrityError, ProtocolError, error_for
 from esem.protocol.constants import (
     MAX_MESSAGE_BYTES,
     MAX_PLAINTEXT,
+    RESUME_SECRET_BYTES,
     VERSION,
     Direction,
     FrameKind,
@@ -46,6 +48,7 @@ from esem.protocol.crypto import (
     Responder,
     Transport,
     keybind_mac,
+    resume_verifier,
     verify_keybind_mac,
 )
 from esem.protocol.frames import FrameDecoder, encode_frame
@@ -112,6 +115,16 @@ def _split_handshake(body: bytes) -> tuple[FrameKind, bytes]:
         raise ProtocolError(f"unknown handshake frame kind {kind}") from None
 
 
+def seal_reply(reply: Reply, binding_id: bytes, mac_key: bytes | None = None) -> bytes:
+    """The plaintext body of ``reply`` (with its key-binding MAC under ``mac_key``, bound
+    to the session id ``binding_id``), ready to encrypt: what the service keeps in a
+    session's replay window and re-sends byte-identical after a RESUME."""
+    body = encode_reply(reply, mac=mac_key is not None)
+    if mac_key is not None:
+        body += keybind_mac(mac_key, binding_id, Direction.TO_CLIENT, body)
+    return _fits(body)
+
+
 class _Session:
     _transport: Transport | None
 
@@ -120,12 +133,25 @@ class _Session:
         self._decoder = FrameDecoder()
         self._out = bytearray()
         self._transport = None
+        # The id key-binding MACs bind: this handshake's hash, or, once this connection
+        # has resumed a session (PROTOCOL.md 16), the hash of the handshake that created
+        # that session, kept for its whole life.
+        self._binding: bytes | None = None
 
     @property
     def session_id(self) -> bytes:
+        """The handshake hash of this connection."""
         if self._transport is None:
             raise RuntimeError("session not established")
         return self._transport.session_id
+
+    @property
+    def binding_id(self) -> bytes:
+        """The id of the session this connection carries (``session_id`` unless it
+        resumed another): what key-binding MACs bind."""
+        if self._binding is not None:
+            return self._binding
+        return self.session_id
 
     @property
     def buffered(self) -> int:
@@ -158,7 +184,12 @@ class ServerSession(_Session):
         super().__init__(State.AWAIT_HELLO)
         self._responder: Responder | None = Responder(static_private)
         self._welcome: bytes | None = None  # NK message 2, until accept()
+        # V = BLAKE2s(R) of the resumption secret R sent in this connection's WELCOME; R
+        # itself is dropped as soon as the WELCOME is sealed.
+        self.verifier: bytes | None = None
         self._last_req_id = 0
+        self._first_request = True  # RESUME is valid only as the first request
+        self._resume_req_id = 0  # the RESUME's id, once this connection resumed
         # Frame bodies read but not yet turned into events: at most one read's worth,
         # because the shell stops reading while any are left.
         self._frames_in: deque[bytes] = deque()
@@ -239,7 +270,10 @@ class ServerSession(_Session):
         kind, payload = _split_handshake(body)
         if kind is not FrameKind.HELLO or self._responder is None:
             raise ProtocolError("expected HELLO")
-        self._welcome, self._transport = self._responder.respond(payload)
+        secret = os.urandom(RESUME_SECRET_BYTES)
+        self._welcome, self._transport = self._responder.respond(payload, secret)
+        self.verifier = resume_verifier(secret)
+        del secret
         self._responder = None
         self.state = State.HELLO_RECEIVED
         return HelloIn()
@@ -248,15 +282,34 @@ class ServerSession(_Session):
         assert self._transport is not None
         plaintext = self._transport.decrypt(body)
         req, signed, mac = decode_request(plaintext)
-        if req.req_id <= self._last_req_id:
+        if req.req_id <= self._last_req_id or req.req_id == self._resume_req_id:
             raise ProtocolError(f"request id {req.req_id} does not increase")
+        if req.opcode is Opcode.RESUME:
+            if not self._first_request:
+                raise ProtocolError("RESUME is valid only as the first request")
+            if mac is not None:
+                raise ProtocolError("RESUME carries no MAC")
+        elif req.opcode is Opcode.END and mac is not None:
+            raise ProtocolError("END carries no MAC")
+        self._first_request = False
         self._last_req_id = req.req_id
         return RequestIn(req, signed, mac)
+
+    def adopt(self, binding_id: bytes, last_req_id: int, resume_req_id: int) -> None:
+        """This connection now carries a resumed session (PROTOCOL.md 16): its MACs bind
+        ``binding_id``, and the requests the client re-sends (ids above ``last_req_id``,
+        below the RESUME's) and its new ones (above the RESUME's) are accepted in
+        increasing order; the RESUME's own id is never valid again."""
+        if self.state is not State.OPEN:
+            raise RuntimeError(f"cannot resume in state {self.state.value}")
+        self._binding = binding_id
+        self._last_req_id = last_req_id
+        self._resume_req_id = resume_req_id
 
     def authenticator(self, event: RequestIn) -> Callable[[bytes], None]:
         """The core's proof-of-key check for this request: raises
         ``CoreError(EKEYREJECTED)`` unless its MAC verifies under the given key."""
-        session_id = self.session_id
+        session_id = self.binding_id
 
         def auth(key: bytes) -> None:
             try:
@@ -268,13 +321,20 @@ class ServerSession(_Session):
 
         return auth
 
-    def send_reply(self, reply: Reply, *, mac_key: bytes | None = None) -> None:
-        """Queue ``reply``; with ``mac_key`` it carries the key-binding MAC under it."""
+    def send_reply(self, reply: Reply, *, mac_key: bytes | None = None) -> bytes:
+        """Queue ``reply``; with ``mac_key`` it carries the key-binding MAC under it.
+        Returns its plaintext body (for the replay window)."""
         if self.state is not State.OPEN or self._transport is None:
             raise RuntimeError(f"cannot reply in state {self.state.value}")
-        body = encode_reply(reply, mac=mac_key is not None)
-        if mac_key is not None:
-            body += keybind_mac(mac_key, self.session_id, Direction.TO_CLIENT, body)
+        body = seal_reply(reply, self.binding_id, mac_key)
+        self._out += encode_frame(self._transport.encrypt(body))
+        return body
+
+    def send_body(self, body: bytes) -> None:
+        """Queue a reply body made by ``seal_reply`` (a late reply, or one re-sent from
+        the replay window after a RESUME)."""
+        if self.state is not State.OPEN or self._transport is None:
+            raise RuntimeError(f"cannot reply in state {self.state.value}")
         self._out += encode_frame(self._transport.encrypt(_fits(body)))
 
 
@@ -282,6 +342,13 @@ class ServerSession(_Session):
 class _Pending:
     opcode: Opcode
     key: bytes | None  # the request carried a MAC under this key
+    body: bytes = b""  # its plaintext (MAC included), to re-send after a RESUME
+
+
+@dataclass(slots=True)
+class _Resuming:
+    old: ClientSession  # the session being resumed
+    req_id: int  # the RESUME's request id
 
 
 class ClientSession(_Session):
@@ -292,6 +359,11 @@ class ClientSession(_Session):
         self._initiator: Initiator | None = Initiator(service_public)
         self._next_req_id = 1
         self._pending: dict[int, _Pending] = {}
+        self.resumption_secret: bytes | None = None  # R, from this connection's WELCOME
+        self._resuming: _Resuming | None = None
+        # After a successful RESUME: the session's last executed request id (the
+        # awaited requests above it must be re-sent: ``resend``); None otherwise.
+        self.resumed_last: int | None = None
 
     def __repr__(self) -> str:
         return f"<ClientSession {self.state.value} pending={len(self._pending)}>"
@@ -334,10 +406,45 @@ class ClientSession(_Session):
             raise RuntimeError(f"request id {req_id} is in flight")
         body = encode_request(req, mac=key is not None, req_id=req_id)
         if key is not None:
-            body += keybind_mac(key, self.session_id, Direction.TO_SERVICE, body)
+            body += keybind_mac(key, self.binding_id, Direction.TO_SERVICE, body)
         frame = encode_frame(self._transport.encrypt(_fits(body)))
-        self._pending[req_id] = _Pending(req.opcode, key)
+        self._pending[req_id] = _Pending(req.opcode, key, body)
         return frame
+
+    def resume(self, old: ClientSession) -> bytes:
+        """The RESUME frame (first request on this new connection) asking the service to
+        carry on ``old``, a session whose connection was lost: it lists every request
+        ``old`` still awaits. On its OK reply (out of ``receive_data``) this session
+        takes over ``old``'s id, numbering and pending requests; then ``resend``."""
+        if self.state is not State.OPEN or self._transport is None:
+            raise RuntimeError(f"cannot send in state {self.state.value}")
+        if self._pending or self._next_req_id != 1 or self.resumed_last is not None:
+            raise RuntimeError("RESUME must be the first request of a connection")
+        if old.resumption_secret is None:
+            raise RuntimeError("the old session never completed its handshake")
+        req_id = old.next_request_id()
+        # Should the RESUME fail, this fresh session goes on numbering above it.
+        self._next_req_id = req_id + 1
+        req = Request(Opcode.RESUME, req_id, session=old.binding_id,
+                      secret=old.resumption_secret, awaited=tuple(sorted(old._pending)))
+        body = encode_request(req)
+        frame = encode_frame(self._transport.encrypt(_fits(body)))
+        self._pending[req_id] = _Pending(Opcode.RESUME, None, body)
+        self._resuming = _Resuming(old, req_id)
+        return frame
+
+    def resend(self) -> bytes:
+        """After a successful RESUME: the frames that re-send, in order and with their
+        original ids and plaintext, every awaited request the service had not executed
+        (id above ``resumed_last``)."""
+        if self.resumed_last is None or self._transport is None:
+            raise RuntimeError("no successful RESUME to re-send after")
+        out = bytearray()
+        for req_id in sorted(self._pending):
+            if req_id > self.resumed_last:
+                pending = self._pending[req_id]
+                out += encode_frame(self._transport.encrypt(pending.body))
+        return bytes(out)
 
     def receive_data(self, data: bytes) -> list[Reply]:
         """Feed bytes from the service; returns verified replies. Any frame that fails
@@ -376,6 +483,7 @@ class ClientSession(_Session):
         if kind is not FrameKind.WELCOME or self._initiator is None:
             raise ProtocolError("expected WELCOME")
         self._transport = self._initiator.finish(payload)
+        self.resumption_secret = self._initiator.secret
         self._initiator = None
         self.state = State.OPEN
 
@@ -383,12 +491,29 @@ class ClientSession(_Session):
         assert self._transport is not None
         reply, signed, mac = decode_reply(self._transport.decrypt(body))
         pending = self._pending.pop(reply.req_id, None)
-        if pending is None or pending.opcode is not reply.opcode:
+        # ESTALE (a reply lost across a restart) comes with opcode RESUME, whatever the
+        # request was: the service no longer knows it (PROTOCOL.md 16.2).
+        stale = (reply.status is Status.ESTALE and reply.opcode is Opcode.RESUME
+                 and self.resumed_last is not None and mac is None)
+        if pending is None or (pending.opcode is not reply.opcode and not stale):
             raise ProtocolError(f"reply {reply.req_id} answers no pending request")
+        resuming = self._resuming
+        if resuming is not None and reply.req_id == resuming.req_id:
+            self._resuming = None
+            if reply.status is Status.OK:
+                self._adopt(resuming.old, reply.value)
+            return reply
         if pending.key is None:
             if mac is not None:
                 raise ProtocolError("MAC on a reply to a request without one")
         elif mac is not None or reply.status is Status.OK:
             # Never accept a success on a key-bound semaphore without the key's MAC.
-            verify_keybind_mac(pending.key, self.session_id, Direction.TO_CLIENT, signed, mac)
+            verify_keybind_mac(pending.key, self.binding_id, Direction.TO_CLIENT, signed, mac)
         return reply
+
+    def _adopt(self, old: ClientSession, last_req_id: int) -> None:
+        self._binding = old.binding_id
+        self._next_req_id = max(self._next_req_id, old._next_req_id)
+        self._pending.update(old._pending)
+        old._pending = {}
+        self.resumed_last = last_req_id

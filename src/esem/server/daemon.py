@@ -63,6 +63,9 @@ class ServeConfig:
     switchless: bool = False  # offer sessions the shared-memory fast path (switchless.py)
     user: str | None = None  # drop to this user once the key is read and the socket bound
     metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on (metrics.py)
+    resume_grace: float = 5.0  # seconds a detached session waits for RESUME (0: none)
+    journal_dir: Path | None = None  # where the journal lives (None: in memory only)
+    fsync: bool = False  # fsync the journal before replies (group commit per loop turn)
 
 
 # -- hardening ---------------------------------------------------------------------------
@@ -359,7 +362,7 @@ async def _serve(config: ServeConfig, ready: asyncio.Event | None = None) -> Non
 async def _run(config: ServeConfig, private: bytes, listener: socket.socket, socket_fd: int,
                sock_ino: int, user: ServiceUser | None, notifier: Notifier,
                ready: asyncio.Event | None) -> None:
-    service = Service(private, config.quotas)
+    service = Service(private, config.quotas, resume_grace=config.resume_grace)
     if config.switchless:
         from esem.server.switchless import enable
 

@@ -25,19 +25,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import socket
 import struct
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Protocol, cast
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
 
 from esem.core import CoreError, Cred, Quotas, SemTable, SemView, Status, WaitDone, WaitMode
-from esem.core.table import Authenticator
+from esem.core.replay import ReplayWindow
+from esem.core.table import TOKEN_BYTES, Authenticator
 from esem.errors import EsemError
-from esem.protocol.constants import MAX_PLAINTEXT, Opcode, OpenFlag
-from esem.protocol.messages import Reply, Request
-from esem.protocol.session import HelloIn, RequestIn, ServerSession, State
+from esem.protocol.constants import MAX_PLAINTEXT, RESUME_MAX_AWAITED, Opcode, OpenFlag
+from esem.protocol.crypto import verifier_matches
+from esem.protocol.messages import Reply, Request, decode_request
+from esem.protocol.session import HelloIn, RequestIn, ServerSession, State, seal_reply
 from esem.safe_text import printable
 from esem.server.lograte import LogBucket
 
@@ -65,6 +69,14 @@ LIST_PAGE_ENTRIES = 64  # entries at most per LIST reply, whatever their size
 # counts stay exact), so a reply fits a frame however long the queue grows.
 STAT_LIST_CAP = 64
 MESSAGE_LOG_LIMIT = 300  # characters of peer-influenced text in one log line
+# Seconds a session whose connection was lost (its process still running) waits, detached,
+# for a RESUME before it ends (PROTOCOL.md 16.4); 0 disables resumption.
+RESUME_GRACE = 5.0
+PROCESS_CHECK = 1.0  # seconds between looks in /proc for the processes of detached sessions
+EXIT_RECHECK = 0.05  # seconds after a detach: a second look, for a process still exiting
+# Replies that never enter the replay window (PROTOCOL.md 16.3).
+_UNWINDOWED = frozenset({Opcode.RESUME, Opcode.END, Opcode.SWITCHLESS})
+_STALE_TEXT = "reply lost across a service restart"
 
 
 _END_TEXT = {
@@ -103,6 +115,42 @@ def _stat_json(view: SemView) -> bytes:
     return json.dumps(d).encode()
 
 
+class Journal(Protocol):
+    """Where the service records every acknowledged change before it replies
+    (``esem.server.journal.Journal``): records are appended as the table changes and
+    ``commit`` writes (and with --fsync syncs) them before any reply is written."""
+
+    def append(self, record: list[Any]) -> None: ...
+    def commit(self) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class SessionRecord:
+    """What the service keeps of a session beyond the table: what RESUME needs. All of
+    it but ``conn`` and ``grace`` is journaled."""
+
+    sid: int
+    binding: bytes  # the session id h of the handshake that created it (16.1)
+    verifier: bytes  # BLAKE2s(R) of its current resumption secret
+    conn: Connection | None = None  # None while detached
+    last_req_id: int = 0  # the highest request id executed, RESUME not counted
+    window: ReplayWindow = field(default_factory=ReplayWindow)
+    detached_at: float | None = None  # loop time it was detached, None while attached
+    grace: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True)
+class Ctx:
+    """What executing one request read from the world, so the journal can replay it
+    exactly: loop time, wall time, the handle tokens drawn, the pids found running."""
+
+    now: float = 0.0
+    wall: float = 0.0
+    tokens: list[bytes] = field(default_factory=list)
+    running: list[int] | None = None
+    replay: bool = False
+
+
 class Observer(Protocol):
     """What the service reports as it runs (``esem.server.metrics.Metrics``); called on
     the event-loop thread, so it must be cheap."""
@@ -128,6 +176,30 @@ def process_running(pid: int) -> bool:
     return state not in ([b"Z"], [b"X"])
 
 
+_PF_EXITING = 0x4  # <linux/sched.h>: the task is in do_exit
+
+
+def process_staying(pid: int) -> bool:
+    """Whether process ``pid`` runs and is not exiting: a lost connection of a process in
+    its exit (it closes its sockets before it becomes a zombie) is not held for a RESUME
+    that will never come. A process whose main thread alone has exited reads as exiting:
+    its sessions end as they did before resumption existed."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return True  # cannot tell: assume it runs
+    fields = stat.rpartition(b")")[2].split()
+    if not fields or fields[0] in (b"Z", b"X"):
+        return False
+    try:
+        return not int(fields[6]) & _PF_EXITING
+    except (IndexError, ValueError):
+        return True
+
+
 def peer_cred(sock: socket.socket) -> Cred:
     pid, uid, gid = _PEERCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -143,10 +215,18 @@ def _text(obj: object) -> str:
 class Service:
     """The semaphore table and the live connections that use it."""
 
-    def __init__(self, static_private: bytes, quotas: Quotas | None = None) -> None:
-        self.table = SemTable(quotas)
+    def __init__(self, static_private: bytes, quotas: Quotas | None = None, *,
+                 resume_grace: float = RESUME_GRACE) -> None:
+        self.table = SemTable(quotas, token_factory=self._token)
         self._static_private = static_private
+        self.resume_grace = resume_grace
         self._conns: dict[int, Connection] = {}
+        self._records: dict[int, SessionRecord] = {}  # every session in the table
+        self._by_binding: dict[bytes, SessionRecord] = {}
+        self._ctx = Ctx()  # the request being executed
+        self.journal: Journal | None = None
+        self.stopping = False
+        self._process_check: asyncio.TimerHandle | None = None
         self._next_sid = 1
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -169,8 +249,31 @@ class Service:
         return (f"<Service connections={len(self._conns)} "
                 f"half_open={sum(self._half_open.values())} {self.table!r}>")
 
+    def _token(self) -> bytes:
+        """The table's handle tokens: fresh random ones, drawn into the request's
+        context (journaled); in a replay, the recorded ones."""
+        ctx = self._ctx
+        if ctx.replay:
+            return ctx.tokens.pop(0)
+        token = secrets.token_bytes(TOKEN_BYTES)
+        ctx.tokens.append(token)
+        return token
+
+    def _log(self, record: list[Any]) -> None:
+        if self.journal is not None and not self._ctx.replay:
+            self.journal.append(record)
+
+    def commit(self) -> None:
+        """Write the journal records of this turn: called before any reply is written."""
+        if self.journal is not None:
+            self.journal.commit()
+
+    def detached(self) -> int:
+        return sum(1 for r in self._records.values() if r.conn is None)
+
     def statistics(self) -> dict[str, int]:
         return {"connections": len(self._conns), "sessions_started": self.sessions_started,
+                "detached": self.detached(),
                 "half_open": sum(self._half_open.values()),
                 "handshake_timeouts": self.handshake_timeouts, **self.table.statistics()}
 
@@ -228,25 +331,93 @@ class Service:
         conn.session.accept()
         conn.sid = sid
         self._conns[sid] = conn
+        binding, verifier = conn.session.session_id, conn.session.verifier
+        assert verifier is not None
+        rec = SessionRecord(sid, binding, verifier, conn)
+        self._records[sid] = rec
+        self._by_binding[binding] = rec
+        self._log(["start", sid, cred.uid, cred.gid, cred.pid, binding.hex(), verifier.hex()])
         self.sessions_started += 1
         self._uid_log(cred.uid, logging.INFO, "session %d start pid=%d uid=%d gid=%d",
                       sid, cred.pid, cred.uid, cred.gid)
         return sid
 
-    def _detach(self, conn: Connection, reason: str) -> None:
+    def _detach(self, conn: Connection, reason: str, *, final: bool = False) -> None:
+        """The connection is gone. Its session is detached (PROTOCOL.md 16.4) if it may
+        resume: not ``final`` (a protocol error, END), resumption enabled, its process
+        running. Otherwise it ends now."""
         self._handshake_over(conn)
         sid = conn.sid
         if sid is None or self._conns.get(sid) is not conn:
             return
         del self._conns[sid]
-        cred = self.table.session_cred(sid)
-        done = self.table.end_session(sid)
         conn.logs.flush(log, f"session {sid}")
-        self._uid_log(cred.uid, logging.INFO, "session %d end pid=%d uid=%d (%s)",
-                      sid, cred.pid, cred.uid, _text(reason))
+        rec = self._records[sid]
+        rec.conn = None
+        if self.stopping and self.journal is not None:
+            return  # the journal keeps the session: it comes back detached at restart
+        cred = self.table.session_cred(sid)
+        if not final and self.resume_grace > 0 and process_staying(cred.pid):
+            self._uid_log(cred.uid, logging.INFO, "session %d detached pid=%d uid=%d (%s)",
+                          sid, cred.pid, cred.uid, _text(reason))
+            self._log(["detach", sid])
+            self._hold_detached(rec)
+            return
+        self._end(sid, reason)
+
+    def _hold_detached(self, rec: SessionRecord) -> None:
+        """Keep a detached session for its grace period."""
+        loop = asyncio.get_running_loop()
+        rec.detached_at = loop.time()
+        rec.grace = loop.call_later(self.resume_grace, self._grace_over, rec)
+        # A process that is exiting closes its sockets before it becomes a zombie, so
+        # the look at detach can see it still running: look again very soon.
+        loop.call_later(EXIT_RECHECK, self._check_one, rec)
+        if self._process_check is None:
+            self._process_check = loop.call_later(PROCESS_CHECK, self._check_processes)
+
+    def _grace_over(self, rec: SessionRecord) -> None:
+        rec.grace = None
+        if rec.conn is None and self._records.get(rec.sid) is rec:
+            self._end(rec.sid, f"not resumed within {self.resume_grace:g} s")
+
+    def _check_one(self, rec: SessionRecord) -> None:
+        if (rec.conn is None and self._records.get(rec.sid) is rec
+                and not process_staying(self.table.session_cred(rec.sid).pid)):
+            self._end(rec.sid, "its process exited")
+
+    def _check_processes(self) -> None:
+        """End the detached sessions whose process is gone: nobody can resume them."""
+        self._process_check = None
+        waiting = False
+        for rec in list(self._records.values()):
+            if rec.conn is not None:
+                continue
+            if process_staying(self.table.session_cred(rec.sid).pid):
+                waiting = True
+            else:
+                self._end(rec.sid, "its process exited")
+        if waiting:
+            self._process_check = asyncio.get_running_loop().call_later(
+                PROCESS_CHECK, self._check_processes)
+
+    def _end(self, sid: int, reason: str) -> None:
+        """End a session for good, as a lost connection did before resumption."""
+        rec = self._records.pop(sid)
+        self._by_binding.pop(rec.binding, None)
+        if rec.grace is not None:
+            rec.grace.cancel()
+            rec.grace = None
+        cred = self.table.session_cred(sid)
+        self._log(["end", sid])
+        done = self.table.end_session(sid)
+        if not self._ctx.replay:
+            self._uid_log(cred.uid, logging.INFO, "session %d end pid=%d uid=%d (%s)",
+                          sid, cred.pid, cred.uid, _text(reason))
         self._deliver(done)
-        self._arm_timer()
-        self._flush()
+        if not self._ctx.replay:
+            self._arm_timer()
+            self._flush()
 
     def _handshake_expired(self, conn: Connection) -> None:
         if not conn.half_open:
@@ -273,8 +444,9 @@ class Service:
             self.observer.protocol_error()
         conn.logs.log(log, logging.WARNING, f"session {conn.sid}", time.monotonic(),
                       "session %s protocol error: %s; closing", conn.sid, _text(exc))
-        # Forget the session now, before any later grant could be sent to it.
-        self._detach(conn, f"protocol error: {exc}")
+        # Forget the session now, before any later grant could be sent to it; a session
+        # that broke the protocol can never be resumed.
+        self._detach(conn, f"protocol error: {exc}", final=True)
         conn.abort()
 
     def _serve(self, conn: Connection) -> None:
@@ -362,10 +534,56 @@ class Service:
         req = event.request
         sid = conn.sid
         assert sid is not None
-        table = self.table
+        op = req.opcode
+        if op is Opcode.RESUME:
+            return self._resume_session(conn, req)
+        if op is Opcode.END:
+            conn.session.send_reply(Reply(op, req.req_id, Status.OK))
+            conn.flush()
+            self._detach(conn, "ended by its client", final=True)
+            conn.close()
+            return Status.OK
+        if op is Opcode.SWITCHLESS:  # the connection's, not the session's: not journaled
+            reply = conn.upgrade(req)
+            conn.session.send_reply(reply)
+            return reply.status
+        loop = asyncio.get_running_loop()
+        ctx = self._ctx = Ctx(now=loop.time(), wall=time.time())
         # Only a request with a MAC can prove a key; without one the core refuses any
         # key-bound semaphore (auth None), which is the same answer, cheaper.
         auth = conn.session.authenticator(event) if event.mac is not None else None
+        rec = self._records[sid]
+        try:
+            reply, key = self._execute(sid, req, keyed=event.mac is not None, auth=auth)
+        finally:
+            self._ctx = Ctx()
+        rec.last_req_id = req.req_id
+        plaintext = event.signed if event.mac is None else event.signed + event.mac
+        if reply is None:  # a queued wait
+            self._log(["req", sid, plaintext.hex(), None, ctx.now, ctx.wall,
+                       [t.hex() for t in ctx.tokens], ctx.running])
+            return None
+        if reply.status is not Status.OK:
+            # A tenant can make every request fail: logged within the session's budget
+            # only; the core's text may carry a peer's name: escaped.
+            conn.logs.log(log, logging.INFO, f"session {sid}", time.monotonic(),
+                          "session %d refused %s: %s %s", sid, op.name, reply.status.name,
+                          _text(reply.message))
+        mac = event.mac is not None and key is not None and reply.status is not Status.EKEYREJECTED
+        body = conn.session.send_reply(reply, mac_key=key if mac else None)
+        rec.window.add(req.req_id, body)
+        self._log(["req", sid, plaintext.hex(), body.hex(), ctx.now, ctx.wall,
+                   [t.hex() for t in ctx.tokens], ctx.running])
+        return reply.status
+
+    def _execute(self, sid: int, req: Request, *, keyed: bool,
+                 auth: Authenticator | None) -> tuple[Reply | None, bytes | None]:
+        """Apply one request of session ``sid`` to the table in the context ``_ctx``:
+        live, or replayed from the journal (the same code, so a restore can never mean
+        anything else). Returns the reply (None for a queued wait) and the semaphore's
+        key for its MAC; grants it causes are delivered."""
+        table = self.table
+        ctx = self._ctx
         op = req.opcode
         key: bytes | None = None
         try:
@@ -377,20 +595,20 @@ class Service:
                     create=bool(req.oflag & OpenFlag.CREAT),
                     excl=bool(req.oflag & OpenFlag.EXCL),
                     mode=req.mode, value=req.value, key=req.key,
-                    robust=bool(req.oflag & OpenFlag.ROBUST), keyed=event.mac is not None,
-                    now_wall=time.time(), auth=auth,
+                    robust=bool(req.oflag & OpenFlag.ROBUST), keyed=keyed,
+                    now_wall=ctx.wall, auth=auth,
                     accept_foreign=bool(req.oflag & OpenFlag.FOREIGN),
                 )
                 key = opened.key
                 reply = Reply(op, req.req_id, Status.OK, handle=opened.handle,
                               created=opened.created)
             elif op is Opcode.WAIT:
-                now = asyncio.get_running_loop().time()
+                now = ctx.now
                 deadline = now + req.timeout_ns / 1e9 if req.wait_mode is WaitMode.TIMED else None
                 done = table.wait(sid, req.handle, req.req_id, mode=req.wait_mode, now=now,
                                   deadline=deadline, auth=auth)
                 if done is None:
-                    return None  # queued: answered later by a grant, timeout or cancel
+                    return None, key  # queued: answered later by a grant, timeout or cancel
                 reply = Reply(op, req.req_id, Status.OK)
             elif op is Opcode.POST:
                 granted = table.post(sid, req.handle, auth=auth)
@@ -405,11 +623,11 @@ class Service:
                 reply = Reply(op, req.req_id, Status.OK)
             elif op is Opcode.UNLINK:
                 key = table.key_for_name(req.name)
-                table.unlink(sid, req.name, keyed=event.mac is not None, auth=auth)
+                table.unlink(sid, req.name, keyed=keyed, auth=auth)
                 reply = Reply(op, req.req_id, Status.OK)
             elif op is Opcode.RECLAIM:
                 key = table.key_for_name(req.name)
-                reply = self._reclaim(sid, req, keyed=event.mac is not None, auth=auth)
+                reply = self._reclaim(sid, req, keyed=keyed, auth=auth)
             elif op is Opcode.CANCEL:
                 cancelled = table.cancel(sid, req.target)
                 if cancelled is not None:
@@ -421,40 +639,105 @@ class Service:
                 reply = Reply(op, req.req_id, Status.OK, handle=opened.handle)
             elif op is Opcode.LIST:
                 reply = Reply(op, req.req_id, Status.OK, data=self._list_page(sid, req.after))
-            elif op is Opcode.SWITCHLESS:
-                reply = conn.upgrade(req)
             elif op is Opcode.STAT:
                 key = table.key_for_name(req.name)
-                view = table.view(sid, req.name, cap=STAT_LIST_CAP,
-                                  keyed=event.mac is not None, auth=auth)
+                view = table.view(sid, req.name, cap=STAT_LIST_CAP, keyed=keyed, auth=auth)
                 reply = Reply(op, req.req_id, Status.OK, data=_stat_json(view))
             else:
                 reply = Reply(op, req.req_id, Status.OK)
         except CoreError as exc:
-            # A tenant can make every request fail: logged within the session's budget
-            # only; the core's text may carry a peer's name: escaped.
-            conn.logs.log(log, logging.INFO, f"session {sid}", time.monotonic(),
-                          "session %d refused %s: %s %s", sid, op.name, exc.status.name,
-                          _text(exc.message))
             reply = Reply(op, req.req_id, exc.status, message=exc.message)
-        mac = event.mac is not None and key is not None and reply.status is not Status.EKEYREJECTED
-        conn.session.send_reply(reply, mac_key=key if mac else None)
-        return reply.status
+        return reply, key
+
+    def _resume_session(self, conn: Connection, req: Request) -> Status:
+        """RESUME (PROTOCOL.md 16.2): carry on a detached (or still attached) session
+        over this connection, whose own fresh session is discarded."""
+        fresh = conn.sid
+        assert fresh is not None and conn.cred is not None
+
+        def refuse(status: Status, text: str) -> Status:
+            conn.session.send_reply(Reply(Opcode.RESUME, req.req_id, status, message=text))
+            return status
+
+        if self.resume_grace <= 0:
+            return refuse(Status.ENOENT, "no such session (resumption is disabled)")
+        if len(req.awaited) > RESUME_MAX_AWAITED:
+            return refuse(Status.EINVAL, f"RESUME lists more than {RESUME_MAX_AWAITED} "
+                          "request ids")
+        rec = self._by_binding.get(req.session)
+        if rec is None or rec.sid == fresh:
+            return refuse(Status.ENOENT, "no such session")
+        cred = self.table.session_cred(rec.sid)
+        # uid, pid and secret are all checked, the secret in constant time, and a failure
+        # says which was wrong only as "EACCES": the peer proves ownership or learns nothing.
+        if (cred.uid != conn.cred.uid or cred.pid != conn.cred.pid
+                or not verifier_matches(rec.verifier, req.secret)):
+            log.warning("session %d: refused RESUME of session %d from pid=%d uid=%d",
+                        fresh, rec.sid, conn.cred.pid, conn.cred.uid)
+            return refuse(Status.EACCES, "wrong session secret, uid or pid")
+        if req.req_id <= rec.last_req_id or any(r >= req.req_id for r in req.awaited):
+            return refuse(Status.EINVAL, "RESUME's request id must exceed the session's")
+        old = rec.conn
+        if old is not None:  # the new connection proved ownership: the old one goes
+            rec.conn = None
+            self._conns.pop(rec.sid, None)
+            old.sid = None
+            old.abort()
+        if rec.grace is not None:
+            rec.grace.cancel()
+            rec.grace = None
+        # Discard the connection's own fresh session (it has done nothing) and carry the
+        # old one, under a rotated secret.
+        fresh_rec = self._records.pop(fresh)
+        self._by_binding.pop(fresh_rec.binding, None)
+        del self._conns[fresh]
+        self.table.end_session(fresh)
+        verifier = conn.session.verifier
+        assert verifier is not None
+        rec.verifier = verifier
+        rec.conn = conn
+        rec.detached_at = None
+        conn.sid = rec.sid
+        self._conns[rec.sid] = conn
+        self._log(["resume", rec.sid, fresh, verifier.hex()])
+        session = conn.session
+        session.adopt(rec.binding, rec.last_req_id, req.req_id)
+        session.send_reply(Reply(Opcode.RESUME, req.req_id, Status.OK, value=rec.last_req_id))
+        replayed = stale = 0
+        for awaited in sorted(req.awaited):
+            if awaited > rec.last_req_id:
+                break
+            body = rec.window.get(awaited)
+            if body is not None:
+                session.send_body(body)
+                replayed += 1
+            elif not self.table.queued(rec.sid, awaited):
+                session.send_reply(Reply(Opcode.RESUME, awaited, Status.ESTALE,
+                                         message=_STALE_TEXT))
+                stale += 1
+        log.info("session %d resumed by pid=%d uid=%d (last request %d, %d replies "
+                 "re-sent, %d stale)", rec.sid, cred.pid, cred.uid, rec.last_req_id,
+                 replayed, stale)
+        return Status.OK
 
     def _reclaim(self, sid: int, req: Request, *, keyed: bool,
                  auth: Authenticator | None) -> Reply:
         # A recorded holder whose process still runs lost its session, not its critical
         # section: its units stay (the core decides; this shell only looks in /proc).
         running: set[int] = set()
+        ctx = self._ctx
+        recorded = set(ctx.running or ())
 
         def still_running(pid: int) -> bool:
-            if process_running(pid):
+            if (pid in recorded) if ctx.replay else process_running(pid):
                 running.add(pid)
                 return True
             return False
 
         units, done = self.table.reclaim(sid, req.name, keyed=keyed, auth=auth,
                                          running=still_running)
+        if not ctx.replay:
+            ctx.running = sorted(running)
         cred = self.table.session_cred(sid)
         # An operator's recovery changes a count outside the normal flow: visible at -q.
         log.log(logging.WARNING if units else logging.INFO,
@@ -483,14 +766,20 @@ class Service:
                 f'"entries": [{",".join(entries)}]}}').encode()
 
     def _deliver(self, done: list[WaitDone]) -> None:
-        """Answer waits that ended outside their own request (grant, timeout, cancel)."""
+        """Answer waits that ended outside their own request (grant, timeout, cancel):
+        each final reply enters its session's replay window and, if the session is
+        attached, is sent. A detached session finds it there when it resumes."""
         for d in done:
-            conn = self._conns[d.sid]  # a session leaves the table when it leaves _conns
+            rec = self._records[d.sid]  # a session leaves the table when it leaves _records
             reply = Reply(Opcode.WAIT, d.req_id, d.status, message=_END_TEXT.get(d.status, ""))
             if self.observer is not None:
                 self.observer.wait_ended(d.status)
-            conn.session.send_reply(reply, mac_key=d.key)
-            self._dirty.add(conn)
+            body = seal_reply(reply, rec.binding, d.key)
+            rec.window.add(d.req_id, body)
+            conn = rec.conn
+            if conn is not None:
+                conn.session.send_body(body)
+                self._dirty.add(conn)
 
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, set()
@@ -513,14 +802,25 @@ class Service:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self._deliver(self.table.expire(asyncio.get_running_loop().time()))
+        now = asyncio.get_running_loop().time()
+        done = self.table.expire(now)
+        if done:
+            self._log(["expire", now])
+        self._deliver(done)
         self._arm_timer()
         self._flush()
 
     def close_all(self) -> None:
+        """The service stops. With a journal every session stays in it (they come back
+        detached at the next start); without, they end as their connections do."""
+        self.stopping = True
+        self.commit()
         for conn in list(self._conns.values()):
-            self._detach(conn, "service stopping")
+            self._detach(conn, "service stopping", final=True)
             conn.abort()
+        if self.journal is None:
+            for sid in list(self._records):
+                self._end(sid, "service stopping")
 
 
 class Connection(asyncio.Protocol):
@@ -622,6 +922,7 @@ class Connection(asyncio.Protocol):
     def flush(self) -> None:
         data = self.session.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
+            self.service.commit()  # a reply is written only after its journal records
             self.transport.write(data)
 
     def close(self) -> None:

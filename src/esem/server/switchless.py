@@ -355,7 +355,7 @@ class SwitchlessConnection(Connection):
             return
         self.logs.log(log, logging.WARNING, f"session {self.sid}", time.monotonic(),
                       "session %s protocol error: %s; closing", self.sid, printable(str(exc)))
-        self.service._detach(self, f"protocol error: {exc}")
+        self.service._detach(self, f"protocol error: {exc}", final=True)
         self.abort()
 
     def abort(self) -> None:
