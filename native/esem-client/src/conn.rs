@@ -757,6 +757,8 @@ fn usable(c: &Client) -> bool {
 pub fn process_client() -> Result<&'static Client> {
     ATFORK.call_once(|| {
         let _ = sys::at_fork_child(after_fork_in_child);
+        // Keep the exit hook's object in every link that uses the process client.
+        std::hint::black_box(&END_AT_EXIT);
     });
     if let Some(c) = current().filter(|c| usable(c)) {
         return Ok(c);

@@ -245,6 +245,8 @@ struct Tool {
     responder: Option<Responder>,
     transport: Option<Transport>,
     client: Option<ClientSession>,
+    /// The new connection's session while `client` reconnects (`client_reconnect`).
+    fresh: Option<ClientSession>,
 }
 
 impl Tool {
@@ -369,6 +371,33 @@ impl Tool {
                 };
                 let (id, frame) = c.send_request(&req.body, key.as_deref())?;
                 Ok(json!({"ok": true, "req_id": id, "hex": hex(&frame)}))
+            }
+            "client_detach" => {
+                let c = self
+                    .client
+                    .as_mut()
+                    .ok_or_else(|| Error::Misuse("no client".into()))?;
+                c.detach()?;
+                Ok(json!({"ok": true}))
+            }
+            "client_reconnect" => {
+                let ini = Initiator::new(&bytes(v, "public")?)?;
+                let mut fresh = ClientSession::with_initiator(ini);
+                let hello = fresh.start()?;
+                self.fresh = Some(fresh);
+                Ok(json!({"ok": true, "hex": hex(&hello)}))
+            }
+            // While reconnecting: the WELCOME goes to the new connection's session, and
+            // once it is established the detached session RESUMEs over it.
+            "client_receive" if self.fresh.is_some() => {
+                let mut fresh = self.fresh.take().expect("checked");
+                fresh.receive_data(&bytes(v, "hex")?)?;
+                let c = self
+                    .client
+                    .as_mut()
+                    .ok_or_else(|| Error::Misuse("no client".into()))?;
+                c.resume_over(fresh)?;
+                Ok(json!({"ok": true, "replies": [], "outgoing": hex(&c.take_outgoing())}))
             }
             "client_receive" => {
                 let c = self

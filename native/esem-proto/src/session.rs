@@ -12,7 +12,8 @@
 //! new connection and hands it to `resume_over()`: `DETACHED --> RESUMING`, a RESUME
 //! listing the awaited ids queued in `take_outgoing()`. Its OK reply (`last_req_id` L)
 //! brings `RESUMING --> OPEN` and queues, in id order, every pending request above L;
-//! the others are answered by the service (replayed, still queued, or ESTALE). A refused
+//! the others are answered by the service (replayed, still queued, or ESTALE with
+//! opcode RESUME, which only a resumed session accepts for any pending id). A refused
 //! RESUME closes the session with `Error::Lost`. Key-binding MACs bind the id of the
 //! handshake that created the session for its whole life (`session_id()`).
 //! The service side is here too, small, for tests and the interop tool.
@@ -116,6 +117,8 @@ pub struct ClientSession {
     resuming: Option<(u64, ResumeSecret)>,
     /// Frames the shell must write (the RESUME, then re-sent requests).
     outgoing: Vec<u8>,
+    /// Resumed at least once: an ESTALE with opcode RESUME may answer any pending id.
+    resumed: bool,
 }
 
 impl std::fmt::Debug for ClientSession {
@@ -146,6 +149,7 @@ impl ClientSession {
             secret: None,
             resuming: None,
             outgoing: Vec::new(),
+            resumed: false,
         }
     }
 
@@ -452,8 +456,15 @@ impl ClientSession {
             self.on_resumed(&reply)?;
             return Ok(None);
         }
+        let stale = self.resumed
+            && reply.opcode == Opcode::RESUME
+            && reply.status == Status::ESTALE
+            && d.mac.is_none();
         let pending = match self.pending.remove(&reply.req_id) {
             Some(p) if p.opcode == reply.opcode => p,
+            // The service lost this reply across a restart and no longer knows the
+            // request's opcode (PROTOCOL.md 16.2): it says so under RESUME's.
+            Some(_) if stale => return Ok(Some(reply)),
             _ => {
                 return Err(Error::protocol(format!(
                     "reply {} answers no pending request",
@@ -500,6 +511,7 @@ impl ClientSession {
         self.resuming = None;
         self.secret = Some(new_secret);
         self.state = State::Open;
+        self.resumed = true;
         let transport = self
             .transport
             .as_mut()

@@ -400,7 +400,7 @@ fn fuzz_resuming_client() {
         };
         s.send_reply(&reply, None).unwrap();
         let stale = Reply {
-            opcode: Opcode::POST,
+            opcode: Opcode::RESUME,
             req_id: 1,
             status: Status::ESTALE,
             body: ReplyBody::Refusal(b"reply lost".to_vec()),

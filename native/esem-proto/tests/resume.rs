@@ -294,8 +294,9 @@ fn estale_answers_an_awaited_request() {
         None,
     )
     .unwrap();
+    // The service no longer knows the request's opcode: ESTALE comes under RESUME's.
     let stale = Reply {
-        opcode: Opcode::POST,
+        opcode: Opcode::RESUME,
         req_id: id,
         status: Status::ESTALE,
         body: ReplyBody::Refusal(b"reply lost across a service restart".to_vec()),
@@ -304,6 +305,49 @@ fn estale_answers_an_awaited_request() {
     assert_eq!(c.receive_data(&s2.data_to_send()).unwrap(), vec![stale]);
     assert!(c.take_outgoing().is_empty()); // 1 is not re-sent: the service had it
     assert_eq!(Status::ESTALE.errno(), 116);
+}
+
+#[test]
+fn estale_under_resume_only_on_a_resumed_session() {
+    let k = keys();
+    let stale = |req_id| Reply {
+        opcode: Opcode::RESUME,
+        req_id,
+        status: Status::ESTALE,
+        body: ReplyBody::Refusal(b"lost".to_vec()),
+    };
+    // Never resumed: a reply with another request's opcode is a protocol error.
+    let (mut c, mut s) = connect(&k, [1; 32]);
+    let (id, f) = c.send_request(&post(), None).unwrap();
+    requests(&mut s, &f);
+    s.send_reply(&stale(id), None).unwrap();
+    assert!(matches!(
+        c.receive_data(&s.data_to_send()),
+        Err(Error::Protocol(_))
+    ));
+    // Resumed: an ESTALE under RESUME for an id that is not pending is one too.
+    let (mut c, mut s) = connect(&k, [1; 32]);
+    let (id, f) = c.send_request(&post(), None).unwrap();
+    requests(&mut s, &f);
+    c.detach().unwrap();
+    let (fresh, mut s2) = connect(&k, [2; 32]);
+    c.resume_over(fresh).unwrap();
+    requests(&mut s2, &c.take_outgoing());
+    s2.send_reply(
+        &Reply {
+            opcode: Opcode::RESUME,
+            req_id: 2,
+            status: Status::OK,
+            body: ReplyBody::LastReqId(id),
+        },
+        None,
+    )
+    .unwrap();
+    s2.send_reply(&stale(id + 7), None).unwrap();
+    assert!(matches!(
+        c.receive_data(&s2.data_to_send()),
+        Err(Error::Protocol(_))
+    ));
 }
 
 #[test]
