@@ -300,3 +300,20 @@ def test_a_restart_with_the_client_idle_goes_unnoticed(
     assert c("sid") == sid
     assert c("post") == "ok"
     assert stat(restartable, sem_name)["value"] == 2
+
+
+def test_closing_a_client_ends_its_session_at_once(native_build: Path, sem_name: str) -> None:
+    """A client that is closed sends END: the service ends the session at once (its
+    robust unit is released) instead of keeping it detached through the grace period
+    (ten minutes here), although its process still runs."""
+    svc = EmbeddedService(extra_args=["--resume-grace", "600", "--no-journal"])
+    os.chmod(svc.dir, 0o755)
+    svc.start()
+    try:
+        c = Esemc(native_build / "examples" / "esemc", client_env(svc))
+        assert c(f"hold-and-close {sem_name}") == "ok"
+        wait_for(lambda: stat(svc, sem_name)["value"] == 1, "the closed session's unit back")
+        assert not stat(svc, sem_name)["holders"]
+        assert c("ping") == "ok"  # the process's own session is untouched
+    finally:
+        svc.cleanup()
