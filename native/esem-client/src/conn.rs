@@ -273,7 +273,7 @@ impl Shared {
         match (&*sock).write_all(&out) {
             Ok(()) => Ok(sock),
             Err(e) if resume::is_connection_loss(&e) => {
-                self.detach_locked(inner).map_err(|e| Attempt::Fatal(e))?;
+                self.detach_locked(inner).map_err(Attempt::Fatal)?;
                 Err(Attempt::Retry(e.to_string()))
             }
             Err(e) => Err(Attempt::Fatal(ClientError::Unavailable(e.to_string()))),

@@ -29,7 +29,7 @@ pub fn resume_timeout() -> Option<Duration> {
         return Some(DEFAULT_RESUME_TIMEOUT);
     };
     match raw.trim().parse::<f64>() {
-        Ok(s) if s == 0.0 => None,
+        Ok(0.0) => None,
         Ok(s) if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s.min(86_400.0))),
         _ => Some(DEFAULT_RESUME_TIMEOUT),
     }
