@@ -36,7 +36,7 @@ use crate::sys::{self, Polled};
 use esem_proto::consts::{CONNECT_TIMEOUT_SECS, KEEPALIVE_INTERVAL_SECS};
 use esem_proto::{ClientSession, Reply, RequestBody, Status};
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -128,7 +128,7 @@ impl Shared {
         if let Err(e) = Self::check_fd(conn) {
             return Err(self.fail_locked(inner, e));
         }
-        match (&*conn.sock).write_all(frame) {
+        match sys::send_all(&conn.sock, frame) {
             Ok(()) => Ok(()),
             Err(e) if resume::is_connection_loss(&e) && inner.session.resumable() => {
                 // Wake the reader (its poll sees the shutdown) to reconnect.
@@ -170,7 +170,7 @@ impl Shared {
         if let Ok((_, frame)) = inner.session.send_request(&RequestBody::End, None) {
             if let Some(conn) = &inner.conn {
                 if Self::check_fd(conn).is_ok() {
-                    let _ = (&*conn.sock).write_all(&frame);
+                    let _ = sys::send_all(&conn.sock, &frame);
                 }
             }
         }
@@ -270,7 +270,7 @@ impl Shared {
         });
         self.fd.store(sock.as_raw_fd(), Ordering::Release);
         inner.last_rx = Instant::now();
-        match (&*sock).write_all(&out) {
+        match sys::send_all(&sock, &out) {
             Ok(()) => Ok(sock),
             Err(e) if resume::is_connection_loss(&e) => {
                 self.detach_locked(inner).map_err(Attempt::Fatal)?;
@@ -428,7 +428,7 @@ fn handshake(
     let hello = session.start()?;
     // A service that refuses us writes its reason and hangs up, perhaps before our
     // HELLO is out: a failed write is not the end, read the reason first.
-    let _ = (&stream).write_all(&hello);
+    let _ = sys::send_all(&stream, &hello);
     let mut buf = [0u8; 1024];
     while !session.established() {
         let left = deadline.saturating_duration_since(Instant::now());
