@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path

@@ -775,6 +775,100 @@ class SemTable:
                          if w.deadline is not None)
         assert len(self._deadlines) - stale == live_timed
 
+    # ------------------------------------------------------------ snapshot
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole table as plain data (ints, strings, lists; bytes as hex), for the
+        service's journal: ``restore`` of it is a table that answers every later call
+        exactly as this one would. O(size)."""
+        # A timed wait's heap sequence orders waits with equal deadlines: kept, so a
+        # restored table ends them in the same order.
+        seq = {id(e[2]): e[1] for e in self._deadlines if e[2].active}
+        sems = []
+        for sem in self._alive.values():
+            sems.append([
+                sem.sem_id, sem.name, sem.linked, sem.value, sem.initial, sem.owner_uid,
+                sem.owner_gid, sem.mode, None if sem.key is None else sem.key.hex(),
+                sem.robust, sem.created, sem.posts, sem.waits, sem.robust_releases,
+                sem.robust_forgiven, sem.reclaimed,
+                [[sid, n] for sid, n in sem.holdings.items()],  # oldest holder first
+                [[pid, n] for pid, n in sem.dead_holdings.items()],
+                [[w.sid, w.req_id, w.handle.token.hex(), w.deadline, seq.get(id(w), 0)]
+                 for w in sem.waiters.values()],  # FIFO
+            ])
+        sessions = [[sess.sid, sess.cred.uid, sess.cred.gid, sess.cred.pid,
+                     [[h.token.hex(), h.sem.sem_id] for h in sess.handles.values()]]
+                    for sess in self._sessions.values()]
+        return {"next_sem_id": self._next_sem_id, "heap_seq": self._heap_seq, "sems": sems,
+                "sessions": sessions}
+
+    @classmethod
+    def restore(cls, data: dict[str, Any], quotas: Quotas | None = None,
+                token_factory: TokenFactory | None = None) -> SemTable:
+        """The table ``snapshot`` described (the counters and indexes derived again).
+        Raises ``ValueError`` for data that is not a consistent snapshot."""
+        table = cls(quotas, token_factory)
+        try:
+            table._restore(data)
+        except (KeyError, IndexError, TypeError, AssertionError) as exc:
+            raise ValueError(f"not a consistent table snapshot: {exc!r}") from None
+        return table
+
+    def _restore(self, data: dict[str, Any]) -> None:
+        self._next_sem_id = int(data["next_sem_id"])
+        self._heap_seq = int(data["heap_seq"])
+        for sid, uid, gid, pid, _ in data["sessions"]:
+            assert sid not in self._sessions, f"session {sid} twice"
+            self._sessions[sid] = _Session(sid, Cred(uid=uid, gid=gid, pid=pid))
+            self._sessions_by_uid[uid] += 1
+        for (sem_id, name, linked, value, initial, owner_uid, owner_gid, mode, key, robust,
+             created, posts, waits, releases, forgiven, reclaimed, holdings, dead,
+             _) in data["sems"]:
+            assert sem_id not in self._alive and sem_id < self._next_sem_id
+            sem = _Sem(sem_id=sem_id, name=name, value=value, initial=initial,
+                       owner_uid=owner_uid, owner_gid=owner_gid, mode=mode,
+                       key=None if key is None else bytes.fromhex(key), robust=robust,
+                       created=created, linked=linked, posts=posts, waits=waits,
+                       robust_releases=releases, robust_forgiven=forgiven,
+                       reclaimed=reclaimed)
+            for sid, n in holdings:
+                sem.holdings[sid] = n
+                sem.held += n
+                self._sessions[sid].held.add(sem)
+            sem.dead_holdings = {pid: n for pid, n in dead}
+            self._alive[sem_id] = sem
+            self._sems_by_uid[owner_uid] += 1
+            if linked:
+                assert name not in self._names, f"name {name} twice"
+                self._names[name] = sem
+        for sid, _, _, _, handles in data["sessions"]:
+            sess = self._sessions[sid]
+            for token_hex, sem_id in handles:
+                token = bytes.fromhex(token_hex)
+                assert token not in self._tokens, "a handle token twice"
+                handle = _Handle(token, self._alive[sem_id], sid)
+                sess.handles[token] = handle
+                self._tokens[token] = handle
+                handle.sem.handles += 1
+        for entry in data["sems"]:
+            sem = self._alive[entry[0]]
+            for sid, req_id, token_hex, deadline, seq in entry[-1]:
+                handle = self._tokens[bytes.fromhex(token_hex)]
+                assert handle.sid == sid and handle.sem is sem
+                waiter = _Waiter(sid, req_id, handle, deadline)
+                sem.waiters[(sid, req_id)] = waiter
+                self._waiters_by_uid[self._sessions[sid].cred.uid] += 1
+                if deadline is not None:
+                    assert 0 < seq <= self._heap_seq
+                    self._deadlines.append((deadline, seq, waiter))
+        heapq.heapify(self._deadlines)
+        # A session's queued waits in the order they queued: request ids increase.
+        for sem in self._alive.values():
+            for waiter in sem.waiters.values():
+                self._sessions[waiter.sid].waits[waiter.req_id] = waiter
+        for sess in self._sessions.values():
+            sess.waits = dict(sorted(sess.waits.items()))
+
     # --------------------------------------------------------------- helpers
 
     def _session(self, sid: int) -> _Session:

@@ -30,12 +30,15 @@ import resource
 import signal
 import socket
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from esem.core import Quotas
 from esem.paths import KEY_NAME, pubkey_path
 from esem.protocol.crypto import KEY_BYTES, generate_static_key, public_key_of
+from esem.server.journal import Journal, JournalError
+from esem.server.journal import load as load_journal
 from esem.server.service import Service
 from esem.trusted_path import UntrustedPath, check_entry, open_trusted_dir, proc_path
 
@@ -334,9 +337,15 @@ async def _serve(config: ServeConfig, ready: asyncio.Event | None = None) -> Non
     except BaseException:
         os.close(state_fd)
         raise
+    journal: Journal | None = None
     try:
         try:
             private = load_or_create_key(state_fd, config.state_dir)
+            service = Service(private, config.quotas, resume_grace=config.resume_grace)
+            # Before the socket is bound and the key published: a journal that does not
+            # verify stops the start-up with nothing announced.
+            if config.journal_dir is not None:
+                journal = _open_journal(config, service, private)
             claim_socket(socket_fd, config.socket_path)
             listener, sock_ino = bind_socket(socket_fd, config.socket_path,
                                              config.socket_mode)
@@ -349,20 +358,57 @@ async def _serve(config: ServeConfig, ready: asyncio.Event | None = None) -> Non
             raise
     except BaseException:
         os.close(socket_fd)
+        if journal is not None:
+            journal.close()
         raise
     finally:
         os.close(state_fd)
     try:
-        await _run(config, private, listener, socket_fd, sock_ino, user, notifier, ready)
+        await _run(config, service, listener, socket_fd, sock_ino, user, notifier, ready)
     finally:
+        if journal is not None:
+            journal.close()
         os.close(socket_fd)
         notifier.close()
 
 
-async def _run(config: ServeConfig, private: bytes, listener: socket.socket, socket_fd: int,
+def _open_journal(config: ServeConfig, service: Service, private: bytes) -> Journal:
+    """Restore the service from its journal (refusing a journal that does not verify or
+    replay, never starting empty over it), then begin a new journal file from the
+    restored state."""
+    assert config.journal_dir is not None
+    where = config.journal_dir
+    dir_fd = open_service_dir(where)
+    started = time.monotonic()
+    try:
+        loaded = load_journal(dir_fd, private)
+        if loaded is not None:
+            service.restore(loaded.snapshot, loaded.records)
+    except (JournalError, ValueError) as exc:
+        os.close(dir_fd)
+        raise StartupError(f"the journal in {where} cannot be used: {exc}. Refusing to start "
+                           "over it; move it away (and its .head) to start empty") from None
+    journal = Journal(dir_fd, private, fsync=config.fsync)
+    if loaded is not None:
+        journal.resume_at(loaded.last_seq)
+    journal.start(service.snapshot_state())
+    service.journal = journal
+    stats = service.table.statistics()
+    if loaded is not None:
+        log.info("restored %d semaphores and %d sessions from the journal in %s (%d records%s)"
+                 " in %.3f s", stats["semaphores"], stats["sessions"], where,
+                 len(loaded.records), f", a torn last record of {loaded.torn} bytes ignored"
+                 if loaded.torn else "", time.monotonic() - started)
+    else:
+        log.info("new journal in %s%s", where, " (fsync)" if config.fsync else "")
+    return journal
+
+
+async def _run(config: ServeConfig, service: Service, listener: socket.socket, socket_fd: int,
                sock_ino: int, user: ServiceUser | None, notifier: Notifier,
                ready: asyncio.Event | None) -> None:
-    service = Service(private, config.quotas, resume_grace=config.resume_grace)
+    private = service._static_private
+    service.start_restored()
     if config.switchless:
         from esem.server.switchless import enable
 

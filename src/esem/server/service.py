@@ -38,8 +38,8 @@ from esem.core import CoreError, Cred, Quotas, SemTable, SemView, Status, WaitDo
 from esem.core.replay import ReplayWindow
 from esem.core.table import TOKEN_BYTES, Authenticator
 from esem.errors import EsemError
-from esem.protocol.constants import MAX_PLAINTEXT, RESUME_MAX_AWAITED, Opcode, OpenFlag
-from esem.protocol.crypto import verifier_matches
+from esem.protocol.constants import MAX_PLAINTEXT, RESUME_MAX_AWAITED, Direction, Opcode, OpenFlag
+from esem.protocol.crypto import verifier_matches, verify_keybind_mac
 from esem.protocol.messages import Reply, Request, decode_request
 from esem.protocol.session import HelloIn, RequestIn, ServerSession, State, seal_reply
 from esem.safe_text import printable
@@ -122,6 +122,8 @@ class Journal(Protocol):
 
     def append(self, record: list[Any]) -> None: ...
     def commit(self) -> None: ...
+    def wants_compaction(self) -> bool: ...
+    def start(self, snapshot: dict[str, Any]) -> None: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -200,6 +202,15 @@ def process_staying(pid: int) -> bool:
         return True
 
 
+def boot_id() -> str:
+    """This boot's random id (Linux): a journal from another boot has no live clients."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def peer_cred(sock: socket.socket) -> Cred:
     pid, uid, gid = _PEERCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -226,6 +237,7 @@ class Service:
         self._ctx = Ctx()  # the request being executed
         self.journal: Journal | None = None
         self.stopping = False
+        self.restored_boot: str | None = None  # the boot id of the journal restored
         self._process_check: asyncio.TimerHandle | None = None
         self._next_sid = 1
         self._timer: asyncio.TimerHandle | None = None
@@ -265,8 +277,121 @@ class Service:
 
     def commit(self) -> None:
         """Write the journal records of this turn: called before any reply is written."""
-        if self.journal is not None:
-            self.journal.commit()
+        journal = self.journal
+        if journal is not None:
+            journal.commit()
+            if journal.wants_compaction():
+                journal.start(self.snapshot_state())
+
+    # ------------------------------------------------------- journal: restore
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """Everything the journal must keep, as plain data: the table and, per session,
+        what RESUME needs (never a secret: V only)."""
+        return {
+            "format": 1,
+            "boot_id": boot_id(),
+            "next_sid": self._next_sid,
+            "table": self.table.snapshot(),
+            "sessions": [[r.sid, r.binding.hex(), r.verifier.hex(), r.last_req_id,
+                          r.conn is None, [[i, b.hex()] for i, b in r.window]]
+                         for r in self._records.values()],
+        }
+
+    def restore(self, snapshot: dict[str, Any], records: list[tuple[int, list[Any]]]) -> None:
+        """Rebuild the state from a verified journal: the snapshot, then every record
+        replayed through the same code that executed it (``_execute`` over the one
+        table). Raises ``ValueError`` if the journal does not replay to what it recorded.
+        Every session comes back detached; ``start_restored`` gives them their grace."""
+        position = 0
+        try:
+            self.table = SemTable.restore(snapshot["table"], self.table.quotas,
+                                          token_factory=self._token)
+            self._next_sid = int(snapshot["next_sid"])
+            for sid, binding, verifier, last, _detached, window in snapshot["sessions"]:
+                rec = SessionRecord(sid, bytes.fromhex(binding), bytes.fromhex(verifier),
+                                    last_req_id=last)
+                for req_id, body in window:
+                    rec.window.add(req_id, bytes.fromhex(body))
+                self._records[sid] = rec
+                self._by_binding[rec.binding] = rec
+            for seq, record in records:
+                position = seq
+                self._replay(record)
+        except (KeyError, IndexError, TypeError, ValueError, CoreError, EsemError) as exc:
+            where = f"record seq {position}" if position else "its snapshot"
+            raise ValueError(f"the journal does not replay at {where}: {exc!r}") from None
+        finally:
+            self._ctx = Ctx()
+        self.restored_boot = snapshot.get("boot_id")
+
+    def _replay(self, record: list[Any]) -> None:
+        kind = record[0]
+        self._ctx = Ctx(replay=True)
+        if kind == "start":
+            _, sid, uid, gid, pid, binding, verifier = record
+            self.table.add_session(sid, Cred(uid=uid, gid=gid, pid=pid))
+            rec = SessionRecord(sid, bytes.fromhex(binding), bytes.fromhex(verifier))
+            self._records[sid] = rec
+            self._by_binding[rec.binding] = rec
+            self._next_sid = max(self._next_sid, sid + 1)
+        elif kind == "req":
+            _, sid, plaintext, body, now, wall, tokens, running = record
+            req, signed, mac = decode_request(bytes.fromhex(plaintext))
+            rec = self._records[sid]
+            self._ctx = Ctx(now=now, wall=wall, tokens=[bytes.fromhex(t) for t in tokens],
+                            running=running, replay=True)
+            auth = None
+            if mac is not None:
+                binding = rec.binding
+
+                def auth(key: bytes) -> None:
+                    try:
+                        verify_keybind_mac(key, binding, Direction.TO_SERVICE, signed, mac)
+                    except EsemError:
+                        raise CoreError(Status.EKEYREJECTED, "key-bound semaphore: missing "
+                                        "or invalid key MAC") from None
+
+            reply, key = self._execute(sid, req, keyed=mac is not None, auth=auth)
+            rec.last_req_id = req.req_id
+            if (reply is None) != (body is None):
+                raise ValueError(f"request {req.req_id} of session {sid} did not replay")
+            if reply is not None:
+                use = key is not None and reply.status is not Status.EKEYREJECTED
+                sealed = seal_reply(reply, rec.binding, key if use and mac else None)
+                if sealed != bytes.fromhex(body):
+                    raise ValueError(f"request {req.req_id} of session {sid} replayed to "
+                                     "another reply")
+                rec.window.add(req.req_id, sealed)
+        elif kind == "expire":
+            self._deliver(self.table.expire(record[1]))
+        elif kind == "detach":
+            pass  # every restored session is detached
+        elif kind == "end":
+            self._end(record[1], "ended")
+        elif kind == "resume":
+            _, sid, fresh, verifier = record
+            fresh_rec = self._records.pop(fresh)
+            self._by_binding.pop(fresh_rec.binding, None)
+            self.table.end_session(fresh)
+            self._records[sid].verifier = bytes.fromhex(verifier)
+        else:
+            raise ValueError(f"unknown record {kind!r}")
+
+    def start_restored(self) -> None:
+        """On the event loop, after ``restore``: a journal from another boot has no live
+        client (its processes are gone, their pids may be reused), so its sessions end
+        now; otherwise every session waits detached for a fresh grace period. Timed
+        waits keep their deadlines: CLOCK_MONOTONIC is system-wide, so within one boot
+        they need no rebase."""
+        other_boot = self.restored_boot not in (None, boot_id())
+        for rec in list(self._records.values()):
+            if other_boot or self.resume_grace <= 0:
+                self._end(rec.sid, "restored from a journal of another boot" if other_boot
+                          else "restored, resumption disabled")
+            else:
+                self._hold_detached(rec)
+        self._arm_timer()
 
     def detached(self) -> int:
         return sum(1 for r in self._records.values() if r.conn is None)
@@ -544,9 +669,9 @@ class Service:
             conn.close()
             return Status.OK
         if op is Opcode.SWITCHLESS:  # the connection's, not the session's: not journaled
-            reply = conn.upgrade(req)
-            conn.session.send_reply(reply)
-            return reply.status
+            upgraded = conn.upgrade(req)
+            conn.session.send_reply(upgraded)
+            return upgraded.status
         loop = asyncio.get_running_loop()
         ctx = self._ctx = Ctx(now=loop.time(), wall=time.time())
         # Only a request with a MAC can prove a key; without one the core refuses any
@@ -558,10 +683,12 @@ class Service:
         finally:
             self._ctx = Ctx()
         rec.last_req_id = req.req_id
-        plaintext = event.signed if event.mac is None else event.signed + event.mac
+        plaintext = event.signed if event.mac is None else event.signed + event.mac  # as sent
+        journal = self.journal
         if reply is None:  # a queued wait
-            self._log(["req", sid, plaintext.hex(), None, ctx.now, ctx.wall,
-                       [t.hex() for t in ctx.tokens], ctx.running])
+            if journal is not None:
+                journal.append(["req", sid, plaintext.hex(), None, ctx.now, ctx.wall,
+                                [t.hex() for t in ctx.tokens], ctx.running])
             return None
         if reply.status is not Status.OK:
             # A tenant can make every request fail: logged within the session's budget
@@ -572,8 +699,9 @@ class Service:
         mac = event.mac is not None and key is not None and reply.status is not Status.EKEYREJECTED
         body = conn.session.send_reply(reply, mac_key=key if mac else None)
         rec.window.add(req.req_id, body)
-        self._log(["req", sid, plaintext.hex(), body.hex(), ctx.now, ctx.wall,
-                   [t.hex() for t in ctx.tokens], ctx.running])
+        if journal is not None:
+            journal.append(["req", sid, plaintext.hex(), body.hex(), ctx.now, ctx.wall,
+                            [t.hex() for t in ctx.tokens], ctx.running])
         return reply.status
 
     def _execute(self, sid: int, req: Request, *, keyed: bool,
@@ -782,6 +910,8 @@ class Service:
                 self._dirty.add(conn)
 
     def _flush(self) -> None:
+        # Commit even with no reply to write: a wait that queued has its place recorded.
+        self.commit()
         dirty, self._dirty = self._dirty, set()
         for conn in dirty:
             conn.flush()
