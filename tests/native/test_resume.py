@@ -145,15 +145,22 @@ def test_mutual_exclusion_across_restarts_keeps_conservation(
         restartable: EmbeddedService, preload: Path, resume_prog: Path, sem_name: str,
         tmp_path: Path) -> None:
     """Three C workers take a value-1 semaphore around a read-modify-write of a counter
-    file while the service is SIGKILLed and restarted three times: never two inside at
+    file while the service is SIGKILLed and restarted three times (more with
+    ESEM_NATIVE_RESTARTS): never two inside at
     once (O_EXCL marker), the counter equals the sections completed, every worker
     finished without an error, and the semaphore is back at 1 with no holder."""
-    workers, iterations, restarts = 3, 60, 3
+    # ESEM_NATIVE_RESTARTS=N for a longer run (the workers' iterations grow with it).
+    restarts = int(os.environ.get("ESEM_NATIVE_RESTARTS", "3"))
+    workers, iterations = 3, max(60, 40 * restarts)
     work = tmp_path / "work"
     work.mkdir()
     procs = [run_all(resume_prog, restartable, preload, "mutex", sem_name, str(work),
                      str(iterations)) for _ in range(workers)]
     try:
+        # Restarts begin once every worker has its session (a program that starts while
+        # the service is down fails to connect, as before: nothing to resume yet).
+        for p in procs:
+            assert line(p) == "ready"
         rng = random.Random(14)
         done = 0
         for _ in range(restarts):
@@ -166,6 +173,7 @@ def test_mutual_exclusion_across_restarts_keeps_conservation(
         for rc, out, err in results:
             assert rc == 0 and f"done {iterations}" in out, (out, err)
         assert done >= 1, "the workers finished before any restart: nothing was tested"
+        print(f"{done} restarts, {workers * iterations} critical sections")
         assert int((work / "counter").read_text()) == workers * iterations
         assert not (work / "inside").exists()
         s = stat(restartable, sem_name)

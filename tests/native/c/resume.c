@@ -8,7 +8,7 @@
  *       ITERATIONS critical sections under NAME (created at 1): each creates DIR/inside
  *       with O_EXCL (so two workers inside at once is seen, not assumed), reads, bumps
  *       and rewrites DIR/counter, holds the section a little, removes DIR/inside and
- *       posts. Says "done N" at the end.
+ *       posts. Says "ready" once NAME is open, "done N" at the end.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -61,6 +61,8 @@ static int mutex_mode(const char *name, const char *dir, long iterations) {
     snprintf(inside, sizeof inside, "%s/inside", dir);
     snprintf(counter, sizeof counter, "%s/counter", dir);
     sem_t *s = open_sem(name, 1);
+    printf("ready\n");
+    fflush(stdout);
     for (long i = 0; i < iterations; i++) {
         take(s);
         int marker = open(inside, O_CREAT | O_EXCL | O_WRONLY, 0600);
