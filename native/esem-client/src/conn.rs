@@ -131,8 +131,9 @@ impl Shared {
         match sys::send_all(&conn.sock, frame) {
             Ok(()) => Ok(()),
             Err(e) if resume::is_connection_loss(&e) && inner.session.resumable() => {
-                // Wake the reader (its poll sees the shutdown) to reconnect.
-                let _ = conn.sock.shutdown(std::net::Shutdown::Both);
+                // The peer is gone, so the reader's poll sees the hang-up by itself,
+                // after it has read every reply the service wrote before it went (no
+                // shutdown here: those replies are what makes a resume exact).
                 Ok(())
             }
             Err(e) => {
