@@ -119,6 +119,9 @@ pub struct ClientSession {
     outgoing: Vec<u8>,
     /// Resumed at least once: an ESTALE with opcode RESUME may answer any pending id.
     resumed: bool,
+    /// The highest request id ever handed to a connection: a RESUME's `last_req_id`
+    /// above it would claim requests the service never received.
+    sent_upto: u64,
 }
 
 impl std::fmt::Debug for ClientSession {
@@ -150,6 +153,7 @@ impl ClientSession {
             resuming: None,
             outgoing: Vec::new(),
             resumed: false,
+            sent_upto: 0,
         }
     }
 
@@ -355,7 +359,9 @@ impl ClientSession {
                 .transport
                 .as_mut()
                 .ok_or_else(|| Error::misuse("no transport"))?;
-            encode_frame(&transport.encrypt(&msg)?)?
+            let frame = encode_frame(&transport.encrypt(&msg)?)?;
+            self.sent_upto = req_id;
+            frame
         } else {
             Vec::new()
         };
@@ -502,7 +508,7 @@ impl ClientSession {
                 )))
             }
         };
-        if last >= resume_id {
+        if last > self.sent_upto {
             return Err(Error::protocol(format!(
                 "service claims request {last}, which was never sent"
             )));
@@ -518,9 +524,10 @@ impl ClientSession {
             .ok_or_else(|| Error::protocol("no transport"))?;
         // In id order: those new to the service (above `last`), both the ones lost on
         // the old connection and the ones queued while detached.
-        for (_, p) in self.pending.range(last.saturating_add(1)..) {
+        for (id, p) in self.pending.range(last.saturating_add(1)..) {
             let frame = encode_frame(&transport.encrypt(&p.plaintext)?)?;
             self.outgoing.extend(frame);
+            self.sent_upto = *id;
         }
         Ok(())
     }

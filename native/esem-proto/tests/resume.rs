@@ -246,14 +246,21 @@ fn refused_resume_loses_the_session() {
 fn nothing_but_the_resume_reply_comes_first() {
     let k = keys();
     let bad_firsts = [
-        // A reply to an awaited request before the RESUME's.
+        // A reply to an awaited request before the RESUME's (3).
         ok(Opcode::POST, 1),
-        // A last_req_id at or above the RESUME's own id: never sent.
+        // A last_req_id above every request ever sent (1): 2 was only queued while
+        // detached, 3 is the RESUME itself.
         Reply {
             opcode: Opcode::RESUME,
-            req_id: 2,
+            req_id: 3,
             status: Status::OK,
             body: ReplyBody::LastReqId(2),
+        },
+        Reply {
+            opcode: Opcode::RESUME,
+            req_id: 3,
+            status: Status::OK,
+            body: ReplyBody::LastReqId(3),
         },
     ];
     for bad in bad_firsts {
@@ -261,6 +268,7 @@ fn nothing_but_the_resume_reply_comes_first() {
         let (_, f) = c.send_request(&post(), None).unwrap();
         requests(&mut s, &f);
         c.detach().unwrap();
+        c.send_request(&RequestBody::Ping, None).unwrap(); // 2, queued
         let (fresh, mut s2) = connect(&k, [2; 32]);
         c.resume_over(fresh).unwrap();
         requests(&mut s2, &c.take_outgoing());
