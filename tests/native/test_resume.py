@@ -14,6 +14,7 @@ import json
 import os
 import random
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,8 +36,11 @@ ANSWER = 60.0  # seconds a step may take before the test calls it hung (never a 
 
 @pytest.fixture(scope="module")
 def resume_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.skip("no C compiler: these tests compile a small C program")
     exe = tmp_path_factory.mktemp("c") / "resume"
-    subprocess.run(["gcc", "-Wall", "-Wextra", "-Werror", "-O1", str(HERE / "c" / "resume.c"),
+    subprocess.run([gcc, "-Wall", "-Wextra", "-Werror", "-O1", str(HERE / "c" / "resume.c"),
                     "-o", str(exe)], check=True)
     return exe
 
