@@ -329,3 +329,21 @@ def test_closing_a_client_ends_its_session_at_once(native_build: Path, sem_name:
         assert c("ping") == "ok"  # the process's own session is untouched
     finally:
         svc.cleanup()
+
+
+def test_the_process_sends_end_when_it_exits(
+        service: EmbeddedService, proxied: MitmProxy, native_build: Path) -> None:
+    """A program's exit (its last line read, main returns) sends END on its session
+    (from the client's exit hook, after the program's own atexit handlers): one more
+    request frame reaches the service after the last call (its reply may find the
+    program gone)."""
+    c = via(proxied, service, native_build)
+    assert c("ping") == "ok"
+    link = proxied.link(0)
+    sent = link.count("c2s")
+    assert c.proc.stdin is not None
+    c.proc.stdin.close()
+    assert c.proc.wait(timeout=ANSWER) == 0
+    assert link.wait_until(lambda: link.closed_by is not None, ANSWER)
+    assert link.count("c2s") == sent + 1  # the END, and nothing else
+    assert len(proxied.links) == 1
