@@ -339,3 +339,22 @@ def test_app_smoke_measures_the_vault_on_both_backends(tmp_path: Path) -> None:
                           ("esem", "socket", "vault", "overhead")}
     assert all(r["value"] > 0 for r in rows if r["metric"] == "requests_per_s")
     assert "FILE VAULT requests per second" in result.stdout
+
+
+def test_journal_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "journal.json"
+    before = set(Path("/dev/shm").glob("esem-bench-journal-*"))
+    result = esem("bench", "journal", "--smoke", "-n", "20", "--sizes", "1,20",
+                  "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = load(out)
+    got = {(r["case"], r["metric"]) for r in rows}
+    for config in ("no-journal", "tmpfs", "disk-fsync"):
+        assert {(f"post/{config}", "median"), (f"post/{config}", "p99"),
+                (f"post/{config}/service-cpu", "cpu_per_mop")} <= got
+    assert {("restart/1", "seconds"), ("restart/20", "seconds")} <= got
+    assert {("resume-all/1", "seconds"), ("resume-all/5", "seconds")} <= got
+    assert "restart on a tmpfs" in result.stdout
+    assert set(Path("/dev/shm").glob("esem-bench-journal-*")) <= before  # cleaned up
+    refused = esem("bench", "journal", "--smoke", "--socket", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "--socket does not apply" in refused.stderr

@@ -255,3 +255,27 @@ def test_a_dead_process_session_ends_at_once(svc: EmbeddedService, names: str) -
     s = stat(svc, names)
     assert s["holders_total"] == 0 and s["value"] == 1
     c.call(Request(Opcode.UNLINK, 0, name=names))
+
+
+def test_grace_zero_disables_resumption(tmp_path: object) -> None:
+    with EmbeddedService(extra_args=["--resume-grace", "0", "--no-journal"]) as svc:
+        a = raw(svc)
+        a.call(Request(Opcode.PING, 0))
+        a.drop()
+        time.sleep(0.1)
+        r = raw(svc).resume(a)
+        assert r.status is Status.ENOENT and "disabled" in r.message
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--no-journal", "--fsync"], "--no-journal excludes"),
+    (["--resume-grace", "-1"], "not negative"),
+    (["--resume-grace", "nan"], "finite"),
+])
+def test_serve_option_misuse_is_exit_2(args: list[str], message: str) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "esem", "serve", "--dir", "/nonexistent/x",
+                             *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr

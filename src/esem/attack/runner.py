@@ -19,6 +19,7 @@ from esem.attack.base import Outcome, Target
 # id -> module implementing ``run(target: Target) -> list[Outcome]``
 ATTACKS: dict[str, str] = {
     "A1": "esem.attack.a1_tamper",
+    "A1-JOURNAL": "esem.attack.a1_journal",  # A1 at rest: the service's journal edited
     "A2": "esem.attack.a2_mitm",
     "A2-RING": "esem.attack.a2_ring",  # A2 against switchless sessions' shared rings
     "A3": "esem.attack.a3_rogue",

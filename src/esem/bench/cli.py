@@ -193,6 +193,22 @@ def register(sub: Any) -> None:
     _json(b)
 
     b = bsub.add_parser(
+        "journal", help="crash safety's cost: post latency and service CPU without a "
+        "journal, on tmpfs, on disk with fsync; restart time", formatter_class=fmt,
+        description=_wrap("Post latency (median, p99) and the service's CPU per post of "
+        "three daemons in the same run: no journal, the journal on tmpfs, the journal on "
+        "disk with --fsync; then the restart time (SIGKILL, then exec until listening) "
+        "of a service holding 1, 1,000 and 100,000 semaphores in its journal."),
+        epilog=JSON_SCHEMA)
+    b.add_argument("-n", "--posts", type=_bounded(int, 10, 10**7), metavar="N",
+                   help="posts per configuration (default 5000; smoke 200)")
+    b.add_argument("--sizes", type=_int_list(1, 10**6), metavar="N,N,...",
+                   help="semaphore counts for the restart times (default 1,1000,100000; "
+                   "smoke 1,100)")
+    _common(b, modes=False)
+    _json(b)
+
+    b = bsub.add_parser(
         "all", help="run every benchmark; write results.json, report.md and plots",
         formatter_class=fmt,
         description=_wrap("Run micro, latsem, stress and peer (and the application benchmark "
@@ -273,6 +289,10 @@ def run(args: argparse.Namespace) -> int:
             from esem.bench import peer
 
             return peer.run(opts, args.json, args.iterations, args.procs, args.seconds)
+        if args.bench == "journal":
+            from esem.bench import journal
+
+            return journal.run(opts, args.json, args.posts, args.sizes)
         if args.bench == "all":
             from esem.bench import all as all_benches
 
