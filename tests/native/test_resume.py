@@ -145,6 +145,34 @@ def test_sem_wait_blocked_across_a_service_restart_is_granted(
             waiter.communicate()
 
 
+def test_a_fork_child_resumes_its_own_session_not_its_parents(
+        restartable: EmbeddedService, preload: Path, resume_prog: Path,
+        native_build: Path, sem_name: str) -> None:
+    """A C program forks after sem_open; parent and child both block in sem_wait across
+    a restart. The child's session is its own (opened by the fork handler, never the
+    parent's inherited one), so each process resumes its own, and two posts grant both:
+    neither sees an error (a child that tried to resume its parent's session would be
+    refused: another pid)."""
+    prog = run_all(resume_prog, restartable, preload, "forkwait", sem_name)
+    try:
+        assert sorted([line(prog), line(prog)]) == ["waiting child", "waiting parent"]
+        wait_for(lambda: stat(restartable, sem_name)["waiters"] == 2, "both WAITs queued")
+        restart(restartable)
+        poster = Esemc(native_build / "examples" / "esemc", client_env(restartable))
+        assert poster(f"open {sem_name} - 0 600") == "ok created=0"
+        assert poster("post") == "ok"
+        assert poster("post") == "ok"
+        assert sorted([line(prog), line(prog)]) == ["granted child", "granted parent"]
+        rc, out, err = finish(prog)
+        assert rc == 0, (out, err)
+        s = stat(restartable, sem_name)
+        assert s["value"] == 0 and s["waiters"] == 0, s
+    finally:
+        if prog.poll() is None:
+            os.killpg(prog.pid, signal.SIGKILL)
+            prog.communicate()
+
+
 def test_mutual_exclusion_across_restarts_keeps_conservation(
         restartable: EmbeddedService, preload: Path, resume_prog: Path, sem_name: str,
         tmp_path: Path) -> None:

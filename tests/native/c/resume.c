@@ -4,6 +4,9 @@
  *
  *   resume wait NAME
  *       open NAME (created at 0), say "waiting", sem_wait, say "granted".
+ *   resume forkwait NAME
+ *       open NAME (created at 0), fork; parent and child each say "waiting ROLE",
+ *       sem_wait, say "granted ROLE"; the parent exits with the child's status.
  *   resume mutex NAME DIR ITERATIONS
  *       ITERATIONS critical sections under NAME (created at 1): each creates DIR/inside
  *       with O_EXCL (so two workers inside at once is seen, not assumed), reads, bumps
@@ -17,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static void die(const char *what) {
@@ -54,6 +58,25 @@ static int wait_mode(const char *name) {
     printf("granted\n");
     fflush(stdout);
     return 0;
+}
+
+static int forkwait_mode(const char *name) {
+    sem_t *s = open_sem(name, 0);
+    pid_t child = fork();
+    if (child < 0)
+        die("fork");
+    const char *role = child == 0 ? "child" : "parent";
+    printf("waiting %s\n", role);
+    fflush(stdout);
+    take(s);
+    printf("granted %s\n", role);
+    fflush(stdout);
+    if (child == 0)
+        return 0;
+    int status = 0;
+    if (waitpid(child, &status, 0) != child)
+        die("waitpid");
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
 }
 
 static int mutex_mode(const char *name, const char *dir, long iterations) {
@@ -100,8 +123,11 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc == 3 && strcmp(argv[1], "wait") == 0)
         return wait_mode(argv[2]);
+    if (argc == 3 && strcmp(argv[1], "forkwait") == 0)
+        return forkwait_mode(argv[2]);
     if (argc == 5 && strcmp(argv[1], "mutex") == 0)
         return mutex_mode(argv[2], argv[3], atol(argv[4]));
-    fprintf(stderr, "usage: resume wait NAME | resume mutex NAME DIR ITERATIONS\n");
+    fprintf(stderr, "usage: resume wait NAME | resume forkwait NAME | "
+                    "resume mutex NAME DIR ITERATIONS\n");
     return 2;
 }
