@@ -375,3 +375,30 @@ def test_the_process_sends_end_when_it_exits(
     assert link.wait_until(lambda: link.closed_by is not None, ANSWER)
     assert link.count("c2s") == sent + 1  # the END, and nothing else
     assert len(proxied.links) == 1
+
+
+def test_a_service_with_another_key_is_never_resumed_with(
+        native_build: Path, sem_name: str) -> None:
+    """The service comes back with a different key (its key file replaced): the client
+    re-reads the published key before reconnecting and fails the session as an
+    integrity error at once; it never runs a handshake with, let alone resumes to, a
+    service it did not pin."""
+    svc = EmbeddedService(extra_args=["--no-journal"])
+    os.chmod(svc.dir, 0o755)
+    svc.start()
+    try:
+        victim = Esemc(native_build / "examples" / "esemc", client_env(svc))
+        assert victim(f"open {sem_name} c 0 600") == "ok created=1"
+        old_key = svc.pubkey
+        victim.send("wait")
+        wait_for(lambda: stat(svc, sem_name)["waiters"] == 1, "the WAIT queued")
+        assert svc.proc is not None
+        os.kill(svc.proc.pid, signal.SIGKILL)
+        svc.proc.wait()
+        (svc.dir / "service.key").unlink()
+        svc.start()
+        assert svc.pubkey != old_key
+        answer = victim.answer()
+        assert answer.startswith("err Integrity") and "another key" in answer, answer
+    finally:
+        svc.cleanup()

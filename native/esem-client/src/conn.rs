@@ -75,6 +75,8 @@ struct Shared {
     /// The pinned service key and where it came from (re-checked on reconnect).
     key: [u8; 32],
     key_source: KeySource,
+    /// `ESEM_RESUME_TIMEOUT` at connect; `None`: resumption off.
+    resume_timeout: Option<Duration>,
     /// The current connection's descriptor (for the fork-child handler), -1 if none.
     fd: AtomicI32,
     inner: Mutex<Inner>,
@@ -188,7 +190,7 @@ impl Shared {
             if inner.failure.is_some() {
                 return None;
             }
-            let timeout = match resume::resume_timeout() {
+            let timeout = match self.resume_timeout {
                 Some(t) if inner.session.resumable() => t,
                 _ => {
                     self.fail_locked(inner, unavailable(&why));
@@ -529,13 +531,14 @@ impl Client {
                 sock.display()
             ))
         })?;
-        Self::connect_pinned(
-            &sock,
-            &key,
+        let source = if paths::pubkey_from_env() {
+            KeySource::Given
+        } else {
             KeySource::Published {
                 default_location: default,
-            },
-        )
+            }
+        };
+        Self::connect_pinned(&sock, &key, source)
     }
 
     /// Connect to `sock`, pinning `service_public`.
@@ -559,6 +562,7 @@ impl Client {
             path: sock.to_path_buf(),
             key: *service_public,
             key_source,
+            resume_timeout: resume::resume_timeout(),
             fd: AtomicI32::new(fd),
             inner: Mutex::new(Inner {
                 session,

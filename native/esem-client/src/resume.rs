@@ -23,7 +23,7 @@ pub const BACKOFF_MAX: Duration = Duration::from_millis(200);
 /// How long to keep reconnecting after a lost connection: `ESEM_RESUME_TIMEOUT`
 /// (seconds, fractions allowed; 0 turns resumption off), else 10 s. A value that does
 /// not parse is the default rather than "off": a typo must not silently remove crash
-/// safety.
+/// safety. Read when a client connects, in the caller's thread.
 pub fn resume_timeout() -> Option<Duration> {
     let Ok(raw) = std::env::var("ESEM_RESUME_TIMEOUT") else {
         return Some(DEFAULT_RESUME_TIMEOUT);
@@ -82,9 +82,10 @@ impl Backoff {
 /// Where the pinned key came from, to re-read it as at the first connect.
 #[derive(Clone, Copy, Debug)]
 pub enum KeySource {
-    /// `ESEM_PUBKEY` or the published key file beside the socket (`paths::read_pubkey`).
+    /// The published key file beside the socket (`paths::read_published_key`).
     Published { default_location: bool },
-    /// Given by the program (`Client::connect_to`): nothing to re-read.
+    /// Given by the program (`Client::connect_to`) or by `ESEM_PUBKEY`: nothing to
+    /// re-read (the environment is read once, at connect, never by the reader thread).
     Given,
 }
 
@@ -100,7 +101,7 @@ pub fn recheck_key(
     let KeySource::Published { default_location } = source else {
         return Ok(());
     };
-    match paths::read_pubkey(sock, default_location) {
+    match paths::read_published_key(sock, default_location) {
         Ok(k) if &k == pinned => Ok(()),
         Ok(_) => Err(Some(ClientError::Channel(esem_proto::Error::Integrity(
             format!(
