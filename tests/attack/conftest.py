@@ -24,7 +24,10 @@ def target() -> Iterator[Target]:
 
 def _target(work: Path) -> Iterator[Target]:
     os.chmod(work, 0o755)
-    with EmbeddedService(work / "service") as svc:
+    # A victim whose client failed (IntegrityError) cannot END its session: the service
+    # sees only its connection close and holds the session detached for the grace
+    # period. A short one keeps the attacks' "session forgotten" checks within SETTLE.
+    with EmbeddedService(work / "service", extra_args=["--resume-grace", "1"]) as svc:
         os.chmod(svc.dir, 0o755)
         old = os.environ.get("ESEM_SOCKET")
         os.environ["ESEM_SOCKET"] = str(svc.socket_path)

@@ -343,7 +343,7 @@ def test_app_smoke_measures_the_vault_on_both_backends(tmp_path: Path) -> None:
 
 def test_journal_smoke(tmp_path: Path) -> None:
     out = tmp_path / "journal.json"
-    before = set(Path("/dev/shm").glob("esem-bench-journal-*"))
+    before = set(Path("/dev/shm").glob("jbench-*"))
     result = esem("bench", "journal", "--smoke", "-n", "20", "--sizes", "1,20",
                   "--json", str(out))
     assert result.returncode == 0, result.stderr
@@ -355,6 +355,6 @@ def test_journal_smoke(tmp_path: Path) -> None:
     assert {("restart/1", "seconds"), ("restart/20", "seconds")} <= got
     assert {("resume-all/1", "seconds"), ("resume-all/5", "seconds")} <= got
     assert "restart on a tmpfs" in result.stdout
-    assert set(Path("/dev/shm").glob("esem-bench-journal-*")) <= before  # cleaned up
+    assert set(Path("/dev/shm").glob("jbench-*")) <= before  # cleaned up
     refused = esem("bench", "journal", "--smoke", "--socket", str(tmp_path / "x"))
     assert refused.returncode == 2 and "--socket does not apply" in refused.stderr

@@ -72,6 +72,19 @@ def test_what_is_written_reads_back(jdir: Path) -> None:
     assert got.snapshot == SNAP
     assert [r for _, r in got.records] == [["req", i, "x" * (i % 7)] for i in range(5)]
     assert [s for s, _ in got.records] == [2, 3, 4, 5, 6] and got.last_seq == 6
+
+
+def test_a_commit_is_one_record_of_its_changes(jdir: Path) -> None:
+    j = write(jdir, 0)
+    for i in range(3):
+        j.append(["grouped", i])
+    assert j.pending == 3
+    j.commit()
+    j.close()
+    got = load(jdir)
+    assert got is not None and got.records == [(2, ["grouped", 0]), (2, ["grouped", 1]),
+                                               (2, ["grouped", 2])]
+    assert len(offsets(jdir)) == 2  # the snapshot, and one record for the commit
     assert oct((jdir / JOURNAL_NAME).stat().st_mode & 0o777) == "0o600"
     assert oct((jdir / HEAD_NAME).stat().st_mode & 0o777) == "0o600"
 
@@ -160,9 +173,7 @@ def test_whole_records_cut_off_the_end_are_detected_by_the_head(jdir: Path) -> N
 def test_a_torn_last_record_beyond_the_head_is_tolerated(jdir: Path) -> None:
     j = write(jdir, 4)
     # a crash in the middle of writing the next group: part of a record, head not updated
-    j.append(["torn", "a" * 100])
-    data = bytes(j._buf)
-    j._buf.clear()
+    data = j._encode(b'[["torn","' + b"a" * 100 + b'"]]')
     with open(jdir / JOURNAL_NAME, "ab") as f:
         f.write(data[: len(data) // 2])
     got = load(jdir)
@@ -229,3 +240,17 @@ def test_a_compaction_interrupted_after_the_head_is_completed(jdir: Path) -> Non
     got = load(jdir)
     assert got is not None and got.snapshot["table"] == {"n": 3}
     assert not (jdir / NEW_NAME).exists()
+
+
+def test_a_compaction_the_directory_refuses_keeps_the_journal_whole(jdir: Path) -> None:
+    j = write(jdir, 2)
+    (jdir / NEW_NAME).mkdir()  # a real obstacle: the temporary name is taken by a directory
+    assert not j.compact({"format": 1, "table": {"n": 9}})
+    assert j.compaction_error is not None
+    j.append(["after", 1])
+    j.commit()
+    j.close()
+    (jdir / NEW_NAME).rmdir()
+    got = load(jdir)
+    assert got is not None and got.snapshot == SNAP  # the old file, still whole
+    assert got.records[-1][1] == ["after", 1] and len(got.records) == 3

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from esem.core.status import Status
-from esem.protocol.constants import Opcode
+from esem.protocol.constants import Opcode, OpenFlag
 from esem.protocol.messages import Request
 from esem.server.embedded import EmbeddedService
 
@@ -279,3 +279,30 @@ def test_serve_option_misuse_is_exit_2(args: list[str], message: str) -> None:
     result = subprocess.run([sys.executable, "-m", "esem", "serve", "--dir", "/nonexistent/x",
                              *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_each_resumption_rotates_the_secret_and_keeps_the_key_binding(
+        svc: EmbeddedService, names: str) -> None:
+    """The second resumption needs the secret of the first resuming connection's WELCOME
+    (the original one no longer works), and key-binding MACs keep binding the session's
+    original id: a keyed POST after two resumptions verifies both ways."""
+    key = bytes(range(7, 39))
+    a = raw(svc)
+    r = a.call(Request(Opcode.OPEN, 0, name=names, oflag=OpenFlag.CREAT, mode=0o600,
+                       value=0, key=key), key=key)
+    assert r.status is Status.OK
+    handle = r.handle
+    a.drop()
+    a2 = raw(svc)
+    assert a2.resume(a).status is Status.OK
+    assert a2.session.resumption_secret != a.session.resumption_secret
+    a2.drop()
+    stale_secret = raw(svc).resume(a)  # the first secret, after it was rotated
+    assert stale_secret.status is Status.EACCES
+    a3 = raw(svc)
+    assert a3.resume(a2).status is Status.OK
+    posted = a3.call(Request(Opcode.POST, 0, handle=handle), key=key)
+    assert posted.status is Status.OK  # the client verified the reply's MAC (original h)
+    got = a3.call(Request(Opcode.GETVALUE, 0, handle=handle), key=key)
+    assert got.status is Status.OK and got.value == 1
+    assert a3.call(Request(Opcode.UNLINK, 0, name=names), key=key).status is Status.OK

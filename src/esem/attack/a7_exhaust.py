@@ -461,6 +461,9 @@ def connecting_victim(sock: Path, pubkey: bytes) -> Flood:
             client = Client(sock, pubkey=pubkey)
             try:
                 client.call(Request(Opcode.PING, 0))
+                # Done with it: END, so the session leaves the uid's quota now instead of
+                # waiting detached for a RESUME (PROTOCOL.md 16.4).
+                client.call(Request(Opcode.END, 0))
                 ok += 1
             except EsemError as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")

@@ -61,7 +61,10 @@ def run_attacks(only: list[str] | None = None, sock: str | None = None,
         if sock is None:
             # --switchless, so that A2-RING has rings to attack; sessions that do not
             # ask for them (every other attack's) are plain socket sessions.
-            service = EmbeddedService(Path(work) / "service", switchless=True).start()
+            # A victim whose client failed (IntegrityError) cannot END its session, which
+            # then waits detached for its grace period: 1 s keeps A2's checks in SETTLE.
+            service = EmbeddedService(Path(work) / "service", switchless=True,
+                                      extra_args=["--resume-grace", "1"]).start()
             os.chmod(service.dir, 0o755)
             sock_path = service.socket_path
         else:

@@ -71,7 +71,7 @@ def _service(config: str, work: Path, extra: list[str] | None = None) -> Embedde
 
 def _tmpfs_dir(work: Path, tag: str) -> Path:
     base = TMPFS if TMPFS.is_dir() else work
-    return base / f"esem-bench-journal-{os.getpid()}-{work.name}-{tag}"
+    return base / f"jbench-{os.getpid()}-{work.name}-{tag}"  # no "esem": see test_switchless
 
 
 def _posts(svc: EmbeddedService, n: int) -> tuple[list[float], float | None]:
@@ -217,7 +217,7 @@ def run(opts: Options, json_out: str | None, posts: int | None = None,
                     results.append(row(BENCH, "esem", "socket", f"restart/{count}",
                                        "seconds", seconds, "s"))
         finally:
-            for d in TMPFS.glob(f"esem-bench-journal-{os.getpid()}-*"):
+            for d in TMPFS.glob(f"jbench-{os.getpid()}-*"):
                 for f in d.iterdir():
                     f.unlink()
                 d.rmdir()

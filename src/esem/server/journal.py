@@ -16,7 +16,8 @@ and the previous record's tag (for the first record, a tag derived from the file
 so each tag is a MAC chained over the previous one, and an edited, reordered, spliced
 (even from another journal of the same service) or removed record fails to verify. The
 payloads are encrypted too, because they hold semaphore keys. The first record of a file
-is a snapshot of the whole state; the rest are the changes after it (JSON lists).
+is a snapshot of the whole state; each later record is one commit: the JSON list of the
+changes made since the previous one (group commit: one seal and one write per commit).
 
 A small head file beside it (``esem.journal.head``, rewritten in place after every
 commit, MAC'd) names the file id, the last committed seq and its tag, so cutting whole
@@ -105,7 +106,8 @@ class Loaded:
     version: int
     file_id: bytes
     snapshot: dict[str, Any]
-    records: list[tuple[int, list[Any]]] = field(default_factory=list)  # (seq, record)
+    # (seq of the record holding it, change), in the order they were made
+    records: list[tuple[int, list[Any]]] = field(default_factory=list)
     last_seq: int = 0
     torn: int = 0  # bytes of a torn last record that were ignored
 
@@ -200,13 +202,18 @@ def _records_v1(data: bytes, base: bytes, head: Head) -> Loaded:
                            "was committed: records were cut off its end")
     if tags.get(head.seq) != head.tag:
         raise JournalError(f"record seq {head.seq} is not the one {HEAD_NAME} committed")
+    records: list[tuple[int, list[Any]]] = []
     try:
         snapshot = json.loads(payloads[0][1])
-        records = [(s, json.loads(p)) for s, p in payloads[1:]]
+        for s, p in payloads[1:]:
+            group = json.loads(p)
+            if not isinstance(group, list) or not all(isinstance(c, list) for c in group):
+                raise JournalError(f"record seq {s} is not a list of changes")
+            records += [(s, change) for change in group]
     except ValueError as exc:
         raise JournalError(f"a record does not parse: {exc}") from None
-    if not isinstance(snapshot, dict) or not all(isinstance(r, list) for _, r in records):
-        raise JournalError("records of the wrong shape")
+    if not isinstance(snapshot, dict):
+        raise JournalError("the first record is not a snapshot")
     return Loaded(version, file_id, snapshot, records, last, torn)
 
 
@@ -260,13 +267,14 @@ class Journal:
         self._aead: ChaCha20Poly1305 | None = None
         self._file_id = b""
         self._prev = b""
-        self._seq = 0  # the last seq appended
-        self._buf = bytearray()
+        self._seq = 0  # the last seq written
+        self._pending: list[list[Any]] = []  # changes appended since the last commit
         self.tail_records = 0  # records since the snapshot
         self.tail_bytes = 0
         self.snapshot_bytes = 0
         self.commits = 0
         self.records = 0
+        self.compaction_error: str | None = None
 
     @property
     def seq(self) -> int:
@@ -281,20 +289,22 @@ class Journal:
         self._prev = sealed[-TAG_BYTES:]
         return header + sealed
 
-    def append(self, record: list[Any]) -> None:
-        data = self._encode(json.dumps(record, separators=(",", ":")).encode())
-        self._buf += data
+    def append(self, change: list[Any]) -> None:
+        """Record one change; it is written by the next ``commit``."""
+        self._pending.append(change)
         self.tail_records += 1
-        self.tail_bytes += len(data)
         self.records += 1
 
     def commit(self) -> None:
-        """Write (and with ``fsync`` sync) what was appended, then the head. Called
-        before any reply is written, so a reply never precedes its records."""
-        if not self._buf:
+        """Write the changes appended since the last commit as one record (group
+        commit: one seal, one write), with ``fsync`` sync it, then update the head.
+        Called before any reply is written, so a reply never precedes its changes."""
+        if not self._pending:
             return
-        data = memoryview(bytes(self._buf))
-        self._buf.clear()
+        payload = json.dumps(self._pending, separators=(",", ":")).encode()
+        self._pending = []
+        data = memoryview(self._encode(payload))
+        self.tail_bytes += len(data)
         while data:
             n = os.write(self._fd, data)
             data = data[n:]
@@ -314,8 +324,28 @@ class Journal:
         if self.fsync:
             os.fdatasync(self._head_fd)
 
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
     def wants_compaction(self) -> bool:
         return self.tail_records >= COMPACT_RECORDS and self.tail_bytes > self.snapshot_bytes
+
+    def compact(self, snapshot: dict[str, Any]) -> bool:
+        """``start`` a new file from ``snapshot``; if the directory refuses (full, or no
+        longer writable after ``--user``), keep appending to the current file and say
+        so: the journal stays whole, only larger. True if it compacted."""
+        saved = (self._aead, self._prev, self._file_id, self._seq)
+        try:
+            self.start(snapshot)
+        except OSError as exc:
+            self._aead, self._prev, self._file_id, self._seq = saved
+            with contextlib.suppress(OSError):
+                os.unlink(NEW_NAME, dir_fd=self._dir_fd)
+            self.tail_records = 0  # try again after as many records
+            self.compaction_error = str(exc)
+            return False
+        return True
 
     def start(self, snapshot: dict[str, Any]) -> None:
         """Begin a new file holding ``snapshot`` (at start-up, and to compact): written

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import socket
 import struct
@@ -77,6 +78,7 @@ EXIT_RECHECK = 0.05  # seconds after a detach: a second look, for a process stil
 # Replies that never enter the replay window (PROTOCOL.md 16.3).
 _UNWINDOWED = frozenset({Opcode.RESUME, Opcode.END, Opcode.SWITCHLESS})
 _STALE_TEXT = "reply lost across a service restart"
+JOURNAL_FAILED = 74  # EX_IOERR: the exit status when the journal cannot be written
 
 
 _END_TEXT = {
@@ -123,7 +125,8 @@ class Journal(Protocol):
     def append(self, record: list[Any]) -> None: ...
     def commit(self) -> None: ...
     def wants_compaction(self) -> bool: ...
-    def start(self, snapshot: dict[str, Any]) -> None: ...
+    def compact(self, snapshot: dict[str, Any]) -> bool: ...
+    compaction_error: str | None
 
 
 @dataclass(eq=False, slots=True)
@@ -278,10 +281,19 @@ class Service:
     def commit(self) -> None:
         """Write the journal records of this turn: called before any reply is written."""
         journal = self.journal
-        if journal is not None:
+        if journal is None:
+            return
+        try:
             journal.commit()
-            if journal.wants_compaction():
-                journal.start(self.snapshot_state())
+        except OSError as exc:
+            # A change that cannot be journaled must never be acknowledged: stop now, as
+            # a crash would, with the journal whole up to its last commit (clients resume
+            # once the service is back).
+            log.critical("cannot write the journal (%s): stopping before any reply", exc)
+            os._exit(JOURNAL_FAILED)
+        if journal.wants_compaction() and not journal.compact(self.snapshot_state()):
+            log.warning("journal compaction failed (%s); the journal keeps growing",
+                        journal.compaction_error)
 
     # ------------------------------------------------------- journal: restore
 
