@@ -145,6 +145,52 @@ def test_sem_wait_blocked_across_a_service_restart_is_granted(
             waiter.communicate()
 
 
+@pytest.fixture
+def restartable_switchless() -> Iterator[EmbeddedService]:
+    """As ``restartable``, with ``--switchless`` (kept across the restart)."""
+    svc = EmbeddedService(extra_args=["--resume-grace", "30"], switchless=True)
+    os.chmod(svc.dir, 0o755)
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.cleanup()
+
+
+def test_a_switchless_sem_wait_across_a_restart_resumes_and_is_back_on_the_rings(
+        restartable_switchless: EmbeddedService, preload: Path, resume_prog: Path,
+        native_build: Path, sem_name: str) -> None:
+    """A C program with ESEM_SWITCHLESS=1, its session on the rings, blocked in
+    sem_wait while the service is SIGKILLed and restarted: its client sees the EOF of
+    the socket and doorbell, drops the dead rings, resumes over the socket (the new
+    service has no rings for it), and upgrades again; the post after the restart
+    grants the wait, sem_wait returns 0 with no error or fallback warning, and the
+    session is back on the rings (esem_transport() is 2)."""
+    svc = restartable_switchless
+    waiter = run_all(resume_prog, svc, preload, "ringwait", sem_name, ESEM_SWITCHLESS="1")
+    try:
+        assert line(waiter) == "waiting transport=2"  # on the rings before the restart
+        wait_for(lambda: stat(svc, sem_name)["waiters"] == 1, "the WAIT queued")
+        restart(svc)
+        after = stat(svc, sem_name)
+        assert after["value"] == 0 and after["waiters"] == 1, after  # restored, queued
+        poster = Esemc(native_build / "examples" / "esemc", client_env(svc))
+        assert poster(f"open {sem_name} - 0 600") == "ok created=0"
+        assert poster("post") == "ok"
+        assert line(waiter) == "granted"
+        assert line(waiter) == "transport=2"  # upgraded again once resumed
+        rc, out, err = finish(waiter)
+        assert rc == 0, (out, err)
+        assert "error" not in out
+        assert "socket mode" not in err, err  # no fallback to the socket
+        s = stat(svc, sem_name)
+        assert s["value"] == 0 and s["waiters"] == 0, s
+    finally:
+        if waiter.poll() is None:
+            os.killpg(waiter.pid, signal.SIGKILL)
+            waiter.communicate()
+
+
 def test_a_fork_child_resumes_its_own_session_not_its_parents(
         restartable: EmbeddedService, preload: Path, resume_prog: Path,
         native_build: Path, sem_name: str) -> None:

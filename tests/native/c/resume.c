@@ -12,7 +12,14 @@
  *       with O_EXCL (so two workers inside at once is seen, not assumed), reads, bumps
  *       and rewrites DIR/counter, holds the section a little, removes DIR/inside and
  *       posts. Says "ready" once NAME is open, "done N" at the end.
+ *   resume ringwait NAME
+ *       as wait, but says "waiting transport=T" and, once granted, "transport=T" with
+ *       T the preload library's esem_transport() (2: the switchless rings, 1: the
+ *       socket, 0: no session, -1: not under the preload library); after the grant it
+ *       asks for up to 10 s until T is 2 (a resumed session upgrades again).
  */
+#define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <semaphore.h>
@@ -79,6 +86,28 @@ static int forkwait_mode(const char *name) {
     return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
 }
 
+static int transport(void) {
+    int (*f)(void) = (int (*)(void))dlsym(RTLD_DEFAULT, "esem_transport");
+    return f == NULL ? -1 : f();
+}
+
+static int ringwait_mode(const char *name) {
+    sem_t *s = open_sem(name, 0);
+    printf("waiting transport=%d\n", transport());
+    fflush(stdout);
+    take(s);
+    printf("granted\n");
+    fflush(stdout);
+    int t = transport();
+    for (int i = 0; i < 1000 && t != 2; i++) {
+        pause_ms(10);
+        t = transport();
+    }
+    printf("transport=%d\n", t);
+    fflush(stdout);
+    return 0;
+}
+
 static int mutex_mode(const char *name, const char *dir, long iterations) {
     char inside[4096], counter[4096];
     snprintf(inside, sizeof inside, "%s/inside", dir);
@@ -125,9 +154,11 @@ int main(int argc, char **argv) {
         return wait_mode(argv[2]);
     if (argc == 3 && strcmp(argv[1], "forkwait") == 0)
         return forkwait_mode(argv[2]);
+    if (argc == 3 && strcmp(argv[1], "ringwait") == 0)
+        return ringwait_mode(argv[2]);
     if (argc == 5 && strcmp(argv[1], "mutex") == 0)
         return mutex_mode(argv[2], argv[3], atol(argv[4]));
     fprintf(stderr, "usage: resume wait NAME | resume forkwait NAME | "
-                    "resume mutex NAME DIR ITERATIONS\n");
+                    "resume mutex NAME DIR ITERATIONS | resume ringwait NAME\n");
     return 2;
 }
