@@ -3,7 +3,8 @@ ways: the same vectors through both codecs (every opcode, every status, MAC'd an
 malformed messages rejected by both with the same class of error), the Noise NK
 handshake with either side as initiator (identical session ids and transport bytes),
 the client session state machine against the Python service session, and equal
-key-binding MACs.
+key-binding MACs. Resumption (PROTOCOL.md 16): the WELCOME's secret both ways, RESUME
+and END vectors, and a Rust client session resumed by the Python service session.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ import pytest
 from esem.core.status import Status
 from esem.core.table import WaitMode
 from esem.errors import IntegrityError, ProtocolError, QuotaExceeded
-from esem.protocol.constants import MAX_MESSAGE_BYTES, Direction, Opcode, OpenFlag
+from esem.protocol.constants import (
+    MAX_MESSAGE_BYTES,
+    NOISE_PROLOGUE,
+    NOISE_PROTOCOL_NAME,
+    RESUME_MAX_AWAITED,
+    Direction,
+    Opcode,
+    OpenFlag,
+)
 from esem.protocol.crypto import (
     Initiator,
     Responder,
@@ -25,6 +34,7 @@ from esem.protocol.crypto import (
     generate_static_key,
     keybind_mac,
     public_key_of,
+    resume_verifier,
 )
 from esem.protocol.frames import FrameDecoder, encode_frame
 from esem.protocol.messages import (
@@ -35,7 +45,7 @@ from esem.protocol.messages import (
     encode_reply,
     encode_request,
 )
-from esem.protocol.session import ClientSession, HelloIn, ServerSession
+from esem.protocol.session import ClientSession, HelloIn, ServerSession, seal_reply
 
 from .conftest import Interop
 
@@ -48,6 +58,7 @@ def req_dict(r: Request) -> dict[str, Any]:
         "oflag": int(r.oflag), "mode": r.mode, "value": r.value,
         "key": r.key.hex() if r.key else None, "wait_mode": r.wait_mode.name,
         "timeout_ns": r.timeout_ns, "target": r.target, "after": r.after,
+        "session": r.session.hex(), "secret": r.secret.hex(), "awaited": list(r.awaited),
     }
 
 
@@ -85,6 +96,13 @@ def requests() -> list[Request]:
         Request(Opcode.PING, 15),
         Request(Opcode.SWITCHLESS, 16),
         Request(Opcode.RECLAIM, 21, name="/r"),
+        Request(Opcode.RESUME, 22, session=bytes(range(32)), secret=b"\xee" * 32),
+        Request(Opcode.RESUME, 23, session=b"\x01" * 32, secret=bytes(range(32, 64)),
+                awaited=(1, 2**64 - 1, 7)),
+        # More than RESUME_MAX_AWAITED parses on both sides (the service answers EINVAL).
+        Request(Opcode.RESUME, 2**64 - 1, session=b"s" * 32, secret=b"r" * 32,
+                awaited=tuple(range(1, RESUME_MAX_AWAITED + 2))),
+        Request(Opcode.END, 24),
     ]
     assert {r.opcode for r in out} == set(Opcode)
     return out
@@ -102,6 +120,9 @@ def replies() -> list[Reply]:
             out.append(Reply(op, i, Status.OK, value=2**32 - 1 - i))
         elif op in (Opcode.LIST, Opcode.STAT):
             out.append(Reply(op, i, Status.OK, data=b'{"total": 0, "entries": []}'))
+        elif op is Opcode.RESUME:  # last_req_id: a u64
+            out.append(Reply(op, i, Status.OK, value=2**64 - 1 - i))
+            out.append(Reply(op, 2**64 - 1, Status.OK, value=0))
         else:
             out.append(Reply(op, i, Status.OK))
     for st in Status:
@@ -109,6 +130,11 @@ def replies() -> list[Reply]:
             out.append(Reply(Opcode.WAIT, 100 + st, st, message=f"refused: {st.name} é"))
     out.append(Reply(Opcode.POST, 200, Status.EINVAL, message="x" * MAX_MESSAGE_BYTES))
     out.append(Reply(Opcode.POST, 201, Status.EINVAL, message=""))
+    # A reply lost across a restart, under RESUME's opcode; refused resumptions.
+    out.append(Reply(Opcode.RESUME, 202, Status.ESTALE,
+                     message="reply lost across a service restart"))
+    out.append(Reply(Opcode.RESUME, 203, Status.ENOENT, message="no such session"))
+    out.append(Reply(Opcode.RESUME, 204, Status.EACCES, message="not your session"))
     return out
 
 
@@ -217,9 +243,12 @@ def test_rust_initiator_python_responder(interop: Interop) -> None:
     private = generate_static_key()
     responder = Responder(private)
     hello = bytes.fromhex(interop.ok(op="initiator", public=public_key_of(private).hex())["hello"])
-    welcome, transport = responder.respond(hello)
-    sid = interop.ok(op="finish", welcome=welcome.hex())["session_id"]
-    assert sid == transport.session_id.hex()
+    secret = os.urandom(32)
+    welcome, transport = responder.respond(hello, secret)
+    assert len(welcome) == 80
+    done = interop.ok(op="finish", welcome=welcome.hex())
+    assert done["session_id"] == transport.session_id.hex()
+    assert done["secret"] == secret.hex()  # the WELCOME's payload is R, exactly
     for msg in (b"x", bytes(100), os.urandom(1000)):
         # Rust -> Python and Python -> Rust, counters advancing in step.
         ct = bytes.fromhex(interop.ok(op="encrypt", hex=msg.hex())["hex"])
@@ -236,9 +265,11 @@ def test_python_initiator_rust_responder(interop: Interop) -> None:
     private = generate_static_key()
     initiator = Initiator(public_key_of(private))
     interop.ok(op="responder", private=private.hex())
-    a = interop.ok(op="respond", hello=initiator.hello().hex())
+    secret = os.urandom(32)
+    a = interop.ok(op="respond", hello=initiator.hello().hex(), secret=secret.hex())
     transport = initiator.finish(bytes.fromhex(a["welcome"]))
     assert a["session_id"] == transport.session_id.hex()
+    assert initiator.secret == secret
     ct = transport.encrypt(b"request")
     assert interop.ok(op="decrypt", hex=ct.hex())["hex"] == b"request".hex()
     reply = bytes.fromhex(interop.ok(op="encrypt", hex=b"reply".hex())["hex"])
@@ -246,11 +277,12 @@ def test_python_initiator_rust_responder(interop: Interop) -> None:
     # A HELLO sealed to another key fails at the Rust responder, as at the Python one.
     interop.ok(op="responder", private=private.hex())
     stranger = Initiator(public_key_of(generate_static_key()))
-    assert interop.call(op="respond", hello=stranger.hello().hex())["class"] == "IntegrityError"
+    assert interop.call(op="respond", hello=stranger.hello().hex(),
+                        secret=secret.hex())["class"] == "IntegrityError"
     # A WELCOME from a service with another key fails at the Rust initiator.
     interop.ok(op="initiator", public=public_key_of(private).hex())
     other = generate_static_key()
-    welcome, _ = Responder(other).respond(Initiator(public_key_of(other)).hello())
+    welcome, _ = Responder(other).respond(Initiator(public_key_of(other)).hello(), secret)
     assert interop.call(op="finish", welcome=welcome.hex())["class"] == "IntegrityError"
 
 
@@ -274,8 +306,8 @@ def test_fixed_ephemeral_gives_identical_bytes(interop: Interop) -> None:
     rust_hello = interop.ok(op="initiator", public=public_key_of(private).hex(),
                             ephemeral=ephemeral.hex())["hello"]
     assert rust_hello == py_hello.hex()
-    welcome, service = Responder(private).respond(py_hello)
-    noise.read_message(welcome)
+    welcome, service = Responder(private).respond(py_hello, b"\x42" * 32)
+    assert noise.read_message(welcome) == b"\x42" * 32
     py = Transport(noise)
     sid = interop.ok(op="finish", welcome=welcome.hex())["session_id"]
     assert sid == py.session_id.hex() == service.session_id.hex()
@@ -409,3 +441,116 @@ def test_rust_client_keyed_stat_and_reclaim(interop: Interop, opcode: str) -> No
     server.send_reply(Reply(op, sent["req_id"], Status.OK, data=ok.data, value=ok.value))
     assert interop.call(op="client_receive", hex=server.data_to_send().hex())["class"] == (
         "IntegrityError")
+
+
+@pytest.mark.filterwarnings("ignore:One of ephemeral keypairs:UserWarning")
+@pytest.mark.parametrize("length", [0, 16, 31, 33, 48])
+def test_welcome_payload_other_than_32_bytes_is_refused_by_both(
+    interop: Interop, length: int
+) -> None:
+    """A WELCOME that is a valid NK message 2 from the pinned service but whose payload
+    is not exactly the 32-byte resumption secret: both initiators refuse it as a forged
+    one (IntegrityError), so no session ever runs without a secret."""
+    from noise.connection import Keypair, NoiseConnection
+
+    private = generate_static_key()
+    for side in ("rust", "python"):
+        if side == "rust":
+            hello = bytes.fromhex(
+                interop.ok(op="initiator", public=public_key_of(private).hex())["hello"])
+        else:
+            py_initiator = Initiator(public_key_of(private))
+            hello = py_initiator.hello()
+        noise = NoiseConnection.from_name(NOISE_PROTOCOL_NAME)
+        noise.set_as_responder()
+        noise.set_prologue(NOISE_PROLOGUE)
+        noise.set_keypair_from_private_bytes(Keypair.STATIC, private)
+        noise.start_handshake()
+        noise.read_message(hello)
+        welcome = bytes(noise.write_message(b"\x07" * length))
+        if side == "rust":
+            assert interop.call(op="finish", welcome=welcome.hex())["class"] == "IntegrityError"
+        else:
+            with pytest.raises(IntegrityError):
+                py_initiator.finish(welcome)
+
+
+def test_rust_client_resumed_by_the_python_service_session(interop: Interop) -> None:
+    """A Rust client session loses its connection with requests in flight and resumes
+    on a new one against the Python service session: its RESUME names the original
+    session id and secret and lists the awaited ids; the service's replay (its sealed
+    plaintext under the original id), an ESTALE under RESUME's opcode, and then the
+    re-sent requests, byte-identical to what the first connection would have carried,
+    with MACs the Python service verifies under the original id."""
+    private = generate_static_key()
+    public = public_key_of(private)
+    first = ServerSession(private)
+    h = bytes.fromhex(_rust_client(interop, first, public))
+    assert first.verifier is not None
+    key = b"K" * 24
+    post = {"opcode": "POST", "handle": H.hex()}
+    sent = [interop.ok(op="client_send", key=key.hex(), request=post) for _ in range(3)]
+    assert [x["req_id"] for x in sent] == [1, 2, 3]
+    # 1 and 2 reach the service; 3 is lost with the connection.
+    events = first.receive_data(bytes.fromhex(sent[0]["hex"] + sent[1]["hex"]))
+    assert [e.request.req_id for e in events] == [1, 2]
+    replay = seal_reply(Reply(Opcode.POST, 1, Status.OK), h, key)  # in the replay window
+    interop.ok(op="client_detach")
+    queued = interop.ok(op="client_send", request={"opcode": "PING"})
+    assert queued["req_id"] == 4 and queued["hex"] == ""  # queued while detached
+    # A new connection; the Python service's WELCOME carries its own secret.
+    second = ServerSession(private)
+    hello = bytes.fromhex(interop.ok(op="client_reconnect", public=public.hex())["hex"])
+    second.receive_data(hello)
+    out = interop.ok(op="client_receive", hex=second.data_to_send().hex())["outgoing"]
+    (resume,) = second.receive_data(bytes.fromhex(out))
+    assert resume.mac is None
+    assert resume.request == Request(Opcode.RESUME, 5, session=h,
+                                     secret=resume.request.secret, awaited=(1, 2, 3, 4))
+    assert resume_verifier(resume.request.secret) == first.verifier
+    second.adopt(h, 2, 5)
+    second.send_reply(Reply(Opcode.RESUME, 5, Status.OK, value=2))
+    second.send_body(replay)
+    second.send_reply(Reply(Opcode.RESUME, 2, Status.ESTALE,
+                            message="reply lost across a service restart"))
+    got = interop.ok(op="client_receive", hex=second.data_to_send().hex())
+    assert got["replies"] == [
+        rep_dict(Reply(Opcode.POST, 1, Status.OK)),
+        rep_dict(Reply(Opcode.RESUME, 2, Status.ESTALE,
+                       message="reply lost across a service restart")),
+    ]
+    assert got["session_id"] == h.hex()  # the session keeps its id
+    assert got["secret"] != resume.request.secret.hex()  # rotated to the new WELCOME's
+    assert second.verifier == resume_verifier(bytes.fromhex(got["secret"]))
+    # The re-sends: 3 and 4, in order; 3's MAC verifies under the original id.
+    resent = second.receive_data(bytes.fromhex(got["outgoing"]))
+    assert [e.request.req_id for e in resent] == [3, 4]
+    assert resent[0].request == Request(Opcode.POST, 3, handle=H) and resent[0].mac
+    second.authenticator(resent[0])(key)
+    second.send_reply(Reply(Opcode.POST, 3, Status.OK), mac_key=key)
+    second.send_reply(Reply(Opcode.PING, 4, Status.OK))
+    got = interop.ok(op="client_receive", hex=second.data_to_send().hex())
+    assert [r["req_id"] for r in got["replies"]] == [3, 4]
+    nxt = interop.ok(op="client_send", request={"opcode": "END"})
+    assert nxt["req_id"] == 6
+    (end,) = second.receive_data(bytes.fromhex(nxt["hex"]))
+    assert end.request == Request(Opcode.END, 6)
+
+
+def test_rust_client_refused_resume_is_service_unavailable(interop: Interop) -> None:
+    private = generate_static_key()
+    public = public_key_of(private)
+    _rust_client(interop, ServerSession(private), public)
+    interop.ok(op="client_send", request={"opcode": "PING"})
+    interop.ok(op="client_detach")
+    second = ServerSession(private)
+    second.receive_data(bytes.fromhex(
+        interop.ok(op="client_reconnect", public=public.hex())["hex"]))
+    out = interop.ok(op="client_receive", hex=second.data_to_send().hex())["outgoing"]
+    (resume,) = second.receive_data(bytes.fromhex(out))
+    second.send_reply(Reply(Opcode.RESUME, resume.request.req_id, Status.ENOENT,
+                            message="no such session"))
+    a = interop.call(op="client_receive", hex=second.data_to_send().hex())
+    assert a["class"] == "ServiceUnavailable" and "could not be resumed" in a["message"]
+    assert interop.call(op="client_send", request={"opcode": "PING"})["class"] == (
+        "ServiceUnavailable")

@@ -7,10 +7,13 @@
 //! `fork-post` (a fork child posts through the inherited handle, which ATTACHes),
 //! `fd` (the session descriptor), `clobber-fd` (put a socket of the program's at that
 //! number) and `peer` (bytes that reached that socket), `sid`, `ping`, `mode` (the
-//! transport, socket or switchless, and the switchless region's descriptor).
+//! transport, socket or switchless, and the switchless region's descriptor),
+//! `hold-and-close NAME` (a second session takes a unit of a new robust NAME, then is
+//! closed).
 
+use esem_client::Client;
 use esem_client::{conn, process_client, unlink, ClientError, OpenOptions, Semaphore};
-use esem_proto::RequestBody;
+use esem_proto::{ReplyBody, RequestBody, WaitMode};
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
@@ -127,6 +130,10 @@ fn main() {
             "mode" => {
                 process_client().map(|c| format!("{} {}", c.mode(), c.ring_memfd().unwrap_or(-1)))
             }
+            // A second session of this process takes a unit of a new robust NAME and
+            // is closed (dropped) at once: its close sends END, so the service ends it
+            // (releasing the unit) without a grace period.
+            "hold-and-close" if w.len() == 2 => hold_and_close(w[1]),
             "ping" => process_client()
                 .and_then(|c| c.call(&RequestBody::Ping, None))
                 .map(|_| String::new()),
@@ -135,6 +142,28 @@ fn main() {
         let _ = writeln!(out, "{}", answer(r));
         let _ = out.flush();
     }
+}
+
+fn hold_and_close(name: &str) -> Result<String, ClientError> {
+    let c = Client::connect()?;
+    let open = RequestBody::Open {
+        oflag: esem_proto::consts::open_flag::CREAT | esem_proto::consts::open_flag::ROBUST,
+        mode: 0o600,
+        value: 1,
+        key: None,
+        name: name.to_owned(),
+    };
+    let ReplyBody::Handle { handle, .. } = c.call(&open, None)?.body else {
+        return Err(ClientError::Invalid("OPEN without a handle".into()));
+    };
+    let take = RequestBody::Wait {
+        handle,
+        mode: WaitMode::TRY,
+        timeout_ns: 0,
+    };
+    c.call(&take, None)?;
+    drop(c);
+    Ok(String::new())
 }
 
 fn fork() -> i32 {

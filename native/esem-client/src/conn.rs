@@ -20,19 +20,28 @@
 //! the child's copy of its socket without sending anything (a reused nonce would break
 //! ChaCha20-Poly1305), and connects the child's own session at once (before a server's
 //! child drops privileges, as Apache's do; a failure there is retried on first use).
+//!
+//! Crash safety (PROTOCOL.md 16, policy in `resume.rs`): when the connection is lost
+//! (the service exited, crashed or restarted) the reader thread reconnects with a
+//! backoff for up to `ESEM_RESUME_TIMEOUT`, RESUMEs the session, and the service's
+//! answers (replayed, re-sent or still queued requests) reach the waiting threads as
+//! usual: blocked callers see latency, not an error. Meanwhile requests are queued in
+//! the session. A refused resume, a timeout, or any integrity or protocol error fails
+//! the session as before. Closing the client, or the process's exit, sends END.
 
 use crate::error::{ClientError, Result};
 use crate::paths;
+use crate::resume::{self, Backoff, KeySource};
 use crate::ring::{self, ClientRing, Switchless};
 use crate::sys::{self, Polled};
 use esem_proto::consts::{CONNECT_TIMEOUT_SECS, KEEPALIVE_INTERVAL_SECS};
 use esem_proto::{ClientSession, Reply, RequestBody, Status};
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -46,6 +55,13 @@ struct Slot {
     spinning: bool,
 }
 
+/// The current connection: the socket, shared by the writers (under the lock) and the
+/// reader thread, and its identity (device, inode), checked before each use.
+struct Conn {
+    sock: Arc<UnixStream>,
+    ident: (u64, u64),
+}
+
 struct Inner {
     session: ClientSession,
     slots: HashMap<u64, Slot>,
@@ -53,17 +69,48 @@ struct Inner {
     /// The keepalive PING in flight: its id and when it was sent.
     ping: Option<(u64, Instant)>,
     last_rx: Instant,
-    /// The switchless rings (PROTOCOL.md 15), when the session was upgraded.
+    /// `None` while the reader thread reconnects (requests are queued meanwhile).
+    conn: Option<Conn>,
+    /// The switchless rings (PROTOCOL.md 15) of the current connection, when it was
+    /// upgraded. A lost connection takes its rings with it: the session resumes over
+    /// the socket (the new service has no rings for it).
     ring: Option<ClientRing>,
+    /// Counts the rings the session has had, so that a spinner notices its ring was
+    /// replaced (lost, then upgraded again) between two of its turns.
+    ring_gen: u64,
+    /// The session lost its rings with its connection: upgrade again once resumed.
+    reupgrade: bool,
 }
 
 struct Shared {
-    sock: UnixStream,
-    /// Our end of the switchless doorbell (-1 in socket mode), for the reader's poll.
-    bell: RawFd,
-    ident: (u64, u64),
     path: PathBuf,
+    /// The pinned service key and where it came from (re-checked on reconnect).
+    key: [u8; 32],
+    key_source: KeySource,
+    /// `ESEM_RESUME_TIMEOUT` at connect; `None`: resumption off.
+    resume_timeout: Option<Duration>,
+    /// The transport asked for at connect (the reader thread never reads the
+    /// environment): what a resumed session that had rings asks for again.
+    mode: Switchless,
+    /// The current connection's descriptor (for the fork-child handler), -1 if none.
+    fd: AtomicI32,
+    /// The current rings' mapping (address, length) and descriptors (memfd, bell), for
+    /// the fork-child handler, which must let go of them without the lock (0 and -1:
+    /// none). Cleared before the rings are dropped, set after they are mapped, so a
+    /// child never unmaps or closes what is no longer ours.
+    ring_map: [AtomicUsize; 2],
+    ring_fds: [AtomicI32; 2],
     inner: Mutex<Inner>,
+}
+
+/// How the reader thread's turn on one transport ended.
+enum Turn {
+    /// The connection is gone (EOF, reset): resume.
+    Lost(String),
+    /// The session failed or was closed: the reader is done.
+    Failed,
+    /// The resumed session is on the rings again: read them.
+    Upgraded,
 }
 
 impl Shared {
@@ -80,7 +127,9 @@ impl Shared {
             }
             inner.failure = Some(e);
             // Unblock the reader thread's poll and make the service end the session.
-            let _ = self.sock.shutdown(std::net::Shutdown::Both);
+            if let Some(c) = &inner.conn {
+                let _ = c.sock.shutdown(std::net::Shutdown::Both);
+            }
         }
         for slot in inner.slots.values() {
             sys::eventfd_ring(slot.wake);
@@ -91,13 +140,93 @@ impl Shared {
             .unwrap_or(ClientError::Unavailable("session failed".into()))
     }
 
-    fn check_fd(&self) -> Result<()> {
-        match sys::identity(self.sock.as_raw_fd()) {
-            Ok(id) if id == self.ident => Ok(()),
+    fn check_fd(conn: &Conn) -> Result<()> {
+        match sys::identity(conn.sock.as_raw_fd()) {
+            Ok(id) if id == conn.ident => Ok(()),
             _ => Err(ClientError::Unavailable(
                 "the session's descriptor was closed or replaced by the program".into(),
             )),
         }
+    }
+
+    /// Take `ring` as the session's rings, published for the fork-child handler.
+    fn install_ring_locked(&self, inner: &mut Inner, ring: ClientRing) {
+        let ((addr, len), (memfd, bell)) = ring.child_parts();
+        inner.ring = Some(ring);
+        inner.ring_gen += 1;
+        self.ring_map[0].store(addr, Ordering::Release);
+        self.ring_map[1].store(len, Ordering::Release);
+        self.ring_fds[0].store(memfd, Ordering::Release);
+        self.ring_fds[1].store(bell, Ordering::Release);
+    }
+
+    /// Let go of the rings (unmap, close): the connection they belonged to is gone.
+    fn drop_ring_locked(&self, inner: &mut Inner) {
+        if inner.ring.is_none() {
+            return;
+        }
+        self.ring_map[1].store(0, Ordering::Release);
+        self.ring_map[0].store(0, Ordering::Release);
+        self.ring_fds[0].store(-1, Ordering::Release);
+        self.ring_fds[1].store(-1, Ordering::Release);
+        inner.ring = None;
+        inner.ring_gen += 1;
+    }
+
+    /// Write frames on the current connection: its rings if it has them, else its
+    /// socket. A lost connection is not an error here: the requests stay pending, the
+    /// reader thread sees the loss and resumes.
+    fn write_locked(&self, inner: &mut Inner, frame: &[u8]) -> Result<()> {
+        if frame.is_empty() {
+            return Ok(());
+        }
+        if inner.ring.is_some() {
+            return match self.ring_send_locked(inner, frame) {
+                Ok(()) => Ok(()),
+                Err(ClientError::Unavailable(_))
+                    if inner.session.resumable() && self.service_gone_locked(inner) =>
+                {
+                    // The service died under the rings: the reader sees its EOF and
+                    // resumes; the session re-sends this request over the socket.
+                    Ok(())
+                }
+                Err(e) => Err(self.fail_locked(inner, e)),
+            };
+        }
+        let Some(conn) = &inner.conn else {
+            return Ok(()); // reconnecting: the session re-sends it after the RESUME
+        };
+        if let Err(e) = Self::check_fd(conn) {
+            return Err(self.fail_locked(inner, e));
+        }
+        match sys::send_all(&conn.sock, frame) {
+            Ok(()) => Ok(()),
+            Err(e) if resume::is_connection_loss(&e) && inner.session.resumable() => {
+                // The peer is gone, so the reader's poll sees the hang-up by itself,
+                // after it has read every reply the service wrote before it went (no
+                // shutdown here: those replies are what makes a resume exact).
+                Ok(())
+            }
+            Err(e) => {
+                let e = ClientError::Unavailable(format!("{}: {e}", self.path.display()));
+                Err(self.fail_locked(inner, e))
+            }
+        }
+    }
+
+    /// A switchless write failed as unavailable: is it the service that went away (its
+    /// end of the session socket closed), rather than a local fault? A service that
+    /// died closes its doorbell and its socket within moments of each other: wait a
+    /// little for the second.
+    fn service_gone_locked(&self, inner: &Inner) -> bool {
+        let Some(conn) = &inner.conn else {
+            return true;
+        };
+        Self::check_fd(conn).is_ok()
+            && matches!(
+                ring::check_socket(&conn.sock, 100),
+                Err(ClientError::Unavailable(_))
+            )
     }
 
     fn send_locked(
@@ -112,37 +241,190 @@ impl Shared {
         // In switchless mode nothing is written to the socket (the reader checks it
         // before it reads): no system call per request.
         if inner.ring.is_none() {
-            if let Err(e) = self.check_fd() {
-                return Err(self.fail_locked(inner, e));
+            if let Some(conn) = &inner.conn {
+                if let Err(e) = Self::check_fd(conn) {
+                    return Err(self.fail_locked(inner, e));
+                }
             }
         }
         let (req_id, frame) = inner.session.send_request(body, key)?;
-        if inner.ring.is_some() {
-            if let Err(e) = self.ring_send_locked(inner, &frame) {
-                return Err(self.fail_locked(inner, e));
-            }
-            return Ok(req_id);
-        }
-        if let Err(e) = (&self.sock).write_all(&frame) {
-            let e = ClientError::Unavailable(format!("{}: {e}", self.path.display()));
-            return Err(self.fail_locked(inner, e));
-        }
+        self.write_locked(inner, &frame)?;
         Ok(req_id)
     }
 
-    /// The reader thread: reads, verifies and dispatches replies; keepalive.
-    fn reader(self: Arc<Self>) {
-        if self.bell >= 0 {
-            return self.ring_reader();
+    /// Best effort END (the client is closing, or the process exiting): the service
+    /// ends the session at once instead of keeping it for a resume. On the rings it
+    /// goes in only if it fits at once (never waits for room: this may run at exit).
+    fn end_locked(&self, inner: &mut Inner) {
+        if inner.failure.is_some() || inner.conn.is_none() || !inner.session.established() {
+            return;
         }
-        let interval = Duration::from_secs(KEEPALIVE_INTERVAL_SECS);
-        let mut buf = vec![0u8; RECV_BYTES];
-        let fd = self.sock.as_raw_fd();
+        let Ok((_, frame)) = inner.session.send_request(&RequestBody::End, None) else {
+            return;
+        };
+        if let Some(ring) = inner.ring.as_mut() {
+            if ring.rings.write(&frame).is_ok_and(|n| n == frame.len())
+                && ring.rings.peer_sleeping()
+            {
+                let _ = ring.ring();
+            }
+            return;
+        }
+        if let Some(conn) = &inner.conn {
+            if Self::check_fd(conn).is_ok() {
+                let _ = sys::send_all(&conn.sock, &frame);
+            }
+        }
+    }
+
+    /// The connection is gone: reconnect and RESUME, or fail the session. Returns the
+    /// new socket for the reader, or `None` once the session has failed.
+    fn connection_lost(&self, why: String) -> Option<Arc<UnixStream>> {
+        let unavailable =
+            |m: &str| ClientError::Unavailable(format!("{}: {m}", self.path.display()));
+        let timeout = {
+            let mut inner = self.lock();
+            let inner = &mut *inner;
+            if inner.failure.is_some() {
+                return None;
+            }
+            // Replies the service published in the reply ring before it went are
+            // still in the mapping: take them (the RESUME then awaits fewer).
+            if inner.ring.is_some() && self.consume_locked(inner).is_err() {
+                return None;
+            }
+            let timeout = match self.resume_timeout {
+                Some(t) if inner.session.resumable() => t,
+                _ => {
+                    self.fail_locked(inner, unavailable(&why));
+                    return None;
+                }
+            };
+            if inner.ring.is_some() && self.mode != Switchless::Off {
+                inner.reupgrade = true;
+            }
+            if let Err(e) = self.detach_locked(inner) {
+                self.fail_locked(inner, e);
+                return None;
+            }
+            timeout
+        };
+        let mut backoff = Backoff::new(timeout);
         loop {
             if self.lock().failure.is_some() {
-                return;
+                return None; // closed meanwhile
             }
-            match sys::poll_in(fd, 1000) {
+            let last = match self.reconnect_once(&backoff) {
+                Ok(sock) => return Some(sock),
+                Err(Attempt::Fatal(e)) => {
+                    let mut inner = self.lock();
+                    self.fail_locked(&mut inner, e);
+                    return None;
+                }
+                Err(Attempt::Retry(m)) => m,
+            };
+            if !backoff.pause() {
+                let mut inner = self.lock();
+                let e = unavailable(&format!(
+                    "{why}, and the session could not be resumed within {:.1}s ({last})",
+                    timeout.as_secs_f64()
+                ));
+                self.fail_locked(&mut inner, e);
+                return None;
+            }
+        }
+    }
+
+    /// Keep the session for a RESUME and let go of the dead connection and its rings.
+    fn detach_locked(&self, inner: &mut Inner) -> Result<()> {
+        inner.session.detach()?;
+        self.drop_ring_locked(inner);
+        if let Some(c) = inner.conn.take() {
+            let _ = c.sock.shutdown(std::net::Shutdown::Both);
+        }
+        self.fd.store(-1, Ordering::Release);
+        inner.ping = None;
+        Ok(())
+    }
+
+    /// One reconnection: key re-check, connect, handshake, RESUME written.
+    fn reconnect_once(&self, backoff: &Backoff) -> std::result::Result<Arc<UnixStream>, Attempt> {
+        match resume::recheck_key(&self.path, self.key_source, &self.key) {
+            Ok(()) => {}
+            Err(None) => return Err(Attempt::Retry("the service's key cannot be read".into())),
+            Err(Some(e)) => return Err(Attempt::Fatal(e)),
+        }
+        let deadline = backoff
+            .deadline()
+            .min(Instant::now() + Duration::from_secs(CONNECT_TIMEOUT_SECS));
+        let (stream, ident, fresh) = match handshake(&self.path, &self.key, deadline) {
+            Ok(x) => x,
+            // Not there yet (ENOENT, ECONNREFUSED), or gone again: try again.
+            Err(ClientError::Unavailable(m)) => return Err(Attempt::Retry(m)),
+            Err(e) => return Err(Attempt::Fatal(e)),
+        };
+        let sock = Arc::new(stream);
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        if let Some(e) = &inner.failure {
+            return Err(Attempt::Fatal(e.clone()));
+        }
+        inner
+            .session
+            .resume_over(fresh)
+            .map_err(|e| Attempt::Fatal(e.into()))?;
+        let out = inner.session.take_outgoing();
+        inner.conn = Some(Conn {
+            sock: Arc::clone(&sock),
+            ident,
+        });
+        self.fd.store(sock.as_raw_fd(), Ordering::Release);
+        inner.last_rx = Instant::now();
+        match sys::send_all(&sock, &out) {
+            Ok(()) => Ok(sock),
+            Err(e) if resume::is_connection_loss(&e) => {
+                self.detach_locked(inner).map_err(Attempt::Fatal)?;
+                Err(Attempt::Retry(e.to_string()))
+            }
+            Err(e) => Err(Attempt::Fatal(ClientError::Unavailable(e.to_string()))),
+        }
+    }
+
+    /// The reader thread: reads, verifies and dispatches replies (from the socket, or
+    /// the rings once upgraded); keepalive; resumes the session when the connection
+    /// is lost (over the socket, then on new rings if it had them).
+    fn reader(self: Arc<Self>) {
+        let Some(mut sock) = self.lock().conn.as_ref().map(|c| Arc::clone(&c.sock)) else {
+            return;
+        };
+        loop {
+            let on_rings = self.lock().ring.is_some();
+            let turn = if on_rings {
+                self.ring_reader(&sock)
+            } else {
+                self.socket_reader(&sock)
+            };
+            match turn {
+                Turn::Upgraded => {}
+                Turn::Failed => return,
+                Turn::Lost(why) => match self.connection_lost(why) {
+                    Some(new) => sock = new,
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// The reader on a socket session, until its connection is lost, the session
+    /// fails, or the resumed session is upgraded again.
+    fn socket_reader(&self, sock: &Arc<UnixStream>) -> Turn {
+        let interval = Duration::from_secs(KEEPALIVE_INTERVAL_SECS);
+        let mut buf = vec![0u8; RECV_BYTES];
+        loop {
+            if self.lock().failure.is_some() {
+                return Turn::Failed;
+            }
+            match sys::poll_in(sock.as_raw_fd(), 1000) {
                 Ok(Polled::Ready) => {}
                 Ok(Polled::Timeout) | Ok(Polled::Interrupted) => {
                     let mut inner = self.lock();
@@ -159,7 +441,7 @@ impl Shared {
                                 KEEPALIVE_INTERVAL_SECS
                             ));
                             self.fail_locked(inner, e);
-                            return;
+                            return Turn::Failed;
                         }
                         None if inner.last_rx.elapsed() >= interval => {
                             if let Ok(id) = self.send_locked(inner, &RequestBody::Ping, None) {
@@ -173,44 +455,92 @@ impl Shared {
                 Err(e) => {
                     let mut inner = self.lock();
                     self.fail_locked(&mut inner, ClientError::Unavailable(e.to_string()));
-                    return;
+                    return Turn::Failed;
                 }
             }
             // The program may have put a file of its own at our number: never read it.
-            if let Err(e) = self.check_fd() {
+            {
                 let mut inner = self.lock();
-                self.fail_locked(&mut inner, e);
-                return;
-            }
-            let n = match (&self.sock).read(&mut buf) {
-                Ok(0) => {
-                    let mut inner = self.lock();
-                    let e = ClientError::Unavailable(format!(
-                        "{}: the service closed the connection",
-                        self.path.display()
-                    ));
+                let check = match &inner.conn {
+                    Some(c) if Arc::ptr_eq(&c.sock, sock) => Self::check_fd(c),
+                    _ => Err(ClientError::Unavailable("connection replaced".into())),
+                };
+                if let Err(e) = check {
                     self.fail_locked(&mut inner, e);
-                    return;
+                    return Turn::Failed;
                 }
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            }
+            let lost = match (&**sock).read(&mut buf) {
+                Ok(0) => Some("the service closed the connection".to_string()),
+                Ok(n) => match self.received(sock, &buf[..n]) {
+                    Turn::Lost(why) => Some(why),
+                    Turn::Failed => return Turn::Failed,
+                    Turn::Upgraded if self.lock().ring.is_some() => return Turn::Upgraded,
+                    Turn::Upgraded => None,
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => None,
+                Err(e) if resume::is_connection_loss(&e) => Some(e.to_string()),
                 Err(e) => {
                     let mut inner = self.lock();
                     self.fail_locked(&mut inner, ClientError::Unavailable(e.to_string()));
-                    return;
+                    return Turn::Failed;
                 }
             };
-            let mut inner = self.lock();
-            let inner = &mut *inner;
-            inner.last_rx = Instant::now();
-            match inner.session.receive_data(&buf[..n]) {
-                Ok(replies) => Self::deliver_locked(inner, replies),
-                Err(e) => {
-                    self.fail_locked(inner, ClientError::from(e));
-                    return;
-                }
+            if let Some(why) = lost {
+                return Turn::Lost(why);
             }
         }
+    }
+
+    /// Verify and dispatch what the service sent; then write what the session queued
+    /// (the re-sends after a RESUME), under the same lock so that no other frame can
+    /// take a nonce between; then, if the session has just resumed after losing its
+    /// rings, upgrade again. `Upgraded` means the turn went on normally (on the rings
+    /// if `inner.ring` is now set).
+    fn received(&self, sock: &UnixStream, data: &[u8]) -> Turn {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        inner.last_rx = Instant::now();
+        match inner.session.receive_data(data) {
+            Ok(replies) => {
+                Self::deliver_locked(inner, replies);
+                let out = inner.session.take_outgoing();
+                if self.write_locked(inner, &out).is_err() {
+                    return Turn::Failed;
+                }
+            }
+            Err(e) => {
+                self.fail_locked(inner, ClientError::from(e));
+                return Turn::Failed;
+            }
+        }
+        if inner.reupgrade && inner.session.established() && inner.ring.is_none() {
+            inner.reupgrade = false;
+            if let Err(e) = self.upgrade_again_locked(inner, sock) {
+                self.fail_locked(inner, e);
+                return Turn::Failed;
+            }
+        }
+        Turn::Upgraded
+    }
+
+    /// The session resumed over the socket after losing its rings: ask the new service
+    /// for rings again (PROTOCOL.md 15.1), under the lock, so that nothing else is sent
+    /// until the SWITCHLESS reply; replies that come before it are delivered. A
+    /// refusal leaves the session on the socket (with `ESEM_SWITCHLESS=1`, warned)
+    /// or fails it (required). Any failure here fails the session: a connection lost
+    /// in the middle of the upgrade cannot be resumed exactly (the SWITCHLESS reply's
+    /// descriptors cannot be re-sent).
+    fn upgrade_again_locked(&self, inner: &mut Inner, sock: &UnixStream) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(CONNECT_TIMEOUT_SECS);
+        let mut others = Vec::new();
+        let upgraded = ring::upgrade(sock, &mut inner.session, deadline, self.mode, &mut others);
+        inner.last_rx = Instant::now();
+        Self::deliver_locked(inner, others);
+        if let Some(ring) = upgraded? {
+            self.install_ring_locked(inner, ring);
+        }
+        Ok(())
     }
 
     /// Hand each reply to the thread waiting for it (ringing its eventfd unless it is
@@ -245,11 +575,15 @@ impl Shared {
             slots,
             ping,
             last_rx,
+            conn,
             ..
         } = inner;
         let ring = ring.as_mut().expect("ring mode");
+        let Some(conn) = conn.as_ref() else {
+            return Err(ClientError::Unavailable("the connection is gone".into()));
+        };
         let mut delivered = Vec::new();
-        ring.send(frame, &self.sock, |bytes| {
+        ring.send(frame, &conn.sock, |bytes| {
             *last_rx = Instant::now();
             delivered.extend(session.receive_data(&bytes)?);
             Ok(())
@@ -308,73 +642,103 @@ impl Shared {
             }
             _ => {}
         }
-        true
+        inner.failure.is_none()
     }
 
     /// The reader thread of a switchless session: it never spins (callers do, for
     /// their own replies); it sleeps in `poll` on the doorbell and the session socket,
     /// so the service rings it only while no caller spins, and a dead service (EOF on
-    /// either) is noticed at once. While requests are outstanding it wakes at least
-    /// every `BACKSTOP` and rings the service again if they still sit unread.
-    fn ring_reader(self: Arc<Self>) {
-        let fd = self.sock.as_raw_fd();
+    /// either) is noticed at once and resumed from. While requests are outstanding it
+    /// wakes at least every `BACKSTOP` and rings the service again if they still sit
+    /// unread.
+    fn ring_reader(&self, sock: &UnixStream) -> Turn {
+        let fd = sock.as_raw_fd();
         loop {
-            let timeout = {
+            let (timeout, bell) = {
                 let inner = self.lock();
                 if inner.failure.is_some() {
-                    return;
+                    return Turn::Failed;
                 }
-                if inner.session.pending() > 0 {
+                let Some(ring) = inner.ring.as_ref() else {
+                    return Turn::Upgraded; // only this thread drops it; never happens
+                };
+                let timeout = if inner.session.pending() > 0 {
                     ring::BACKSTOP.as_millis() as i32
                 } else {
                     1000
-                }
+                };
+                (timeout, ring.bell())
             };
-            let polled = sys::poll_two(self.bell, fd, timeout);
+            let polled = sys::poll_two(bell, fd, timeout);
             let mut guard = self.lock();
             let inner = &mut *guard;
             if inner.failure.is_some() {
-                return;
+                return Turn::Failed;
             }
             let polled = match polled {
                 Ok(p) => p,
                 Err(e) => {
                     self.fail_locked(inner, ClientError::Unavailable(e.to_string()));
-                    return;
+                    return Turn::Failed;
                 }
             };
             let checked = (|| {
                 if polled.second {
-                    self.check_fd()?;
-                    ring::check_socket(&self.sock, 0)?;
+                    match &inner.conn {
+                        Some(c) => Self::check_fd(c).map_err(Fault::Local)?,
+                        None => {
+                            return Err(Fault::Local(ClientError::Unavailable(
+                                "connection replaced".into(),
+                            )))
+                        }
+                    }
+                    ring::check_socket(sock, 0).map_err(Fault::of_service)?;
                 }
                 if polled.first {
-                    inner.ring.as_ref().expect("ring mode").drain_bell()?;
+                    inner
+                        .ring
+                        .as_ref()
+                        .expect("ring mode")
+                        .drain_bell()
+                        .map_err(Fault::of_service)?;
                 }
                 Ok(())
             })();
-            if let Err(e) = checked {
-                self.fail_locked(inner, e);
-                return;
+            match checked {
+                Ok(()) => {}
+                Err(Fault::Gone(why)) => return Turn::Lost(why),
+                Err(Fault::Local(e)) => {
+                    self.fail_locked(inner, e);
+                    return Turn::Failed;
+                }
             }
             let got = match self.consume_locked(inner) {
                 Ok(got) => got,
-                Err(_) => return,
+                Err(_) => return Turn::Failed,
             };
             if !polled.first && !polled.second && !got {
                 if !self.keepalive_locked(inner) {
-                    return;
+                    return Turn::Failed;
                 }
-                let ring = inner.ring.as_mut().expect("ring mode");
+                let Some(ring) = inner.ring.as_mut() else {
+                    return Turn::Upgraded;
+                };
                 let unread = ring.rings.unconsumed().map(|n| n > 0);
                 let rung = match unread {
                     Ok(true) => ring.ring(),
                     Ok(false) => Ok(()),
                     Err(e) => Err(ClientError::from(e)),
                 };
-                if let Err(e) = rung {
-                    self.fail_locked(inner, e);
-                    return;
+                match rung {
+                    Ok(()) => {}
+                    // The service's end of the doorbell is gone: so is the service.
+                    Err(ClientError::Unavailable(why)) if inner.session.resumable() => {
+                        return Turn::Lost(why)
+                    }
+                    Err(e) => {
+                        self.fail_locked(inner, e);
+                        return Turn::Failed;
+                    }
                 }
             }
         }
@@ -384,10 +748,11 @@ impl Shared {
     /// delivering whatever arrives), for `CLIENT_SPIN` at most, or `PARKED_SPIN` once the
     /// service says it has executed everything we sent (a queued wait is left). While
     /// any thread spins the service need not ring; the last one to stop says it must,
-    /// then looks once more. No-op in socket mode.
+    /// then looks once more. No-op in socket mode; a spinner whose rings go (the
+    /// service died) stops at once and waits on its eventfd like a socket caller.
     fn spin_for(&self, req_id: u64) {
         let start = Instant::now();
-        {
+        let gen = {
             let mut guard = self.lock();
             let inner = &mut *guard;
             let Some(ring) = inner.ring.as_mut() else {
@@ -403,13 +768,17 @@ impl Shared {
             if ring.spinners == 1 {
                 ring.rings.set_sleeping(false);
             }
-        }
+            inner.ring_gen
+        };
         let mut end = start + ring::CLIENT_SPIN;
         let mut parked = false;
         loop {
             let service_has_all = {
                 let mut guard = self.lock();
                 let inner = &mut *guard;
+                if inner.ring_gen != gen {
+                    break;
+                }
                 if self.consume_locked(inner).is_err() || inner.failure.is_some() {
                     break;
                 }
@@ -442,6 +811,9 @@ impl Shared {
         if let Some(slot) = inner.slots.get_mut(&req_id) {
             slot.spinning = false;
         }
+        if inner.ring_gen != gen {
+            return; // the rings we spun on are gone, and their count with them
+        }
         let Some(ring) = inner.ring.as_mut() else {
             return;
         };
@@ -460,6 +832,102 @@ impl Shared {
             }
         }
     }
+}
+
+/// What went wrong on a switchless session's socket or doorbell: the service went
+/// away (EOF, reset: resume), or something to fail the session for.
+enum Fault {
+    Gone(String),
+    Local(ClientError),
+}
+
+impl Fault {
+    /// A check of the service's end: unavailable means it went away; a byte on the
+    /// socket or any other error fails the session.
+    fn of_service(e: ClientError) -> Fault {
+        match e {
+            ClientError::Unavailable(why) => Fault::Gone(why),
+            other => Fault::Local(other),
+        }
+    }
+}
+
+/// A failed reconnection attempt: worth another try, or the end of the session.
+enum Attempt {
+    Retry(String),
+    Fatal(ClientError),
+}
+
+/// Connect to `sock` and run the handshake pinning `service_public`, before
+/// `deadline`: the new connection (close-on-exec, at `HIGH_FD` or above), its identity
+/// and its established session. `Unavailable` means nothing answered (yet).
+fn handshake(
+    sock: &Path,
+    service_public: &[u8; 32],
+    deadline: Instant,
+) -> Result<(UnixStream, (u64, u64), ClientSession)> {
+    let unavailable = |e: &dyn std::fmt::Display| {
+        ClientError::Unavailable(format!("no esem service at {}: {e}", sock.display()))
+    };
+    let stream = loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => break s,
+            // EAGAIN: the listen backlog is full; a Unix socket does not queue us.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            Err(e) => return Err(unavailable(&e)),
+        }
+    };
+    // std opens sockets close-on-exec; move it high (the duplicate is too).
+    let low = OwnedFd::from(stream);
+    let high = sys::dup_high(&low).map_err(|e| unavailable(&e))?;
+    drop(low);
+    let stream = UnixStream::from(high);
+    let ident = sys::identity(stream.as_raw_fd()).map_err(|e| unavailable(&e))?;
+    let mut session = ClientSession::new(service_public)?;
+    let hello = session.start()?;
+    // A service that refuses us writes its reason and hangs up, perhaps before our
+    // HELLO is out: a failed write is not the end, read the reason first.
+    let _ = sys::send_all(&stream, &hello);
+    let mut buf = [0u8; 1024];
+    while !session.established() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(unavailable(&"the service did not answer the handshake"));
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| unavailable(&e))?;
+        let n = match (&stream).read(&mut buf) {
+            Ok(0) => return Err(unavailable(&"the service closed during the handshake")),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(unavailable(&e)),
+        };
+        session.receive_data(&buf[..n]).map_err(|e| match e {
+            esem_proto::Error::Refused { status, text } => ClientError::Status {
+                status,
+                message: format!("service refused the session: {text}"),
+            },
+            other => ClientError::from(other),
+        })?;
+    }
+    stream.set_read_timeout(None).map_err(|e| unavailable(&e))?;
+    Ok((stream, ident, session))
+}
+
+/// A reply as the caller sees it: ESTALE (the service lost this reply across a
+/// restart, and says so rather than guess) is the service's unavailability, not a
+/// refusal of the operation.
+fn final_reply(reply: Reply) -> Result<Reply> {
+    if reply.status == Status::ESTALE {
+        return Err(ClientError::Unavailable(format!(
+            "reply lost across a service restart (request {})",
+            reply.req_id
+        )));
+    }
+    Ok(reply)
 }
 
 thread_local! {
@@ -496,13 +964,9 @@ pub struct Client {
     pid: u32,
     /// Set in a fork child for the process client: its socket was closed there.
     forked: AtomicBool,
-    fd: AtomicI32,
     /// The effective uid and gid at connect: the service knows the session by these
     /// (SO_PEERCRED), whatever the process becomes later.
     creds: (u32, u32),
-    /// The switchless mapping and descriptors, for the fork child to let go of
-    /// without taking the lock (zeros and -1 in socket mode).
-    ring_parts: ((usize, usize), (RawFd, RawFd)),
 }
 
 impl std::fmt::Debug for Client {
@@ -515,7 +979,8 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connect to the service found as `esem.paths` finds it (environment, default).
+    /// Connect to the service found as `esem.paths` finds it (environment, default);
+    /// switchless if `ESEM_SWITCHLESS` asks for it (a refusal falls back to the socket).
     pub fn connect() -> Result<Client> {
         let sock = paths::socket_path();
         let default = paths::is_default_location();
@@ -525,7 +990,14 @@ impl Client {
                 sock.display()
             ))
         })?;
-        Self::connect_to(&sock, &key)
+        let source = if paths::pubkey_from_env() {
+            KeySource::Given
+        } else {
+            KeySource::Published {
+                default_location: default,
+            }
+        };
+        Self::connect_pinned(&sock, &key, source, Switchless::from_environment())
     }
 
     /// Connect to `sock`, pinning `service_public`; switchless if `ESEM_SWITCHLESS`
@@ -540,78 +1012,52 @@ impl Client {
         service_public: &[u8; 32],
         mode: Switchless,
     ) -> Result<Client> {
+        Self::connect_pinned(sock, service_public, KeySource::Given, mode)
+    }
+
+    fn connect_pinned(
+        sock: &Path,
+        service_public: &[u8; 32],
+        key_source: KeySource,
+        mode: Switchless,
+    ) -> Result<Client> {
         let unavailable = |e: &dyn std::fmt::Display| {
             ClientError::Unavailable(format!("no esem service at {}: {e}", sock.display()))
         };
         let deadline = Instant::now() + Duration::from_secs(CONNECT_TIMEOUT_SECS);
         let creds = (sys::geteuid(), sys::getegid());
-        let stream = loop {
-            match UnixStream::connect(sock) {
-                Ok(s) => break s,
-                // EAGAIN: the listen backlog is full; a Unix socket does not queue us.
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(2))
-                }
-                Err(e) => return Err(unavailable(&e)),
-            }
-        };
-        // std opens sockets close-on-exec; move it high (the duplicate is too).
-        let low = OwnedFd::from(stream);
-        let high = sys::dup_high(&low).map_err(|e| unavailable(&e))?;
-        drop(low);
-        let stream = UnixStream::from(high);
-        let ident = sys::identity(stream.as_raw_fd()).map_err(|e| unavailable(&e))?;
-        let mut session = ClientSession::new(service_public)?;
-        let hello = session.start()?;
-        // A service that refuses us writes its reason and hangs up, perhaps before our
-        // HELLO is out: a failed write is not the end, read the reason first.
-        let _ = (&stream).write_all(&hello);
-        let mut buf = [0u8; 1024];
-        while !session.established() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(unavailable(&"the service did not answer the handshake"));
-            }
-            stream
-                .set_read_timeout(Some(left))
-                .map_err(|e| unavailable(&e))?;
-            let n = match (&stream).read(&mut buf) {
-                Ok(0) => return Err(unavailable(&"the service closed during the handshake")),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(unavailable(&e)),
-            };
-            session.receive_data(&buf[..n]).map_err(|e| match e {
-                esem_proto::Error::Refused { status, text } => ClientError::Status {
-                    status,
-                    message: format!("service refused the session: {text}"),
-                },
-                other => ClientError::from(other),
-            })?;
-        }
-        stream.set_read_timeout(None).map_err(|e| unavailable(&e))?;
-        let ring = ring::upgrade(&stream, &mut session, deadline, mode)?;
-        let bell = ring.as_ref().map_or(-1, ClientRing::bell);
-        let ring_parts = ring
-            .as_ref()
-            .map_or(((0, 0), (-1, -1)), ClientRing::child_parts);
+        let (stream, ident, mut session) = handshake(sock, service_public, deadline)?;
+        // A fresh session has nothing else pending: no other reply can come first.
+        let ring = ring::upgrade(&stream, &mut session, deadline, mode, &mut Vec::new())?;
         let fd = stream.as_raw_fd();
         let shared = Arc::new(Shared {
-            sock: stream,
-            bell,
-            ident,
             path: sock.to_path_buf(),
+            key: *service_public,
+            key_source,
+            resume_timeout: resume::resume_timeout(),
+            mode,
+            fd: AtomicI32::new(fd),
+            ring_map: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            ring_fds: [AtomicI32::new(-1), AtomicI32::new(-1)],
             inner: Mutex::new(Inner {
                 session,
                 slots: HashMap::new(),
                 failure: None,
                 ping: None,
                 last_rx: Instant::now(),
-                ring,
+                conn: Some(Conn {
+                    sock: Arc::new(stream),
+                    ident,
+                }),
+                ring: None,
+                ring_gen: 0,
+                reupgrade: false,
             }),
         });
+        if let Some(ring) = ring {
+            let mut inner = shared.lock();
+            shared.install_ring_locked(&mut inner, ring);
+        }
         let reader = Arc::clone(&shared);
         SPAWNING.with(|f| f.set(true));
         let spawned = sys::with_signals_blocked(|| {
@@ -626,15 +1072,14 @@ impl Client {
             shared,
             pid: std::process::id(),
             forked: AtomicBool::new(false),
-            fd: AtomicI32::new(fd),
             creds,
-            ring_parts,
         })
     }
 
-    /// The session's transport: "switchless" (the rings) or "socket".
+    /// The session's transport now: "switchless" (the rings) or "socket" (also while a
+    /// session that had rings is resuming over the socket).
     pub fn mode(&self) -> &'static str {
-        if self.shared.bell >= 0 {
+        if self.shared.lock().ring.is_some() {
             "switchless"
         } else {
             "socket"
@@ -719,7 +1164,7 @@ impl Client {
         };
         if let Some(reply) = slot.reply.take() {
             inner.slots.remove(&req_id);
-            return Some(Ok(reply));
+            return Some(final_reply(reply));
         }
         if let Some(e) = inner.failure.clone() {
             inner.slots.remove(&req_id);
@@ -745,7 +1190,7 @@ impl Client {
                 };
                 if let Some(reply) = slot.reply.take() {
                     inner.slots.remove(&req_id);
-                    return Ok(reply);
+                    return final_reply(reply);
                 }
                 let wake = slot.wake;
                 if let Some(e) = inner.failure.clone() {
@@ -778,9 +1223,18 @@ impl Client {
     /// The fork-child handler's part: close our copy of the socket without sending.
     fn forked_away(&self) {
         self.forked.store(true, Ordering::Release);
-        sys::close_raw(self.fd.swap(-1, Ordering::AcqRel));
+        let sh = &self.shared;
+        sys::close_raw(sh.fd.swap(-1, Ordering::AcqRel));
         // Never touch the parent's rings: drop the mapping and our descriptor copies.
-        ring::forget_in_child(self.ring_parts.0, self.ring_parts.1);
+        let map = (
+            sh.ring_map[0].swap(0, Ordering::AcqRel),
+            sh.ring_map[1].swap(0, Ordering::AcqRel),
+        );
+        let fds = (
+            sh.ring_fds[0].swap(-1, Ordering::AcqRel),
+            sh.ring_fds[1].swap(-1, Ordering::AcqRel),
+        );
+        ring::forget_in_child(map, fds);
     }
 }
 
@@ -788,8 +1242,9 @@ impl Drop for Client {
     fn drop(&mut self) {
         // In a fork child the lock may be held by a thread that no longer exists: an
         // inherited client is left alone (its descriptor stays open in the child).
-        if self.pid == std::process::id() {
+        if self.pid == std::process::id() && !self.forked.load(Ordering::Acquire) {
             let mut inner = self.shared.lock();
+            self.shared.end_locked(&mut inner);
             self.shared
                 .fail_locked(&mut inner, ClientError::Unavailable("client closed".into()));
         }
@@ -823,6 +1278,8 @@ fn usable(c: &Client) -> bool {
 pub fn process_client() -> Result<&'static Client> {
     ATFORK.call_once(|| {
         let _ = sys::at_fork_child(after_fork_in_child);
+        // Keep the exit hook's object in every link that uses the process client.
+        std::hint::black_box(&END_AT_EXIT);
     });
     if let Some(c) = current().filter(|c| usable(c)) {
         return Ok(c);
@@ -912,6 +1369,29 @@ pub(crate) fn fork_connect_failure() -> Option<ClientError> {
     })
 }
 
+/// The process is exiting: END its session (best effort) so the service ends it at
+/// once instead of keeping it for a resume through the grace period. Registered in
+/// `.fini_array`, which glibc runs after every `atexit` handler (a program's handlers
+/// may still use their semaphores); never blocks on the session's lock.
+extern "C" fn end_at_exit() {
+    let Some(c) = current() else { return };
+    if c.pid != std::process::id() || c.forked.load(Ordering::Acquire) {
+        return;
+    }
+    let Ok(mut inner) = c.shared.inner.try_lock() else {
+        return;
+    };
+    c.shared.end_locked(&mut inner);
+    c.shared.fail_locked(
+        &mut inner,
+        ClientError::Unavailable("the process is exiting".into()),
+    );
+}
+
+#[used]
+#[link_section = ".fini_array"]
+static END_AT_EXIT: extern "C" fn() = end_at_exit;
+
 extern "C" fn after_fork_in_child() {
     CREATING.store(false, Ordering::Release);
     FORK_FAILURE.store(std::ptr::null_mut(), Ordering::Release); // the parent's, if any
@@ -936,5 +1416,5 @@ extern "C" fn after_fork_in_child() {
 
 /// A descriptor number is the session's (for tests that check `HIGH_FD`).
 pub fn session_fd(c: &Client) -> RawFd {
-    c.fd.load(Ordering::Acquire)
+    c.shared.fd.load(Ordering::Acquire)
 }

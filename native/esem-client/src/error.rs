@@ -51,6 +51,8 @@ impl From<ProtoError> for ClientError {
     fn from(e: ProtoError) -> Self {
         match e {
             ProtoError::Misuse(m) => ClientError::Invalid(m),
+            // A session the service would not resume: its handles are gone.
+            ProtoError::Lost(m) => ClientError::Unavailable(m),
             other => ClientError::Channel(other),
         }
     }

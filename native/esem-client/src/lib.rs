@@ -6,6 +6,7 @@
 pub mod conn;
 pub mod error;
 pub mod paths;
+pub mod resume;
 pub mod ring;
 pub mod sem;
 mod sys;

@@ -103,15 +103,28 @@ fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
 
 /// The service key to pin: `ESEM_PUBKEY` (hex), or the checked file beside the socket.
 pub fn read_pubkey(sock: &Path, default_location: bool) -> Result<[u8; 32], String> {
-    let hex = match std::env::var("ESEM_PUBKEY") {
-        Ok(v) => v,
-        Err(_) => {
-            check_published_key(sock, default_location)?;
-            let p = pubkey_path(sock);
-            std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?
-        }
-    };
-    let raw = parse_hex(&hex)?;
+    match std::env::var("ESEM_PUBKEY") {
+        Ok(v) => key_from_hex(&v),
+        Err(_) => read_published_key(sock, default_location),
+    }
+}
+
+/// Whether the key to pin comes from `ESEM_PUBKEY` rather than the published file.
+pub fn pubkey_from_env() -> bool {
+    std::env::var_os("ESEM_PUBKEY").is_some()
+}
+
+/// The published key file beside the socket, checked, without looking at the
+/// environment (the client's reader thread re-reads it when it reconnects, and must not
+/// call `getenv` while the program may be calling `setenv`).
+pub fn read_published_key(sock: &Path, default_location: bool) -> Result<[u8; 32], String> {
+    check_published_key(sock, default_location)?;
+    let p = pubkey_path(sock);
+    key_from_hex(&std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?)
+}
+
+fn key_from_hex(hex: &str) -> Result<[u8; 32], String> {
+    let raw = parse_hex(hex)?;
     raw.as_slice()
         .try_into()
         .map_err(|_| format!("service public key must be 32 bytes, got {}", raw.len()))

@@ -562,14 +562,17 @@ pub fn check_socket(sock: &UnixStream, wait_ms: i32) -> Result<()> {
     }
 }
 
-/// Ask the service for switchless mode on a fresh session (PROTOCOL.md 15.1). `None`
-/// when it refused and `mode` is `Prefer` (the session goes on over the socket, with a
-/// warning); an error when it refused and `mode` is `Require`.
+/// Ask the service for switchless mode (PROTOCOL.md 15.1): on a fresh session, or on
+/// a resumed one whose rings went with its old connection. `None` when it refused and
+/// `mode` is `Prefer` (the session goes on over the socket, with a warning); an error
+/// when it refused and `mode` is `Require`. Replies to other requests that come before
+/// the upgrade's (a resumed session's) are put in `others` for their callers.
 pub fn upgrade(
     sock: &UnixStream,
     session: &mut ClientSession,
     deadline: Instant,
     mode: Switchless,
+    others: &mut Vec<esem_proto::Reply>,
 ) -> Result<Option<ClientRing>> {
     if mode == Switchless::Off {
         return Ok(None);
@@ -608,6 +611,8 @@ pub fn upgrade(
         for r in session.receive_data(&buf[..got.len])? {
             if r.req_id == req_id {
                 reply = Some(r);
+            } else {
+                others.push(r);
             }
         }
     }

@@ -35,6 +35,32 @@ pub fn identity(fd: RawFd) -> io::Result<(u64, u64)> {
     Ok((st.st_dev, st.st_ino))
 }
 
+/// Write all of `buf` to the socket `sock` with `MSG_NOSIGNAL`: a service that died
+/// is an `EPIPE` to resume from, never a SIGPIPE that kills the program (a C program's
+/// default disposition; std's `write` would raise it).
+pub fn send_all(sock: &std::os::unix::net::UnixStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: sends from a live buffer of `buf.len()` bytes on a socket we own.
+        let n = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
+}
+
 /// A non-blocking, close-on-exec eventfd, moved high: a waiting thread's doorbell.
 pub fn eventfd() -> io::Result<OwnedFd> {
     // SAFETY: eventfd only creates a descriptor.

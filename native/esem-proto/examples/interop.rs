@@ -51,6 +51,12 @@ fn bytes(v: &Value, k: &str) -> Result<Vec<u8>> {
     unhex(s(v, k)?)
 }
 
+fn array32(v: &Value, k: &str) -> Result<[u8; 32]> {
+    bytes(v, k)?
+        .try_into()
+        .map_err(|_| Error::Misuse(format!("{k} not 32 bytes")))
+}
+
 fn handle(v: &Value) -> Result<Handle> {
     bytes(v, "handle")?
         .try_into()
@@ -95,6 +101,20 @@ fn request_from_json(v: &Value) -> Result<Request> {
         "RECLAIM" => RequestBody::Reclaim { name: name()? },
         "PING" => RequestBody::Ping,
         "SWITCHLESS" => RequestBody::Switchless,
+        "RESUME" => RequestBody::Resume {
+            session: array32(v, "session")?,
+            secret: array32(v, "secret")?,
+            awaited: field(v, "awaited")?
+                .as_array()
+                .ok_or_else(|| Error::Misuse("awaited not a list".into()))?
+                .iter()
+                .map(|x| {
+                    x.as_u64()
+                        .ok_or_else(|| Error::Misuse("awaited id not u64".into()))
+                })
+                .collect::<Result<Vec<u64>>>()?,
+        },
+        "END" => RequestBody::End,
         other => return Err(Error::Misuse(format!("opcode {other}"))),
     };
     Ok(Request {
@@ -109,7 +129,8 @@ fn request_to_json(r: &Request) -> Value {
     m.insert("opcode".into(), json!(r.body.opcode().name()));
     m.insert("req_id".into(), json!(r.req_id));
     let d = json!({"handle": "", "name": "", "oflag": 0, "mode": 0, "value": 0, "key": null,
-                   "wait_mode": "BLOCK", "timeout_ns": 0, "target": 0, "after": ""});
+                   "wait_mode": "BLOCK", "timeout_ns": 0, "target": 0, "after": "",
+                   "session": "", "secret": "", "awaited": []});
     for (k, v) in d.as_object().into_iter().flatten() {
         m.insert(k.clone(), v.clone());
     }
@@ -148,7 +169,16 @@ fn request_to_json(r: &Request) -> Value {
         | RequestBody::Reclaim { name } => set("name", json!(name)),
         RequestBody::Cancel { target } => set("target", json!(target)),
         RequestBody::List { after } => set("after", json!(after)),
-        RequestBody::Ping | RequestBody::Switchless => {}
+        RequestBody::Resume {
+            session,
+            secret,
+            awaited,
+        } => {
+            set("session", json!(hex(session)));
+            set("secret", json!(hex(secret)));
+            set("awaited", json!(awaited));
+        }
+        RequestBody::Ping | RequestBody::Switchless | RequestBody::End => {}
     }
     Value::Object(m)
 }
@@ -177,6 +207,7 @@ fn reply_from_json(v: &Value) -> Result<Reply> {
                 ReplyBody::Value(u(v, "value")? as u32)
             }
             Opcode::LIST | Opcode::STAT => ReplyBody::Json(bytes(v, "data")?),
+            Opcode::RESUME => ReplyBody::LastReqId(u(v, "value")?),
             _ => ReplyBody::Empty,
         }
     };
@@ -195,7 +226,8 @@ fn reply_to_json(r: &Reply) -> Value {
             created,
             sem_id,
         } => (hex(handle), *created, *sem_id, 0, String::new()),
-        ReplyBody::Value(v) => (String::new(), false, 0, *v, String::new()),
+        ReplyBody::Value(v) => (String::new(), false, 0, u64::from(*v), String::new()),
+        ReplyBody::LastReqId(v) => (String::new(), false, 0, *v, String::new()),
         ReplyBody::Json(d) => (String::new(), false, 0, 0, hex(d)),
         _ => (String::new(), false, 0, 0, String::new()),
     };
@@ -218,6 +250,8 @@ struct Tool {
     responder: Option<Responder>,
     transport: Option<Transport>,
     client: Option<ClientSession>,
+    /// The new connection's session while `client` reconnects (`client_reconnect`).
+    fresh: Option<ClientSession>,
 }
 
 impl Tool {
@@ -285,10 +319,10 @@ impl Tool {
                     .initiator
                     .take()
                     .ok_or_else(|| Error::Misuse("no initiator".into()))?;
-                let t = ini.finish(&bytes(v, "welcome")?)?;
+                let (t, secret) = ini.finish(&bytes(v, "welcome")?)?;
                 let sid = hex(t.session_id());
                 self.transport = Some(t);
-                Ok(json!({"ok": true, "session_id": sid}))
+                Ok(json!({"ok": true, "session_id": sid, "secret": hex(&secret)}))
             }
             "responder" => {
                 self.responder = Some(Responder::new(&bytes(v, "private")?)?);
@@ -299,7 +333,7 @@ impl Tool {
                     .responder
                     .take()
                     .ok_or_else(|| Error::Misuse("no responder".into()))?;
-                let (welcome, t) = r.respond(&bytes(v, "hello")?)?;
+                let (welcome, t) = r.respond(&bytes(v, "hello")?, &array32(v, "secret")?)?;
                 let sid = hex(t.session_id());
                 self.transport = Some(t);
                 Ok(json!({"ok": true, "welcome": hex(&welcome), "session_id": sid}))
@@ -343,6 +377,33 @@ impl Tool {
                 let (id, frame) = c.send_request(&req.body, key.as_deref())?;
                 Ok(json!({"ok": true, "req_id": id, "hex": hex(&frame)}))
             }
+            "client_detach" => {
+                let c = self
+                    .client
+                    .as_mut()
+                    .ok_or_else(|| Error::Misuse("no client".into()))?;
+                c.detach()?;
+                Ok(json!({"ok": true}))
+            }
+            "client_reconnect" => {
+                let ini = Initiator::new(&bytes(v, "public")?)?;
+                let mut fresh = ClientSession::with_initiator(ini);
+                let hello = fresh.start()?;
+                self.fresh = Some(fresh);
+                Ok(json!({"ok": true, "hex": hex(&hello)}))
+            }
+            // While reconnecting: the WELCOME goes to the new connection's session, and
+            // once it is established the detached session RESUMEs over it.
+            "client_receive" if self.fresh.is_some() => {
+                let mut fresh = self.fresh.take().expect("checked");
+                fresh.receive_data(&bytes(v, "hex")?)?;
+                let c = self
+                    .client
+                    .as_mut()
+                    .ok_or_else(|| Error::Misuse("no client".into()))?;
+                c.resume_over(fresh)?;
+                Ok(json!({"ok": true, "replies": [], "outgoing": hex(&c.take_outgoing())}))
+            }
             "client_receive" => {
                 let c = self
                     .client
@@ -350,9 +411,11 @@ impl Tool {
                     .ok_or_else(|| Error::Misuse("no client".into()))?;
                 let replies = c.receive_data(&bytes(v, "hex")?)?;
                 let sid = c.session_id().map(|s| hex(s));
+                let secret = c.resume_secret().map(|s| hex(s));
+                let outgoing = hex(&c.take_outgoing());
                 Ok(
                     json!({"ok": true, "replies": replies.iter().map(reply_to_json).collect::<Vec<_>>(),
-                          "session_id": sid}),
+                          "session_id": sid, "secret": secret, "outgoing": outgoing}),
                 )
             }
             other => Err(Error::Misuse(format!("unknown op {other}"))),

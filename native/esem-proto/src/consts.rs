@@ -19,8 +19,19 @@ pub const AEAD_TAG_BYTES: usize = 16;
 pub const MAX_PLAINTEXT: usize = MAX_FRAME_BODY - AEAD_TAG_BYTES;
 /// Version and kind of a handshake frame.
 pub const HANDSHAKE_HEADER_BYTES: usize = 2;
-/// NK messages 1 and 2 with empty payloads: ephemeral key + tag.
+/// NK message 1 (HELLO, empty payload): ephemeral key + tag.
 pub const NOISE_MSG_BYTES: usize = 48;
+/// The resumption secret R a WELCOME carries (PROTOCOL.md 16): the session's proof of
+/// ownership for RESUME, never sent outside the AEAD.
+pub const RESUME_SECRET_BYTES: usize = 32;
+/// NK message 2 (WELCOME): ephemeral key + R + tag.
+pub const NOISE_WELCOME_BYTES: usize = KEY_BYTES + RESUME_SECRET_BYTES + AEAD_TAG_BYTES;
+/// A session's id for its whole life: the hash of the handshake that created it.
+pub const SESSION_ID_BYTES: usize = 32;
+/// Most request ids a RESUME may list (more parses, and the service answers EINVAL).
+pub const RESUME_MAX_AWAITED: usize = 1024;
+/// Final replies a session keeps for RESUME (the service's replay window).
+pub const REPLAY_WINDOW: usize = 256;
 /// X25519 keys.
 pub const KEY_BYTES: usize = 32;
 /// Handle capability tokens.
@@ -98,6 +109,10 @@ wire_enum! {
         ATTACH = 8, LIST = 9, STAT = 10, PING = 11, SWITCHLESS = 12,
         /// Release a semaphore's dead holders' units (owner or root; PROTOCOL.md 6.5).
         RECLAIM = 13,
+        /// First request on a connection: carry on a detached session (PROTOCOL.md 16).
+        RESUME = 14,
+        /// End this session on purpose (no grace period).
+        END = 15,
     }
 }
 
@@ -113,6 +128,8 @@ wire_enum! {
         OK = 0, ENOENT = 1, EEXIST = 2, EACCES = 3, EAGAIN = 4, ETIMEDOUT = 5,
         EOVERFLOW = 6, EINVAL = 7, EBADF = 8, ECANCELED = 9, EKEYREJECTED = 10,
         EDQUOT = 11, ENAMETOOLONG = 12,
+        /// RESUME: the request's reply was lost across a service restart.
+        ESTALE = 13,
     }
 }
 
@@ -133,6 +150,7 @@ impl Status {
             Status::EKEYREJECTED => 129,
             Status::EDQUOT => 122,
             Status::ENAMETOOLONG => 36,
+            Status::ESTALE => 116,
         }
     }
 }

@@ -6,14 +6,16 @@
 
 use crate::consts::{
     Direction, AEAD_TAG_BYTES, KEY_BYTES, MAC_BYTES, MAC_DOMAIN, MAX_FRAME_BODY, NOISE_MSG_BYTES,
-    NOISE_PROLOGUE, NOISE_PROTOCOL_NAME,
+    NOISE_PROLOGUE, NOISE_PROTOCOL_NAME, NOISE_WELCOME_BYTES, RESUME_SECRET_BYTES,
 };
 use crate::error::{Error, Result};
-use blake2::digest::Mac as _;
-use blake2::Blake2sMac256;
+use blake2::digest::{CtOutput, Mac as _};
+use blake2::{Blake2s256, Blake2sMac256, Digest};
 
 /// The 32-byte Noise handshake hash: unique per session, known only to its two ends.
 pub type SessionId = [u8; 32];
+/// A session's resumption secret R (the WELCOME's payload).
+pub type ResumeSecret = [u8; RESUME_SECRET_BYTES];
 
 fn builder() -> snow::Builder<'static> {
     // The name is a constant this crate's tests parse; it cannot fail at run time.
@@ -137,20 +139,24 @@ impl Initiator {
     }
 
     /// Read NK message 2 (`<- e, ee`); only the holder of the pinned key can make it.
-    pub fn finish(mut self, welcome: &[u8]) -> Result<Transport> {
+    /// Its payload is the new session's resumption secret R, exactly 32 bytes: any
+    /// other length is refused like a forged WELCOME.
+    pub fn finish(mut self, welcome: &[u8]) -> Result<(Transport, ResumeSecret)> {
         let fail = || Error::integrity("service failed to prove its pinned identity");
-        if welcome.len() != NOISE_MSG_BYTES {
+        if welcome.len() != NOISE_WELCOME_BYTES {
             return Err(fail());
         }
-        let mut payload = [0u8; NOISE_MSG_BYTES];
+        let mut payload = [0u8; NOISE_WELCOME_BYTES];
         let n = self
             .hs
             .read_message(welcome, &mut payload)
             .map_err(|_| fail())?;
-        if n != 0 || !self.hs.is_handshake_finished() {
+        if n != RESUME_SECRET_BYTES || !self.hs.is_handshake_finished() {
             return Err(fail());
         }
-        Transport::from_handshake(self.hs)
+        let mut secret = [0u8; RESUME_SECRET_BYTES];
+        secret.copy_from_slice(&payload[..RESUME_SECRET_BYTES]);
+        Ok((Transport::from_handshake(self.hs)?, secret))
     }
 }
 
@@ -174,8 +180,8 @@ impl Responder {
         Ok(Responder { hs })
     }
 
-    /// Read HELLO, write WELCOME.
-    pub fn respond(mut self, hello: &[u8]) -> Result<(Vec<u8>, Transport)> {
+    /// Read HELLO, write WELCOME carrying the new session's resumption secret.
+    pub fn respond(mut self, hello: &[u8], secret: &ResumeSecret) -> Result<(Vec<u8>, Transport)> {
         let fail = || Error::integrity("handshake failed");
         if hello.len() != NOISE_MSG_BYTES {
             return Err(fail());
@@ -188,8 +194,11 @@ impl Responder {
         if n != 0 {
             return Err(Error::integrity("unexpected handshake payload"));
         }
-        let mut out = vec![0u8; NOISE_MSG_BYTES];
-        let n = self.hs.write_message(&[], &mut out).map_err(|_| fail())?;
+        let mut out = vec![0u8; NOISE_WELCOME_BYTES];
+        let n = self
+            .hs
+            .write_message(secret, &mut out)
+            .map_err(|_| fail())?;
         out.truncate(n);
         Ok((out, Transport::from_handshake(self.hs)?))
     }
@@ -205,6 +214,20 @@ pub fn generate_keypair() -> Result<([u8; 32], [u8; 32])> {
     private.copy_from_slice(&kp.private);
     public.copy_from_slice(&kp.public);
     Ok((private, public))
+}
+
+/// `V = BLAKE2s-256(R)` (unkeyed): what the service keeps of a resumption secret.
+pub fn resume_verifier(secret: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&Blake2s256::digest(secret));
+    out
+}
+
+/// Constant-time check that `secret` is the R behind `verifier`.
+pub fn verifier_matches(verifier: &[u8; 32], secret: &[u8]) -> bool {
+    let ours: CtOutput<Blake2s256> = CtOutput::new(Blake2s256::digest(secret));
+    let theirs: CtOutput<Blake2s256> = CtOutput::new((*verifier).into());
+    ours == theirs // `subtle`'s constant-time comparison
 }
 
 fn mac_state(key: &[u8], session_id: &SessionId, direction: Direction) -> Result<Blake2sMac256> {

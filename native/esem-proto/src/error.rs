@@ -3,7 +3,9 @@
 //! is a kind of `Integrity` failure (Python `IntegrityError`: authentication failed);
 //! `Refused` is a service's REFUSED frame, mapped to its status; `Misuse` is the
 //! caller's mistake (Python `ValueError`/`RuntimeError`) and is raised before anything
-//! is encrypted or sent. Every `Protocol` or `Integrity` error closes the session.
+//! is encrypted or sent; `Lost` (Python `ServiceUnavailable`) is a session the service
+//! would not resume (PROTOCOL.md 16). Every `Protocol` or `Integrity` error closes the
+//! session, and such a session is never resumed.
 
 use crate::consts::Status;
 use std::fmt;
@@ -18,6 +20,9 @@ pub enum Error {
     Refused { status: Status, text: String },
     /// The caller asked for something invalid; nothing was sent.
     Misuse(String),
+    /// The service refused to resume the session (unknown, ended, grace expired, or
+    /// not ours): its handles are gone. Not an integrity failure.
+    Lost(String),
 }
 
 impl Error {
@@ -43,6 +48,7 @@ impl Error {
             Error::Integrity(_) => "IntegrityError",
             Error::Refused { .. } => "Refused",
             Error::Misuse(_) => "Misuse",
+            Error::Lost(_) => "ServiceUnavailable",
         }
     }
 
@@ -53,6 +59,7 @@ impl Error {
             Error::Protocol(_) | Error::Integrity(_) => 71,
             Error::Refused { status, .. } => status.errno(),
             Error::Misuse(_) => 22,
+            Error::Lost(_) => 5, // EIO, as for any unavailable service
         }
     }
 }
@@ -66,6 +73,7 @@ impl fmt::Display for Error {
                 write!(f, "service refused the session ({}): {text}", status.name())
             }
             Error::Misuse(m) => write!(f, "invalid use: {m}"),
+            Error::Lost(m) => write!(f, "session lost: {m}"),
         }
     }
 }

@@ -12,7 +12,8 @@
 use crate::consts::{
     open_flag, Opcode, Status, WaitMode, FLAG_HAS_MAC, HANDLE_BYTES, KEY_MAX_BYTES, KEY_MIN_BYTES,
     KNOWN_MSG_FLAGS, MAC_BYTES, MAX_CURSOR_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_PLAINTEXT,
-    MAX_TIMEOUT_NS, REPLY_HEADER_BYTES, REQUEST_HEADER_BYTES, VERSION,
+    MAX_TIMEOUT_NS, REPLY_HEADER_BYTES, REQUEST_HEADER_BYTES, RESUME_SECRET_BYTES,
+    SESSION_ID_BYTES, VERSION,
 };
 use crate::error::{Error, Result};
 
@@ -68,6 +69,17 @@ pub enum RequestBody {
     Reclaim {
         name: String,
     },
+    /// Carry on the session `session` on this new connection, proving it with its
+    /// current resumption secret; `awaited` are the requests whose replies the client
+    /// still awaits (PROTOCOL.md 16). Any count up to u16 parses; the service answers
+    /// more than `RESUME_MAX_AWAITED` with EINVAL.
+    Resume {
+        session: [u8; SESSION_ID_BYTES],
+        secret: [u8; RESUME_SECRET_BYTES],
+        awaited: Vec<u64>,
+    },
+    /// End this session on purpose: no grace period.
+    End,
 }
 
 impl RequestBody {
@@ -86,17 +98,25 @@ impl RequestBody {
             RequestBody::Ping => Opcode::PING,
             RequestBody::Switchless => Opcode::SWITCHLESS,
             RequestBody::Reclaim { .. } => Opcode::RECLAIM,
+            RequestBody::Resume { .. } => Opcode::RESUME,
+            RequestBody::End => Opcode::END,
         }
     }
 }
 
 /// Whether a request of this opcode may carry a key-binding MAC (PROTOCOL.md 8.2): the
 /// service never looks up a key for CANCEL, LIST, PING or SWITCHLESS, so a MAC'd one
-/// could only fail. STAT and RECLAIM are MAC'd when the caller gives the key.
+/// could only fail. STAT and RECLAIM are MAC'd when the caller gives the key. RESUME and
+/// END concern the session, not a semaphore: never MAC'd (a MAC'd one is a protocol error).
 pub fn may_carry_mac(op: Opcode) -> bool {
     !matches!(
         op,
-        Opcode::CANCEL | Opcode::LIST | Opcode::PING | Opcode::SWITCHLESS
+        Opcode::CANCEL
+            | Opcode::LIST
+            | Opcode::PING
+            | Opcode::SWITCHLESS
+            | Opcode::RESUME
+            | Opcode::END
     )
 }
 
@@ -122,6 +142,8 @@ pub enum ReplyBody {
     Value(u32),
     /// LIST STAT: UTF-8 JSON, opaque here.
     Json(Vec<u8>),
+    /// RESUME: `last_req_id`, the highest request of the session the service executed.
+    LastReqId(u64),
     /// Any status but OK: text for a human, kept as received (may be invalid UTF-8).
     Refusal(Vec<u8>),
 }
@@ -160,6 +182,7 @@ enum ReplyShape {
     Handle,
     Value,
     Json,
+    U64,
 }
 
 fn reply_shape(op: Opcode) -> ReplyShape {
@@ -169,9 +192,13 @@ fn reply_shape(op: Opcode) -> ReplyShape {
             ReplyShape::Value
         }
         Opcode::LIST | Opcode::STAT => ReplyShape::Json,
-        Opcode::CLOSE | Opcode::UNLINK | Opcode::WAIT | Opcode::POST | Opcode::PING => {
-            ReplyShape::Empty
-        }
+        Opcode::RESUME => ReplyShape::U64,
+        Opcode::CLOSE
+        | Opcode::UNLINK
+        | Opcode::WAIT
+        | Opcode::POST
+        | Opcode::PING
+        | Opcode::END => ReplyShape::Empty,
     }
 }
 
@@ -209,6 +236,11 @@ impl<'a> Reader<'a> {
         let mut a = [0u8; 8];
         a.copy_from_slice(self.take(8)?);
         Ok(u64::from_be_bytes(a))
+    }
+    fn array32(&mut self) -> Result<[u8; 32]> {
+        let mut a = [0u8; 32];
+        a.copy_from_slice(self.take(32)?);
+        Ok(a)
     }
     fn handle(&mut self) -> Result<Handle> {
         let mut h = [0u8; HANDLE_BYTES];
@@ -367,7 +399,21 @@ pub fn encode_request(req: &Request, mac: bool) -> Result<Vec<u8>> {
         | RequestBody::Reclaim { name } => push_short(&mut out, check_name(name)?),
         RequestBody::Cancel { target } => out.extend_from_slice(&target.to_be_bytes()),
         RequestBody::List { after } => push_short(&mut out, check_cursor(after)?),
-        RequestBody::Ping | RequestBody::Switchless => {}
+        RequestBody::Resume {
+            session,
+            secret,
+            awaited,
+        } => {
+            let count = u16::try_from(awaited.len())
+                .map_err(|_| Error::misuse("RESUME lists at most 65535 request ids"))?;
+            out.extend_from_slice(session);
+            out.extend_from_slice(secret);
+            out.extend_from_slice(&count.to_be_bytes());
+            for id in awaited {
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+        }
+        RequestBody::Ping | RequestBody::Switchless | RequestBody::End => {}
     }
     if out.len() + if mac { MAC_BYTES } else { 0 } > MAX_PLAINTEXT {
         return Err(Error::misuse("request too large"));
@@ -443,6 +489,19 @@ pub fn decode_request(data: &[u8]) -> Result<Decoded<Request>> {
         Opcode::LIST => RequestBody::List { after: r.cursor()? },
         Opcode::PING => RequestBody::Ping,
         Opcode::SWITCHLESS => RequestBody::Switchless,
+        Opcode::END => RequestBody::End,
+        Opcode::RESUME => {
+            let session = r.array32()?;
+            let secret = r.array32()?;
+            let count = r.u16()?;
+            // Read the ids one by one: a count larger than the message is a short read.
+            let awaited = (0..count).map(|_| r.u64()).collect::<Result<Vec<u64>>>()?;
+            RequestBody::Resume {
+                session,
+                secret,
+                awaited,
+            }
+        }
     };
     r.end()?;
     Ok(Decoded {
@@ -483,6 +542,9 @@ pub fn encode_reply(rep: &Reply, mac: bool) -> Result<Vec<u8>> {
             out.extend_from_slice(&v.to_be_bytes())
         }
         (ReplyBody::Json(data), true) if shape == ReplyShape::Json => out.extend_from_slice(data),
+        (ReplyBody::LastReqId(v), true) if shape == ReplyShape::U64 => {
+            out.extend_from_slice(&v.to_be_bytes())
+        }
         _ => {
             return Err(Error::misuse(
                 "reply body does not match its opcode and status",
@@ -534,6 +596,7 @@ pub fn decode_reply(data: &[u8]) -> Result<Decoded<Reply>> {
             }
             ReplyShape::Value => ReplyBody::Value(r.u32()?),
             ReplyShape::Json => ReplyBody::Json(r.rest().to_vec()),
+            ReplyShape::U64 => ReplyBody::LastReqId(r.u64()?),
         }
     };
     r.end()?;

@@ -142,7 +142,7 @@ fn request_field_rules() {
     let mut m = header(11, 1);
     m.extend_from_slice(&[0; 32]);
     assert!(ok(&m));
-    for op in [0u8, 14, 255] {
+    for op in [0u8, 16, 255] {
         assert!(is_protocol(decode_request(&header(op, 0))), "opcode {op}");
     }
     // Trailing byte.
@@ -240,6 +240,43 @@ fn request_field_rules() {
     assert_eq!(d.mac, Some([3; 32]));
     assert!(is_protocol(decode_request(&reclaim(b"/", 0))));
     assert!(is_protocol(decode_request(&header(13, 0))));
+    // RESUME: session (32), secret (32), count u16, count u64 ids, nothing more.
+    let resume = |count: u16, ids: &[u64], flags: u8| {
+        let mut v = header(14, flags);
+        v.extend_from_slice(&[5; 32]);
+        v.extend_from_slice(&[6; 32]);
+        v.extend_from_slice(&count.to_be_bytes());
+        for id in ids {
+            v.extend_from_slice(&id.to_be_bytes());
+        }
+        v
+    };
+    let d = decode_request(&resume(2, &[3, 9], 0)).unwrap();
+    assert_eq!(
+        d.message.body,
+        RequestBody::Resume {
+            session: [5; 32],
+            secret: [6; 32],
+            awaited: vec![3, 9]
+        }
+    );
+    assert!(ok(&resume(0, &[], 0)));
+    assert!(is_protocol(decode_request(&resume(3, &[3, 9], 0))));
+    assert!(is_protocol(decode_request(&resume(1, &[3, 9], 0))));
+    let mut cut = resume(1, &[3], 0);
+    cut.pop();
+    assert!(is_protocol(decode_request(&cut)));
+    assert!(is_protocol(decode_request(&resume(0, &[], 0)[..75])));
+    // More than RESUME_MAX_AWAITED parses: refusing it (EINVAL) is the service's part.
+    let many: Vec<u64> = (1..=RESUME_MAX_AWAITED as u64 + 1).collect();
+    assert!(ok(&resume(many.len() as u16, &many, 0)));
+    // A count that cannot fit is a short read, not an allocation.
+    assert!(is_protocol(decode_request(&resume(u16::MAX, &[1], 0))));
+    // END: the header alone.
+    assert!(ok(&header(15, 0)));
+    let mut end = header(15, 0);
+    end.push(0);
+    assert!(is_protocol(decode_request(&end)));
     // Largest request: a MAC'd OPEN with a 32-byte key and a 252-byte name: 336 bytes.
     let req = Request {
         req_id: 9,
@@ -319,6 +356,20 @@ fn encoder_refuses_what_decoder_refuses() {
         body: ReplyBody::Value(1),
     };
     assert!(matches!(encode_reply(&r, false), Err(Error::Misuse(_))));
+    // RESUME's OK reply is LastReqId only; no other opcode carries one.
+    let mut r = Reply {
+        opcode: Opcode::RESUME,
+        req_id: 1,
+        status: Status::OK,
+        body: ReplyBody::Value(1),
+    };
+    assert!(matches!(encode_reply(&r, false), Err(Error::Misuse(_))));
+    r.body = ReplyBody::LastReqId(1);
+    assert!(encode_reply(&r, false).is_ok());
+    r.opcode = Opcode::PING;
+    assert!(matches!(encode_reply(&r, false), Err(Error::Misuse(_))));
+    // RESUME and END are never MAC'd.
+    assert!(!may_carry_mac(Opcode::RESUME) && !may_carry_mac(Opcode::END));
 }
 
 #[test]
@@ -331,8 +382,21 @@ fn reply_field_rules() {
     };
     assert!(decode_reply(&rep(5, 0, b"")).is_ok());
     assert!(is_protocol(decode_reply(&rep(5, 0, b"x"))));
-    assert!(is_protocol(decode_reply(&rep(5, 13, b""))));
+    assert!(is_protocol(decode_reply(&rep(5, 14, b""))));
+    assert!(is_protocol(decode_reply(&rep(16, 0, b""))));
+    // ESTALE (13): a reply lost across a restart, with its text.
+    let d = decode_reply(&rep(5, 13, b"lost")).unwrap();
+    assert_eq!(d.message.status, Status::ESTALE);
+    // RESUME's OK reply is exactly a u64 (last_req_id); its refusals are text; END's
+    // OK reply is empty.
+    let d = decode_reply(&rep(14, 0, &7u64.to_be_bytes())).unwrap();
+    assert_eq!(d.message.body, ReplyBody::LastReqId(7));
     assert!(is_protocol(decode_reply(&rep(14, 0, b""))));
+    assert!(is_protocol(decode_reply(&rep(14, 0, &[0; 4]))));
+    assert!(is_protocol(decode_reply(&rep(14, 0, &[0; 9]))));
+    assert!(decode_reply(&rep(14, 1, b"no such session")).is_ok());
+    assert!(decode_reply(&rep(15, 0, b"")).is_ok());
+    assert!(is_protocol(decode_reply(&rep(15, 0, b"x"))));
     // RECLAIM's OK reply is exactly a u32 (units released), nothing shorter or longer.
     let d = decode_reply(&rep(13, 0, &5u32.to_be_bytes())).unwrap();
     assert_eq!(d.message.body, ReplyBody::Value(5));

@@ -11,7 +11,7 @@ use esem_proto::frame::{encode_frame, FrameDecoder};
 use esem_proto::msg::*;
 use esem_proto::ring::{check_capacity, check_header, ConsumerIndex, ProducerIndex};
 use esem_proto::session::{parse_refusal, split_handshake, ClientSession, ServerSession};
-use esem_proto::Error;
+use esem_proto::{Error, State};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 struct Rng(u64);
@@ -154,6 +154,17 @@ fn valid_requests() -> Vec<Vec<u8>> {
         RequestBody::Ping,
         RequestBody::Switchless,
         RequestBody::Reclaim { name: "/r".into() },
+        RequestBody::Resume {
+            session: [3; 32],
+            secret: [4; 32],
+            awaited: vec![1, 2, u64::MAX],
+        },
+        RequestBody::Resume {
+            session: [0; 32],
+            secret: [0; 32],
+            awaited: vec![],
+        },
+        RequestBody::End,
     ];
     let mut out = Vec::new();
     for (i, body) in bodies.into_iter().enumerate() {
@@ -182,6 +193,7 @@ fn valid_replies() -> Vec<Vec<u8>> {
                 ReplyBody::Value(7)
             }
             Opcode::LIST | Opcode::STAT => ReplyBody::Json(b"{\"a\": 1}".to_vec()),
+            Opcode::RESUME => ReplyBody::LastReqId(41),
             _ => ReplyBody::Empty,
         };
         let ok = Reply {
@@ -193,7 +205,7 @@ fn valid_replies() -> Vec<Vec<u8>> {
         let no = Reply {
             opcode: *op,
             req_id: i as u64,
-            status: Status::ALL[1 + i % 12],
+            status: Status::ALL[1 + i % (Status::ALL.len() - 1)],
             body: ReplyBody::Refusal(b"nope".to_vec()),
         };
         for r in [ok, no] {
@@ -340,6 +352,74 @@ fn fuzz_transport_frames_in_open_state() {
                 .send_request(&RequestBody::Post { handle: [1; 16] }, None)
                 .unwrap();
             *c = fresh;
+        }
+        r
+    });
+}
+
+/// A client session in RESUMING with requests pending (ids 1..=3 awaited, 4 queued
+/// while detached), over a fresh connection to `s`.
+fn resuming_pair(private: &[u8], public: &[u8]) -> (ServerSession, ClientSession) {
+    let mut s = ServerSession::new(private).unwrap();
+    let mut c = ClientSession::new(public).unwrap();
+    s.receive_data(&c.start().unwrap()).unwrap();
+    c.receive_data(&s.data_to_send()).unwrap();
+    for _ in 0..3 {
+        c.send_request(&RequestBody::Post { handle: [1; 16] }, Some(&[7; 16]))
+            .unwrap();
+    }
+    c.detach().unwrap();
+    c.send_request(&RequestBody::Ping, None).unwrap();
+    let mut s2 = ServerSession::new(private).unwrap();
+    let mut fresh = ClientSession::new(public).unwrap();
+    s2.receive_data(&fresh.start().unwrap()).unwrap();
+    fresh.receive_data(&s2.data_to_send()).unwrap();
+    c.resume_over(fresh).unwrap();
+    s2.receive_data(&c.take_outgoing()).unwrap();
+    (s2, c)
+}
+
+#[test]
+fn fuzz_resuming_client() {
+    // The RESUME's reply and what follows it (replays, ESTALE), mutated: a resuming
+    // session either carries on, or closes with a protocol, integrity or Lost error.
+    let (private, public) = generate_keypair().unwrap();
+    let mut seeds = Vec::new();
+    let mut pairs = Vec::new();
+    for (status, last) in [(Status::OK, 2u64), (Status::OK, 0), (Status::ENOENT, 0)] {
+        let (mut s, c) = resuming_pair(&private, &public);
+        let body = if status == Status::OK {
+            ReplyBody::LastReqId(last)
+        } else {
+            ReplyBody::Refusal(b"no such session".to_vec())
+        };
+        let reply = Reply {
+            opcode: Opcode::RESUME,
+            req_id: 5,
+            status,
+            body,
+        };
+        s.send_reply(&reply, None).unwrap();
+        let stale = Reply {
+            opcode: Opcode::RESUME,
+            req_id: 1,
+            status: Status::ESTALE,
+            body: ReplyBody::Refusal(b"reply lost".to_vec()),
+        };
+        s.send_reply(&stale, None).unwrap();
+        seeds.push(s.data_to_send());
+        pairs.push(c);
+    }
+    let mut rng = Rng(11);
+    fuzz("resuming client", 12, &seeds, |b| {
+        let k = rng.below(pairs.len());
+        let c = &mut pairs[k];
+        let r = match c.receive_data(b) {
+            Err(Error::Lost(_)) => Ok(()),
+            other => other.map(|_| ()),
+        };
+        if c.failure().is_some() || c.state() != State::Resuming {
+            *c = resuming_pair(&private, &public).1;
         }
         r
     });

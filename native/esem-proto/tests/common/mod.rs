@@ -76,6 +76,23 @@ pub fn request_body() -> impl Strategy<Value = RequestBody> {
         Just(RequestBody::Ping),
         Just(RequestBody::Switchless),
         name().prop_map(|name| RequestBody::Reclaim { name }),
+        (any::<[u8; 32]>(), any::<[u8; 32]>(), awaited()).prop_map(|(session, secret, awaited)| {
+            RequestBody::Resume {
+                session,
+                secret,
+                awaited,
+            }
+        }),
+        Just(RequestBody::End),
+    ]
+}
+
+/// RESUME's awaited ids: usually a few, sometimes more than RESUME_MAX_AWAITED (which
+/// parses: the service answers EINVAL), up to what fits in one message.
+pub fn awaited() -> impl Strategy<Value = Vec<u64>> {
+    prop_oneof![
+        8 => proptest::collection::vec(any::<u64>(), 0..40),
+        1 => proptest::collection::vec(any::<u64>(), 1000..2030),
     ]
 }
 
@@ -108,26 +125,30 @@ pub fn reply() -> impl Strategy<Value = Reply> {
         any::<u32>(),
         proptest::collection::vec(any::<u8>(), 0..200),
         any::<u64>(),
+        any::<u64>(),
     )
-        .prop_map(|(opcode, req_id, handle, created, value, json, sem_id)| {
-            let body = match opcode {
-                Opcode::OPEN | Opcode::ATTACH => ReplyBody::Handle {
-                    handle,
-                    created,
-                    sem_id,
-                },
-                Opcode::GETVALUE | Opcode::CANCEL | Opcode::SWITCHLESS | Opcode::RECLAIM => {
-                    ReplyBody::Value(value)
+        .prop_map(
+            |(opcode, req_id, handle, created, value, json, sem_id, last)| {
+                let body = match opcode {
+                    Opcode::OPEN | Opcode::ATTACH => ReplyBody::Handle {
+                        handle,
+                        created,
+                        sem_id,
+                    },
+                    Opcode::GETVALUE | Opcode::CANCEL | Opcode::SWITCHLESS | Opcode::RECLAIM => {
+                        ReplyBody::Value(value)
+                    }
+                    Opcode::LIST | Opcode::STAT => ReplyBody::Json(json),
+                    Opcode::RESUME => ReplyBody::LastReqId(last),
+                    _ => ReplyBody::Empty,
+                };
+                Reply {
+                    opcode,
+                    req_id,
+                    status: Status::OK,
+                    body,
                 }
-                Opcode::LIST | Opcode::STAT => ReplyBody::Json(json),
-                _ => ReplyBody::Empty,
-            };
-            Reply {
-                opcode,
-                req_id,
-                status: Status::OK,
-                body,
-            }
-        });
+            },
+        );
     prop_oneof![refusal, ok]
 }
