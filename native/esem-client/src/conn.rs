@@ -472,6 +472,28 @@ impl Client {
         Ok(reply)
     }
 
+    /// End the session now (as dropping the client does): every waiter wakes with the
+    /// failure and the service closes the session's handles. For owners that cannot
+    /// drop the client while other threads may still hold it (a language binding).
+    pub fn close(&self) {
+        if self.pid == std::process::id() && !self.forked.load(Ordering::Acquire) {
+            let mut inner = self.shared.lock();
+            self.shared
+                .fail_locked(&mut inner, ClientError::Unavailable("client closed".into()));
+        }
+    }
+
+    /// In a fork child, let go of a client the parent made: close the child's copy of
+    /// the socket without sending or reading anything, and fail every later call. The
+    /// caller must then never drop it in the child (`mem::forget`): its lock may be held
+    /// by a thread that does not exist here. For clients other than the process client
+    /// (whose own atfork handler does this), e.g. ones a language binding owns.
+    pub fn abandon_in_child(&self) {
+        if self.pid != std::process::id() {
+            self.forked_away();
+        }
+    }
+
     /// The fork-child handler's part: close our copy of the socket without sending.
     fn forked_away(&self) {
         self.forked.store(true, Ordering::Release);

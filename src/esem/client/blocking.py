@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from esem.core.status import Status
 from esem.errors import EsemError, IntegrityError, ServiceUnavailable, SignalError, error_for
 from esem.paths import is_default_location, read_pubkey, socket_path
 from esem.protocol.constants import Opcode
@@ -44,6 +45,7 @@ from esem.protocol.messages import Reply, Request
 from esem.protocol.session import ClientSession
 
 if TYPE_CHECKING:
+    from esem._native_core import Session as NativeSession
     from esem.client.switchless import ClientRing
 
 CONNECT_TIMEOUT = 5.0  # seconds for connect + handshake
@@ -149,11 +151,15 @@ class Client:
         # esem.client.switchless); ``_ring`` replaces the socket once upgraded.
         self._switchless = switchless
         self._ring: ClientRing | None = None
+        # The native transport (esem.client.native): when set, it carries every frame
+        # of this session instead of ``_sock``/``_session``.
+        self._native: NativeSession | None = None
         self.stats = ClientStats()
         _all_clients.add(self)
 
     def __repr__(self) -> str:
-        state = "failed" if self._failure else ("open" if self._session else "unconnected")
+        state = "failed" if self._failure else (
+            "open" if self._session or self._native else "unconnected")
         return f"<esem.Client {self.socket_path} pid={self.pid} {state}>"
 
     # ------------------------------------------------------------ lifecycle
@@ -164,6 +170,11 @@ class Client:
         forked from the session's own, always an error: the session is the parent's."""
         if not self._guard.here():
             return self._forked_away()
+        native = self._native
+        if self._failure is None and native is not None:
+            failure = native.failure()
+            if failure is not None:
+                self._failure = _as_esem_error(failure)
         return self._failure
 
     @property
@@ -176,6 +187,17 @@ class Client:
         """How the session's frames travel: "switchless" (shared-memory rings) or
         "socket" (also before the session is connected)."""
         return "switchless" if self._ring is not None else "socket"
+
+    @property
+    def transport(self) -> str:
+        """Which implementation carries the session: "native" (``esem._native_core``) or
+        "python" (also before the session is connected)."""
+        return "native" if self._native is not None else "python"
+
+    @property
+    def connected(self) -> bool:
+        """True once the session is open (it may have failed since)."""
+        return self._session is not None or self._native is not None
 
     def connect(self) -> None:
         if not self._guard.here():
@@ -197,6 +219,9 @@ class Client:
             ring, self._ring = self._ring, None  # unmapped once no reader holds it
             if ring is not None:
                 ring.shutdown()  # wakes a reader asleep on the rings
+            native = self._native
+            if native is not None:
+                native.close()  # wakes its waiters with "client closed"
             self._cond.notify_all()
         if sock is not None:
             sock.close()
@@ -214,6 +239,9 @@ class Client:
         self._session = None  # its cipher states are the parent's: never used here
         if sock is not None:
             sock.close()
+        native, self._native = self._native, None
+        if native is not None:
+            native.abandon_in_child()  # closes the child's copy, sends nothing
         ring, self._ring = self._ring, None
         if ring is not None:
             ring.forget()  # the parent's rings: never touched from here
@@ -230,7 +258,14 @@ class Client:
         propagate unchanged."""
         if self._failure is not None:
             raise self._failure
-        if self._session is not None:
+        if self._session is not None or self._native is not None:
+            return
+        if self._wants_native():
+            from esem.client import native
+
+            pub = pinned_key(self.socket_path, self._explicit_pubkey,
+                             default_location=self._default_location)
+            self._native = native.connect(str(self.socket_path), pub)
             return
         try:
             sock, session, ring = self._open_session()
@@ -302,6 +337,19 @@ class Client:
                 raise ServiceUnavailable(
                     f"no esem service at {self.socket_path}: {exc}") from exc
 
+    def _wants_native(self) -> bool:
+        """Whether this session goes over the native client: ``ESEM_CLIENT`` chooses it
+        (``esem.client.native.chosen``), and the session is a plain socket one with the
+        native client's timeouts (switchless stays on the Python client for now)."""
+        from esem.client import native, switchless
+
+        if native.chosen() != "native":
+            return False
+        if self._connect_timeout != CONNECT_TIMEOUT or self._keepalive != KEEPALIVE_INTERVAL:
+            return False
+        want = switchless.from_environment() if self._switchless is None else self._switchless
+        return not want
+
     def _upgrade(self, sock: socket.socket, session: ClientSession,
                  deadline: float) -> ClientRing | None:
         from esem.client import switchless
@@ -317,6 +365,19 @@ class Client:
         """Send ``build`` (its ``req_id`` is replaced by a fresh one); returns the id."""
         if not self._guard.here():  # the one path to the socket and the request ring
             raise self._forked_away()
+        native = self._native
+        if native is None:
+            with self._lock:
+                self._ensure_connected()
+                native = self._native
+        if native is not None:
+            self.stats.requests += 1
+            try:
+                return native.send(build.opcode, build.handle, build.name, build.oflag,
+                                   build.mode, build.value, build.key, build.wait_mode,
+                                   build.timeout_ns, build.target, build.after, key)
+            except EsemError as exc:
+                raise self._native_failed(exc) from None
         with self._lock:
             self._ensure_connected()
             assert self._session is not None and self._sock is not None
@@ -357,6 +418,15 @@ class Client:
         waited forever for a reader that did not exist)."""
         if not self._guard.here():  # reading would steal the parent's replies
             raise self._forked_away()
+        native = self._native
+        if native is not None:
+            try:
+                op, rid, status, handle, created, value, payload, message = (
+                    native.wait_reply(req_id))
+            except EsemError as exc:
+                raise self._native_failed(exc) from None
+            return Reply(Opcode(op), rid, Status(status), handle, created, value, payload,
+                         message)
         me = threading.get_ident()
         try:
             while True:
@@ -500,6 +570,14 @@ class Client:
         with self._lock:
             self._pings.add(req_id)
 
+    def _native_failed(self, exc: EsemError) -> EsemError:
+        """A native call raised ``exc``: if the session has failed, that failure is
+        kept (sticky, as the Python transport's) and raised from now on."""
+        native = self._native
+        if self._failure is None and native is not None and native.failure() is not None:
+            self._failure = exc
+        return self._failure or exc
+
     def _fail(self, exc: EsemError) -> EsemError:
         with self._lock:
             return self._fail_locked(exc)
@@ -524,6 +602,11 @@ class Client:
 
 class _ParentsSession(ServiceUnavailable):
     """This client's session was opened by the process this one was forked from."""
+
+
+def _as_esem_error(exc: BaseException) -> EsemError:
+    """A native session's failure as the ``EsemError`` it always is."""
+    return exc if isinstance(exc, EsemError) else ServiceUnavailable(str(exc))
 
 
 # ----------------------------------------------------------- per-process client
