@@ -268,6 +268,18 @@ impl Client {
 
     /// Connect to `sock`, pinning `service_public`.
     pub fn connect_to(sock: &Path, service_public: &[u8; 32]) -> Result<Client> {
+        Self::connect_to_interruptible(sock, service_public, &mut || true)
+    }
+
+    /// `connect_to`, calling `on_signal` whenever a signal interrupts the wait for the
+    /// service's WELCOME: if it returns false, the half-made connection is closed
+    /// (nothing kept) and `Interrupted` returned. For a binding whose signal handlers
+    /// must run, and may end the connect, as its own client's do (Python's).
+    pub fn connect_to_interruptible(
+        sock: &Path,
+        service_public: &[u8; 32],
+        on_signal: &mut dyn FnMut() -> bool,
+    ) -> Result<Client> {
         let unavailable = |e: &dyn std::fmt::Display| {
             ClientError::Unavailable(format!("no esem service at {}: {e}", sock.display()))
         };
@@ -308,7 +320,12 @@ impl Client {
             let n = match (&stream).read(&mut buf) {
                 Ok(0) => return Err(unavailable(&"the service closed during the handshake")),
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                    if on_signal() {
+                        continue;
+                    }
+                    return Err(ClientError::Interrupted);
+                }
                 Err(e) => return Err(unavailable(&e)),
             };
             session.receive_data(&buf[..n]).map_err(|e| match e {

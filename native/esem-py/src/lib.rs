@@ -184,9 +184,24 @@ impl Session {
             PyValueError::new_err(format!("a service key has 32 bytes, not {}", pubkey.len()))
         })?;
         let path = Path::new(sock).to_path_buf();
-        let client = py
-            .detach(|| Client::connect_to(&path, &key))
-            .map_err(|e| to_py(py, &e))?;
+        // A signal during the handshake runs the Python handlers; one that raises ends
+        // the connect (the half-made connection closed) with its exception.
+        let mut raised: Option<PyErr> = None;
+        let connected = py.detach(|| {
+            Client::connect_to_interruptible(&path, &key, &mut || match Python::attach(|py| {
+                py.check_signals()
+            }) {
+                Ok(()) => true,
+                Err(e) => {
+                    raised = Some(e);
+                    false
+                }
+            })
+        });
+        let client = match (connected, raised) {
+            (Err(ClientError::Interrupted), Some(handler)) => return Err(handler),
+            (result, _) => result.map_err(|e| to_py(py, &e))?,
+        };
         Ok(Session {
             client: Mutex::new(Some(Arc::new(client))),
         })

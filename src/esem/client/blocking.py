@@ -265,7 +265,14 @@ class Client:
 
             pub = pinned_key(self.socket_path, self._explicit_pubkey,
                              default_location=self._default_location)
-            self._native = native.connect(str(self.socket_path), pub)
+            try:
+                self._native = native.connect(str(self.socket_path), pub)
+            except EsemError:
+                raise
+            except Exception as exc:  # a signal handler raised during the handshake
+                raise SignalError(
+                    f"connecting to the esem service at {self.socket_path} was interrupted "
+                    "by a signal; nothing was opened") from exc
             return
         try:
             sock, session, ring = self._open_session()
