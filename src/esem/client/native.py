@@ -35,7 +35,7 @@ ENV: Final = "ESEM_CLIENT"
 CHOICES: Final = ("python", "native")
 # The default when ESEM_CLIENT is unset: the native client once it passes the whole
 # client-facing suite (tests/e2e, tests/sync, tests/native run under both clients).
-DEFAULT: Final = "python"
+DEFAULT: Final = "native"
 
 try:
     from esem import _native_core as _module
