@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import esem
 import esem.client.blocking as blocking
@@ -193,3 +195,41 @@ def test_bad_input_is_a_python_error_not_a_panic(service: EmbeddedService) -> No
     finally:
         session.close()
     assert isinstance(session.failure(), ServiceUnavailable)
+
+
+@needs_native
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(opcode=st.integers(0, 255), handle=st.binary(max_size=20),
+       name=st.text(max_size=300), oflag=st.integers(0, 1 << 20),
+       mode=st.integers(0, 1 << 20), value=st.integers(0, 1 << 40),
+       create_key=st.none() | st.binary(max_size=40), wait_mode=st.integers(0, 255),
+       timeout_ns=st.integers(0, (1 << 64) - 1), target=st.integers(0, (1 << 64) - 1),
+       after=st.text(max_size=300), key=st.none() | st.binary(max_size=40))
+def test_any_request_fields_are_sent_or_refused_never_a_panic(
+        service: EmbeddedService, opcode: int, handle: bytes, name: str, oflag: int,
+        mode: int, value: int, create_key: bytes | None, wait_mode: int, timeout_ns: int,
+        target: int, after: str, key: bytes | None) -> None:
+    """Whatever fields Python passes, the extension raises a Python error before sending,
+    or sends a request the service answers (a refusal at most): never a panic, and the
+    session stays usable (a WAIT that might block is sent as TRY)."""
+    from esem import _native_core
+
+    session = _SESSIONS.get(service.socket_path)
+    if session is None or session.failure() is not None:
+        session = _SESSIONS[service.socket_path] = _native_core.Session(
+            str(service.socket_path), service.pubkey)
+    if opcode == 4 and wait_mode == 1:  # BLOCK could wait forever on a real semaphore
+        wait_mode = 0
+    try:
+        req_id = session.send(opcode, handle, name, oflag, mode, value, create_key,
+                              wait_mode, timeout_ns, target, after, key)
+    except (ValueError, OverflowError) as exc:
+        assert "Panic" not in type(exc).__name__
+        return
+    reply = session.wait_reply(req_id)
+    assert reply[1] == req_id
+    assert session.failure() is None
+
+
+_SESSIONS: dict[object, Any] = {}
