@@ -221,12 +221,12 @@ impl Session {
         oflag: u64,
         mode: u64,
         value: u64,
-        create_key: Option<Vec<u8>>,
+        create_key: Option<&[u8]>,
         wait_mode: u8,
         timeout_ns: u64,
         target: u64,
         after: &str,
-        key: Option<Vec<u8>>,
+        key: Option<&[u8]>,
     ) -> PyResult<u64> {
         let op = Opcode::from_wire(opcode)
             .ok_or_else(|| PyValueError::new_err(format!("unknown opcode {opcode}")))?;
@@ -235,7 +235,7 @@ impl Session {
                 oflag: wire("oflag", oflag)?,
                 mode: wire("mode", mode)?,
                 value: wire("value", value)?,
-                key: create_key,
+                key: create_key.map(<[u8]>::to_vec),
                 name: name.to_owned(),
             },
             Opcode::CLOSE => RequestBody::Close {
@@ -278,7 +278,7 @@ impl Session {
             }
         };
         let client = self.client().map_err(|e| to_py(py, &e))?;
-        py.detach(|| client.send(&body, key.as_deref()))
+        py.detach(|| client.send(&body, key))
             .map_err(|e| to_py(py, &e))
     }
 
@@ -331,17 +331,17 @@ impl Session {
         oflag: u8,
         mode: u16,
         value: u32,
-        create_key: Option<Vec<u8>>,
-        key: Option<Vec<u8>>,
+        create_key: Option<&[u8]>,
+        key: Option<&[u8]>,
     ) -> PyResult<(Bound<'py, PyBytes>, bool)> {
         let body = RequestBody::Open {
             oflag,
             mode,
             value,
-            key: create_key,
+            key: create_key.map(<[u8]>::to_vec),
             name: name.to_owned(),
         };
-        match self.call(py, body, key.as_deref())?.body {
+        match self.call(py, body, key)?.body {
             ReplyBody::Handle { handle, created } => Ok((PyBytes::new(py, &handle), created)),
             _ => Err(PyRuntimeError::new_err("OPEN reply without a handle")),
         }
@@ -353,12 +353,12 @@ impl Session {
         &self,
         py: Python<'py>,
         handle: &[u8],
-        key: Option<Vec<u8>>,
+        key: Option<&[u8]>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let body = RequestBody::Attach {
             handle: handle_arg(handle)?,
         };
-        match self.call(py, body, key.as_deref())?.body {
+        match self.call(py, body, key)?.body {
             ReplyBody::Handle { handle, .. } => Ok(PyBytes::new(py, &handle)),
             _ => Err(PyRuntimeError::new_err("ATTACH reply without a handle")),
         }
@@ -366,20 +366,20 @@ impl Session {
 
     /// POST one unit.
     #[pyo3(signature = (handle, key))]
-    fn post(&self, py: Python<'_>, handle: &[u8], key: Option<Vec<u8>>) -> PyResult<()> {
+    fn post(&self, py: Python<'_>, handle: &[u8], key: Option<&[u8]>) -> PyResult<()> {
         let body = RequestBody::Post {
             handle: handle_arg(handle)?,
         };
-        self.call(py, body, key.as_deref()).map(|_| ())
+        self.call(py, body, key).map(|_| ())
     }
 
     /// GETVALUE.
     #[pyo3(signature = (handle, key))]
-    fn getvalue(&self, py: Python<'_>, handle: &[u8], key: Option<Vec<u8>>) -> PyResult<u32> {
+    fn getvalue(&self, py: Python<'_>, handle: &[u8], key: Option<&[u8]>) -> PyResult<u32> {
         let body = RequestBody::GetValue {
             handle: handle_arg(handle)?,
         };
-        match self.call(py, body, key.as_deref())?.body {
+        match self.call(py, body, key)?.body {
             ReplyBody::Value(v) => Ok(v),
             _ => Err(PyRuntimeError::new_err("GETVALUE reply without a value")),
         }
@@ -387,20 +387,20 @@ impl Session {
 
     /// CLOSE a handle.
     #[pyo3(signature = (handle, key))]
-    fn close_handle(&self, py: Python<'_>, handle: &[u8], key: Option<Vec<u8>>) -> PyResult<()> {
+    fn close_handle(&self, py: Python<'_>, handle: &[u8], key: Option<&[u8]>) -> PyResult<()> {
         let body = RequestBody::Close {
             handle: handle_arg(handle)?,
         };
-        self.call(py, body, key.as_deref()).map(|_| ())
+        self.call(py, body, key).map(|_| ())
     }
 
     /// UNLINK a name.
     #[pyo3(signature = (name, key))]
-    fn unlink(&self, py: Python<'_>, name: &str, key: Option<Vec<u8>>) -> PyResult<()> {
+    fn unlink(&self, py: Python<'_>, name: &str, key: Option<&[u8]>) -> PyResult<()> {
         let body = RequestBody::Unlink {
             name: name.to_owned(),
         };
-        self.call(py, body, key.as_deref()).map(|_| ())
+        self.call(py, body, key).map(|_| ())
     }
 
     /// WAIT (`wait_mode` 0 try, 1 block, 2 timed). A refusal (EAGAIN, ETIMEDOUT, ...)
@@ -413,13 +413,12 @@ impl Session {
         handle: &[u8],
         wait_mode: u8,
         timeout_ns: u64,
-        key: Option<Vec<u8>>,
+        key: Option<&[u8]>,
     ) -> PyResult<()> {
         let handle = handle_arg(handle)?;
         let mode = WaitMode::from_wire(wait_mode)
             .ok_or_else(|| PyValueError::new_err(format!("unknown wait mode {wait_mode}")))?;
         let client = self.client().map_err(|e| to_py(py, &e))?;
-        let key = key.as_deref();
         let body = RequestBody::Wait {
             handle,
             mode,
