@@ -15,7 +15,7 @@ the one of its mode (``ESEM_SOCKET``, ``ESEM_SWITCHLESS``) and drops the per-pro
 client before and after, so a session is never reused across modes or services. Legacy
 tests (no service) run once.
 
-A module marked ``native_backend`` runs its ``backend`` tests a fourth time, as
+A module marked ``native_backend`` runs its ``backend`` tests once more, as
 ``esem-native``: the native client (the preload library's C API, called through ctypes,
 ``native_backend.py``) against the module's plain daemon. That client connects on its
 first call, reading ``ESEM_SOCKET`` then (the library is loaded only then too), and is the
