@@ -146,11 +146,11 @@ class EsemSemaphore:
             self._tokens = {pid: (client, reply.handle)}
             return client, reply.handle
 
-    def _call(self, op: Opcode) -> int:
-        client, token = self._ctx()
-        return client.call(Request(op, 0, handle=token), key=self._key).value
 
     # ---------------------------------------------------------- operations
+    # On a native session (``client._native``, esem.client.native) each operation is one
+    # call into esem._native_core, with no Request or Reply object; a failure it raises is
+    # the session's (``_native_failed``), sticky as on the Python transport.
 
     def wait(self) -> None:
         """``sem_wait``: block until a unit is granted (FIFO)."""
@@ -173,6 +173,17 @@ class EsemSemaphore:
 
     def _wait(self, mode: WaitMode, timeout_ns: int) -> None:
         client, token = self._ctx()
+        native = client._native
+        if native is not None:
+            client.stats.requests += 1
+            try:
+                # Withdraws the wait itself if a signal handler raises (and re-raises).
+                native.wait(token, mode, timeout_ns, self._key)
+            except EsemError as exc:
+                raise client._native_failed(exc) from None
+            except Exception as exc:  # a signal handler raised; the wait was withdrawn
+                raise SignalError("the wait was interrupted by a signal") from exc
+            return
         req = Request(Opcode.WAIT, 0, handle=token, wait_mode=mode, timeout_ns=timeout_ns)
         req_id = client.send(req, key=self._key)
         try:
@@ -208,11 +219,28 @@ class EsemSemaphore:
 
     def post(self) -> None:
         """``sem_post``: hand a unit to the first waiter, or add it to the count."""
-        self._call(Opcode.POST)
+        client, token = self._ctx()
+        native = client._native
+        if native is None:
+            client.call(Request(Opcode.POST, 0, handle=token), key=self._key)
+            return
+        client.stats.requests += 1
+        try:
+            native.post(token, self._key)
+        except EsemError as exc:
+            raise client._native_failed(exc) from None
 
     def getvalue(self) -> int:
         """``sem_getvalue`` (0 while waiters queue, never negative)."""
-        return self._call(Opcode.GETVALUE)
+        client, token = self._ctx()
+        native = client._native
+        if native is None:
+            return client.call(Request(Opcode.GETVALUE, 0, handle=token), key=self._key).value
+        client.stats.requests += 1
+        try:
+            return native.getvalue(token, self._key)
+        except EsemError as exc:
+            raise client._native_failed(exc) from None
 
     def close(self) -> None:
         """``sem_close``: this process's handle only; other processes keep theirs."""
@@ -426,7 +454,7 @@ def connect(*, switchless: bool | None = None) -> Client:
     with _blocking._process_lock:
         current = _blocking._process_client
         usable = current is not None and current.failed is None
-        if usable and current is not None and current._session is not None:
+        if usable and current is not None and current.connected:
             if switchless is not None and (current.mode == "switchless") != switchless:
                 raise RuntimeError(
                     f"this process's esem session is already open in {current.mode} mode; "

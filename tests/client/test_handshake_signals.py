@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+import esem.client.native as native_client
 from esem.client.blocking import Client
 from esem.core.status import Status
 from esem.errors import IntegrityError, SignalError
@@ -129,9 +130,22 @@ def raising_alarm() -> Iterator[Callable[[BaseException], None]]:
         signal.signal(signal.SIGALRM, old)
 
 
+@pytest.fixture(params=[
+    "python",
+    pytest.param("native", marks=pytest.mark.skipif(
+        not native_client.available(), reason="esem._native_core is not built")),
+])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The client whose handshake is interrupted (ESEM_CLIENT; the default timeouts, which
+    the native client needs)."""
+    monkeypatch.setenv(native_client.ENV, request.param)
+    return str(request.param)
+
+
 def test_signal_while_the_welcome_is_late_is_a_signal_error(
-        staller: Staller, raising_alarm: Callable[[BaseException], None]) -> None:
-    client = Client(staller.path, staller.pubkey, connect_timeout=10)
+        staller: Staller, raising_alarm: Callable[[BaseException], None],
+        transport: str) -> None:
+    client = Client(staller.path, staller.pubkey)
     raising_alarm(Alarm("from the handler"))
     with pytest.raises(SignalError) as info:
         client.connect()
@@ -139,20 +153,23 @@ def test_signal_while_the_welcome_is_late_is_a_signal_error(
     assert staller.hellos.is_set()
     assert staller.hung_up.wait(5), "the half-made connection was left open"
     # Nothing was kept: the same client connects afresh and works.
-    assert client.failed is None and client._session is None
+    assert client.failed is None and not client.connected
     assert client.call(Request(Opcode.PING, 0)).status is Status.OK
+    assert client.transport == transport
     assert staller.served >= 1
     client.close()
 
 
 def test_keyboard_interrupt_while_connecting_propagates_unchanged(
-        staller: Staller, raising_alarm: Callable[[BaseException], None]) -> None:
-    client = Client(staller.path, staller.pubkey, connect_timeout=10)
+        staller: Staller, raising_alarm: Callable[[BaseException], None],
+        transport: str) -> None:
+    client = Client(staller.path, staller.pubkey)
     raising_alarm(KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         client.connect()
     assert staller.hung_up.wait(5)
     assert client.call(Request(Opcode.PING, 0)).status is Status.OK
+    assert client.transport == transport
     client.close()
 
 
@@ -169,10 +186,13 @@ def _inside_noise_read(frame: FrameType | None) -> bool:
     return False
 
 
-def test_signal_inside_the_welcome_check_is_not_tampering(service: Any) -> None:
+def test_signal_inside_the_welcome_check_is_not_tampering(
+        service: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Against the real service: a SIGALRM every 50 us whose handler raises only when
     noise's ``read_message`` (checking the WELCOME) is on the stack. Each connection
-    it interrupts there must be a SignalError, and the client then connects afresh."""
+    it interrupts there must be a SignalError, and the client then connects afresh.
+    (The pure-Python client's handshake: noise's code is on the stack only there.)"""
+    monkeypatch.setenv(native_client.ENV, "python")
     def handler(signum: int, frame: FrameType | None) -> None:
         if _inside_noise_read(frame):
             raise Alarm

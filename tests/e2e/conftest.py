@@ -1,18 +1,21 @@
-"""The end-to-end suite runs in both transport modes: socket and switchless.
+"""The end-to-end suite runs in three modes: socket, switchless and pyo3.
 
 Each esem test runs once against a plain daemon, its session over the socket, and once
 against a daemon started with ``--switchless`` with ``ESEM_SWITCHLESS=1`` in the
 environment (so this process and every child it forks upgrade their sessions to the
-shared-memory rings). After a switchless test the process's client is checked to have
-really been switchless: the environment alone would fall back to the socket, with only a
-warning, if the upgrade were refused.
+shared-memory rings), both on the pure-Python client (``ESEM_CLIENT=python``). After a
+switchless test the process's client is checked to have really been switchless: the
+environment alone would fall back to the socket, with only a warning, if the upgrade were
+refused. The third mode, ``pyo3``, runs the test against the plain daemon with
+``ESEM_CLIENT=native``: the Python API on the native client (``esem._native_core``), its
+session checked afterwards to have really been native (skipped when it is not built).
 
 The daemons are shared by a test module, one per mode; each test points this process at
 the one of its mode (``ESEM_SOCKET``, ``ESEM_SWITCHLESS``) and drops the per-process
 client before and after, so a session is never reused across modes or services. Legacy
 tests (no service) run once.
 
-A module marked ``native_backend`` runs its ``backend`` tests a fourth time, as
+A module marked ``native_backend`` runs its ``backend`` tests once more, as
 ``esem-native``: the native client (the preload library's C API, called through ctypes,
 ``native_backend.py``) against the module's plain daemon. That client connects on its
 first call, reading ``ESEM_SOCKET`` then (the library is loaded only then too), and is the
@@ -28,17 +31,28 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from conftest import Backend  # tests/conftest.py (tests/ is not a package)
 
 import esem.client.blocking as blocking
+import esem.client.native as native_client
 from esem.api import USE_ESEM
 from esem.server.embedded import EmbeddedService
 
 from . import native_backend
 
-MODES = ("socket", "switchless")
+# "pyo3": the plain daemon, this process's sessions on the native client under the
+# Python API (ESEM_CLIENT=native, esem._native_core); "socket" and "switchless" pin the
+# pure-Python client (ESEM_CLIENT=python), whatever the default is.
+MODES = ("socket", "switchless", "pyo3")
+_NOT_BUILT = "esem._native_core is not built (no cargo at install): no pyo3 mode"
+
+
+def _mode_params(names: tuple[str, ...]) -> list[Any]:
+    return [pytest.param(n, marks=pytest.mark.skip(reason=_NOT_BUILT))
+            if n.endswith("pyo3") and not native_client.available() else n for n in names]
 
 
 def _drop_process_client() -> blocking.Client | None:
@@ -58,9 +72,11 @@ def _start(mode: str) -> EmbeddedService:
 @contextlib.contextmanager
 def _pointed_at(svc: EmbeddedService, mode: str) -> Iterator[EmbeddedService]:
     """This process (and children forked meanwhile) use ``svc`` in ``mode``."""
-    saved = {k: os.environ.get(k) for k in ("ESEM_SOCKET", "ESEM_PUBKEY", "ESEM_SWITCHLESS")}
+    saved = {k: os.environ.get(k)
+             for k in ("ESEM_SOCKET", "ESEM_PUBKEY", "ESEM_SWITCHLESS", native_client.ENV)}
     os.environ.pop("ESEM_PUBKEY", None)  # would pin another service's key
     os.environ["ESEM_SOCKET"] = str(svc.socket_path)
+    os.environ[native_client.ENV] = "native" if mode == "pyo3" else "python"
     if mode == "switchless":
         os.environ["ESEM_SWITCHLESS"] = "1"
     else:
@@ -77,6 +93,9 @@ def _pointed_at(svc: EmbeddedService, mode: str) -> Iterator[EmbeddedService]:
                 if (mode == "switchless" and used.failed is None and used._session is not None
                         and not used.stats.resumes):
                     assert used.mode == "switchless", "the session fell back to the socket"
+                if used.connected:
+                    want = "native" if mode == "pyo3" else "python"
+                    assert used.transport == want, f"the session was not on the {want} client"
             finally:
                 used.close()
     finally:
@@ -120,7 +139,14 @@ def switchless_service(switchless_daemon: EmbeddedService) -> Iterator[EmbeddedS
         yield switchless_daemon
 
 
-@pytest.fixture(params=MODES)
+@pytest.fixture
+def pyo3_service(socket_daemon: EmbeddedService) -> Iterator[EmbeddedService]:
+    """The module's plain daemon, this process's sessions on the native client."""
+    with _pointed_at(socket_daemon, "pyo3"):
+        yield socket_daemon
+
+
+@pytest.fixture(params=_mode_params(MODES))
 def mode(request: pytest.FixtureRequest) -> str:
     """The transport of this test's esem sessions."""
     return str(request.param)
@@ -136,7 +162,7 @@ def service(request: pytest.FixtureRequest, mode: str) -> EmbeddedService:
 @pytest.fixture
 def fresh_service(mode: str) -> Iterator[EmbeddedService]:
     """A daemon of this test alone, in this test's mode (for tests that kill it)."""
-    svc = _start(mode)
+    svc = _start("socket" if mode == "pyo3" else mode)
     try:
         with _pointed_at(svc, mode):
             yield svc
@@ -144,7 +170,7 @@ def fresh_service(mode: str) -> Iterator[EmbeddedService]:
         svc.cleanup()
 
 
-BACKENDS = ("legacy", "esem-socket", "esem-switchless")
+BACKENDS = ("legacy", "esem-socket", "esem-switchless", "esem-pyo3")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -156,8 +182,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
         native = metafunc.definition.get_closest_marker("native_backend") is not None
-        params = [*BACKENDS, "esem-native"] if native else list(BACKENDS)
-        metafunc.parametrize("backend", params, indirect=True)
+        names = (*BACKENDS, "esem-native") if native else BACKENDS
+        metafunc.parametrize("backend", _mode_params(names), indirect=True)
 
 
 @dataclass(frozen=True)

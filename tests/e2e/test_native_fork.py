@@ -68,7 +68,7 @@ def used_session(sem: EsemSemaphore) -> Client:
     sem.post()
     sem.wait()
     client = get_client()
-    assert client.failed is None and client._session is not None
+    assert client.failed is None and client.connected
     return client
 
 

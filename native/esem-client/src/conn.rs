@@ -357,7 +357,8 @@ impl Shared {
         let deadline = backoff
             .deadline()
             .min(Instant::now() + Duration::from_secs(CONNECT_TIMEOUT_SECS));
-        let (stream, ident, fresh) = match handshake(&self.path, &self.key, deadline) {
+        let (stream, ident, fresh) = match handshake(&self.path, &self.key, deadline, &mut || true)
+        {
             Ok(x) => x,
             // Not there yet (ENOENT, ECONNREFUSED), or gone again: try again.
             Err(ClientError::Unavailable(m)) => return Err(Attempt::Retry(m)),
@@ -861,10 +862,14 @@ enum Attempt {
 /// Connect to `sock` and run the handshake pinning `service_public`, before
 /// `deadline`: the new connection (close-on-exec, at `HIGH_FD` or above), its identity
 /// and its established session. `Unavailable` means nothing answered (yet).
+/// Connect and complete the handshake by `deadline`. A signal that interrupts the wait
+/// for the WELCOME calls `on_signal`: false ends the connect with `Interrupted`, the
+/// half-made connection closed and nothing kept.
 fn handshake(
     sock: &Path,
     service_public: &[u8; 32],
     deadline: Instant,
+    on_signal: &mut dyn FnMut() -> bool,
 ) -> Result<(UnixStream, (u64, u64), ClientSession)> {
     let unavailable = |e: &dyn std::fmt::Display| {
         ClientError::Unavailable(format!("no esem service at {}: {e}", sock.display()))
@@ -902,7 +907,12 @@ fn handshake(
         let n = match (&stream).read(&mut buf) {
             Ok(0) => return Err(unavailable(&"the service closed during the handshake")),
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                if on_signal() {
+                    continue;
+                }
+                return Err(ClientError::Interrupted);
+            }
             Err(e) => return Err(unavailable(&e)),
         };
         session.receive_data(&buf[..n]).map_err(|e| match e {
@@ -997,7 +1007,13 @@ impl Client {
                 default_location: default,
             }
         };
-        Self::connect_pinned(&sock, &key, source, Switchless::from_environment())
+        Self::connect_pinned(
+            &sock,
+            &key,
+            source,
+            Switchless::from_environment(),
+            &mut || true,
+        )
     }
 
     /// Connect to `sock`, pinning `service_public`; switchless if `ESEM_SWITCHLESS`
@@ -1012,7 +1028,25 @@ impl Client {
         service_public: &[u8; 32],
         mode: Switchless,
     ) -> Result<Client> {
-        Self::connect_pinned(sock, service_public, KeySource::Given, mode)
+        Self::connect_pinned(sock, service_public, KeySource::Given, mode, &mut || true)
+    }
+
+    /// `connect_to` in socket mode, calling `on_signal` whenever a signal interrupts the
+    /// wait for the service's WELCOME: if it returns false, the half-made connection is
+    /// closed (nothing kept) and `Interrupted` returned. For a binding whose signal
+    /// handlers must run, and may end the connect, as its own client's do (Python's).
+    pub fn connect_to_interruptible(
+        sock: &Path,
+        service_public: &[u8; 32],
+        on_signal: &mut dyn FnMut() -> bool,
+    ) -> Result<Client> {
+        Self::connect_pinned(
+            sock,
+            service_public,
+            KeySource::Given,
+            Switchless::Off,
+            on_signal,
+        )
     }
 
     fn connect_pinned(
@@ -1020,13 +1054,14 @@ impl Client {
         service_public: &[u8; 32],
         key_source: KeySource,
         mode: Switchless,
+        on_signal: &mut dyn FnMut() -> bool,
     ) -> Result<Client> {
         let unavailable = |e: &dyn std::fmt::Display| {
             ClientError::Unavailable(format!("no esem service at {}: {e}", sock.display()))
         };
         let deadline = Instant::now() + Duration::from_secs(CONNECT_TIMEOUT_SECS);
         let creds = (sys::geteuid(), sys::getegid());
-        let (stream, ident, mut session) = handshake(sock, service_public, deadline)?;
+        let (stream, ident, mut session) = handshake(sock, service_public, deadline, on_signal)?;
         // A fresh session has nothing else pending: no other reply can come first.
         let ring = ring::upgrade(&stream, &mut session, deadline, mode, &mut Vec::new())?;
         let fd = stream.as_raw_fd();
@@ -1218,6 +1253,30 @@ impl Client {
             });
         }
         Ok(reply)
+    }
+
+    /// End the session now (as dropping the client does: END, so the service ends it at
+    /// once instead of keeping it for a resume): every waiter wakes with the failure and
+    /// the service closes the session's handles. For owners that cannot drop the client
+    /// while other threads may still hold it (a language binding).
+    pub fn close(&self) {
+        if self.pid == std::process::id() && !self.forked.load(Ordering::Acquire) {
+            let mut inner = self.shared.lock();
+            self.shared.end_locked(&mut inner);
+            self.shared
+                .fail_locked(&mut inner, ClientError::Unavailable("client closed".into()));
+        }
+    }
+
+    /// In a fork child, let go of a client the parent made: close the child's copy of
+    /// the socket without sending or reading anything, and fail every later call. The
+    /// caller must then never drop it in the child (`mem::forget`): its lock may be held
+    /// by a thread that does not exist here. For clients other than the process client
+    /// (whose own atfork handler does this), e.g. ones a language binding owns.
+    pub fn abandon_in_child(&self) {
+        if self.pid != std::process::id() {
+            self.forked_away();
+        }
     }
 
     /// The fork-child handler's part: close our copy of the socket without sending.

@@ -233,6 +233,7 @@ def machine(opts: Options) -> dict[str, Any]:
         "python": platform.python_version(), "esem_mode": ",".join(opts.modes),
         "service_loop": "uvloop" if uv else "asyncio", "uvloop": "yes" if uv else "no",
         "esem_version": _esem_version(),
+        "esem_client": _esem_client(),
         "service": opts.socket or "embedded",
         "placements": placement_notes(opts),
         "smoke": opts.smoke,
@@ -247,9 +248,21 @@ def placement_notes(opts: Options) -> dict[str, str]:
     return placement.machine_note(placement.names(opts))
 
 
+def _esem_client() -> str:
+    """Which client the Python API's esem rows ride on (ESEM_CLIENT, esem.client.native)."""
+    from esem.client import native
+    from esem.errors import EsemError
+
+    try:
+        return native.chosen()
+    except (ValueError, EsemError):  # a bad ESEM_CLIENT: the esem rows then raise it
+        return "python"
+
+
 def machine_line(m: dict[str, Any]) -> str:
     return (f"machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python "
             f"{m['python']}, esem {m['esem_version']} {m['esem_mode']} mode "
+            f"on the {m.get('esem_client', 'python')} client "
             f"({m['service_loop']}), {m['service']} service"
             + (", SMOKE sizes (not for comparison)" if m.get("smoke") else "")
             + "".join(f"\nplacement {note}" for note in m.get("placements", {}).values()))

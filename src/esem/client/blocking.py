@@ -61,6 +61,7 @@ from esem.protocol.messages import Reply, Request
 from esem.protocol.session import ClientSession
 
 if TYPE_CHECKING:
+    from esem._native_core import Session as NativeSession
     from esem.client.switchless import ClientRing
 
 CONNECT_TIMEOUT = 5.0  # seconds for connect + handshake
@@ -192,11 +193,15 @@ class Client:
         self._retired: list[socket.socket | ClientRing] = []
         self._secrets = resume.Secrets()
         self._backoff = resume.Backoff()
+        # The native transport (esem.client.native): when set, it carries every frame
+        # of this session instead of ``_sock``/``_session``.
+        self._native: NativeSession | None = None
         self.stats = ClientStats()
         _all_clients.add(self)
 
     def __repr__(self) -> str:
-        state = "failed" if self._failure else ("open" if self._session else "unconnected")
+        state = "failed" if self._failure else (
+            "open" if self._session or self._native else "unconnected")
         if state == "open" and self._down_since is not None:
             state = "reconnecting"
         return f"<esem.Client {self.socket_path} pid={self.pid} {state}>"
@@ -217,6 +222,11 @@ class Client:
         forked from the session's own, always an error: the session is the parent's."""
         if not self._guard.here():
             return self._forked_away()
+        native = self._native
+        if self._failure is None and native is not None:
+            failure = native.failure()
+            if failure is not None:
+                self._failure = _as_esem_error(failure)
         return self._failure
 
     @property
@@ -229,6 +239,17 @@ class Client:
         """How the session's frames travel: "switchless" (shared-memory rings) or
         "socket" (also before the session is connected)."""
         return "switchless" if self._ring is not None else "socket"
+
+    @property
+    def transport(self) -> str:
+        """Which implementation carries the session: "native" (``esem._native_core``) or
+        "python" (also before the session is connected)."""
+        return "native" if self._native is not None else "python"
+
+    @property
+    def connected(self) -> bool:
+        """True once the session is open (it may have failed since)."""
+        return self._session is not None or self._native is not None
 
     def connect(self) -> None:
         if not self._guard.here():
@@ -251,6 +272,9 @@ class Client:
             ring, self._ring = self._ring, None  # unmapped once no reader holds it
             if ring is not None:
                 ring.shutdown()  # wakes a reader asleep on the rings
+            native = self._native
+            if native is not None:
+                native.close()  # wakes its waiters with "client closed"
             self._cond.notify_all()
         if sock is not None:
             with contextlib.suppress(OSError):  # wakes the watcher (END is out already)
@@ -291,6 +315,9 @@ class Client:
         self._session = None  # its cipher states are the parent's: never used here
         if sock is not None:
             sock.close()
+        native, self._native = self._native, None
+        if native is not None:
+            native.abandon_in_child()  # closes the child's copy, sends nothing
         ring, self._ring = self._ring, None
         if ring is not None:
             ring.forget()  # the parent's rings: never touched from here
@@ -307,7 +334,21 @@ class Client:
         propagate unchanged."""
         if self._failure is not None:
             raise self._failure
-        if self._session is not None:
+        if self._session is not None or self._native is not None:
+            return
+        if self._wants_native():
+            from esem.client import native
+
+            pub = pinned_key(self.socket_path, self._explicit_pubkey,
+                             default_location=self._default_location)
+            try:
+                self._native = native.connect(str(self.socket_path), pub)
+            except EsemError:
+                raise
+            except Exception as exc:  # a signal handler raised during the handshake
+                raise SignalError(
+                    f"connecting to the esem service at {self.socket_path} was interrupted "
+                    "by a signal; nothing was opened") from exc
             return
         try:
             pub = pinned_key(self.socket_path, self._explicit_pubkey,
@@ -388,6 +429,19 @@ class Client:
                 raise ServiceUnavailable(
                     f"no esem service at {self.socket_path}: {exc}") from exc
 
+    def _wants_native(self) -> bool:
+        """Whether this session goes over the native client: ``ESEM_CLIENT`` chooses it
+        (``esem.client.native.chosen``), and the session is a plain socket one with the
+        native client's timeouts (switchless stays on the Python client for now)."""
+        from esem.client import native, switchless
+
+        if native.chosen() != "native":
+            return False
+        if self._connect_timeout != CONNECT_TIMEOUT or self._keepalive != KEEPALIVE_INTERVAL:
+            return False
+        want = switchless.from_environment() if self._switchless is None else self._switchless
+        return not want
+
     def _upgrade(self, sock: socket.socket, session: ClientSession,
                  deadline: float) -> ClientRing | None:
         from esem.client import switchless
@@ -403,6 +457,19 @@ class Client:
         """Send ``build`` (its ``req_id`` is replaced by a fresh one); returns the id."""
         if not self._guard.here():  # the one path to the socket and the request ring
             raise self._forked_away()
+        native = self._native
+        if native is None:
+            with self._lock:
+                self._ensure_connected()
+                native = self._native
+        if native is not None:
+            self.stats.requests += 1
+            try:
+                return native.send(build.opcode, build.handle, build.name, build.oflag,
+                                   build.mode, build.value, build.key, build.wait_mode,
+                                   build.timeout_ns, build.target, build.after, key)
+            except EsemError as exc:
+                raise self._native_failed(exc) from None
         with self._lock:
             self._ensure_connected()
             assert self._session is not None
@@ -444,6 +511,15 @@ class Client:
         waited forever for a reader that did not exist)."""
         if not self._guard.here():  # reading would steal the parent's replies
             raise self._forked_away()
+        native = self._native
+        if native is not None:
+            try:
+                op, rid, status, handle, created, value, payload, message = (
+                    native.wait_reply(req_id))
+            except EsemError as exc:
+                raise self._native_failed(exc) from None
+            return Reply(Opcode(op), rid, Status(status), handle, created, value, payload,
+                         message)
         me = threading.get_ident()
         try:
             while True:
@@ -780,6 +856,14 @@ class Client:
         if data and self._sock is not None:
             self._sock.sendall(data)
 
+    def _native_failed(self, exc: EsemError) -> EsemError:
+        """A native call raised ``exc``: if the session has failed, that failure is
+        kept (sticky, as the Python transport's) and raised from now on."""
+        native = self._native
+        if self._failure is None and native is not None and native.failure() is not None:
+            self._failure = exc
+        return self._failure or exc
+
     def _fail(self, exc: EsemError) -> EsemError:
         with self._lock:
             return self._fail_locked(exc)
@@ -847,6 +931,11 @@ def _watch(ref: weakref.ref[Client]) -> None:
 
 class _ParentsSession(ServiceUnavailable):
     """This client's session was opened by the process this one was forked from."""
+
+
+def _as_esem_error(exc: BaseException) -> EsemError:
+    """A native session's failure as the ``EsemError`` it always is."""
+    return exc if isinstance(exc, EsemError) else ServiceUnavailable(str(exc))
 
 
 # ----------------------------------------------------------- per-process client
