@@ -518,8 +518,8 @@ class Client:
                     native.wait_reply(req_id))
             except EsemError as exc:
                 raise self._native_failed(exc) from None
-            return Reply(Opcode(op), rid, Status(status), handle, created, value, payload,
-                         message)
+            return Reply(Opcode(op), rid, Status(status), handle=handle, created=created,
+                         value=value, data=payload, message=message)
         me = threading.get_ident()
         try:
             while True:
