@@ -1,6 +1,8 @@
 """``esem bench restart``: how long a service restart keeps waiting clients waiting.
 
-N client sessions (spread over up to ``MAX_PROCS`` worker processes, a thread each)
+N Python-client sessions (``ESEM_CLIENT=python``: its statistics say when each
+session resumed; the native client's resume is timed by tests/native/measure_resume.py),
+spread over up to ``MAX_PROCS`` worker processes with a thread each,
 block in ``wait`` on one value-0 e-semaphore of an embedded daemon whose state
 directory (key and journal) survives; the daemon is SIGKILLed and started again on the
 same directory, and every client reconnects and RESUMEs by itself. Measured, per N and
@@ -81,7 +83,10 @@ def measure(n: int) -> dict[str, float]:
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "esem.bench.restart", str(svc.socket_path),
                      name, str(k)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    text=True, env={**os.environ, "ESEM_RESUME_TIMEOUT": str(WAIT)}))
+                    text=True, env={**os.environ, "ESEM_RESUME_TIMEOUT": str(WAIT),
+                                        # the Python client's resume is what it times
+                                        # (its stats say when each session resumed)
+                                        "ESEM_CLIENT": "python"}))
             for p in procs:
                 _expect(p, "ready")
             deadline = time.monotonic() + WAIT
