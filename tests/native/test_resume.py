@@ -227,13 +227,28 @@ def test_mutual_exclusion_across_restarts_keeps_conservation(
     ESEM_NATIVE_RESTARTS): never two inside at
     once (O_EXCL marker), the counter equals the sections completed, every worker
     finished without an error, and the semaphore is back at 1 with no holder."""
+    mutex_across_restarts(restartable, preload, resume_prog, sem_name, tmp_path)
+
+
+def test_switchless_mutual_exclusion_across_restarts_keeps_conservation(
+        restartable_switchless: EmbeddedService, preload: Path, resume_prog: Path,
+        sem_name: str, tmp_path: Path) -> None:
+    """The same on the rings (ESEM_SWITCHLESS=1, a --switchless service): restarts land
+    while callers spin on a ring or publish in it; each session resumes over the socket
+    and upgrades again, and exclusion and conservation hold."""
+    mutex_across_restarts(restartable_switchless, preload, resume_prog, sem_name, tmp_path,
+                          ESEM_SWITCHLESS="1")
+
+
+def mutex_across_restarts(restartable: EmbeddedService, preload: Path, resume_prog: Path,
+                          sem_name: str, tmp_path: Path, **env: str) -> None:
     # ESEM_NATIVE_RESTARTS=N for a longer run (the workers' iterations grow with it).
     restarts = int(os.environ.get("ESEM_NATIVE_RESTARTS", "3"))
     workers, iterations = 3, max(60, 40 * restarts)
     work = tmp_path / "work"
     work.mkdir()
     procs = [run_all(resume_prog, restartable, preload, "mutex", sem_name, str(work),
-                     str(iterations)) for _ in range(workers)]
+                     str(iterations), **env) for _ in range(workers)]
     try:
         # Restarts begin once every worker has its session (a program that starts while
         # the service is down fails to connect, as before: nothing to resume yet).
@@ -250,6 +265,7 @@ def test_mutual_exclusion_across_restarts_keeps_conservation(
         results = [finish(p) for p in procs]
         for rc, out, err in results:
             assert rc == 0 and f"done {iterations}" in out, (out, err)
+            assert "socket mode" not in err, err  # never a fallback from the rings
         assert done >= 1, "the workers finished before any restart: nothing was tested"
         print(f"{done} restarts, {workers * iterations} critical sections")
         assert int((work / "counter").read_text()) == workers * iterations
