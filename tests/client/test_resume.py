@@ -7,7 +7,8 @@ resumes). To keep a client from coming back at once, the service's published key
 moved away: the client's reconnect finds no key to pin and tries again, and whatever
 happens at the service meanwhile (a grant to the detached session, the grace period
 running out) happens for real. Blocking, asyncio and anyio clients; socket and
-switchless sessions.
+switchless sessions. These are the pure-Python clients (``ESEM_CLIENT=python``): the
+native client's resumption is tested in tests/native/test_resume.py.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ from esem.server.embedded import EmbeddedService
 GRACE = 2.0
 CREX = O_CREAT | O_EXCL
 JOIN = 20.0
+
+
+@pytest.fixture(autouse=True)
+def python_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blocking client under test is the Python one, whatever the default."""
+    monkeypatch.setenv("ESEM_CLIENT", "python")
 
 
 def _start(switchless: bool = False) -> EmbeddedService:

@@ -38,9 +38,10 @@ def _result(directory: Path, who: str, **fields: object) -> None:
 
 def _up(directory: Path, who: str) -> None:
     """Tells the test this worker has done its first operation, and how its session's
-    frames travel ("socket" or "switchless")."""
+    frames travel ("socket" or "switchless") and on which client ("python", "native")."""
     tmp = directory / f".up-{who}"
-    tmp.write_text(get_client().mode)
+    client = get_client()
+    tmp.write_text(f"{client.mode} {client.transport}")
     tmp.rename(directory / f"up-{who}")  # whole when seen
 
 

@@ -13,10 +13,12 @@ absolute ``CLOCK_REALTIME`` deadline ``sem_timedwait`` takes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import time
+from collections.abc import Iterator
 from types import TracebackType
 
 from esem.core.status import Status
@@ -53,6 +55,24 @@ class _Timespec(ctypes.Structure):
 
 
 _lib: ctypes.CDLL | None = None
+
+
+@contextlib.contextmanager
+def _no_resume() -> Iterator[None]:
+    """Around the calls that may connect the library's process client: resumption off
+    for that session (read at connect). The tests move this process from one module's
+    daemon to the next, and a session whose daemon is gone for good must fail at once,
+    so the next call connects to the new one, not wait ESEM_RESUME_TIMEOUT trying to
+    resume at the old path (tests/native/test_resume.py tests resumption)."""
+    old = os.environ.get("ESEM_RESUME_TIMEOUT")
+    os.environ["ESEM_RESUME_TIMEOUT"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["ESEM_RESUME_TIMEOUT"]
+        else:
+            os.environ["ESEM_RESUME_TIMEOUT"] = old
 
 
 def library() -> ctypes.CDLL:
@@ -159,10 +179,12 @@ def open_semaphore(name: str, oflag: int = 0, mode: int = 0o600,
     elif not 0 <= value <= 0xFFFF_FFFF:
         raise InvalidRequest(f"initial value {value} is not an unsigned int",
                              status=Status.EINVAL)
-    if key is None:
-        sem = library().sem_open(name.encode(), oflag | C_USE_ESEM, mode, value)
-    else:
-        sem = library().esem_sem_open_keyed(name.encode(), oflag, mode, value, key, len(key))
+    with _no_resume():
+        if key is None:
+            sem = library().sem_open(name.encode(), oflag | C_USE_ESEM, mode, value)
+        else:
+            sem = library().esem_sem_open_keyed(name.encode(), oflag, mode, value, key,
+                                                len(key))
     if not sem:
         raise _error(f"sem_open({name!r})")
     # The library hands glibc's own semaphore to an oflag without the bit: a backend
@@ -177,4 +199,5 @@ def open_semaphore(name: str, oflag: int = 0, mode: int = 0o600,
 def unlink(name: str) -> None:
     """``sem_unlink`` of the native client. The library sends it to the service only for
     a name it opened with USE_ESEM (else glibc's): the tests unlink names they opened."""
-    _check(library().sem_unlink(name.encode()), f"sem_unlink({name!r})")
+    with _no_resume():
+        _check(library().sem_unlink(name.encode()), f"sem_unlink({name!r})")
