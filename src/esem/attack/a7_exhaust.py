@@ -74,9 +74,6 @@ QUOTA_ARGS = [
 LEGACY_BOUND = 2000  # more than esem's default per-uid semaphore quota (1024)
 STORM_HELD = 1000  # raw connections the storm keeps open at once
 STORM_WARMUP = 0.5  # seconds the storm runs before the victim starts
-# Tries, and the pause between them, for the storm's rogue to hold the whole session quota
-# (sessions of earlier rounds may still sit out their grace period)
-STORM_QUOTA_TRIES, STORM_QUOTA_PAUSE = 5, 1.0
 RETRIES = 20  # further sessions the rogue tries once refused
 STORM_PROCESSES = 4  # rogue processes knocking at once in the "connection storm" round
 STORM_ATTEMPTS = 10  # the victim's connection attempts during that storm
@@ -210,6 +207,11 @@ class RawSession:
         return self.replies.pop(req_id)
 
     def close(self) -> None:
+        """END the session, then close (as ``release`` does for a ``Client``): a session
+        whose connection just closes waits detached for its grace period, still counted
+        in its uid's quota, and would hold a quota of the next round."""
+        with contextlib.suppress(EsemError, OSError):
+            self.reply(self.send(Request(Opcode.END, 0)))
         self.sock.close()
 
 
@@ -608,16 +610,6 @@ def run(target: Target) -> list[Outcome]:
         rogues = [Child(*rogue_ids, flood_connections(sock, pub))]
         try:
             first = rogues[0].recv()  # at its quota: from now on every knock is refused
-            # A session of the earlier rounds whose connection closed while its process
-            # still ran waits detached for its grace period (1 s here) before it leaves
-            # the uid's quota: start the storm from the whole quota, not from what is left.
-            for _ in range(STORM_QUOTA_TRIES):
-                if first.get("held") == SESSIONS or "error" in first:
-                    break
-                rogues.pop().finish()
-                time.sleep(STORM_QUOTA_PAUSE)
-                rogues = [Child(*rogue_ids, flood_connections(sock, pub))]
-                first = rogues[0].recv()
             rogues += [Child(*rogue_ids, storm_only(sock)) for _ in range(STORM_PROCESSES)]
             for r in rogues[1:]:
                 r.recv()
