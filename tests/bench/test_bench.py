@@ -256,6 +256,17 @@ def test_peer_smoke(tmp_path: Path) -> None:
     assert "esem/redis" in result.stdout
 
 
+def test_all_skip_leaves_out_what_it_names_and_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    result = esem("bench", "all", "--smoke", "--placement", "same", "--mode", "socket",
+                  "--skip", "micro,latsem,stress,peer,app", "--out", str(out), timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert {r["bench"] for r in load(out / "results.json")} == {"loop"}
+    text = (out / "report.md").read_text()
+    for name in ("micro", "latsem", "stress", "peer", "app"):
+        assert f"{name} skipped (--skip)" in text, name
+
+
 def test_all_smoke_writes_results_report_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "report"
     result = esem("bench", "all", "--smoke", "--out", str(out), timeout=240)
@@ -359,6 +370,7 @@ def test_switchless_mode() -> None:
     (["stress", "--workers", "0"], "out of range"),
     (["peer", "--procs", "1000"], "out of range"),
     (["all"], "--out"),
+    (["all", "--out", "x", "--skip", "micro,lat"], "no benchmark lat (choose from micro,"),
     (["micro", "--placement", "apart"], "invalid choice"),
     (["loop", "--calls", "0"], "out of range"),
 ])

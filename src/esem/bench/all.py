@@ -30,6 +30,7 @@ from esem.bench.common import (
     Options,
     Row,
     Table,
+    UsageError,
     app_module,
     emit,
     make_report,
@@ -38,11 +39,23 @@ from esem.bench.common import (
     write_json,
 )
 
+STEPS = ("micro", "loop", "latsem", "stress", "peer", "app")
 
-def run(opts: Options, out: str) -> int:
+
+def parse_skip(text: str) -> frozenset[str]:
+    """``--skip micro,app`` as a set of step names; an unknown name is a usage error."""
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    unknown = sorted(names - set(STEPS))
+    if unknown:
+        raise UsageError(f"no benchmark {', '.join(unknown)} "
+                         f"(choose from {', '.join(STEPS)})")
+    return names
+
+
+def run(opts: Options, out: str, skip: frozenset[str] = frozenset()) -> int:
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
-    notes: list[str] = []
+    notes: list[str] = [f"{name} skipped (--skip)" for name in STEPS if name in skip]
     results: list[Row] = []
     steps: list[tuple[str, Callable[[], list[Row]]]] = [
         ("micro", lambda: micro.collect(opts)),
@@ -50,16 +63,19 @@ def run(opts: Options, out: str) -> int:
         ("latsem", lambda: latsem.collect(opts)),
         ("stress", lambda: stress.collect(opts)),
     ]
-    if shutil.which("redis-server"):
+    steps = [(name, step) for name, step in steps if name not in skip]
+    if "peer" in skip:
+        pass
+    elif shutil.which("redis-server"):
         steps.append(("peer", lambda: peer.collect(opts)))
     else:
         notes.append("peer skipped: redis-server is not installed "
                      "(apt-get install redis-server)")
         progress(notes[-1])
-    app = app_module()
+    app = None if "app" in skip else app_module()
     if app is not None:
         steps.append(("app", lambda: list(app.run(opts))))
-    else:
+    elif "app" not in skip:
         notes.append(f"app skipped: {APP_MODULE} is not part of this build")
         progress(notes[-1])
     with phase("all", len(steps)) as ph:

@@ -258,6 +258,9 @@ def register(sub: Any) -> None:
         "throughput. peer is skipped when redis-server is not installed. Needs the bench "
         "extra (matplotlib, redis-py: pip install 'esem[bench]')."), epilog=JSON_SCHEMA)
     b.add_argument("--out", required=True, metavar="DIR", help="directory for the report")
+    b.add_argument("--skip", default=frozenset(), type=_skip, metavar="BENCH[,BENCH]",
+                   help="leave these out (of: micro, loop, latsem, stress, peer, app); "
+                   "the report says which were skipped")
     _common(b, placed=True, mode_default="both")
 
     app = _app()
@@ -275,6 +278,15 @@ def register(sub: Any) -> None:
 
 def _app() -> Any:
     return app_module()
+
+
+def _skip(text: str) -> frozenset[str]:
+    from esem.bench import all as all_benches
+
+    try:
+        return all_benches.parse_skip(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # The Python packages of the ``bench`` extra each command imports (peer talks to Redis
@@ -344,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
         if args.bench == "all":
             from esem.bench import all as all_benches
 
-            return all_benches.run(opts, args.out)
+            return all_benches.run(opts, args.out, args.skip)
         app = _app()
         if args.bench == "app" and app is not None:
             from esem.bench.common import emit, make_report
