@@ -42,6 +42,7 @@ from esem.client.blocking import (
     KEEPALIVE_INTERVAL,
     RECV_BYTES,
     pinned_key,
+    recheck_key,
 )
 from esem.core.limits import check_key, check_name
 from esem.core.status import CoreError, Status
@@ -231,14 +232,12 @@ class Session:
     async def _resume_once(self, timeout: float) -> bool:
         """One attempt: True once resumed."""
         try:
-            pub = pinned_key(self.socket_path, self._explicit_pubkey,
-                             default_location=self._default_location)
-        except ServiceUnavailable:
+            pub = recheck_key(self.socket_path, self._explicit_pubkey,
+                              default_location=self._default_location, pinned=self._pub)
+        except IntegrityError as exc:
+            self._fail(exc)
             return False
-        if pub != self._pub:
-            self._fail(IntegrityError(
-                f"the esem service at {self.socket_path} now publishes another key; the "
-                "session is not resumed with it"))
+        if pub is None:
             return False
         new = ClientSession(pub)
         stream: anyio.abc.ByteStream | None = None

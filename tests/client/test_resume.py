@@ -278,6 +278,44 @@ def test_a_service_with_another_key_is_never_accepted(name: str) -> None:
         svc.cleanup()
 
 
+def test_the_async_clients_never_resume_with_another_key(name: str) -> None:
+    """The asyncio and anyio clients re-read the key before a RESUME as the blocking one
+    does (one ``recheck_key``): another key fails the session with IntegrityError."""
+    svc = _start()
+    pub = pubkey_path(svc.socket_path)
+    other = bytes(range(32)).hex() + "\n"  # a well-formed key of nobody's
+
+    async def on_asyncio() -> None:
+        c = AsyncClient(svc.socket_path)
+        await c.connect()
+        sem = await esem.aio.open(name, CREX, 0o600, 0, client=c)
+        with key_hidden(svc):
+            pub.write_text(other)
+            cut(c._fd)
+            with pytest.raises(IntegrityError):
+                await asyncio.wait_for(sem.getvalue(), JOIN)
+            pub.unlink()
+        assert c.resumes == 0
+        c.close()
+
+    async def on_anyio() -> None:
+        async with esem.anyio.connect(svc.socket_path) as s:
+            sem = await s.open(name + "-anyio", CREX, 0o600, 0)
+            with key_hidden(svc):
+                pub.write_text(other)
+                cut(s._stream.extra(anyio.abc.SocketAttribute.raw_socket).fileno())
+                with pytest.raises(IntegrityError), anyio.fail_after(JOIN):
+                    await sem.getvalue()
+                pub.unlink()
+            assert s.resumes == 0
+
+    try:
+        asyncio.run(on_asyncio())
+        anyio.run(on_anyio)
+    finally:
+        svc.cleanup()
+
+
 def test_resume_timeout_zero_fails_at_once(svc: EmbeddedService, name: str) -> None:
     c = client(svc, resume_timeout=0)
     sem = opened(c, name, 0)

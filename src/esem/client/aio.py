@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import cast
 
 from esem.client import resume
-from esem.client.blocking import CONNECT_TIMEOUT, KEEPALIVE_INTERVAL, pinned_key
+from esem.client.blocking import CONNECT_TIMEOUT, KEEPALIVE_INTERVAL, pinned_key, recheck_key
 from esem.core.status import Status
 from esem.errors import EsemError, IntegrityError, ProtocolError, ServiceUnavailable, error_for
 from esem.paths import is_default_location, socket_path
@@ -343,15 +343,13 @@ class AsyncClient:
     async def _resume_once(self, timeout: float) -> bool:
         """One attempt; True when there is nothing more to try (resumed, or failed)."""
         try:
-            pub = pinned_key(self.socket_path, self._explicit_pubkey,
-                             default_location=self._default_location)
-        except ServiceUnavailable:
-            return False
-        if pub != self._pub:
-            self._fail(IntegrityError(
-                f"the esem service at {self.socket_path} now publishes another key; the "
-                "session is not resumed with it"))
+            pub = recheck_key(self.socket_path, self._explicit_pubkey,
+                              default_location=self._default_location, pinned=self._pub)
+        except IntegrityError as exc:
+            self._fail(exc)
             return True
+        if pub is None:
+            return False
         loop = asyncio.get_running_loop()
         new = ClientSession(pub)
         self._handshake = loop.create_future()

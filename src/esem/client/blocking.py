@@ -123,6 +123,22 @@ def pinned_key(sock: Path, explicit: bytes | str | None, *, default_location: bo
             f"no esem service at {sock} (cannot read its public key: {exc})") from exc
 
 
+def recheck_key(sock: Path, explicit: bytes | str | None, *, default_location: bool,
+                pinned: bytes | None) -> bytes | None:
+    """Before a RESUME, every client (blocking, asyncio, anyio) reads the service key
+    again: None while the restarting service has not published it yet (try again
+    later), ``IntegrityError`` if it now publishes another key than the session pinned
+    (a session is never resumed with another service)."""
+    try:
+        pub = pinned_key(sock, explicit, default_location=default_location)
+    except ServiceUnavailable:
+        return None
+    if pub != pinned:
+        raise IntegrityError(f"the esem service at {sock} now publishes another key; the "
+                             "session is not resumed with it")
+    return pub
+
+
 @dataclass
 class ClientStats:
     requests: int = 0
@@ -739,14 +755,12 @@ class Client:
     def _resume_once(self, timeout: float) -> bool:
         """One attempt: True once the session is resumed, False to try again later."""
         try:
-            pub = pinned_key(self.socket_path, self._explicit_pubkey,
-                             default_location=self._default_location)
-        except ServiceUnavailable:  # e.g. the restarting service has not published it yet
+            pub = recheck_key(self.socket_path, self._explicit_pubkey,
+                              default_location=self._default_location, pinned=self._pub)
+        except IntegrityError as exc:
+            raise self._fail(exc) from None
+        if pub is None:
             return False
-        if pub != self._pub:
-            raise self._fail(IntegrityError(
-                f"the esem service at {self.socket_path} now publishes another key; the "
-                "session is not resumed with it"))
         sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         assert sock is not None
         offered: bytes | None = None  # the secret of a RESUME sent and not yet answered
