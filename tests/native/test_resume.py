@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import random
 import select
 import shutil
@@ -139,6 +140,32 @@ def test_sem_wait_blocked_across_a_service_restart_is_granted(
         assert "error" not in out
         s = stat(restartable, sem_name)
         assert s["value"] == 0 and s["waiters"] == 0, s
+    finally:
+        if waiter.poll() is None:
+            os.killpg(waiter.pid, signal.SIGKILL)
+            waiter.communicate()
+
+
+def test_a_program_that_drops_root_resumes_after_a_restart(
+        restartable: EmbeddedService, preload: Path, resume_prog: Path,
+        native_build: Path, sem_name: str) -> None:
+    """Apache's pattern: the program opens its semaphore as root, becomes nobody, and
+    blocks in sem_wait while the service restarts: it resumes under its new uid (the
+    session was root's) and is granted, with no error."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop privileges")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    waiter = run_all(resume_prog, restartable, preload, "dropwait", sem_name, str(nobody))
+    try:
+        assert line(waiter) == f"waiting uid={nobody}"
+        wait_for(lambda: stat(restartable, sem_name)["waiters"] == 1, "the WAIT queued")
+        restart(restartable)
+        poster = Esemc(native_build / "examples" / "esemc", client_env(restartable))
+        assert poster(f"open {sem_name} - 0 600") == "ok created=0"
+        assert poster("post") == "ok"
+        assert line(waiter) == "granted"
+        rc, out, err = finish(waiter)
+        assert rc == 0, (out, err)
     finally:
         if waiter.poll() is None:
             os.killpg(waiter.pid, signal.SIGKILL)

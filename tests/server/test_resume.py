@@ -10,7 +10,7 @@ import json
 import os
 import pwd
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -183,6 +183,66 @@ def test_another_process_cannot_resume_even_with_the_secret(
     a.drop()
     assert _resume_in_child(svc, a, as_nobody=as_nobody) == Status.EACCES
     assert raw(svc).resume(a).status is Status.OK  # the owner still can
+
+
+def _in_child(body: Callable[[], int]) -> int:
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            code = body()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _become(uid: int, gid: int) -> None:
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def test_a_process_that_drops_root_after_connecting_resumes(svc: EmbeddedService) -> None:
+    """Apache's pattern: the session is opened as root, the process then becomes another
+    user; its connection is lost (a service restart) and it resumes as that user."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop privileges")
+    user = pwd.getpwnam("nobody")
+
+    def body() -> int:
+        a = raw(svc)
+        a.call(Request(Opcode.PING, 0))
+        _become(user.pw_uid, user.pw_gid)
+        a.drop()
+        b = raw(svc)
+        status = b.resume(a).status
+        if status is not Status.OK:
+            return int(status)
+        return 0 if b.call(Request(Opcode.PING, 0)).status is Status.OK else 98
+
+    assert _in_child(body) == 0
+
+
+def test_a_session_of_another_uid_never_resumes_under_a_third(svc: EmbeddedService) -> None:
+    """Only root's sessions follow a uid change: a session opened by uid 1 (its process
+    could switch, holding root as its saved uid) is refused once the process is nobody."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch uids")
+    user = pwd.getpwnam("nobody")
+
+    def body() -> int:
+        os.setgroups([])
+        os.setresgid(1, 1, 0)
+        os.setresuid(1, 1, 0)  # uid 1 at connect, root kept as the saved uid
+        a = raw(svc)
+        a.call(Request(Opcode.PING, 0))
+        os.setresuid(0, 0, 0)
+        _become(user.pw_uid, user.pw_gid)
+        a.drop()
+        return int(raw(svc).resume(a).status)
+
+    assert _in_child(body) == Status.EACCES
 
 
 def test_a_tampered_frame_ends_the_session_for_good(svc: EmbeddedService) -> None:

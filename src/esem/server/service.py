@@ -811,7 +811,12 @@ class Service:
         cred = self.table.session_cred(rec.sid)
         # uid, pid and secret are all checked, the secret in constant time, and a failure
         # says which was wrong only as "EACCES": the peer proves ownership or learns nothing.
-        if (cred.uid != conn.cred.uid or cred.pid != conn.cred.pid
+        # A session opened as root may come back under another uid: a process that drops
+        # its privileges after connecting (Apache's workers) kept its connection, so it
+        # keeps its session; the pid and the secret (in that process's memory only, lost
+        # at exec) prove it is the same process. Any other uid change is refused.
+        uid_ok = cred.uid in (conn.cred.uid, 0)
+        if (not uid_ok or cred.pid != conn.cred.pid
                 or not verifier_matches(rec.verifier, req.secret)):
             log.warning("session %d: refused RESUME of session %d from pid=%d uid=%d",
                         fresh, rec.sid, conn.cred.pid, conn.cred.uid)

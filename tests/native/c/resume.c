@@ -12,6 +12,9 @@
  *       with O_EXCL (so two workers inside at once is seen, not assumed), reads, bumps
  *       and rewrites DIR/counter, holds the section a little, removes DIR/inside and
  *       posts. Says "ready" once NAME is open, "done N" at the end.
+ *   resume dropwait NAME UID
+ *       as wait, but after the open the program becomes UID (gid UID, no groups), as
+ *       a daemon dropping root does (Apache's workers): says "waiting uid=U".
  *   resume ringwait NAME
  *       as wait, but says "waiting transport=T" and, once granted, "transport=T" with
  *       T the preload library's esem_transport() (2: the switchless rings, 1: the
@@ -27,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <grp.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -84,6 +88,18 @@ static int forkwait_mode(const char *name) {
     if (waitpid(child, &status, 0) != child)
         die("waitpid");
     return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+}
+
+static int dropwait_mode(const char *name, long uid) {
+    sem_t *s = open_sem(name, 0);
+    if (setgroups(0, NULL) != 0 || setgid((gid_t)uid) != 0 || setuid((uid_t)uid) != 0)
+        die("setuid");
+    printf("waiting uid=%d\n", (int)getuid());
+    fflush(stdout);
+    take(s);
+    printf("granted\n");
+    fflush(stdout);
+    return 0;
 }
 
 static int transport(void) {
@@ -156,9 +172,12 @@ int main(int argc, char **argv) {
         return forkwait_mode(argv[2]);
     if (argc == 3 && strcmp(argv[1], "ringwait") == 0)
         return ringwait_mode(argv[2]);
+    if (argc == 4 && strcmp(argv[1], "dropwait") == 0)
+        return dropwait_mode(argv[2], atol(argv[3]));
     if (argc == 5 && strcmp(argv[1], "mutex") == 0)
         return mutex_mode(argv[2], argv[3], atol(argv[4]));
     fprintf(stderr, "usage: resume wait NAME | resume forkwait NAME | "
-                    "resume mutex NAME DIR ITERATIONS | resume ringwait NAME\n");
+                    "resume mutex NAME DIR ITERATIONS | resume ringwait NAME | "
+                    "resume dropwait NAME UID\n");
     return 2;
 }
