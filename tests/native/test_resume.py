@@ -10,6 +10,7 @@ makes every call fail as unavailable, never hang.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -108,6 +109,38 @@ def run_all(prog: Path, svc: EmbeddedService, preload: Path, *args: str,
         env=client_env(svc, preload, **env), start_new_session=True)
 
 
+@contextlib.contextmanager
+def running(prog: Path, svc: EmbeddedService, preload: Path, *args: str,
+            **env: str) -> Iterator[subprocess.Popen[str]]:
+    """``run_all``, killed (its whole process group) if the test leaves it running."""
+    proc = run_all(prog, svc, preload, *args, **env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def restart_and_post(svc: EmbeddedService, native_build: Path, name: str,
+                     waiters: int = 1) -> None:
+    """Once ``waiters`` WAITs are queued on ``name``: SIGKILL and restart the service,
+    check they were restored in the queue, and post once per waiter from a new client."""
+    wait_for(lambda: stat(svc, name)["waiters"] == waiters, f"{waiters} WAITs queued")
+    restart(svc)
+    after = stat(svc, name)
+    assert after["value"] == 0 and after["waiters"] == waiters, after  # restored, queued
+    poster = Esemc(native_build / "examples" / "esemc", client_env(svc))
+    assert poster(f"open {name} - 0 600") == "ok created=0"  # the same semaphore
+    for _ in range(waiters):
+        assert poster("post") == "ok"
+
+
+def settled(svc: EmbeddedService, name: str) -> None:
+    s = stat(svc, name)
+    assert s["value"] == 0 and s["waiters"] == 0, s
+
+
 def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     try:
         out, err = proc.communicate(timeout=ANSWER)
@@ -124,26 +157,14 @@ def test_sem_wait_blocked_across_a_service_restart_is_granted(
     """A C program blocked in sem_wait while the service is SIGKILLed and restarted:
     its client reconnects and resumes, the WAIT keeps its place, and a post made after
     the restart grants it: sem_wait returns 0 and the program saw no error."""
-    waiter = run_all(resume_prog, restartable, preload, "wait", sem_name)
-    try:
+    with running(resume_prog, restartable, preload, "wait", sem_name) as waiter:
         assert line(waiter) == "waiting"
-        wait_for(lambda: stat(restartable, sem_name)["waiters"] == 1, "the WAIT queued")
-        restart(restartable)
-        after = stat(restartable, sem_name)
-        assert after["value"] == 0 and after["waiters"] == 1, after  # restored, queued
-        poster = Esemc(native_build / "examples" / "esemc", client_env(restartable))
-        assert poster(f"open {sem_name} - 0 600") == "ok created=0"  # the same semaphore
-        assert poster("post") == "ok"
+        restart_and_post(restartable, native_build, sem_name)
         assert line(waiter) == "granted"
         rc, out, err = finish(waiter)
         assert rc == 0, (out, err)
         assert "error" not in out
-        s = stat(restartable, sem_name)
-        assert s["value"] == 0 and s["waiters"] == 0, s
-    finally:
-        if waiter.poll() is None:
-            os.killpg(waiter.pid, signal.SIGKILL)
-            waiter.communicate()
+        settled(restartable, sem_name)
 
 
 def test_a_program_that_drops_root_resumes_after_a_restart(
@@ -155,21 +176,14 @@ def test_a_program_that_drops_root_resumes_after_a_restart(
     if os.geteuid() != 0:
         pytest.skip("needs root to drop privileges")
     nobody = pwd.getpwnam("nobody").pw_uid
-    waiter = run_all(resume_prog, restartable, preload, "dropwait", sem_name, str(nobody))
-    try:
+    with running(resume_prog, restartable, preload, "dropwait", sem_name,
+                 str(nobody)) as waiter:
         assert line(waiter) == f"waiting uid={nobody}"
-        wait_for(lambda: stat(restartable, sem_name)["waiters"] == 1, "the WAIT queued")
-        restart(restartable)
-        poster = Esemc(native_build / "examples" / "esemc", client_env(restartable))
-        assert poster(f"open {sem_name} - 0 600") == "ok created=0"
-        assert poster("post") == "ok"
+        restart_and_post(restartable, native_build, sem_name)
         assert line(waiter) == "granted"
         rc, out, err = finish(waiter)
         assert rc == 0, (out, err)
-    finally:
-        if waiter.poll() is None:
-            os.killpg(waiter.pid, signal.SIGKILL)
-            waiter.communicate()
+        settled(restartable, sem_name)
 
 
 @pytest.fixture
@@ -194,28 +208,17 @@ def test_a_switchless_sem_wait_across_a_restart_resumes_and_is_back_on_the_rings
     grants the wait, sem_wait returns 0 with no error or fallback warning, and the
     session is back on the rings (esem_transport() is 2)."""
     svc = restartable_switchless
-    waiter = run_all(resume_prog, svc, preload, "ringwait", sem_name, ESEM_SWITCHLESS="1")
-    try:
+    with running(resume_prog, svc, preload, "ringwait", sem_name,
+                 ESEM_SWITCHLESS="1") as waiter:
         assert line(waiter) == "waiting transport=2"  # on the rings before the restart
-        wait_for(lambda: stat(svc, sem_name)["waiters"] == 1, "the WAIT queued")
-        restart(svc)
-        after = stat(svc, sem_name)
-        assert after["value"] == 0 and after["waiters"] == 1, after  # restored, queued
-        poster = Esemc(native_build / "examples" / "esemc", client_env(svc))
-        assert poster(f"open {sem_name} - 0 600") == "ok created=0"
-        assert poster("post") == "ok"
+        restart_and_post(svc, native_build, sem_name)
         assert line(waiter) == "granted"
         assert line(waiter) == "transport=2"  # upgraded again once resumed
         rc, out, err = finish(waiter)
         assert rc == 0, (out, err)
         assert "error" not in out
         assert "socket mode" not in err, err  # no fallback to the socket
-        s = stat(svc, sem_name)
-        assert s["value"] == 0 and s["waiters"] == 0, s
-    finally:
-        if waiter.poll() is None:
-            os.killpg(waiter.pid, signal.SIGKILL)
-            waiter.communicate()
+        settled(svc, sem_name)
 
 
 def test_a_fork_child_resumes_its_own_session_not_its_parents(
@@ -226,24 +229,13 @@ def test_a_fork_child_resumes_its_own_session_not_its_parents(
     parent's inherited one), so each process resumes its own, and two posts grant both:
     neither sees an error (a child that tried to resume its parent's session would be
     refused: another pid)."""
-    prog = run_all(resume_prog, restartable, preload, "forkwait", sem_name)
-    try:
+    with running(resume_prog, restartable, preload, "forkwait", sem_name) as prog:
         assert sorted([line(prog), line(prog)]) == ["waiting child", "waiting parent"]
-        wait_for(lambda: stat(restartable, sem_name)["waiters"] == 2, "both WAITs queued")
-        restart(restartable)
-        poster = Esemc(native_build / "examples" / "esemc", client_env(restartable))
-        assert poster(f"open {sem_name} - 0 600") == "ok created=0"
-        assert poster("post") == "ok"
-        assert poster("post") == "ok"
+        restart_and_post(restartable, native_build, sem_name, waiters=2)
         assert sorted([line(prog), line(prog)]) == ["granted child", "granted parent"]
         rc, out, err = finish(prog)
         assert rc == 0, (out, err)
-        s = stat(restartable, sem_name)
-        assert s["value"] == 0 and s["waiters"] == 0, s
-    finally:
-        if prog.poll() is None:
-            os.killpg(prog.pid, signal.SIGKILL)
-            prog.communicate()
+        settled(restartable, sem_name)
 
 
 def test_mutual_exclusion_across_restarts_keeps_conservation(
