@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from esem.attack import a2_ring, runner
-from esem.attack import native_ring_victim as native_victim
+from esem.attack import a2_ring, native_victim, runner
 from esem.attack.base import Target
 from esem.client import blocking
-from esem.native import NativeError, library_path
 from esem.server.embedded import EmbeddedService
 
 
@@ -69,14 +67,13 @@ def test_a_plain_service_has_no_rings_to_attack(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def native_results(switchless_target: Target) -> list[a2_ring.StrategyResult]:
-    try:
-        native_victim.binary()
-        library_path()
-    except NativeError as exc:
+    native = native_victim.build(switchless_target.workdir)
+    if isinstance(native, str):
         if os.environ.get("CI"):
-            pytest.fail(f"CI must run the ring adversary against the native client: {exc}")
-        pytest.skip(f"the native victim cannot run here: {exc}")
-    return a2_ring.run_strategies(switchless_target, backends=(a2_ring.NATIVE_BACKEND,))
+            pytest.fail(f"CI must run the ring adversary against the native client: {native}")
+        pytest.skip(f"the native victim cannot run here: {native}")
+    return a2_ring.run_strategies(switchless_target, backends=(a2_ring.NATIVE_BACKEND,),
+                                  native=native)
 
 
 def test_every_ring_row_is_defended_for_the_native_client(

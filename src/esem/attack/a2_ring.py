@@ -36,7 +36,8 @@ truth is the service's STAT, read by the admin. Rows: ``esem`` and ``esem+key``;
 has no channel (its shared memory *is* the count, see A1): ``n/a``.
 
 ``esem native``: the same scenarios against a C program under the preload library, whose
-native client runs the session on the rings (``esem.attack.native_ring_victim``): a tampered
+native client runs the session on the rings (``esem.attack.native_victim``, the C victim
+of A2 and A4, started with ``ESEM_SWITCHLESS=1``): a tampered
 ring must be an error in the host program (``EPROTO``, or ``EIO`` once the service
 dropped the session), never a grant. A native client replaces a failed session on its
 next call (as it does after fork), so after a dropped session its next operation is
@@ -56,15 +57,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from esem.api import O_CREAT, O_EXCL, USE_ESEM, EsemSemaphore, sem_open, sem_unlink
-from esem.attack import native_ring_victim as native_victim
 from esem.attack.a3_rogue import Channel, Child
 from esem.attack.base import Outcome, Target
+from esem.attack.native_victim import NativeBuild, NativeVictim, VictimDied, error_for
+from esem.attack.native_victim import build as build_native
 from esem.client.admin import stat_semaphore
 from esem.client.blocking import Client
 from esem.client.switchless import SwitchlessUnavailable
 from esem.core.status import Status
 from esem.errors import EsemError
-from esem.native import NativeError, library_path
 from esem.protocol.constants import AEAD_TAG_BYTES, LENGTH_BYTES, MAC_BYTES, Opcode
 from esem.protocol.messages import Reply, Request, encode_reply
 from esem.protocol.ring import HEADER_BYTES, MASK64, REP_HEAD, REP_TAIL, REQ_HEAD, REQ_TAIL, Region
@@ -107,6 +108,86 @@ def _victim_body(target: Target, name: str, key: bytes | None, ch: Channel) -> N
         except Exception as exc:
             result = f"{type(exc).__name__}: {exc}"
         ch.send({"result": result})
+
+
+class _PyVictim:
+    """A forked process with the Python switchless client (``_victim_body``)."""
+
+    def __init__(self, target: Target, name: str, key: bytes | None) -> None:
+        self.child = _spawn_victim(target, name, key)
+        self.pid = self.child.pid
+        hello = self.child.channel.recv()
+        if "crash" in hello:
+            raise RuntimeError(f"victim failed: {hello['crash']}")
+        self.memfd = int(hello["memfd"])
+
+    def start(self, op: str) -> None:
+        self.child.channel.send(op)
+
+    def result(self) -> str:
+        """What the oldest started operation ended in: "success" or "CLASS: text"."""
+        msg = self.child.channel.recv()
+        return str(msg.get("result", msg.get("crash")))
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.child.channel.send("exit")
+        if _exited_soon(self.child):
+            self.child.channel.close()
+        else:
+            self.child.kill()
+
+
+class _CVictim:
+    """The C victim under the preload library, its session on the rings."""
+
+    def __init__(self, target: Target, native: NativeBuild, name: str) -> None:
+        self.victim = NativeVictim(native, target.socket_path, target.pubkey, switchless=True)
+        self.pid = self.victim.pid
+        self._started: list[tuple[int, str]] = []
+        try:
+            opened = self.victim.command(f"open {name}")
+            if opened[0] != "0":
+                raise RuntimeError(f"victim failed: {error_for(int(opened[1]), 'sem_open')}")
+            transport = self.victim.transport()
+            if transport != SWITCHLESS:
+                raise RuntimeError(f"the native victim's session is not switchless "
+                                   f"(esem_transport() = {transport})")
+            self.memfd = ring_fd(self.pid)
+        except BaseException:
+            self.victim.close()
+            raise
+
+    def start(self, op: str) -> None:
+        self._started.append((self.victim.start(op), op))
+
+    def result(self) -> str:
+        op_id, op = self._started.pop(0)
+        try:
+            rc, err, _ = self.victim.result(op_id, OP_BOUND)
+        except VictimDied as exc:
+            raise EOFError(str(exc)) from exc
+        if rc == 0:
+            return "success"
+        failure = error_for(err, f"sem_{op}")
+        return f"{type(failure).__name__}: {failure}"
+
+    def stop(self) -> None:
+        self.victim.close()
+
+
+SWITCHLESS = 2  # esem_transport(): the session runs on the rings
+
+
+def ring_fd(pid: int) -> int:
+    """The descriptor number of a process's switchless region (its memfd), found as any
+    same-uid process finds it: through ``/proc/PID/fd``."""
+    base = f"/proc/{pid}/fd"
+    for entry in os.listdir(base):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"{base}/{entry}").startswith("/memfd:esem-ring"):
+                return int(entry)
+    raise RuntimeError(f"process {pid} has no switchless region open")
 
 
 def _spawn_victim(target: Target, name: str, key: bytes | None) -> Child:
@@ -252,11 +333,12 @@ class _Bench:
     admin: Client
     bystander: Client
     key: bytes | None = None
+    native_build: NativeBuild | None = None
     name: str = field(default_factory=lambda: f"/a2r-{secrets.token_hex(5)}")
     ops: list[_Op] = field(default_factory=list)
     admin_posts: int = 0
     bystander_ok: bool = True
-    victim: Child | None = None
+    victim: _PyVictim | _CVictim | None = None
     tap: Tap | None = None
     sem: EsemSemaphore | None = None
 
@@ -270,18 +352,11 @@ class _Bench:
         assert isinstance(sem, EsemSemaphore)
         self.sem = sem
         if self.native:
-            self.victim = native_victim.spawn(self.target.socket_path, self.target.pubkey,
-                                              self.name, OP_BOUND)
+            assert self.native_build is not None
+            self.victim = _CVictim(self.target, self.native_build, self.name)
         else:
-            self.victim = _spawn_victim(self.target, self.name, self.key)
-        hello = self.victim.channel.recv()
-        if "crash" in hello:
-            raise RuntimeError(f"victim failed: {hello['crash']}")
-        if self.native:
-            if hello.get("transport") != native_victim.SWITCHLESS:
-                raise RuntimeError(f"the native victim's session is not switchless ({hello})")
-            hello["memfd"] = native_victim.ring_fd(self.victim.pid)
-        self.tap = Tap(self.victim.pid, int(hello["memfd"]))
+            self.victim = _PyVictim(self.target, self.name, self.key)
+        self.tap = Tap(self.victim.pid, self.victim.memfd)
 
     @property
     def keyed(self) -> bool:
@@ -299,7 +374,7 @@ class _Bench:
 
     def command(self, op: str, kind: str, label: str | None = None) -> _Op:
         assert self.victim is not None
-        self.victim.channel.send(op)
+        self.victim.start(op)
         entry = _Op(label or op, kind)
         self.ops.append(entry)
         return entry
@@ -307,8 +382,7 @@ class _Bench:
     def finish(self, entry: _Op) -> _Op:
         assert self.victim is not None
         try:
-            msg = self.victim.channel.recv()
-            entry.result = str(msg.get("result", msg.get("crash")))
+            entry.result = self.victim.result()
         except (TimeoutError, EOFError) as exc:
             entry.result = f"hung ({type(exc).__name__})"
         return entry
@@ -336,12 +410,7 @@ class _Bench:
 
     def teardown(self) -> Truth | None:
         if self.victim is not None:
-            with contextlib.suppress(OSError):
-                self.victim.channel.send("exit")
-            if _exited_soon(self.victim):
-                self.victim.channel.close()
-            else:
-                self.victim.kill()
+            self.victim.stop()
         if self.tap is not None:
             self.tap.close()
         truth: Truth | None = None
@@ -532,9 +601,10 @@ def _judge(b: _Bench, strategy: str, plan: _Plan, truth: Truth | None) -> PhaseR
 
 
 def _run_phase(target: Target, backend: str, admin: Client, bystander: Client,
-               strategy: str, scenario: Scenario) -> PhaseResult:
+               strategy: str, scenario: Scenario,
+               native: NativeBuild | None) -> PhaseResult:
     key = secrets.token_bytes(32) if backend == "esem+key" else None
-    bench = _Bench(target, backend, admin, bystander, key)
+    bench = _Bench(target, backend, admin, bystander, key, native)
     plan: _Plan | None = None
     error: BaseException | None = None
     try:
@@ -568,9 +638,12 @@ class StrategyResult:
 
 
 def run_strategies(target: Target, strategies: Sequence[str] = STRATEGIES,
-                   backends: Sequence[str] = ESEM_BACKENDS) -> list[StrategyResult]:
+                   backends: Sequence[str] = ESEM_BACKENDS,
+                   native: NativeBuild | None = None) -> list[StrategyResult]:
     """Every strategy against every backend in ``backends`` (``ESEM_BACKENDS``, and
-    ``NATIVE_BACKEND`` for the C victim)."""
+    ``NATIVE_BACKEND`` for the C victim, built as ``native``)."""
+    if NATIVE_BACKEND in backends and native is None:
+        raise ValueError("the native backend needs the built native victim")
     admin = Client(target.socket_path, pubkey=target.pubkey, switchless=False)
     bystander = Client(target.socket_path, pubkey=target.pubkey, switchless=True)
     try:
@@ -579,7 +652,8 @@ def run_strategies(target: Target, strategies: Sequence[str] = STRATEGIES,
         results = []
         for strategy in strategies:
             for backend in backends:
-                phases = tuple(_run_phase(target, backend, admin, bystander, strategy, s)
+                phases = tuple(_run_phase(target, backend, admin, bystander, strategy, s,
+                                          native)
                                for s in SCENARIOS[strategy])
                 results.append(StrategyResult(strategy, backend, phases))
         return results
@@ -606,11 +680,10 @@ def run(target: Target) -> list[Outcome]:
     finally:
         probe.close()
     rows = [LEGACY_ROW] + [r.outcome() for r in run_strategies(target)]
-    try:
-        native_victim.binary()
-        library_path()
-    except NativeError as exc:
+    native = build_native(target.workdir)
+    if isinstance(native, str):
         return rows + [Outcome(f"{LABEL} {s}", NATIVE_BACKEND, "n/a",
-                               f"the native victim cannot run here: {exc}")
+                               f"the native victim cannot run here: {native}")
                        for s in STRATEGIES]
-    return rows + [r.outcome() for r in run_strategies(target, backends=(NATIVE_BACKEND,))]
+    return rows + [r.outcome() for r in run_strategies(target, backends=(NATIVE_BACKEND,),
+                                                       native=native)]

@@ -12,8 +12,11 @@
  *                                    own (KIND: wait timedwait trywait post getvalue)
  *   view NAME [HEXKEY]            -> "view VALUE NAMED WORKS ERRNO": the owner's check
  *   unlink NAME [HEXKEY]          -> "unlink RC ERRNO"
+ *   transport                     -> "transport T": esem_transport() of the preload
+ *                                    library (2 the switchless rings, 1 the socket)
  * End of input ends the program. */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -158,6 +161,9 @@ int main(void) {
             errno = 0;
             int rc = k ? esem_sem_unlink_keyed(a, key, k) : sem_unlink(a);
             say("unlink %d %d\n", rc, rc ? errno : 0);
+        } else if (!strcmp(cmd, "transport")) {
+            int (*transport)(void) = (int (*)(void))dlsym(RTLD_DEFAULT, "esem_transport");
+            say("transport %d\n", transport ? transport() : -1);
         } else {
             say("error unknown command %s\n", cmd);
         }

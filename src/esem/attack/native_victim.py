@@ -108,13 +108,16 @@ def error_for(err: int, what: str) -> EsemError:
 
 
 class NativeVictim:
-    """One victim process (one session with the service, through ``socket_path``)."""
+    """One victim process (one session with the service, through ``socket_path``; on
+    the switchless rings with ``switchless``)."""
 
     def __init__(self, build: NativeBuild, socket_path: Path, pubkey: bytes, *,
-                 user: tuple[int, int] | None = None) -> None:
+                 user: tuple[int, int] | None = None, switchless: bool = False) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ESEM_")}
         env.update(LD_PRELOAD=str(build.library), ESEM_SOCKET=str(socket_path),
                    ESEM_PUBKEY=pubkey.hex())
+        if switchless:
+            env["ESEM_SWITCHLESS"] = "1"
         kwargs: dict[str, object] = {}
         if user is not None:
             kwargs = {"user": user[0], "group": user[1], "extra_groups": []}
@@ -165,19 +168,40 @@ class NativeVictim:
             words = self._lines.pop(0)
         return words[1:]
 
-    def op(self, kind: str, ms: int | None = None) -> int:
-        """Run one sem_* call in a thread of the victim and wait for it; its value (for
-        getvalue) or the exception its errno stands for."""
+    @property
+    def pid(self) -> int:
+        pid: int = self.proc.pid
+        return pid
+
+    def transport(self) -> int:
+        """The preload library's ``esem_transport()`` in the victim (2: the rings)."""
+        return int(self.command("transport")[0])
+
+    def start(self, kind: str, ms: int | None = None) -> int:
+        """Start one sem_* call in a thread of the victim; its id for ``result``."""
         with self._cond:
             self._next += 1
             op_id = self._next
         self._send(f"op {op_id} {kind}" + (f" {ms}" if ms is not None else ""))
+        return op_id
+
+    def result(self, op_id: int, timeout: float | None = None) -> tuple[int, int, int]:
+        """(return value, errno, value) of a started call; ``TimeoutError`` if it has not
+        returned within ``timeout``, ``VictimDied`` if the victim ended first."""
         with self._cond:
-            self._cond.wait_for(lambda: op_id in self._done or not self._alive)
-            if op_id not in self._done:
-                raise VictimDied(f"the native victim died during sem_{kind} "
-                                 f"(exit status {self.proc.poll()})")
-            rc, err, value = self._done.pop(op_id)
+            self._cond.wait_for(lambda: op_id in self._done or not self._alive, timeout)
+            if op_id in self._done:
+                rc, err, value = self._done.pop(op_id)
+                return rc, err, value
+            if self._alive:
+                raise TimeoutError(f"operation {op_id} still running after {timeout} s")
+        raise VictimDied(f"the native victim died during operation {op_id} "
+                         f"(exit status {self.proc.poll()})")
+
+    def op(self, kind: str, ms: int | None = None) -> int:
+        """Run one sem_* call in a thread of the victim and wait for it; its value (for
+        getvalue) or the exception its errno stands for."""
+        rc, err, value = self.result(self.start(kind, ms))
         if rc != 0:
             raise error_for(err, f"sem_{kind}")
         return value
