@@ -1031,22 +1031,17 @@ impl Client {
         Self::connect_pinned(sock, service_public, KeySource::Given, mode, &mut || true)
     }
 
-    /// `connect_to` in socket mode, calling `on_signal` whenever a signal interrupts the
-    /// wait for the service's WELCOME: if it returns false, the half-made connection is
-    /// closed (nothing kept) and `Interrupted` returned. For a binding whose signal
-    /// handlers must run, and may end the connect, as its own client's do (Python's).
+    /// `connect_with`, calling `on_signal` whenever a signal interrupts the wait for the
+    /// service's WELCOME: if it returns false, the half-made connection is closed
+    /// (nothing kept) and `Interrupted` returned. For a binding whose signal handlers
+    /// must run, and may end the connect, as its own client's do (Python's).
     pub fn connect_to_interruptible(
         sock: &Path,
         service_public: &[u8; 32],
+        mode: Switchless,
         on_signal: &mut dyn FnMut() -> bool,
     ) -> Result<Client> {
-        Self::connect_pinned(
-            sock,
-            service_public,
-            KeySource::Given,
-            Switchless::Off,
-            on_signal,
-        )
+        Self::connect_pinned(sock, service_public, KeySource::Given, mode, on_signal)
     }
 
     fn connect_pinned(

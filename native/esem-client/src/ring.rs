@@ -87,10 +87,28 @@ impl Switchless {
     }
 }
 
-/// A warning for the program's user, on stderr (the native client has no logger); the
-/// text is ours or escaped, never raw peer bytes.
+/// How the error of a refused upgrade that was required begins (`Switchless::Require`):
+/// a binding tells it from other unavailability by this (Python's
+/// `SwitchlessUnavailable`).
+pub const REFUSED: &str = "the esem service refused switchless mode";
+
+/// Where warnings go instead of stderr, once a binding with a logger of its own set it.
+static WARNING_HOOK: std::sync::OnceLock<fn(&str)> = std::sync::OnceLock::new();
+
+/// Send this library's warnings (a refused upgrade under `Prefer`) to `hook` instead of
+/// stderr, for the rest of the process: a language binding's logger (Python's
+/// `esem.client` logger). False if a hook was already set (the first one stays).
+pub fn set_warning_hook(hook: fn(&str)) -> bool {
+    WARNING_HOOK.set(hook).is_ok()
+}
+
+/// A warning for the program's user, on stderr (the native client has no logger) or to
+/// the binding's hook; the text is ours or escaped, never raw peer bytes.
 fn warn(text: &str) {
-    eprintln!("esem: {text}");
+    match WARNING_HOOK.get() {
+        Some(hook) => hook(text),
+        None => eprintln!("esem: {text}"),
+    }
 }
 
 // ------------------------------------------------------------------ the mapping
@@ -618,10 +636,7 @@ pub fn upgrade(
     }
     let reply = reply.expect("loop ends with a reply");
     if reply.status != Status::OK {
-        let reason = format!(
-            "the esem service refused switchless mode: {}",
-            reply.message().escape_debug()
-        );
+        let reason = format!("{REFUSED}: {}", reply.message().escape_debug());
         if mode == Switchless::Require {
             return Err(unavailable(reason));
         }
