@@ -254,7 +254,8 @@ impl Shared {
 
     /// Best effort END (the client is closing, or the process exiting): the service
     /// ends the session at once instead of keeping it for a resume. On the rings it
-    /// goes in only if it fits at once (never waits for room: this may run at exit).
+    /// goes in only if it fits at once (never waits for room: this may run at exit),
+    /// and the close waits a moment for the service to have taken it (`linger`).
     fn end_locked(&self, inner: &mut Inner) {
         if inner.failure.is_some() || inner.conn.is_none() || !inner.session.established() {
             return;
@@ -263,10 +264,8 @@ impl Shared {
             return;
         };
         if let Some(ring) = inner.ring.as_mut() {
-            if ring.rings.write(&frame).is_ok_and(|n| n == frame.len())
-                && ring.rings.peer_sleeping()
-            {
-                let _ = ring.ring();
+            if ring.rings.write(&frame).is_ok_and(|n| n == frame.len()) {
+                ring.linger(ring::END_LINGER);
             }
             return;
         }

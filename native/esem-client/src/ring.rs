@@ -53,6 +53,9 @@ pub const PURE_SPIN: Duration = Duration::from_micros(5);
 pub const BACKSTOP: Duration = Duration::from_millis(50);
 /// How long a sender waits for room in a full request ring before the session fails.
 pub const FULL_RING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long closing a session waits at most for the service to have taken its END
+/// from the request ring (`ClientRing::linger`), as the Python client does.
+pub const END_LINGER: Duration = Duration::from_millis(200);
 /// Bytes copied out of the reply ring per read.
 pub const READ_BYTES: usize = 65536;
 const UPGRADE_FDS: usize = 2;
@@ -516,6 +519,25 @@ impl ClientRing {
             Err(e) => Err(ClientError::Unavailable(format!(
                 "the esem service went away: {e}"
             ))),
+        }
+    }
+
+    /// After the last frame (END, before the socket is closed): ring the service if it
+    /// sleeps, and wait up to `timeout` for it to have executed everything we sent. The
+    /// socket's EOF reaches its event loop by another way than the ring, so closing at
+    /// once lets the EOF overtake the END, and the service then keeps the session (and
+    /// its holdings) for a resume that never comes. A hint only: a service that lies
+    /// about it just makes us wait.
+    pub fn linger(&mut self, timeout: Duration) {
+        let give_up = Instant::now() + timeout;
+        loop {
+            if self.rings.peer_sleeping() && self.ring().is_err() {
+                return; // the service is gone: nothing to wait for
+            }
+            if self.rings.all_done() || Instant::now() >= give_up {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
