@@ -30,11 +30,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,22 @@ class Restartable:
         self.start()
         self.restarts += 1
 
+    def ring_sessions(self) -> int:
+        """Sessions on the switchless rings now, by the service's metrics (started with
+        ``--metrics 127.0.0.1:0``: a new port at each start, the last one logged); 0
+        while the endpoint is not up yet."""
+        found = re.findall(r"metrics on (http://\S+/metrics)",
+                           self.svc.log_path.read_text(errors="replace"))
+        if not found:
+            return 0
+        try:
+            with urllib.request.urlopen(found[-1], timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return 0
+        got = re.search(r"^esem_switchless_sessions (\S+)$", text, re.MULTILINE)
+        return int(float(got.group(1))) if got else 0
+
     def stat(self, name: str) -> dict[str, Any]:
         """The service's view of ``name``, through a client of its own (resumed too, if
         a restart comes in between)."""
@@ -94,7 +112,10 @@ def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Restartab
     previous = os.environ.get("ESEM_SOCKET")
     param = getattr(request, "param", "socket")
     switchless = param in ("switchless", "native-switchless")
-    d = Restartable(state, ["--switchless"] if switchless else None)
+    extra = ["--switchless"] if switchless else []
+    if param == "native-switchless":
+        extra += ["--metrics", "127.0.0.1:0"]  # ring_sessions()
+    d = Restartable(state, extra or None)
     d.switchless = switchless
     d.client = "native" if param.startswith("native") else "python"
     d.start()
@@ -156,7 +177,10 @@ def test_torture_mutex_and_buffer_survive_restarts(daemon: Restartable, tmp_path
     restarts; it keeps no resume count, so there the evidence is that no worker saw an
     error (a session not resumed fails its next call). ``native-switchless``: the native
     client on its rings; each resume goes over the socket and asks for rings again, so
-    every worker ends on the rings."""
+    every worker ends on the rings. The next kill waits until every worker is back on
+    rings: a connection lost during that upgrade fails the session by design (PROTOCOL.md
+    16.6: the SWITCHLESS reply's descriptors cannot be replayed), which a kill at a
+    random moment would otherwise hit now and then."""
     restarts = RESTARTS if daemon.client == "python" and not daemon.switchless \
         else RESTARTS // 2
     work = tmp_path / "work"
@@ -181,6 +205,9 @@ def test_torture_mutex_and_buffer_survive_restarts(daemon: Restartable, tmp_path
             time.sleep(rng.uniform(0.02, 0.3))
             exited = [p.args for p in procs if p.poll() is not None]
             assert not exited, f"workers exited during the torture: {exited}: {_results(work)}"
+            if daemon.client == "native" and daemon.switchless:
+                _until(lambda: daemon.ring_sessions() == len(procs),
+                       "every worker on the rings again", timeout=60)
             daemon.crash_and_restart()
         time.sleep(0.3)
     finally:
