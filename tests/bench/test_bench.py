@@ -22,9 +22,9 @@ import pytest
 
 from esem.bench import all as all_benches
 from esem.bench import latsem, loop, micro, native_micro, peer, stress
-from esem.client import native as native_client
 from esem.bench.common import switchless_supported
 from esem.cli import main
+from esem.client import native as native_client
 from esem.server.embedded import EmbeddedService
 
 ALLOWED_BACKENDS = {"esem", "legacy", "floor", "redis", "stress-ng"}
