@@ -510,8 +510,10 @@ impl Session {
 
     /// The session's transport now: "switchless" (the rings) or "socket" (also once
     /// closed, and while a session that had rings resumes over the socket).
-    fn mode(&self) -> &'static str {
-        self.client().map_or("socket", |c| c.mode())
+    fn mode(&self, py: Python<'_>) -> &'static str {
+        // Not under the GIL: the reader thread holds the session's lock while it asks
+        // a restarted service for rings again.
+        self.client().map_or("socket", |c| py.detach(|| c.mode()))
     }
 
     /// The error that ended the session (an exception object), or None while usable.

@@ -237,7 +237,8 @@ class Client:
     @property
     def mode(self) -> str:
         """How the session's frames travel: "switchless" (shared-memory rings) or
-        "socket" (also before the session is connected)."""
+        "socket" (also before the session is connected, and while a native session that
+        had rings resumes over the socket)."""
         native = self._native
         if native is not None:
             return native.mode()
