@@ -24,6 +24,10 @@ and every worker on one vCPU; split puts the service on one and esem's workers o
 other, while legacy's workers (which need no service) alternate between the two, so each
 backend has the whole machine. stress-ng itself runs on the placement's vCPUs (one under
 same, both under split).
+
+Each esem row names the client its workers used (``client``: ``native`` or ``python``
+for the Python API, as ``ESEM_CLIENT`` chose, ``preload`` for stress-ng under the
+preload library): with the native client built, the switchless rows run on its rings.
 """
 
 from __future__ import annotations
