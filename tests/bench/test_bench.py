@@ -24,6 +24,7 @@ from esem.bench import all as all_benches
 from esem.bench import latsem, loop, micro, native_micro, peer, stress
 from esem.bench.common import switchless_supported
 from esem.cli import main
+from esem.client import native as native_client
 from esem.server.embedded import EmbeddedService
 
 ALLOWED_BACKENDS = {"esem", "legacy", "floor", "redis", "stress-ng"}
@@ -54,7 +55,9 @@ def check_report(report: Any) -> list[dict[str, Any]]:
     assert isinstance(rows, list) and rows
     seen = set()
     for r in rows:
-        assert set(r) == ROW_KEYS, r
+        assert set(r) - {"client"} == ROW_KEYS, r
+        if "client" in r:  # the esem client that measured it (stress names it)
+            assert r["backend"] == "esem" and r["client"] in ("python", "native", "preload"), r
         for k in ROW_KEYS - {"value"}:
             assert isinstance(r[k], str) and r[k], r
         assert r["backend"] in ALLOWED_BACKENDS, r
@@ -242,6 +245,13 @@ def test_stress_smoke(tmp_path: Path) -> None:
     for r in rows:  # the esem workers really ran the loop
         if r["metric"] == "calls_per_s":
             assert r["value"] > 0, r
+    # Every esem row names its client: the Python API's workers on the default client
+    # (the native one when built), stress-ng on the preload library.
+    want = native_client.chosen()
+    for r in rows:
+        if r["backend"] == "esem" and r["case"] != stress.CAPACITY_CASE:
+            expected = "preload" if r["case"].startswith(stress.NATIVE) else want
+            assert r.get("client") == expected, r
     assert "bogo ops per second" in result.stdout
 
 

@@ -6,8 +6,10 @@ the public API with no retries: three do mutual exclusion on a value-1 e-semapho
 a read-modify-write of a counter file, a producer and a consumer move numbered items
 through a four-slot buffer (``slots``/``items`` counting semaphores). A killer SIGKILLs
 the service at random moments and starts it again, ``ESEM_TORTURE_RESTARTS`` times (50 by
-default; once more with the workers on switchless rings, half as many restarts, since
-the first moves their sessions to the socket). Nothing may be seen but latency:
+default; once more with the workers on the Python client's switchless rings, half as
+many restarts, since the first moves their sessions to the socket; and on the native
+client, over the socket and over its rings, which it asks for again after each resume).
+Nothing may be seen but latency:
 
 - never two workers inside at once (an O_EXCL marker file), and the counter equals the
   number of completed critical sections;
@@ -28,11 +30,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -71,6 +75,22 @@ class Restartable:
         self.start()
         self.restarts += 1
 
+    def ring_sessions(self) -> int:
+        """Sessions on the switchless rings now, by the service's metrics (started with
+        ``--metrics 127.0.0.1:0``: a new port at each start, the last one logged); 0
+        while the endpoint is not up yet."""
+        found = re.findall(r"metrics on (http://\S+/metrics)",
+                           self.svc.log_path.read_text(errors="replace"))
+        if not found:
+            return 0
+        try:
+            with urllib.request.urlopen(found[-1], timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return 0
+        got = re.search(r"^esem_switchless_sessions (\S+)$", text, re.MULTILINE)
+        return int(float(got.group(1))) if got else 0
+
     def stat(self, name: str) -> dict[str, Any]:
         """The service's view of ``name``, through a client of its own (resumed too, if
         a restart comes in between)."""
@@ -83,17 +103,21 @@ class Restartable:
 
 @pytest.fixture
 def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Restartable]:
-    """The daemon; with ``switchless`` (indirect parametrization) started with
-    ``--switchless``, and the workers ask for it (their sessions resume over the
-    socket)."""
+    """The daemon; with ``switchless`` or ``native-switchless`` (indirect
+    parametrization) started with ``--switchless``, and the workers ask for it (on the
+    Python client their sessions resume over the socket; the native one upgrades
+    again); ``native*``: the workers on the native client."""
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     previous = os.environ.get("ESEM_SOCKET")
     param = getattr(request, "param", "socket")
-    switchless = param == "switchless"
-    d = Restartable(state, ["--switchless"] if switchless else None)
+    switchless = param in ("switchless", "native-switchless")
+    extra = ["--switchless"] if switchless else []
+    if param == "native-switchless":
+        extra += ["--metrics", "127.0.0.1:0"]  # ring_sessions()
+    d = Restartable(state, extra or None)
     d.switchless = switchless
-    d.client = "native" if param == "native" else "python"
+    d.client = "native" if param.startswith("native") else "python"
     d.start()
     os.environ["ESEM_SOCKET"] = str(d.svc.socket_path)
     blocking._process_client = None
@@ -143,14 +167,20 @@ def _names(tag: str) -> str:
 
 # A restart takes about half a second on an idle machine; a loaded one may take seconds.
 @pytest.mark.timeout(60 + 3 * RESTARTS)
-@pytest.mark.parametrize("daemon", ["socket", "switchless", "native"], indirect=True)
+@pytest.mark.parametrize("daemon", ["socket", "switchless", "native", "native-switchless"],
+                         indirect=True)
 def test_torture_mutex_and_buffer_survive_restarts(daemon: Restartable, tmp_path: Path) -> None:
     """``socket`` and ``switchless``: the workers on the pure-Python client; with
     ``switchless`` they start on the shared-memory rings, and only half the restarts are
     made (the first moves every session to the socket). ``native``: the same API on the
     native client (PyO3 over esem-client, which resumes in its reader thread), half the
     restarts; it keeps no resume count, so there the evidence is that no worker saw an
-    error (a session not resumed fails its next call)."""
+    error (a session not resumed fails its next call). ``native-switchless``: the native
+    client on its rings; each resume goes over the socket and asks for rings again, so
+    every worker ends on the rings. The next kill waits until every worker is back on
+    rings: a connection lost during that upgrade fails the session by design (PROTOCOL.md
+    16.6: the SWITCHLESS reply's descriptors cannot be replayed), which a kill at a
+    random moment would otherwise hit now and then."""
     restarts = RESTARTS if daemon.client == "python" and not daemon.switchless \
         else RESTARTS // 2
     work = tmp_path / "work"
@@ -175,6 +205,9 @@ def test_torture_mutex_and_buffer_survive_restarts(daemon: Restartable, tmp_path
             time.sleep(rng.uniform(0.02, 0.3))
             exited = [p.args for p in procs if p.poll() is not None]
             assert not exited, f"workers exited during the torture: {exited}: {_results(work)}"
+            if daemon.client == "native" and daemon.switchless:
+                _until(lambda: daemon.ring_sessions() == len(procs),
+                       "every worker on the rings again", timeout=60)
             daemon.crash_and_restart()
         time.sleep(0.3)
     finally:
@@ -202,6 +235,9 @@ def test_torture_mutex_and_buffer_survive_restarts(daemon: Restartable, tmp_path
     resumed = sum(r.get("resumes", 0) for r in results.values())
     if daemon.client == "python":
         assert resumed >= restarts, f"only {resumed} resumptions over {restarts} restarts"
+    if daemon.client == "native" and daemon.switchless:  # upgraded again after each resume
+        assert {who: r["mode"] for who, r in results.items()} == dict.fromkeys(
+            results, "switchless")
 
     for name, value in ((mutex_name, 1), (slots_name, SLOTS), (items_name, 0)):
         sem = sem_open(name, flags=USE_ESEM)

@@ -157,7 +157,9 @@ def main() -> int:
         _result(where, who, error=traceback.format_exc())
         return 1
     client = get_client()
-    fields.update(resumes=client.stats.resumes, error=None)
+    # The transport at the end: a native session that lost its rings to a restart has
+    # upgraded again by then (the Python client stays on the socket).
+    fields.update(resumes=client.stats.resumes, error=None, mode=client.mode)
     _result(where, who, **fields)
     client.close()
     return 0

@@ -1,14 +1,16 @@
-"""The end-to-end suite runs in three modes: socket, switchless and pyo3.
+"""The end-to-end suite runs in four modes: socket, pyo3, switchless, python-switchless.
 
-Each esem test runs once against a plain daemon, its session over the socket, and once
-against a daemon started with ``--switchless`` with ``ESEM_SWITCHLESS=1`` in the
-environment (so this process and every child it forks upgrade their sessions to the
-shared-memory rings), both on the pure-Python client (``ESEM_CLIENT=python``). After a
-switchless test the process's client is checked to have really been switchless: the
-environment alone would fall back to the socket, with only a warning, if the upgrade were
-refused. The third mode, ``pyo3``, runs the test against the plain daemon with
-``ESEM_CLIENT=native``: the Python API on the native client (``esem._native_core``), its
-session checked afterwards to have really been native (skipped when it is not built).
+Each esem test runs against a plain daemon, its session over the socket, on the
+pure-Python client (``socket``, ``ESEM_CLIENT=python``) and on the native client
+(``pyo3``, ``ESEM_CLIENT=native``: the Python API on ``esem._native_core``); and against a
+daemon started with ``--switchless`` with ``ESEM_SWITCHLESS=1`` in the environment (so this
+process and every child it forks upgrade their sessions to the shared-memory rings), on
+the native client (``switchless``, its rings in ``esem_client::ring``) and on the Python
+one (``python-switchless``, the reference). After a switchless test the process's client
+is checked to have really been switchless (the environment alone would fall back to the
+socket, with only a warning, if the upgrade were refused), and after every test to have
+been on the client of its mode. The modes on the native client are skipped when it is
+not built.
 
 The daemons are shared by a test module, one per mode; each test points this process at
 the one of its mode (``ESEM_SOCKET``, ``ESEM_SWITCHLESS``) and drops the per-process
@@ -43,16 +45,20 @@ from esem.server.embedded import EmbeddedService
 
 from . import native_backend
 
-# "pyo3": the plain daemon, this process's sessions on the native client under the
-# Python API (ESEM_CLIENT=native, esem._native_core); "socket" and "switchless" pin the
-# pure-Python client (ESEM_CLIENT=python), whatever the default is.
-MODES = ("socket", "switchless", "pyo3")
-_NOT_BUILT = "esem._native_core is not built (no cargo at install): no pyo3 mode"
+# "pyo3" and "switchless": this process's sessions on the native client under the Python
+# API (ESEM_CLIENT=native, esem._native_core), on the socket and on the rings; "socket"
+# and "python-switchless" pin the pure-Python client (ESEM_CLIENT=python), whatever the
+# default is.
+MODES = ("socket", "pyo3", "switchless", "python-switchless")
+NATIVE_MODES = frozenset({"pyo3", "switchless"})
+SWITCHLESS_MODES = frozenset({"switchless", "python-switchless"})
+_NOT_BUILT = "esem._native_core is not built (no cargo at install): no native-client mode"
 
 
 def _mode_params(names: tuple[str, ...]) -> list[Any]:
     return [pytest.param(n, marks=pytest.mark.skip(reason=_NOT_BUILT))
-            if n.endswith("pyo3") and not native_client.available() else n for n in names]
+            if n.removeprefix("esem-") in NATIVE_MODES and not native_client.available()
+            else n for n in names]
 
 
 def _drop_process_client() -> blocking.Client | None:
@@ -62,7 +68,7 @@ def _drop_process_client() -> blocking.Client | None:
 
 
 def _start(mode: str) -> EmbeddedService:
-    svc = EmbeddedService(switchless=mode == "switchless")
+    svc = EmbeddedService(switchless=mode in SWITCHLESS_MODES)
     # Other uids (the tests' `nobody` children) must reach the socket and the published
     # public key; the private key stays 0600 inside.
     os.chmod(svc.dir, 0o755)
@@ -76,8 +82,8 @@ def _pointed_at(svc: EmbeddedService, mode: str) -> Iterator[EmbeddedService]:
              for k in ("ESEM_SOCKET", "ESEM_PUBKEY", "ESEM_SWITCHLESS", native_client.ENV)}
     os.environ.pop("ESEM_PUBKEY", None)  # would pin another service's key
     os.environ["ESEM_SOCKET"] = str(svc.socket_path)
-    os.environ[native_client.ENV] = "native" if mode == "pyo3" else "python"
-    if mode == "switchless":
+    os.environ[native_client.ENV] = "native" if mode in NATIVE_MODES else "python"
+    if mode in SWITCHLESS_MODES:
         os.environ["ESEM_SWITCHLESS"] = "1"
     else:
         os.environ.pop("ESEM_SWITCHLESS", None)
@@ -89,12 +95,14 @@ def _pointed_at(svc: EmbeddedService, mode: str) -> Iterator[EmbeddedService]:
         used = _drop_process_client()
         if used is not None:
             try:
-                # A resumed session carries on over the socket (PROTOCOL.md 16.5).
-                if (mode == "switchless" and used.failed is None and used._session is not None
-                        and not used.stats.resumes):
+                # A resumed session carries on over the socket on the Python client
+                # (PROTOCOL.md 16.5); the native one upgrades again.
+                if (mode in SWITCHLESS_MODES and used.failed is None
+                        and (used._native is not None
+                             or (used._session is not None and not used.stats.resumes))):
                     assert used.mode == "switchless", "the session fell back to the socket"
                 if used.connected:
-                    want = "native" if mode == "pyo3" else "python"
+                    want = "native" if mode in NATIVE_MODES else "python"
                     assert used.transport == want, f"the session was not on the {want} client"
             finally:
                 used.close()
@@ -134,8 +142,17 @@ def socket_service(socket_daemon: EmbeddedService) -> Iterator[EmbeddedService]:
 
 @pytest.fixture
 def switchless_service(switchless_daemon: EmbeddedService) -> Iterator[EmbeddedService]:
-    """The module's --switchless daemon, this process's sessions on the rings."""
+    """The module's --switchless daemon, this process's sessions on the native client's
+    rings."""
     with _pointed_at(switchless_daemon, "switchless"):
+        yield switchless_daemon
+
+
+@pytest.fixture
+def python_switchless_service(switchless_daemon: EmbeddedService) -> Iterator[EmbeddedService]:
+    """The module's --switchless daemon, this process's sessions on the Python client's
+    rings (the reference implementation)."""
+    with _pointed_at(switchless_daemon, "python-switchless"):
         yield switchless_daemon
 
 
@@ -155,14 +172,14 @@ def mode(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def service(request: pytest.FixtureRequest, mode: str) -> EmbeddedService:
     """The module's daemon of this test's mode, this process pointed at it."""
-    svc: EmbeddedService = request.getfixturevalue(f"{mode}_service")
+    svc: EmbeddedService = request.getfixturevalue(f"{mode.replace('-', '_')}_service")
     return svc
 
 
 @pytest.fixture
 def fresh_service(mode: str) -> Iterator[EmbeddedService]:
     """A daemon of this test alone, in this test's mode (for tests that kill it)."""
-    svc = _start("socket" if mode == "pyo3" else mode)
+    svc = _start(mode)
     try:
         with _pointed_at(svc, mode):
             yield svc
@@ -170,7 +187,7 @@ def fresh_service(mode: str) -> Iterator[EmbeddedService]:
         svc.cleanup()
 
 
-BACKENDS = ("legacy", "esem-socket", "esem-switchless", "esem-pyo3")
+BACKENDS = ("legacy", "esem-socket", "esem-switchless", "esem-python-switchless", "esem-pyo3")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -219,5 +236,5 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend | NativeBackend]
         request.getfixturevalue("socket_service")
         yield NativeBackend()
         return
-    request.getfixturevalue(f"{request.param.removeprefix('esem-')}_service")
+    request.getfixturevalue(f"{request.param.removeprefix('esem-').replace('-', '_')}_service")
     yield Backend("esem", USE_ESEM)

@@ -57,7 +57,7 @@ from esem.protocol.session import ClientSession
 from esem.server.embedded import EmbeddedService
 
 from . import reap, run_forked, spawn, wait_until
-from .conftest import _pointed_at, _start
+from .conftest import _mode_params, _pointed_at, _start
 
 CREX = O_CREAT | O_EXCL
 JOIN_TIMEOUT = 30.0
@@ -68,7 +68,7 @@ GRANT_FRAME = 4 + 13 + 16  # length prefix, WAIT-OK reply header, AEAD tag
 
 
 @pytest.fixture
-def admin(switchless_service: EmbeddedService) -> Iterator[Client]:
+def admin(python_switchless_service: EmbeddedService) -> Iterator[Client]:
     """An honest socket-mode client of the same service: reads the truth, posts."""
     client = Client(switchless=False)
     try:
@@ -78,7 +78,7 @@ def admin(switchless_service: EmbeddedService) -> Iterator[Client]:
 
 
 @pytest.fixture
-def victim(switchless_service: EmbeddedService) -> Iterator[Client]:
+def victim(python_switchless_service: EmbeddedService) -> Iterator[Client]:
     client = Client(switchless=True)
     client.connect()
     assert client.mode == "switchless"
@@ -191,7 +191,7 @@ def test_explicit_switchless_needs_a_switchless_service(socket_service: Embedded
 
 
 def test_esem_connect_is_the_process_client_and_sticks_across_fork(
-        switchless_service: EmbeddedService, sem_name: str) -> None:
+        python_switchless_service: EmbeddedService, sem_name: str) -> None:
     os.environ.pop("ESEM_SWITCHLESS", None)  # the explicit choice alone decides
     client = esem.connect(switchless=True)
     assert client is get_client() and client.mode == "switchless"
@@ -221,10 +221,10 @@ def test_esem_connect_is_the_process_client_and_sticks_across_fork(
 
 
 def test_socket_byte_after_the_upgrade_ends_the_session(
-        switchless_service: EmbeddedService, admin: Client, sem_name: str) -> None:
+        python_switchless_service: EmbeddedService, admin: Client, sem_name: str) -> None:
     """A raw client upgrades, then writes on the socket: a protocol error, and only its
     own session ends."""
-    sock, session, ring = raw_switchless(switchless_service)
+    sock, session, ring = raw_switchless(python_switchless_service)
     # A second upgrade, through the rings, is refused: the session already is switchless.
     ring.send(session.send_request(Request(Opcode.SWITCHLESS, 0),
                                    req_id=session.next_request_id()))
@@ -242,7 +242,7 @@ def test_socket_byte_after_the_upgrade_ends_the_session(
     sem = opened(sem_name, admin, CREX, 0o600, 1)
     sem.wait()
     assert "data on the socket of a switchless session" in \
-        switchless_service.log_path.read_text()
+        python_switchless_service.log_path.read_text()
 
 
 # ---------------------------------------------------------------- tampering
@@ -377,13 +377,13 @@ def test_full_rings_in_both_directions(victim: Client, sem_name: str) -> None:
 
 
 def test_a_client_that_never_reads_is_paused_and_others_go_on(
-        switchless_service: EmbeddedService, admin: Client, sem_name: str) -> None:
+        python_switchless_service: EmbeddedService, admin: Client, sem_name: str) -> None:
     """A session floods requests and never reads a reply: the service keeps what does
     not fit its reply ring up to WRITE_HIGH_WATER, then stops reading that session's
     requests (as it pauses a socket session), and every other session is served."""
     base = opened(sem_name, admin, CREX, 0o600, 1)
     token = token_of(opened(sem_name, admin))
-    sock, session, ring = raw_switchless(switchless_service)
+    sock, session, ring = raw_switchless(python_switchless_service)
     try:
         req = Request(Opcode.OPEN, 0, name=sem_name)
         ring.send(session.send_request(req, req_id=session.next_request_id()))
@@ -434,7 +434,7 @@ def test_a_client_that_never_reads_is_paused_and_others_go_on(
     wait_until(lambda: stat_of(admin, sem_name)["handles"] == 2, what="flooder forgotten")
 
 
-def test_client_killed_mid_frame(switchless_service: EmbeddedService, admin: Client,
+def test_client_killed_mid_frame(python_switchless_service: EmbeddedService, admin: Client,
                                  sem_name: str) -> None:
     """A client dies with a wait queued and half a POST frame in its ring: the service
     drops its session (wait and handle gone, the half frame never executed) and carries
@@ -471,11 +471,13 @@ def test_client_killed_mid_frame(switchless_service: EmbeddedService, admin: Cli
         other.close()
 
 
-@pytest.fixture
-def own_switchless_service() -> Iterator[EmbeddedService]:
-    svc = _start("switchless")
+@pytest.fixture(params=_mode_params(("switchless", "python-switchless")))
+def own_switchless_service(request: pytest.FixtureRequest) -> Iterator[EmbeddedService]:
+    """A --switchless daemon of this test alone; the session on the native client's
+    rings, then on the Python client's."""
+    svc = _start(request.param)
     try:
-        with _pointed_at(svc, "switchless"):
+        with _pointed_at(svc, request.param):
             yield svc
     finally:
         svc.cleanup()
@@ -525,13 +527,13 @@ def cpu_seconds(pid: int) -> float:
 IDLE_BUDGET = 0.1  # CPU seconds over the 1-second windows below: generous, not a timing
 
 
-def test_idle_and_blocked_sessions_cost_no_cpu(switchless_service: EmbeddedService,
+def test_idle_and_blocked_sessions_cost_no_cpu(python_switchless_service: EmbeddedService,
                                                victim: Client, sem_name: str) -> None:
     """Over a second with a switchless session open and idle, and over another with a
     thread blocked in a wait on a semaphore at zero, neither the service nor this
     process burns CPU: both sides spun briefly, then slept."""
-    assert switchless_service.proc is not None
-    pid = switchless_service.proc.pid
+    assert python_switchless_service.proc is not None
+    pid = python_switchless_service.proc.pid
     sem = opened(sem_name, victim, CREX, 0o600, 0)
     for _ in range(200):  # warm: the poller and the reader spin after this
         sem.post()
@@ -563,7 +565,7 @@ def test_idle_and_blocked_sessions_cost_no_cpu(switchless_service: EmbeddedServi
 
 
 def test_socket_and_switchless_waiters_are_served_in_fifo_order(
-        switchless_service: EmbeddedService, admin: Client, sem_name: str) -> None:
+        python_switchless_service: EmbeddedService, admin: Client, sem_name: str) -> None:
     """Four processes queue on one semaphore, switchless and socket sessions in turn:
     posts grant them in exactly the order they queued."""
     base = opened(sem_name, admin, CREX, 0o600, 0)
@@ -599,7 +601,7 @@ def test_socket_and_switchless_waiters_are_served_in_fifo_order(
 
 
 def test_socket_sessions_are_served_while_switchless_ones_keep_the_poller_busy(
-        switchless_service: EmbeddedService, admin: Client,
+        python_switchless_service: EmbeddedService, admin: Client,
         sem_names: Callable[[], str]) -> None:
     """Two processes hammer the service through the rings without pause, so its poller
     always has work: it must still yield to the event loop, and a socket session's
@@ -642,7 +644,7 @@ def select_readable(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0)[0])
 
 
-def test_env_value_other_than_0_or_1_warns(switchless_service: EmbeddedService,
+def test_env_value_other_than_0_or_1_warns(python_switchless_service: EmbeddedService,
                                            caplog: pytest.LogCaptureFixture) -> None:
     os.environ["ESEM_SWITCHLESS"] = "maybe"
     client = Client()

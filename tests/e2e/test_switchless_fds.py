@@ -20,7 +20,7 @@ from esem.server.embedded import EmbeddedService
 
 
 @pytest.fixture
-def ring_client(switchless_service: EmbeddedService) -> Iterator[Client]:
+def ring_client(python_switchless_service: EmbeddedService) -> Iterator[Client]:
     client = Client(switchless=True)
     client.connect()
     assert client._ring is not None

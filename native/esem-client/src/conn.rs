@@ -254,7 +254,8 @@ impl Shared {
 
     /// Best effort END (the client is closing, or the process exiting): the service
     /// ends the session at once instead of keeping it for a resume. On the rings it
-    /// goes in only if it fits at once (never waits for room: this may run at exit).
+    /// goes in only if it fits at once (never waits for room: this may run at exit),
+    /// and the close waits a moment for the service to have taken it (`linger`).
     fn end_locked(&self, inner: &mut Inner) {
         if inner.failure.is_some() || inner.conn.is_none() || !inner.session.established() {
             return;
@@ -263,10 +264,8 @@ impl Shared {
             return;
         };
         if let Some(ring) = inner.ring.as_mut() {
-            if ring.rings.write(&frame).is_ok_and(|n| n == frame.len())
-                && ring.rings.peer_sleeping()
-            {
-                let _ = ring.ring();
+            if ring.rings.write(&frame).is_ok_and(|n| n == frame.len()) {
+                ring.linger(ring::END_LINGER);
             }
             return;
         }
@@ -1031,22 +1030,17 @@ impl Client {
         Self::connect_pinned(sock, service_public, KeySource::Given, mode, &mut || true)
     }
 
-    /// `connect_to` in socket mode, calling `on_signal` whenever a signal interrupts the
-    /// wait for the service's WELCOME: if it returns false, the half-made connection is
-    /// closed (nothing kept) and `Interrupted` returned. For a binding whose signal
-    /// handlers must run, and may end the connect, as its own client's do (Python's).
+    /// `connect_with`, calling `on_signal` whenever a signal interrupts the wait for the
+    /// service's WELCOME: if it returns false, the half-made connection is closed
+    /// (nothing kept) and `Interrupted` returned. For a binding whose signal handlers
+    /// must run, and may end the connect, as its own client's do (Python's).
     pub fn connect_to_interruptible(
         sock: &Path,
         service_public: &[u8; 32],
+        mode: Switchless,
         on_signal: &mut dyn FnMut() -> bool,
     ) -> Result<Client> {
-        Self::connect_pinned(
-            sock,
-            service_public,
-            KeySource::Given,
-            Switchless::Off,
-            on_signal,
-        )
+        Self::connect_pinned(sock, service_public, KeySource::Given, mode, on_signal)
     }
 
     fn connect_pinned(

@@ -53,6 +53,9 @@ pub const PURE_SPIN: Duration = Duration::from_micros(5);
 pub const BACKSTOP: Duration = Duration::from_millis(50);
 /// How long a sender waits for room in a full request ring before the session fails.
 pub const FULL_RING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long closing a session waits at most for the service to have taken its END
+/// from the request ring (`ClientRing::linger`), as the Python client does.
+pub const END_LINGER: Duration = Duration::from_millis(200);
 /// Bytes copied out of the reply ring per read.
 pub const READ_BYTES: usize = 65536;
 const UPGRADE_FDS: usize = 2;
@@ -87,10 +90,28 @@ impl Switchless {
     }
 }
 
-/// A warning for the program's user, on stderr (the native client has no logger); the
-/// text is ours or escaped, never raw peer bytes.
+/// How the error of a refused upgrade that was required begins (`Switchless::Require`):
+/// a binding tells it from other unavailability by this (Python's
+/// `SwitchlessUnavailable`).
+pub const REFUSED: &str = "the esem service refused switchless mode";
+
+/// Where warnings go instead of stderr, once a binding with a logger of its own set it.
+static WARNING_HOOK: std::sync::OnceLock<fn(&str)> = std::sync::OnceLock::new();
+
+/// Send this library's warnings (a refused upgrade under `Prefer`) to `hook` instead of
+/// stderr, for the rest of the process: a language binding's logger (Python's
+/// `esem.client` logger). False if a hook was already set (the first one stays).
+pub fn set_warning_hook(hook: fn(&str)) -> bool {
+    WARNING_HOOK.set(hook).is_ok()
+}
+
+/// A warning for the program's user, on stderr (the native client has no logger) or to
+/// the binding's hook; the text is ours or escaped, never raw peer bytes.
 fn warn(text: &str) {
-    eprintln!("esem: {text}");
+    match WARNING_HOOK.get() {
+        Some(hook) => hook(text),
+        None => eprintln!("esem: {text}"),
+    }
 }
 
 // ------------------------------------------------------------------ the mapping
@@ -501,6 +522,25 @@ impl ClientRing {
         }
     }
 
+    /// After the last frame (END, before the socket is closed): ring the service if it
+    /// sleeps, and wait up to `timeout` for it to have executed everything we sent. The
+    /// socket's EOF reaches its event loop by another way than the ring, so closing at
+    /// once lets the EOF overtake the END, and the service then keeps the session (and
+    /// its holdings) for a resume that never comes. A hint only: a service that lies
+    /// about it just makes us wait.
+    pub fn linger(&mut self, timeout: Duration) {
+        let give_up = Instant::now() + timeout;
+        loop {
+            if self.rings.peer_sleeping() && self.ring().is_err() {
+                return; // the service is gone: nothing to wait for
+            }
+            if self.rings.all_done() || Instant::now() >= give_up {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Publish one frame in the request ring, ringing the service if it sleeps. A full
     /// ring (the service has not drained it) is waited for, ringing, watching the
     /// socket, and handing reply bytes to `on_reply_bytes` meanwhile (so a service
@@ -618,10 +658,7 @@ pub fn upgrade(
     }
     let reply = reply.expect("loop ends with a reply");
     if reply.status != Status::OK {
-        let reason = format!(
-            "the esem service refused switchless mode: {}",
-            reply.message().escape_debug()
-        );
+        let reason = format!("{REFUSED}: {}", reply.message().escape_debug());
         if mode == Switchless::Require {
             return Err(unavailable(reason));
         }

@@ -13,11 +13,19 @@
 //! posted back) and the handler's exception is raised; `esem.api` turns an `Exception`
 //! into `SignalError`. A bare reply wait (`wait_reply`) leaves the request pending.
 //!
+//! Switchless: a session opened with `switchless=1` (prefer) or `2` (require) upgrades to
+//! the native client's rings (`esem_client::ring`), so a post from Python is one call
+//! here that writes the request ring and spins on the reply ring, the GIL released; a
+//! resumed session upgrades again by itself. A refused upgrade is `K_SWITCHLESS`
+//! (required) or a warning on Python's `esem.client` logger (preferred), as the Python
+//! client does.
+//!
 //! Errors become Python exceptions through one factory that `esem.client.native`
 //! registers (`set_error_factory`), so the mapping onto `esem.errors` lives in Python.
 //! Every argument from Python is checked here (lengths, wire ranges), so bad input is a
 //! `ValueError`, never a panic.
 
+use esem_client::ring::{self, Switchless};
 use esem_client::{Client, ClientError};
 use esem_proto::consts::HANDLE_BYTES;
 use esem_proto::{
@@ -27,6 +35,7 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyBytes;
+use std::cell::RefCell;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -40,6 +49,7 @@ const K_INTEGRITY: u8 = 2;
 const K_UNAVAILABLE: u8 = 3;
 const K_INVALID: u8 = 4;
 const K_INTERRUPTED: u8 = 5;
+const K_SWITCHLESS: u8 = 6;
 
 fn kind_of(e: &ClientError) -> (u8, u16, String) {
     match e {
@@ -54,6 +64,7 @@ fn kind_of(e: &ClientError) -> (u8, u16, String) {
         ClientError::Channel(ProtoError::Misuse(m)) | ClientError::Invalid(m) => {
             (K_INVALID, 0, m.clone())
         }
+        ClientError::Unavailable(m) if m.starts_with(ring::REFUSED) => (K_SWITCHLESS, 0, m.clone()),
         ClientError::Unavailable(m) | ClientError::Channel(ProtoError::Lost(m)) => {
             (K_UNAVAILABLE, 0, m.clone())
         }
@@ -140,13 +151,36 @@ impl Session {
         }
     }
 
+    /// Send `body` and wait for its reply in one release of the GIL (a post on the
+    /// rings is then one GIL round trip); a signal that interrupts the wait runs the
+    /// handlers and the wait goes on.
+    fn send_and_wait(
+        py: Python<'_>,
+        client: &Client,
+        body: &RequestBody,
+        key: Option<&[u8]>,
+    ) -> PyResult<(u64, PyResult<Result<Reply, ClientError>>)> {
+        let (id, first) = py
+            .detach(|| {
+                let id = client.send(body, key)?;
+                Ok((id, client.wait_reply(id, true)))
+            })
+            .map_err(|e: ClientError| to_py(py, &e))?;
+        let reply = match first {
+            Err(ClientError::Interrupted) => match py.check_signals() {
+                Ok(()) => Self::wait_interruptible(py, client, id),
+                Err(handler) => Err(handler),
+            },
+            other => Ok(other),
+        };
+        Ok((id, reply))
+    }
+
     /// Send `body`, wait for its reply (interruptibly), raise a refusal.
     fn call(&self, py: Python<'_>, body: RequestBody, key: Option<&[u8]>) -> PyResult<Reply> {
         let client = self.client().map_err(|e| to_py(py, &e))?;
-        let id = py
-            .detach(|| client.send(&body, key))
-            .map_err(|e| to_py(py, &e))?;
-        match Self::wait_interruptible(py, &client, id) {
+        let (_, reply) = Self::send_and_wait(py, &client, &body, key)?;
+        match reply {
             // Not a wait: the request stays pending and its reply is dropped when it
             // comes (the Python client keeps it; nobody can ask for it by id here).
             Err(handler) => Err(handler),
@@ -178,28 +212,46 @@ fn withdraw(
 #[pymethods]
 impl Session {
     /// Connect to the service at `sock` and complete the handshake, pinning `pubkey`
-    /// (32 bytes). Raises what the Python client raises (`ServiceUnavailable`, a
+    /// (32 bytes); `switchless` 0 stays on the socket, 1 prefers the rings (a refusal
+    /// warns and stays on the socket), 2 requires them (a refusal raises
+    /// `K_SWITCHLESS`). Raises what the Python client raises (`ServiceUnavailable`, a
     /// refusal's class).
     #[new]
-    fn new(py: Python<'_>, sock: &str, pubkey: &[u8]) -> PyResult<Session> {
+    #[pyo3(signature = (sock, pubkey, switchless=0))]
+    fn new(py: Python<'_>, sock: &str, pubkey: &[u8], switchless: u8) -> PyResult<Session> {
         let key: [u8; 32] = pubkey.try_into().map_err(|_| {
             PyValueError::new_err(format!("a service key has 32 bytes, not {}", pubkey.len()))
         })?;
+        let mode = match switchless {
+            0 => Switchless::Off,
+            1 => Switchless::Prefer,
+            2 => Switchless::Require,
+            n => {
+                return Err(PyValueError::new_err(format!(
+                    "switchless is 0, 1 or 2, not {n}"
+                )))
+            }
+        };
         let path = Path::new(sock).to_path_buf();
         // A signal during the handshake runs the Python handlers; one that raises ends
         // the connect (the half-made connection closed) with its exception.
         let mut raised: Option<PyErr> = None;
-        let connected = py.detach(|| {
-            Client::connect_to_interruptible(&path, &key, &mut || match Python::attach(|py| {
-                py.check_signals()
-            }) {
-                Ok(()) => true,
-                Err(e) => {
-                    raised = Some(e);
-                    false
-                }
-            })
+        let (connected, warnings) = py.detach(|| {
+            CONNECT_WARNINGS.with(|w| *w.borrow_mut() = Some(Vec::new()));
+            let connected =
+                Client::connect_to_interruptible(&path, &key, mode, &mut || match Python::attach(
+                    |py| py.check_signals(),
+                ) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        raised = Some(e);
+                        false
+                    }
+                });
+            let warnings = CONNECT_WARNINGS.with(|w| w.borrow_mut().take());
+            (connected, warnings.unwrap_or_default())
         });
+        log_warnings(py, warnings)?;
         let client = match (connected, raised) {
             (Err(ClientError::Interrupted), Some(handler)) => return Err(handler),
             (result, _) => result.map_err(|e| to_py(py, &e))?,
@@ -438,10 +490,8 @@ impl Session {
             mode,
             timeout_ns,
         };
-        let id = py
-            .detach(|| client.send(&body, key))
-            .map_err(|e| to_py(py, &e))?;
-        match Self::wait_interruptible(py, &client, id) {
+        let (id, reply) = Self::send_and_wait(py, &client, &body, key)?;
+        match reply {
             Err(handler) => match py.detach(|| withdraw(&client, id, handle, key)) {
                 Ok(()) => Err(handler),
                 // The session failed meanwhile: that is the error, the handler's is its
@@ -456,6 +506,14 @@ impl Session {
             Ok(Ok(reply)) if reply.status != Status::OK => Err(to_py(py, &refusal(&reply))),
             Ok(Ok(_)) => Ok(()),
         }
+    }
+
+    /// The session's transport now: "switchless" (the rings) or "socket" (also once
+    /// closed, and while a session that had rings resumes over the socket).
+    fn mode(&self, py: Python<'_>) -> &'static str {
+        // Not under the GIL: the reader thread holds the session's lock while it asks
+        // a restarted service for rings again.
+        self.client().map_or("socket", |c| py.detach(|| c.mode()))
     }
 
     /// The error that ended the session (an exception object), or None while usable.
@@ -494,6 +552,44 @@ impl Session {
     }
 }
 
+thread_local! {
+    /// While this thread connects a `Session`: the native client's warnings, logged on
+    /// Python's logger once the connect returns.
+    static CONNECT_WARNINGS: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+/// The native client's warning hook. A warning of a connect made from Python (a
+/// refused upgrade it was only to prefer) is kept for `log_warnings`; any other (the
+/// reader thread's re-upgrade after a resume, which holds the session's lock, so it
+/// must not wait for the GIL) goes to stderr, as the native client's always do.
+fn keep_warning(text: &str) {
+    let kept = CONNECT_WARNINGS.with(|w| match w.borrow_mut().as_mut() {
+        Some(kept) => {
+            kept.push(text.to_owned());
+            true
+        }
+        None => false,
+    });
+    if !kept {
+        eprintln!("esem: {text}");
+    }
+}
+
+/// Log `warnings` on the `esem.client` logger, as the Python client logs them.
+fn log_warnings(py: Python<'_>, warnings: Vec<String>) -> PyResult<()> {
+    if warnings.is_empty() {
+        return Ok(());
+    }
+    let printable = py.import("esem.safe_text")?.getattr("printable")?;
+    let logger = py
+        .import("logging")?
+        .call_method1("getLogger", ("esem.client",))?;
+    for text in warnings {
+        logger.call_method1("warning", ("%s", printable.call1((text,))?))?;
+    }
+    Ok(())
+}
+
 /// The module: `Session`, `set_error_factory`, and the kinds the factory receives.
 #[pymodule]
 fn _native_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -505,5 +601,7 @@ fn _native_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("K_UNAVAILABLE", K_UNAVAILABLE)?;
     m.add("K_INVALID", K_INVALID)?;
     m.add("K_INTERRUPTED", K_INTERRUPTED)?;
+    m.add("K_SWITCHLESS", K_SWITCHLESS)?;
+    ring::set_warning_hook(keep_warning);
     Ok(())
 }

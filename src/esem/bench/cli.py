@@ -50,6 +50,8 @@ placements, timestamp, ...}, "results": [{"bench", "backend"
 (same|split|unpinned), "case", "metric", "value", "unit"}, ...]}. CPU use is in rows
 with metric cpu_per_mop (CPU seconds per million semaphore calls) and case suffixed
 /client-cpu or /service-cpu. Every ratio is taken between rows of one placement.
+Rows that know which esem client measured them (stress) also carry "client"
+(python|native|preload).
 """
 
 

@@ -56,6 +56,10 @@ CURRENT_PLACEMENT: list[str] = [UNPINNED]
 CLIENT_CPU, SERVICE_CPU = "client-cpu", "service-cpu"  # case suffixes of cpu_per_mop rows
 
 Row = dict[str, Any]
+# The esem clients a row may name (``row``'s ``client``): the Python API on the
+# pure-Python client or on the native one (``esem.Client.transport``), or a C program on
+# the native client through the preload library.
+CLIENTS = ("python", "native", "preload")
 
 
 class BenchError(Exception):
@@ -93,17 +97,23 @@ def app_module() -> ModuleType | None:
 
 
 def row(bench: str, backend: str, mode: str, case: str, metric: str, value: float,
-        unit: str) -> Row:
+        unit: str, client: str | None = None) -> Row:
     """One result, checked: a known backend, a finite non-negative number; labelled
-    with the placement in effect."""
+    with the placement in effect, and with the esem client (``CLIENTS``) that measured
+    it when the bench knows it (a ``client`` field)."""
+    if client is not None and client not in CLIENTS:
+        raise ValueError(f"unknown client {client!r}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
     value = float(value)
     if not math.isfinite(value) or value < 0:
         raise BenchError(f"{bench}/{backend}/{case}/{metric}: measured {value!r}")
-    return {"bench": bench, "backend": backend, "mode": mode,
-            "placement": CURRENT_PLACEMENT[-1], "case": case, "metric": metric,
-            "value": round(value, 3), "unit": unit}
+    out: Row = {"bench": bench, "backend": backend, "mode": mode,
+                "placement": CURRENT_PLACEMENT[-1], "case": case, "metric": metric,
+                "value": round(value, 3), "unit": unit}
+    if client is not None:
+        out["client"] = client
+    return out
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -128,15 +138,17 @@ def latency_rows(bench: str, backend: str, mode: str, case: str,
 
 
 def cpu_rows(bench: str, backend: str, mode: str, case: str, calls: int,
-             client_s: float | None, service_s: float | None) -> list[Row]:
-    """CPU seconds per million semaphore calls, of the clients and of the service."""
+             client_s: float | None, service_s: float | None,
+             client: str | None = None) -> list[Row]:
+    """CPU seconds per million semaphore calls, of the clients and of the service
+    (``client``: as for ``row``)."""
     out: list[Row] = []
     if calls <= 0:
         return out
     for suffix, seconds in ((CLIENT_CPU, client_s), (SERVICE_CPU, service_s)):
         if seconds is not None:
             out.append(row(bench, backend, mode, f"{case}/{suffix}", "cpu_per_mop",
-                           max(0.0, seconds) * 1e6 / calls, "s"))
+                           max(0.0, seconds) * 1e6 / calls, "s", client))
     return out
 
 
@@ -585,8 +597,10 @@ def validate(report: dict[str, Any]) -> None:
     if set(report) != {"machine", "results"} or not isinstance(report["machine"], dict):
         raise ValueError("a report is {'machine': {...}, 'results': [...]}")
     for r in report["results"]:
-        if tuple(sorted(r)) != tuple(sorted(ROW_KEYS)):
+        if tuple(sorted(set(r) - {"client"})) != tuple(sorted(ROW_KEYS)):
             raise ValueError(f"row keys {sorted(r)}")
+        if "client" in r and r["client"] not in CLIENTS:
+            raise ValueError(f"client {r['client']!r}")
         if r["backend"] not in BACKENDS:
             raise ValueError(f"backend {r['backend']!r}")
         if r["placement"] not in PLACEMENTS:

@@ -24,6 +24,10 @@ and every worker on one vCPU; split puts the service on one and esem's workers o
 other, while legacy's workers (which need no service) alternate between the two, so each
 backend has the whole machine. stress-ng itself runs on the placement's vCPUs (one under
 same, both under split).
+
+Each esem row names the client its workers used (``client``: ``native`` or ``python``
+for the Python API, as ``ESEM_CLIENT`` chose, ``preload`` for stress-ng under the
+preload library): with the native client built, the switchless rows run on its rings.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from esem.api import O_CREAT, O_EXCL, USE_ESEM, sem_open, sem_unlink
 from esem.bench import native_micro, placement
 from esem.bench.common import (
     NO_MODE,
+    BenchError,
     Options,
     Phase,
     Row,
@@ -114,8 +119,12 @@ def _worker(flags: int, mode: str, name: str, threads: int, seconds: float,
         placement.pin_worker("esem" if flags else "legacy", index)
         sem = sem_open(name, O_CREAT | O_EXCL, 0o600, 1, flags=flags)
         sem.getvalue()  # the session is up before the clock starts
+        client = NO_MODE
         if mode != NO_MODE:
             check_transport(mode)
+            from esem.client.blocking import get_client
+
+            client = get_client().transport  # "native" or "python"
         go = threading.Event()
         stop_at = [0.0]
         out: list[Any] = [None] * threads
@@ -143,7 +152,7 @@ def _worker(flags: int, mode: str, name: str, threads: int, seconds: float,
             if isinstance(r, BaseException):
                 raise r
         return {"ops": sum(r[0] for r in out), "calls": sum(r[1] for r in out),
-                "elapsed": elapsed, "cpu": cpu}
+                "elapsed": elapsed, "cpu": cpu, "client": client}
     return run
 
 
@@ -167,10 +176,16 @@ def measure(backend: str, target: Target | None, workers: int, threads: int,
     calls = sum(r["calls"] for r in results)
     wall = max(r["elapsed"] for r in results)
     case = case_name(workers, threads)
-    rows = [row(BENCH, backend, mode, case, "ops_per_s", ops / wall, "ops/s"),
-            row(BENCH, backend, mode, case, "calls_per_s", calls / wall, "calls/s")]
+    # Which client the esem workers ran on (ESEM_CLIENT, and whether the native one is
+    # built): a figure without it is ambiguous. Every worker must have had the same.
+    used = {r["client"] for r in results}
+    if len(used) != 1:
+        raise BenchError(f"stress: the workers ran on different clients: {sorted(used)}")
+    client = None if backend != "esem" else str(used.pop())
+    rows = [row(BENCH, backend, mode, case, "ops_per_s", ops / wall, "ops/s", client),
+            row(BENCH, backend, mode, case, "calls_per_s", calls / wall, "calls/s", client)]
     rows += cpu_rows(BENCH, backend, mode, case, calls, sum(r["cpu"] for r in results),
-                     service_cpu)
+                     service_cpu, client)
     return rows
 
 
@@ -291,7 +306,10 @@ def _stress_tables(rows: list[Row]) -> list[Table]:
                       key=lambda k: ("legacy", "esem", "stress-ng").index(k[0]))
         for backend, mode in keys:
             ops = lookup(rows, backend=backend, mode=mode, case=case, metric="ops_per_s")
-            body.append([case, backend, mode, num(ops, 0),
+            client = next((str(r["client"]) for r in rows if r["case"] == case
+                           and r["backend"] == backend and r["mode"] == mode
+                           and "client" in r), "-")
+            body.append([case, backend, mode, client, num(ops, 0),
                          num(lookup(rows, backend=backend, mode=mode, case=case,
                                     metric="calls_per_s"), 0),
                          ratio(ops, leg),
@@ -300,10 +318,12 @@ def _stress_tables(rows: list[Row]) -> list[Table]:
                          num(lookup(rows, backend=backend, mode=mode,
                                     case=f"{case}/service-cpu"))])
     return [Table("stress: stress-ng's semaphore stressor, bogo ops per second",
-                  ["case", "backend", "mode", "ops/s", "calls/s", "x legacy", "client cpu",
-                   "service cpu"], body,
+                  ["case", "backend", "mode", "client", "ops/s", "calls/s", "x legacy",
+                   "client cpu", "service cpu"], body,
                   ["calls: every getvalue, trywait/timedwait and post; cpu: CPU "
                    "microseconds per call (= seconds per million)",
+                   "client: the esem client of the workers (the Python API on the native "
+                   "client or the pure-Python one: ESEM_CLIENT)",
                    "stress-ng: the C stressor itself (bogo ops/s, real time), same workers "
                    "and threads"]),
             *_native_stress_tables(rows)]
@@ -360,9 +380,9 @@ def stress_ng_native(target: Target, workers: int, threads: int, seconds: float,
     client = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     service = None if service0 is None or service1 is None else service1 - service0
     rows = [row(BENCH, "esem", target.mode, case, "ops_per_s", float(match.group(5)),
-                "ops/s")]
+                "ops/s", "preload")]
     if bogo > 0:
-        rows += cpu_rows(BENCH, "esem", target.mode, case, bogo, client, service)
+        rows += cpu_rows(BENCH, "esem", target.mode, case, bogo, client, service, "preload")
     return rows
 
 

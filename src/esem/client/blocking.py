@@ -253,7 +253,11 @@ class Client:
     @property
     def mode(self) -> str:
         """How the session's frames travel: "switchless" (shared-memory rings) or
-        "socket" (also before the session is connected)."""
+        "socket" (also before the session is connected, and while a native session that
+        had rings resumes over the socket)."""
+        native = self._native
+        if native is not None:
+            return native.mode()
         return "switchless" if self._ring is not None else "socket"
 
     @property
@@ -352,13 +356,14 @@ class Client:
             raise self._failure
         if self._session is not None or self._native is not None:
             return
-        if self._wants_native():
+        rings = self._native_switchless()
+        if rings is not None:
             from esem.client import native
 
             pub = pinned_key(self.socket_path, self._explicit_pubkey,
                              default_location=self._default_location)
             try:
-                self._native = native.connect(str(self.socket_path), pub)
+                self._native = native.connect(str(self.socket_path), pub, rings)
             except EsemError:
                 raise
             except Exception as exc:  # a signal handler raised during the handshake
@@ -445,18 +450,23 @@ class Client:
                 raise ServiceUnavailable(
                     f"no esem service at {self.socket_path}: {exc}") from exc
 
-    def _wants_native(self) -> bool:
-        """Whether this session goes over the native client: ``ESEM_CLIENT`` chooses it
-        (``esem.client.native.chosen``), and the session is a plain socket one with the
-        native client's timeouts (switchless stays on the Python client for now)."""
+    def _native_switchless(self) -> int | None:
+        """None if this session goes over the Python client; else how the native one
+        asks for the rings (``esem.client.native.SOCKET/PREFER/REQUIRE``, as ``_upgrade``
+        would: ``switchless=True`` requires them, ``ESEM_SWITCHLESS=1`` prefers them).
+        ``ESEM_CLIENT`` chooses the client (``esem.client.native.chosen``); a client made
+        with other timeouts than the native client's stays on the Python one."""
         from esem.client import native, switchless
 
         if native.chosen() != "native":
-            return False
+            return None
         if self._connect_timeout != CONNECT_TIMEOUT or self._keepalive != KEEPALIVE_INTERVAL:
-            return False
-        want = switchless.from_environment() if self._switchless is None else self._switchless
-        return not want
+            return None
+        if self._switchless is True:
+            return native.REQUIRE
+        if self._switchless is None and switchless.from_environment():
+            return native.PREFER
+        return native.SOCKET
 
     def _upgrade(self, sock: socket.socket, session: ClientSession,
                  deadline: float) -> ClientRing | None:

@@ -6,8 +6,11 @@ native client (``esem._native_core``, the Rust ``esem-client`` through PyO3; bui
 client (the reference implementation the attack tools and interop tests use), ``native``
 the native one (an error if it is not built), unset the default below. A
 ``esem.Client`` object is the same either way (its fork guard, failure, statistics and
-methods); only its transport differs. Switchless sessions and clients made with
-non-default timeouts stay on the Python client.
+methods); only its transport differs. Switchless sessions ride on the native client's
+rings too (``connect(..., switchless=...)``): a post from Python is then one call that
+writes the request ring and spins on the reply ring with the GIL released, no
+interpreter pass in between. Clients made with non-default timeouts stay on the Python
+client.
 
 Errors: the native module raises what the Python client raises for the same event,
 made here by ``_exception`` (registered once as the module's error factory).
@@ -27,6 +30,11 @@ from esem.errors import (
     SignalError,
     error_for,
 )
+
+# How a native session asks for the rings (``esem._native_core.Session``'s switchless).
+SOCKET: Final = 0
+PREFER: Final = 1  # a refusal is a logged warning, and the session stays on the socket
+REQUIRE: Final = 2  # a refusal raises SwitchlessUnavailable
 
 if TYPE_CHECKING:
     from esem._native_core import Session
@@ -60,6 +68,10 @@ def _exception(kind: int, status: int, message: str) -> BaseException:
         return ServiceUnavailable(message)
     if kind == _module.K_INTERRUPTED:
         return SignalError(message)
+    if kind == _module.K_SWITCHLESS:
+        from esem.client.switchless import SwitchlessUnavailable
+
+        return SwitchlessUnavailable(message)
     return ValueError(message)
 
 
@@ -88,8 +100,9 @@ def chosen() -> str:
     return raw
 
 
-def connect(sock: str, pubkey: bytes) -> Session:
-    """A native session with the service at ``sock`` (only once ``chosen()`` said native)."""
+def connect(sock: str, pubkey: bytes, switchless: int = SOCKET) -> Session:
+    """A native session with the service at ``sock`` (only once ``chosen()`` said native),
+    on the switchless rings if ``switchless`` (``PREFER``, ``REQUIRE``) asks for them."""
     if _module is None:
         raise EsemError("esem._native_core is not built")
-    return _module.Session(sock, pubkey)
+    return _module.Session(sock, pubkey, switchless)
