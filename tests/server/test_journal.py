@@ -30,12 +30,19 @@ def _fd(d: Path) -> int:
     return os.open(d, os.O_PATH | os.O_DIRECTORY)
 
 
+def change(i: int) -> list[object]:
+    """A request change of the kind the service appends (varied: queued or replied,
+    tokens drawn or not, pids looked at or not)."""
+    return ["req", i + 1, b"p" * (i % 7), None if i % 3 == 0 else b"b" * i, 1000.0 + i,
+            1.7e9 + i, [bytes([i]) * 16] * (i % 2), None if i % 2 else [i, 7]]
+
+
 def write(d: Path, records: int = 5, key: bytes = KEY, snap: dict[str, object] = SNAP,
           commit_each: bool = True) -> Journal:
     j = Journal(_fd(d), key)
     j.start(snap)
     for i in range(records):
-        j.append(["req", i, "x" * (i % 7)])
+        j.append(change(i))
         if commit_each:
             j.commit()
     j.commit()
@@ -68,22 +75,27 @@ def test_first_start_has_no_journal(jdir: Path) -> None:
 def test_what_is_written_reads_back(jdir: Path) -> None:
     write(jdir, 5).close()
     got = load(jdir)
-    assert got is not None and got.version == jr.JOURNAL_VERSION == 1
+    assert got is not None and got.version == jr.JOURNAL_VERSION == 2
     assert got.snapshot == SNAP
-    assert [r for _, r in got.records] == [["req", i, "x" * (i % 7)] for i in range(5)]
+    assert [r for _, r in got.records] == [change(i) for i in range(5)]
     assert [s for s, _ in got.records] == [2, 3, 4, 5, 6] and got.last_seq == 6
 
 
 def test_a_commit_is_one_record_of_its_changes(jdir: Path) -> None:
     j = write(jdir, 0)
-    for i in range(3):
-        j.append(["grouped", i])
-    assert j.pending == 3
+    grouped: list[list[object]] = [["start", 9, 1000, 1000, 4242, b"h" * 32, b"v" * 32],
+                                   change(1), ["expire", 12.5], ["detach", 9],
+                                   ["resume", 9, 10, b"w" * 32], ["end", 9]]
+    for c in grouped[:-1]:
+        j.append(c)
+    j.append_req(*grouped[1][1:])  # type: ignore[arg-type]
+    j.append(grouped[-1])
+    assert j.pending == 7
     j.commit()
     j.close()
     got = load(jdir)
-    assert got is not None and got.records == [(2, ["grouped", 0]), (2, ["grouped", 1]),
-                                               (2, ["grouped", 2])]
+    assert got is not None and got.records == [(2, c) for c in
+                                               grouped[:-1] + [grouped[1], grouped[-1]]]
     assert len(offsets(jdir)) == 2  # the snapshot, and one record for the commit
     assert oct((jdir / JOURNAL_NAME).stat().st_mode & 0o777) == "0o600"
     assert oct((jdir / HEAD_NAME).stat().st_mode & 0o777) == "0o600"
@@ -99,11 +111,11 @@ def test_payloads_are_encrypted(jdir: Path) -> None:
 def test_compaction_goes_on_numbering_and_replaces_the_file(jdir: Path) -> None:
     j = write(jdir, 3)
     j.start({"format": 1, "table": {"n": 2}})
-    j.append(["after"])
+    j.append(["end", 3])
     j.close()
     got = load(jdir)
     assert got is not None and got.snapshot["table"] == {"n": 2}
-    assert got.records == [(6, ["after"])]
+    assert got.records == [(6, ["end", 3])]
 
 
 def test_an_edited_record_is_detected(jdir: Path) -> None:
@@ -220,7 +232,7 @@ def test_rollback_to_an_older_complete_copy_is_not_detectable(jdir: Path,
     saved = tmp_path / "saved"
     shutil.copytree(jdir, saved)
     for i in range(5):
-        j.append(["later", i])
+        j.append(["end", i])
     j.commit()
     j.close()
     for name in (JOURNAL_NAME, HEAD_NAME):
@@ -247,10 +259,10 @@ def test_a_compaction_the_directory_refuses_keeps_the_journal_whole(jdir: Path) 
     (jdir / NEW_NAME).mkdir()  # a real obstacle: the temporary name is taken by a directory
     assert not j.compact({"format": 1, "table": {"n": 9}})
     assert j.compaction_error is not None
-    j.append(["after", 1])
+    j.append(["end", 1])
     j.commit()
     j.close()
     (jdir / NEW_NAME).rmdir()
     got = load(jdir)
     assert got is not None and got.snapshot == SNAP  # the old file, still whole
-    assert got.records[-1][1] == ["after", 1] and len(got.records) == 3
+    assert got.records[-1][1] == ["end", 1] and len(got.records) == 3
