@@ -23,13 +23,22 @@ friends below; version 1 used JSON with hex, which cost more than the request it
 A commit is one seal and one ``write``.
 
 The head (``esem.journal.head``) names the file id, the last committed seq and its tag,
-MAC'd, so cutting whole records off the end of the journal is detected too. Version 1
-rewrote it with one ``pwrite`` per commit; version 2 has two slots, the slot of seq s
-being ``s % 2``, and a commit stores its slot through a shared memory mapping of the head
-file: no system call per commit, the same bytes in the page cache a ``pwrite`` would
-leave (with ``--fsync`` an ``msync`` follows, as the ``fdatasync`` did). A store into a
-mapping, unlike a small ``pwrite``, can be torn by a crash (a SIGKILL between two
-instructions of the copy). Two slots make that harmless without giving up the cut check:
+with proof that the service wrote it, so cutting whole records off the end of the
+journal is detected too. Version 1 rewrote it with one ``pwrite`` per commit, proved by
+a BLAKE2s MAC. Version 2 makes a commit's head update cost no system call and no hash:
+
+* the proof is the seq's *commit token*: 16 bytes of a ChaCha20 keystream under a key
+  derived from the service key and the file id, at the seq's position. Only the key
+  holder can tell the token of a seq no head has held yet, and the writer draws them
+  4096 at a time (one cipher call), so a commit only slices 16 bytes.
+* the head has two slots, the slot of seq s being ``s % 2``, and a commit stores its
+  slot through a shared memory mapping of the head file: no system call per commit, the
+  same bytes in the page cache a ``pwrite`` would leave (with ``--fsync`` an ``msync``
+  follows, as the ``fdatasync`` did).
+
+A store into a mapping, unlike a small ``pwrite``, can be torn by a crash (a SIGKILL
+between two instructions of the copy). Two slots make that harmless without giving up
+the cut check:
 
 * a commit of seq s writes record s, then overwrites slot ``s % 2`` (which held s - 2);
   slot ``(s - 1) % 2`` still holds s - 1, whole. A torn store therefore leaves one slot
@@ -40,7 +49,8 @@ instructions of the copy). Two slots make that harmless without giving up the cu
   slot cannot cut anything: the journal must then still hold the record after the
   older slot, which is the newest one. A slot cannot be moved to the other position
   (its seq's parity names its position, under the MAC), and putting back an older copy
-  of a slot is a rollback, the documented limit below.
+  of a slot is a rollback, the documented limit below (a slot of an older seq is what
+  an older copy of a version-1 head was: known to whoever kept one).
 
 The head is written with one ``pwrite`` of both slots (and synced) only when a file is
 started: at every start and at compaction. What the head cannot detect is a rollback of
@@ -73,6 +83,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from esem.errors import EsemError
@@ -91,9 +102,14 @@ COMPACT_RECORDS = 100_000
 
 _HEADER = struct.Struct(">8sHH16sQ")  # magic, version, flags, file id, first seq
 _REC = struct.Struct(">BQI")  # version, seq, length
-_HEAD = struct.Struct(">8sH16sQ16s")  # a head slot: magic, version, file id, seq, tag; MAC
-HEAD_SLOT = _HEAD.size + MAC_BYTES  # 82: the whole head of version 1, one slot of version 2
+_HEAD = struct.Struct(">8sH16sQ16s")  # version 1: magic, version, file id, seq, tag; MAC
+HEAD_V1 = _HEAD.size + MAC_BYTES  # 82
+# Version 2, per slot: magic, version, file id, seq, tag, the seq's commit token
+_SLOT = struct.Struct(">8sH16sQ16s16s")
+HEAD_SLOT = _SLOT.size  # 66
 HEAD_BYTES = 2 * HEAD_SLOT  # the version-2 head: slot 0 (even seqs), slot 1 (odd seqs)
+TOKEN = 16
+_TOKENS_PER_CHUNK = 4096  # commit tokens drawn from the keystream at a time (64 KiB)
 _NONCE = struct.Struct("<4xQ")
 _FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -126,6 +142,29 @@ def _file_key(base: bytes, file_id: bytes) -> bytes:
 
 def _head_key(base: bytes) -> bytes:
     return hashlib.blake2s(b"head", key=base, person=b"jrnlhead").digest()
+
+
+def _token_key(base: bytes, file_id: bytes) -> bytes:
+    return hashlib.blake2s(file_id, key=base, person=b"jrnltokn").digest()
+
+
+def _tokens(key: bytes, first: int, count: int) -> bytes:
+    """The commit tokens of seqs ``first`` .. ``first + count - 1`` (``first`` a multiple
+    of 4): 16 bytes each of the ChaCha20 keystream under the file's token key, seq s at
+    byte 16 s. ChaCha20 is a PRF of its block counter, so a token is unpredictable
+    without the key however many others are known. Block b = s // 4 is counter
+    b mod 2**32, nonce b // 2**32 (a chunk never crosses such a boundary)."""
+    block = first // 4
+    nonce = (block & 0xFFFFFFFF).to_bytes(4, "little") + (block >> 32).to_bytes(12, "little")
+    enc = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+    return enc.update(bytes(count * TOKEN))
+
+
+def commit_token(base: bytes, file_id: bytes, seq: int) -> bytes:
+    """The token a version-2 head slot naming ``seq`` of the file ``file_id`` holds."""
+    first = seq - seq % 4
+    at = (seq - first) * TOKEN
+    return _tokens(_token_key(base, file_id), first, 4)[at : at + TOKEN]
 
 
 def _genesis(key: bytes, header: bytes) -> bytes:
@@ -301,28 +340,32 @@ def _read_all(dir_fd: int, name: str) -> bytes | None:
         return f.read()
 
 
-def _slot(raw: bytes, key: bytes, version: int, position: int | None) -> Head | None:
-    """One head slot if it verifies (MAC, magic, version, and for version 2 its seq's
-    parity naming its position), else None."""
+def _head_v1(raw: bytes, base: bytes) -> Head:
     body, mac = raw[: _HEAD.size], raw[_HEAD.size :]
-    if not hmac.compare_digest(hashlib.blake2s(body, key=key).digest(), mac):
+    expected = hashlib.blake2s(body, key=_head_key(base)).digest()
+    magic, version, file_id, seq, tag = _HEAD.unpack(body)
+    if not hmac.compare_digest(expected, mac) or magic != HEAD_MAGIC or version != 1:
+        raise JournalError(f"{HEAD_NAME} does not verify (edited, or another service's)")
+    return Head(file_id, seq, tag)
+
+
+def _slot(raw: bytes, base: bytes, position: int) -> Head | None:
+    """A version-2 head slot if it verifies (magic, version, its seq's parity naming its
+    position, and the seq's commit token under the file it names), else None."""
+    magic, version, file_id, seq, tag, token = _SLOT.unpack(raw)
+    if magic != HEAD_MAGIC or version != 2 or seq % 2 != position:
         return None
-    magic, got, file_id, seq, tag = _HEAD.unpack(body)
-    if magic != HEAD_MAGIC or got != version or (position is not None and seq % 2 != position):
+    if not hmac.compare_digest(commit_token(base, file_id, seq), token):
         return None
     return Head(file_id, seq, tag)
 
 
 def _parse_head(raw: bytes, base: bytes) -> Head:
-    key = _head_key(base)
-    if len(raw) == HEAD_SLOT:  # version 1: one head, rewritten in place by each commit
-        head = _slot(raw, key, 1, None)
-        if head is None:
-            raise JournalError(f"{HEAD_NAME} does not verify (edited, or another service's)")
-        return head
+    if len(raw) == HEAD_V1:  # version 1: one head, rewritten in place by each commit
+        return _head_v1(raw, base)
     if len(raw) != HEAD_BYTES:
         raise JournalError(f"{HEAD_NAME} has {len(raw)} bytes, not {HEAD_BYTES}")
-    slots = [_slot(raw[i * HEAD_SLOT : (i + 1) * HEAD_SLOT], key, 2, i) for i in (0, 1)]
+    slots = [_slot(raw[i * HEAD_SLOT : (i + 1) * HEAD_SLOT], base, i) for i in (0, 1)]
     valid = [h for h in slots if h is not None]
     if not valid:
         raise JournalError(f"{HEAD_NAME} does not verify (edited, or another service's)")
@@ -477,7 +520,9 @@ class Journal:
     def __init__(self, dir_fd: int, static_private: bytes, *, fsync: bool = False) -> None:
         self._dir_fd = dir_fd
         self._base = _base_key(static_private)
-        self._head_mac = hashlib.blake2s(key=_head_key(self._base))  # copied per slot
+        self._token_key = b""  # the current file's
+        self._tokens = b""  # commit tokens of seqs _tokens_first ..
+        self._tokens_first = 0
         self.fsync = fsync
         self._fd = -1
         self._head_fd = -1
@@ -500,7 +545,7 @@ class Journal:
     def seq(self) -> int:
         return self._seq
 
-    def _encode(self, payload: bytes) -> bytes:
+    def _encode(self, payload: bytes | bytearray) -> bytes:
         assert self._aead is not None
         self._seq += 1
         seq = self._seq
@@ -545,24 +590,28 @@ class Journal:
         Called before any reply is written, so a reply never precedes its changes."""
         if not self._pending:
             return
-        payload = bytes(self._buf)
+        data = self._encode(self._buf)
         self._buf.clear()
         self._pending = 0
-        data = memoryview(self._encode(payload))
         self.tail_bytes += len(data)
-        while data:
-            n = os.write(self._fd, data)
-            data = data[n:]
+        n = os.write(self._fd, data)
+        if n < len(data):  # short writes are rare (a full disk): write the rest
+            view = memoryview(data)[n:]
+            while view:
+                view = view[os.write(self._fd, view) :]
         if self.fsync:
             os.fdatasync(self._fd)
         self._store_head()
         self.commits += 1
 
     def _slot(self, seq: int, tag: bytes) -> bytes:
-        body = _HEAD.pack(HEAD_MAGIC, JOURNAL_VERSION, self._file_id, seq, tag)
-        mac = self._head_mac.copy()
-        mac.update(body)
-        return body + mac.digest()
+        at = (seq - self._tokens_first) * TOKEN
+        if not 0 <= at < len(self._tokens):
+            self._tokens_first = seq - seq % _TOKENS_PER_CHUNK
+            self._tokens = _tokens(self._token_key, self._tokens_first, _TOKENS_PER_CHUNK)
+            at = (seq - self._tokens_first) * TOKEN
+        return _SLOT.pack(HEAD_MAGIC, JOURNAL_VERSION, self._file_id, seq, tag,
+                          self._tokens[at : at + TOKEN])
 
     def _store_head(self) -> None:
         """Store the slot of the seq just written (``seq % 2``) through the mapping: no
@@ -598,11 +647,13 @@ class Journal:
         """``start`` a new file from ``snapshot``; if the directory refuses (full, or no
         longer writable after ``--user``), keep appending to the current file and say
         so: the journal stays whole, only larger. True if it compacted."""
-        saved = (self._aead, self._prev, self._prev_prev, self._file_id, self._seq)
+        saved = (self._aead, self._prev, self._prev_prev, self._file_id, self._seq,
+                 self._token_key, self._tokens, self._tokens_first)
         try:
             self.start(snapshot)
         except OSError as exc:
-            self._aead, self._prev, self._prev_prev, self._file_id, self._seq = saved
+            (self._aead, self._prev, self._prev_prev, self._file_id, self._seq,
+             self._token_key, self._tokens, self._tokens_first) = saved
             with contextlib.suppress(OSError):
                 os.unlink(NEW_NAME, dir_fd=self._dir_fd)
             with contextlib.suppress(OSError):
@@ -623,6 +674,8 @@ class Journal:
         self._aead = ChaCha20Poly1305(key)
         self._prev = _genesis(key, header)
         self._file_id = file_id
+        self._token_key = _token_key(self._base, file_id)
+        self._tokens = b""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(NEW_NAME, dir_fd=self._dir_fd)
         fd = os.open(NEW_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | _FLAGS,
