@@ -184,10 +184,10 @@ def test_a_version_1_journal_is_rewritten_as_version_2_at_start(tmp_path: Path) 
     assert _version(d) == (1, 82)
     svc = EmbeddedService(d)
     with svc:
-        assert _version(d) == (2, 164)  # the start's compaction wrote version 2
+        assert _version(d) == (2, 132)  # the start's compaction wrote version 2
         raw(svc).open("/after-upgrade", value=4)
         restart(svc)  # and the service reads what it wrote: state and the new record
-        assert _version(d) == (2, 164)
+        assert _version(d) == (2, 132)
         assert stat(svc, "/v1-plain")["value"] == 2
         assert stat(svc, "/after-upgrade")["value"] == 4
 
@@ -199,7 +199,7 @@ def test_a_version_2_journal_is_read(tmp_path: Path) -> None:
     d = tmp_path / "v2"
     shutil.copytree(FIXTURE_V2, d)
     os.chmod(d / "service.key", 0o600)
-    assert _version(d) == (2, 164)
+    assert _version(d) == (2, 132)
     kinds = _kinds(d)
     assert {"start", "req", "expire", "detach", "resume", "end"} <= kinds
     with EmbeddedService(d) as svc:

@@ -207,15 +207,15 @@ def encode_change(change: Sequence[Any]) -> bytes:
         return _encode_req(sid, plaintext, body, now, wall, tokens, running)
     if kind == "start":
         _, sid, uid, gid, pid, binding, verifier = change
-        return _START.pack(K_START, sid, uid, gid, pid, len(binding), len(verifier)) + \
-            binding + verifier
+        fixed = _START.pack(K_START, sid, uid, gid, pid, len(binding), len(verifier))
+        return fixed + bytes(binding) + bytes(verifier)
     if kind == "expire":
         return _EXPIRE.pack(K_EXPIRE, change[1])
     if kind in ("detach", "end"):
         return _SID.pack(K_DETACH if kind == "detach" else K_END, change[1])
     if kind == "resume":
         _, sid, fresh, verifier = change
-        return _RESUME.pack(K_RESUME, sid, fresh, len(verifier)) + verifier
+        return _RESUME.pack(K_RESUME, sid, fresh, len(verifier)) + bytes(verifier)
     raise ValueError(f"not a journal change: {kind!r}")
 
 
