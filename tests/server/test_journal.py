@@ -471,8 +471,12 @@ def test_any_bytes_decode_or_raise_journal_error(payload: bytes) -> None:
         jr.decode_changes(payload, 3)
 
 
+def _nested(inner: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    return st.lists(inner, max_size=8)
+
+
 json_s = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-                      lambda inner: st.lists(inner, max_size=8), max_leaves=20)
+                      _nested, max_leaves=20)
 
 
 @given(st.one_of(json_s, st.tuples(st.sampled_from(["req", "start", "resume", "end"]),
