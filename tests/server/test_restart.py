@@ -22,11 +22,12 @@ from esem.core.table import WaitMode
 from esem.protocol.constants import Opcode
 from esem.protocol.messages import Request
 from esem.server.embedded import EmbeddedService
-from esem.server.journal import JOURNAL_NAME
+from esem.server.journal import HEAD_NAME, JOURNAL_NAME
 
 from .rawclient import Raw
 
 FIXTURE = Path(__file__).parent / "data" / "journal-v1"
+FIXTURE_V2 = Path(__file__).parent / "data" / "journal-v2"
 
 
 @pytest.fixture
@@ -170,8 +171,62 @@ def test_a_version_1_journal_is_read(tmp_path: Path) -> None:
         assert r["value"] == 1 and r["robust_releases"] == 1
 
 
-def make_fixture(directory: Path) -> None:
-    """Write tests/server/data/journal-v1 (run by hand: python -m tests.server.test_restart)."""
+def _version(directory: Path) -> tuple[int, int]:
+    """The journal file's format version, and the size of its head."""
+    data = (directory / JOURNAL_NAME).read_bytes()
+    return int.from_bytes(data[8:10], "big"), (directory / HEAD_NAME).stat().st_size
+
+
+def test_a_version_1_journal_is_rewritten_as_version_2_at_start(tmp_path: Path) -> None:
+    d = tmp_path / "v1"
+    shutil.copytree(FIXTURE, d)
+    os.chmod(d / "service.key", 0o600)
+    assert _version(d) == (1, 82)
+    svc = EmbeddedService(d)
+    with svc:
+        assert _version(d) == (2, 132)  # the start's compaction wrote version 2
+        raw(svc).open("/after-upgrade", value=4)
+        restart(svc)  # and the service reads what it wrote: state and the new record
+        assert _version(d) == (2, 132)
+        assert stat(svc, "/v1-plain")["value"] == 2
+        assert stat(svc, "/after-upgrade")["value"] == 4
+
+
+def test_a_version_2_journal_is_read(tmp_path: Path) -> None:
+    """A committed journal written by the version-2 writer (tests/server/data/journal-v2,
+    ``make_fixture(.., 2)`` below), with every kind of change: start, requests replied
+    and queued, a timed wait's expiry, detach, resume, end."""
+    d = tmp_path / "v2"
+    shutil.copytree(FIXTURE_V2, d)
+    os.chmod(d / "service.key", 0o600)
+    assert _version(d) == (2, 132)
+    kinds = _kinds(d)
+    assert {"start", "req", "expire", "detach", "resume", "end"} <= kinds
+    with EmbeddedService(d) as svc:
+        time.sleep(0.5)
+        s = stat(svc, "/v1-plain")
+        assert (s["value"], s["posts"], s["waits"]) == (2, 2, 3)
+        assert stat(svc, "/v1-robust")["robust_releases"] == 1
+        t = stat(svc, "/v2-timed")
+        # one timed wait expired, one queued and granted by the resumed session's post
+        assert (t["value"], t["posts"], t["waits"], t["dead_holders_total"]) == (0, 1, 1, 1)
+
+
+def _kinds(d: Path) -> set[str]:
+    from esem.server import journal as jr
+
+    fd = os.open(d, os.O_PATH | os.O_DIRECTORY)
+    try:
+        got = jr.load(fd, (d / "service.key").read_bytes())
+    finally:
+        os.close(fd)
+    assert got is not None
+    return {r[0] for _, r in got.records}
+
+
+def make_fixture(directory: Path, version: int = 2) -> None:
+    """Write tests/server/data/journal-vN (run by hand, with the writer of that version:
+    python -m tests.server.test_restart N)."""
     with EmbeddedService(directory, extra_args=["--resume-grace", "30"]) as svc:
         a = raw(svc)
         h = a.open("/v1-plain", value=3)
@@ -182,10 +237,29 @@ def make_fixture(directory: Path) -> None:
         a.call(Request(Opcode.WAIT, 0, handle=r))
         a.call(Request(Opcode.POST, 0, handle=h))
         a.call(Request(Opcode.WAIT, 0, handle=h))
+        if version >= 2:
+            b = raw(svc)
+            t = b.open("/v2-timed", value=0)
+            r1 = b.call(Request(Opcode.WAIT, 0, handle=t, wait_mode=WaitMode.TIMED,
+                                timeout_ns=50_000_000))
+            assert r1.status is Status.ETIMEDOUT, r1
+            queued = b.wait(t)
+            b.drop()
+            c = raw(svc)
+            assert c.resume(b).status is Status.OK
+            assert c.call(Request(Opcode.POST, 0, handle=t)).status is Status.OK
+            assert c.reply(queued).status is Status.OK
+            c.call(Request(Opcode.END, 0))
+            # END's reply goes out before its "end" change is committed: a later
+            # request's commit writes it
+            a.call(Request(Opcode.STAT, 0, name="/v2-timed"))
         svc.kill()
     for name in ("service.log", "esem.sock", "esem.sock.pub"):
         (directory / name).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
-    make_fixture(FIXTURE)
+    import sys
+
+    v = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    make_fixture(FIXTURE_V2 if v == 2 else FIXTURE, v)

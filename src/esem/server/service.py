@@ -123,6 +123,8 @@ class Journal(Protocol):
     ``commit`` writes (and with --fsync syncs) them before any reply is written."""
 
     def append(self, record: list[Any]) -> None: ...
+    def append_req(self, sid: int, plaintext: bytes, body: bytes | None, now: float,
+                   wall: float, tokens: list[bytes], running: list[int] | None) -> None: ...
     def commit(self) -> None: ...
     def wants_compaction(self) -> bool: ...
     def compact(self, snapshot: dict[str, Any]) -> bool: ...
@@ -343,16 +345,16 @@ class Service:
         if kind == "start":
             _, sid, uid, gid, pid, binding, verifier = record
             self.table.add_session(sid, Cred(uid=uid, gid=gid, pid=pid))
-            rec = SessionRecord(sid, bytes.fromhex(binding), bytes.fromhex(verifier))
+            rec = SessionRecord(sid, binding, verifier)
             self._records[sid] = rec
             self._by_binding[rec.binding] = rec
             self._next_sid = max(self._next_sid, sid + 1)
         elif kind == "req":
             _, sid, plaintext, body, now, wall, tokens, running = record
-            req, signed, mac = decode_request(bytes.fromhex(plaintext))
+            req, signed, mac = decode_request(plaintext)
             rec = self._records[sid]
-            self._ctx = Ctx(now=now, wall=wall, tokens=[bytes.fromhex(t) for t in tokens],
-                            running=running, replay=True)
+            self._ctx = Ctx(now=now, wall=wall, tokens=list(tokens), running=running,
+                            replay=True)
             auth = None
             if mac is not None:
                 binding = rec.binding
@@ -371,7 +373,7 @@ class Service:
             if reply is not None:
                 use = key is not None and reply.status is not Status.EKEYREJECTED
                 sealed = seal_reply(reply, rec.binding, key if use and mac else None)
-                if sealed != bytes.fromhex(body):
+                if sealed != body:
                     raise ValueError(f"request {req.req_id} of session {sid} replayed to "
                                      "another reply")
                 rec.window.add(req.req_id, sealed)
@@ -386,7 +388,7 @@ class Service:
             fresh_rec = self._records.pop(fresh)
             self._by_binding.pop(fresh_rec.binding, None)
             self.table.end_session(fresh)
-            self._records[sid].verifier = bytes.fromhex(verifier)
+            self._records[sid].verifier = verifier
         else:
             raise ValueError(f"unknown record {kind!r}")
 
@@ -473,7 +475,7 @@ class Service:
         rec = SessionRecord(sid, binding, verifier, conn)
         self._records[sid] = rec
         self._by_binding[binding] = rec
-        self._log(["start", sid, cred.uid, cred.gid, cred.pid, binding.hex(), verifier.hex()])
+        self._log(["start", sid, cred.uid, cred.gid, cred.pid, binding, verifier])
         self.sessions_started += 1
         self._uid_log(cred.uid, logging.INFO, "session %d start pid=%d uid=%d gid=%d",
                       sid, cred.pid, cred.uid, cred.gid)
@@ -699,8 +701,8 @@ class Service:
         journal = self.journal
         if reply is None:  # a queued wait
             if journal is not None:
-                journal.append(["req", sid, plaintext.hex(), None, ctx.now, ctx.wall,
-                                [t.hex() for t in ctx.tokens], ctx.running])
+                journal.append_req(sid, plaintext, None, ctx.now, ctx.wall, ctx.tokens,
+                                   ctx.running)
             return None
         if reply.status is not Status.OK:
             # A tenant can make every request fail: logged within the session's budget
@@ -712,8 +714,8 @@ class Service:
         body = conn.session.send_reply(reply, mac_key=key if mac else None)
         rec.window.add(req.req_id, body)
         if journal is not None:
-            journal.append(["req", sid, plaintext.hex(), body.hex(), ctx.now, ctx.wall,
-                            [t.hex() for t in ctx.tokens], ctx.running])
+            journal.append_req(sid, plaintext, body, ctx.now, ctx.wall, ctx.tokens,
+                               ctx.running)
         return reply.status
 
     def _execute(self, sid: int, req: Request, *, keyed: bool,
@@ -845,7 +847,7 @@ class Service:
         rec.detached_at = None
         conn.sid = rec.sid
         self._conns[rec.sid] = conn
-        self._log(["resume", rec.sid, fresh, verifier.hex()])
+        self._log(["resume", rec.sid, fresh, verifier])
         session = conn.session
         session.adopt(rec.binding, rec.last_req_id, req.req_id)
         session.send_reply(Reply(Opcode.RESUME, req.req_id, Status.OK, value=rec.last_req_id))
