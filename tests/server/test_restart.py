@@ -263,3 +263,26 @@ if __name__ == "__main__":
 
     v = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     make_fixture(FIXTURE_V2 if v == 2 else FIXTURE, v)
+
+
+def test_an_ended_session_is_never_restored(svc: EmbeddedService) -> None:
+    """END's reply is written only after the session's end is journaled: a service
+    killed the moment the client has that reply restarts without the session (its
+    RESUME is ENOENT), never with it detached. Client and service share one vCPU, so
+    the reply's wake-up runs the client (and its SIGKILL) before the service goes on."""
+    assert svc.proc is not None
+    mine = os.sched_getaffinity(0)
+    cpu = min(mine)
+    try:
+        os.sched_setaffinity(0, {cpu})
+        for _ in range(10):
+            assert svc.proc is not None
+            os.sched_setaffinity(svc.proc.pid, {cpu})
+            a = raw(svc)
+            assert a.call(Request(Opcode.PING, 0)).status is Status.OK
+            assert a.call(Request(Opcode.END, 0)).status is Status.OK
+            os.kill(svc.proc.pid, signal.SIGKILL)
+            restart(svc)
+            assert raw(svc).resume(a).status is Status.ENOENT
+    finally:
+        os.sched_setaffinity(0, mine)

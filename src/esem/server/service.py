@@ -678,8 +678,10 @@ class Service:
             return self._resume_session(conn, req)
         if op is Opcode.END:
             conn.session.send_reply(Reply(op, req.req_id, Status.OK))
-            conn.flush()
+            # End first, then write the reply: flush commits the journal (with this
+            # session's end) before the client can read that its session is over.
             self._detach(conn, "ended by its client", final=True)
+            conn.flush()
             conn.close()
             return Status.OK
         if op is Opcode.SWITCHLESS:  # the connection's, not the session's: not journaled
