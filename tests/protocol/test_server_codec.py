@@ -11,7 +11,9 @@ takes over the very same keys and nonce counters, so that one client's frames ar
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import struct
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -120,7 +122,7 @@ def _frames_of(client: ClientSession, reqs: list[tuple[Request, bool]]) -> list[
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:], strict=False)] or [b""]
+    return [data[a:b] for a, b in itertools.pairwise(points)] or [b""]
 
 
 def assert_same(chunks: list[bytes], ref: ServerSession, twin: ServerSession) -> Outcome:
