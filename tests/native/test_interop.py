@@ -334,10 +334,12 @@ def _rust_client(interop: Interop, server: ServerSession, public: bytes) -> str:
     return sid
 
 
-def test_rust_client_session_against_python_service_session(interop: Interop) -> None:
+@pytest.mark.parametrize("codec", ["python", "native"])  # the service's transport codec
+def test_rust_client_session_against_python_service_session(interop: Interop,
+                                                            codec: str) -> None:
     private = generate_static_key()
     public = public_key_of(private)
-    server = ServerSession(private)
+    server = ServerSession(private, codec=codec)
     assert _rust_client(interop, server, public) == server.session_id.hex()
     key = b"K" * 24
     # A key-bound OPEN: the Python service verifies the Rust client's MAC and MACs back.

@@ -5,12 +5,14 @@
 //! same opaque `Integrity` error.
 
 use crate::consts::{
-    Direction, AEAD_TAG_BYTES, KEY_BYTES, MAC_BYTES, MAC_DOMAIN, MAX_FRAME_BODY, NOISE_MSG_BYTES,
-    NOISE_PROLOGUE, NOISE_PROTOCOL_NAME, NOISE_WELCOME_BYTES, RESUME_SECRET_BYTES,
+    Direction, AEAD_TAG_BYTES, KEY_BYTES, LENGTH_BYTES, MAC_BYTES, MAC_DOMAIN, MAX_FRAME_BODY,
+    NOISE_MSG_BYTES, NOISE_PROLOGUE, NOISE_PROTOCOL_NAME, NOISE_WELCOME_BYTES, RESUME_SECRET_BYTES,
 };
 use crate::error::{Error, Result};
 use blake2::digest::{CtOutput, Mac as _};
 use blake2::{Blake2s256, Blake2sMac256, Digest};
+use chacha20poly1305::aead::AeadInPlace;
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
 
 /// The 32-byte Noise handshake hash: unique per session, known only to its two ends.
 pub type SessionId = [u8; 32];
@@ -266,4 +268,103 @@ pub fn verify_keybind_mac(
     let mut m = mac_state(key, session_id, direction).map_err(|_| fail())?;
     m.update(message);
     m.verify_slice(mac).map_err(|_| fail())
+}
+
+/// One direction of an established Noise transport, rebuilt from its `k` and `n` (the
+/// spec's CipherState after `Split()`): `ENCRYPT(k, n++, ad="", plaintext)` with the
+/// nonce `0u32 || n as u64 little-endian` (Noise spec 5.1, 12.3). For a transport whose
+/// handshake ran in another implementation (the Python service keeps `noiseprotocol`
+/// for the handshake and hands the keys over); the wire is identical to `Transport`'s.
+pub struct CipherState {
+    aead: ChaCha20Poly1305,
+    n: u64,
+}
+
+impl std::fmt::Debug for CipherState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CipherState")
+            .field("n", &self.n)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CipherState {
+    pub fn new(key: &[u8], n: u64) -> Result<Self> {
+        if key.len() != KEY_BYTES {
+            return Err(Error::misuse(format!(
+                "transport key must be {KEY_BYTES} bytes"
+            )));
+        }
+        Ok(CipherState {
+            // Qualified: blake2's `Mac` also has a `new_from_slice`.
+            aead: <ChaCha20Poly1305 as chacha20poly1305::KeyInit>::new(Key::from_slice(key)),
+            n,
+        })
+    }
+
+    /// The next nonce counter.
+    pub fn nonce(&self) -> u64 {
+        self.n
+    }
+
+    /// Use up the next nonce: Noise reserves 2^64-1, so a session that reaches it must
+    /// end (the same error as Python's `Transport`).
+    fn next(&mut self) -> Result<Nonce> {
+        if self.n == u64::MAX {
+            return Err(Error::integrity("session nonces exhausted"));
+        }
+        let mut nonce = [0u8; 12];
+        nonce[4..].copy_from_slice(&self.n.to_le_bytes());
+        Ok(Nonce::from(nonce))
+    }
+
+    /// Append `frame(ENCRYPT(plaintext))` to `out`: the length prefix, the ciphertext
+    /// and the tag, with no intermediate buffer. An oversized message is `Misuse` and
+    /// uses up no nonce (the peer would be one counter behind for the rest of the session).
+    pub fn seal_frame(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        let body = plaintext.len() + AEAD_TAG_BYTES;
+        if body > MAX_FRAME_BODY {
+            return Err(Error::misuse(format!(
+                "message of {} bytes exceeds {}",
+                plaintext.len(),
+                MAX_FRAME_BODY - AEAD_TAG_BYTES
+            )));
+        }
+        let nonce = self.next()?;
+        out.extend_from_slice(&(body as u32).to_be_bytes());
+        let start = out.len();
+        out.extend_from_slice(plaintext);
+        match self
+            .aead
+            .encrypt_in_place_detached(&nonce, b"", &mut out[start..])
+        {
+            Ok(tag) => {
+                out.extend_from_slice(&tag);
+                self.n += 1;
+                Ok(())
+            }
+            Err(_) => {
+                out.truncate(start - LENGTH_BYTES);
+                Err(Error::misuse("message too large"))
+            }
+        }
+    }
+
+    /// `DECRYPT(ciphertext)` under the next nonce, which is used up only on success (a
+    /// failure ends the session anyway). Any failure is the one opaque `Integrity` error.
+    pub fn open(&mut self, ciphertext: &[u8]) -> Result<Vec<u8>> {
+        let nonce = self.next()?;
+        let fail = || Error::integrity("frame failed authentication");
+        if ciphertext.len() < AEAD_TAG_BYTES {
+            return Err(fail());
+        }
+        let split = ciphertext.len() - AEAD_TAG_BYTES;
+        let mut plain = ciphertext[..split].to_vec();
+        let tag = Tag::from_slice(&ciphertext[split..]);
+        self.aead
+            .decrypt_in_place_detached(&nonce, b"", &mut plain, tag)
+            .map_err(|_| fail())?;
+        self.n += 1;
+        Ok(plain)
+    }
 }

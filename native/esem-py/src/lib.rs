@@ -25,6 +25,8 @@
 //! Every argument from Python is checked here (lengths, wire ranges), so bad input is a
 //! `ValueError`, never a panic.
 
+mod server;
+
 use esem_client::ring::{self, Switchless};
 use esem_client::{Client, ClientError};
 use esem_proto::consts::HANDLE_BYTES;
@@ -594,6 +596,7 @@ fn log_warnings(py: Python<'_>, warnings: Vec<String>) -> PyResult<()> {
 #[pymodule]
 fn _native_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Session>()?;
+    m.add_class::<server::ServerCodec>()?;
     m.add_function(wrap_pyfunction!(set_error_factory, m)?)?;
     m.add("K_STATUS", K_STATUS)?;
     m.add("K_PROTOCOL", K_PROTOCOL)?;

@@ -55,3 +55,9 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         return len(self._buf)
+
+    def data_to_keep(self) -> bytes:
+        """The partial frame held, handed over (to a native decoder) and forgotten."""
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out

@@ -21,6 +21,12 @@ strictly increasing ids and the service rejects any id that does not increase, s
 is a per-session sequence number that key-binding MACs can bind. Replies may come in any
 order (a blocked wait answers late) but each pending id is answered exactly once, by a
 reply with the request's opcode.
+
+Once the handshake is over, the service's end hands its two transport directions to the
+native codec (``esem._native_core.ServerCodec``, esem-proto through PyO3) when it is
+built: it splits, decrypts and decodes a whole read in one call and seals replies into
+one output buffer. ``ESEM_SERVICE_CODEC=python`` (or ``codec="python"``) keeps the
+pure-Python reference below instead; both behave identically, errors included (a test).
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING, Any, Final
 
 from esem.core.status import CoreError, Status
+from esem.core.table import WaitMode
 from esem.errors import EsemError, IntegrityError, ProtocolError, error_for
 from esem.protocol.constants import (
     MAX_MESSAGE_BYTES,
@@ -42,6 +50,7 @@ from esem.protocol.constants import (
     Direction,
     FrameKind,
     Opcode,
+    OpenFlag,
 )
 from esem.protocol.crypto import (
     Initiator,
@@ -63,6 +72,66 @@ from esem.protocol.messages import (
 
 _HS = struct.Struct(">BB")  # version, kind
 _REFUSAL = struct.Struct(">BBH")  # version, kind, status
+
+if TYPE_CHECKING:
+    from esem._native_core import ServerCodec
+
+try:
+    from esem._native_core import ServerCodec as _ServerCodec
+except ImportError:  # built without Rust (setuptools-rust's optional extension)
+    _ServerCodec = None  # type: ignore[assignment,misc]
+
+CODEC_ENV: Final = "ESEM_SERVICE_CODEC"
+CODECS: Final = ("native", "python")
+
+
+def service_codec(choice: str | None = None) -> str:
+    """``"native"`` or ``"python"``: ``choice``, else ``ESEM_SERVICE_CODEC``, else the
+    native codec when it is built. Asking for ``native`` without it is a RuntimeError."""
+    raw = (os.environ.get(CODEC_ENV, "") if choice is None else choice).strip().lower()
+    if not raw:
+        return "native" if _ServerCodec is not None else "python"
+    if raw not in CODECS:
+        raise ValueError(f"{CODEC_ENV}={raw!r}: expected one of {', '.join(CODECS)}")
+    if raw == "native" and _ServerCodec is None:
+        raise RuntimeError(f"{CODEC_ENV}=native, but esem._native_core is not built")
+    return raw
+
+
+# Wire value -> enum member by dict lookup (calling an Enum class costs a microsecond).
+_OPCODES: dict[int, Opcode] = {int(m): m for m in Opcode}
+_WAIT_MODES: dict[int, WaitMode] = {int(m): m for m in WaitMode}
+_HANDLE_ONLY = frozenset(int(o) for o in (Opcode.CLOSE, Opcode.POST, Opcode.GETVALUE,
+                                         Opcode.ATTACH))
+_NAME_ONLY = frozenset(int(o) for o in (Opcode.UNLINK, Opcode.STAT, Opcode.RECLAIM))
+_OP_WAIT, _OP_OPEN, _OP_CANCEL = int(Opcode.WAIT), int(Opcode.OPEN), int(Opcode.CANCEL)
+_OP_LIST, _OP_RESUME = int(Opcode.LIST), int(Opcode.RESUME)
+
+
+def _native_request(op: int, req_id: int, fields: Any) -> Request:
+    """The ``Request`` of one tuple from ``ServerCodec.open`` (its fields by opcode),
+    exactly what ``decode_request`` returns for the same bytes."""
+    opcode = _OPCODES[op]
+    if op in _HANDLE_ONLY:
+        return Request(opcode, req_id, handle=fields)
+    if op == _OP_WAIT:
+        handle, mode, timeout_ns = fields
+        return Request(opcode, req_id, handle=handle, wait_mode=_WAIT_MODES[mode],
+                       timeout_ns=timeout_ns)
+    if op == _OP_OPEN:
+        name, oflag, mode, value, key = fields
+        return Request(opcode, req_id, name=name, oflag=OpenFlag(oflag), mode=mode,
+                       value=value, key=key)
+    if op in _NAME_ONLY:
+        return Request(opcode, req_id, name=fields)
+    if op == _OP_CANCEL:
+        return Request(opcode, req_id, target=fields)
+    if op == _OP_LIST:
+        return Request(opcode, req_id, after=fields)
+    if op == _OP_RESUME:
+        session, secret, awaited = fields
+        return Request(opcode, req_id, session=session, secret=secret, awaited=awaited)
+    return Request(opcode, req_id)
 
 
 class State(Enum):
@@ -180,8 +249,14 @@ class _Session:
 class ServerSession(_Session):
     """The service's end of one connection."""
 
-    def __init__(self, static_private: bytes) -> None:
+    def __init__(self, static_private: bytes, *, codec: str | None = None) -> None:
         super().__init__(State.AWAIT_HELLO)
+        # "native" or "python" (``service_codec``): who does the transport once OPEN.
+        self.codec = service_codec(codec)
+        self._native: ServerCodec | None = None
+        # The native codec decodes a read's frames at once; a frame that failed waits
+        # here until the requests before it have been processed, then is raised.
+        self._error: EsemError | None = None
         self._responder: Responder | None = Responder(static_private)
         self._welcome: bytes | None = None  # NK message 2, until accept()
         # V = BLAKE2s(R) of the resumption secret R sent in this connection's WELCOME; R
@@ -192,7 +267,7 @@ class ServerSession(_Session):
         self._resume_req_id = 0  # the RESUME's id, once this connection resumed
         # Frame bodies read but not yet turned into events: at most one read's worth,
         # because the shell stops reading while any are left.
-        self._frames_in: deque[bytes] = deque()
+        self._frames_in: deque[Any] = deque()  # bodies; native: ServerCodec.open tuples
         self._transitions: dict[State, Callable[[bytes], RequestIn | HelloIn]] = {
             State.AWAIT_HELLO: self._on_hello,
             State.OPEN: self._on_request,
@@ -200,25 +275,57 @@ class ServerSession(_Session):
 
     def __repr__(self) -> str:
         return (f"<ServerSession {self.state.value} last_req={self._last_req_id} "
-                f"backlog={len(self._frames_in)}>")
+                f"backlog={self.backlog}>")
 
     @property
     def backlog(self) -> int:
         """Frames received and not yet processed by ``next_event``."""
-        return len(self._frames_in)
+        return len(self._frames_in) + (self._error is not None)
+
+    @property
+    def buffered(self) -> int:
+        native = self._native
+        return len(self._out) + (native.buffered if native is not None else 0)
+
+    def data_to_send(self) -> bytes:
+        native = self._native
+        if native is None:
+            return super().data_to_send()
+        if self._out:  # the WELCOME, queued before the codec took over
+            out = bytes(self._out) + native.take()
+            self._out.clear()
+            return out
+        return native.take()
 
     def feed(self, data: bytes) -> None:
         """Add bytes from the peer; whole frames wait for ``next_event``. A frame length
         of 0 or above the limit raises ``ProtocolError`` at once (and closes)."""
-        frames = self._frames(data)
-        if frames:
-            self._frames_in.extend(frames)
+        native = self._native
+        if native is None:
+            frames = self._frames(data)
+            if frames:
+                self._frames_in.extend(frames)
+            return
+        if self.state is State.CLOSED:
+            raise ProtocolError("session is closed")
+        try:
+            events, error = native.open(data)
+        except EsemError:
+            self.state = State.CLOSED
+            self._frames_in.clear()
+            raise
+        if events:
+            self._frames_in.extend(events)
+        if error is not None:
+            self._error = error
 
     def next_event(self) -> RequestIn | HelloIn | None:
         """Process the next received frame: a request, a ``HelloIn``, or None when no
         whole frame is waiting (or the session waits for ``accept``). Raises
         ``ProtocolError``/``IntegrityError`` (and closes) on anything that is not the
         protocol; the frames after it are never processed."""
+        if self._native is not None and self.state is State.OPEN:
+            return self._next_native()
         if not self._frames_in or self.state is State.HELLO_RECEIVED:
             return None
         body = self._frames_in.popleft()
@@ -232,6 +339,23 @@ class ServerSession(_Session):
             self.state = State.CLOSED
             self._frames_in.clear()
             raise
+
+    def _next_native(self) -> RequestIn | None:
+        if self._frames_in:
+            op, req_id, signed, mac, fields = self._frames_in.popleft()
+            try:
+                return self._admit(_native_request(op, req_id, fields), signed, mac)
+            except EsemError:
+                self.state = State.CLOSED
+                self._frames_in.clear()
+                self._error = None
+                raise
+        error = self._error
+        if error is None:
+            return None
+        self._error = None
+        self.state = State.CLOSED
+        raise error
 
     def receive_data(self, data: bytes) -> list[RequestIn]:
         """Feed bytes and process every whole frame, accepting a HELLO at once (for
@@ -256,6 +380,16 @@ class ServerSession(_Session):
         self._out += _handshake_frame(FrameKind.WELCOME, self._welcome)
         self._welcome = None
         self.state = State.OPEN
+        if self.codec == "native" and self._transport is not None:
+            assert _ServerCodec is not None
+            (rx_key, rx_n), (tx_key, tx_n) = self._transport.directions()
+            self._native = _ServerCodec(rx_key, rx_n, tx_key, tx_n)
+            # Whatever the peer sent after its HELLO goes through the codec, in order.
+            rest = b"".join(encode_frame(body) for body in self._frames_in)
+            rest += self._decoder.data_to_keep()
+            self._frames_in.clear()
+            if rest:
+                self.feed(rest)
 
     def refuse(self, status: Status, text: str) -> None:
         """Refuse the connection before or instead of the handshake (quota, version)."""
@@ -282,6 +416,11 @@ class ServerSession(_Session):
         assert self._transport is not None
         plaintext = self._transport.decrypt(body)
         req, signed, mac = decode_request(plaintext)
+        return self._admit(req, signed, mac)
+
+    def _admit(self, req: Request, signed: bytes, mac: bytes | None) -> RequestIn:
+        """The session's rules on a well-formed request (ids increase; RESUME only
+        first and without a MAC, END without one)."""
         if req.req_id <= self._last_req_id or req.req_id == self._resume_req_id:
             raise ProtocolError(f"request id {req.req_id} does not increase")
         if req.opcode is Opcode.RESUME:
@@ -327,15 +466,33 @@ class ServerSession(_Session):
         if self.state is not State.OPEN or self._transport is None:
             raise RuntimeError(f"cannot reply in state {self.state.value}")
         body = seal_reply(reply, self.binding_id, mac_key)
-        self._out += encode_frame(self._transport.encrypt(body))
+        if self._native is not None:
+            self._native.seal(body)
+        else:
+            self._out += encode_frame(self._transport.encrypt(body))
         return body
+
+    def send_status(self, opcode: Opcode, req_id: int, status: Status, value: int = 0,
+                    message: str = "", *, mac_key: bytes | None = None) -> bytes:
+        """``send_reply`` of a reply with no payload or a u32 ``value`` (OK), or of a
+        refusal with ``message``, without building a ``Reply`` when the native codec
+        encodes it. Returns its plaintext body."""
+        native = self._native
+        if native is None or self.state is not State.OPEN:
+            return self.send_reply(Reply(opcode, req_id, status, value=value, message=message),
+                                   mac_key=mac_key)
+        return native.seal_reply(opcode, req_id, status, value, message, mac_key,
+                                 self.binding_id)
 
     def send_body(self, body: bytes) -> None:
         """Queue a reply body made by ``seal_reply`` (a late reply, or one re-sent from
         the replay window after a RESUME)."""
         if self.state is not State.OPEN or self._transport is None:
             raise RuntimeError(f"cannot reply in state {self.state.value}")
-        self._out += encode_frame(self._transport.encrypt(_fits(body)))
+        if self._native is not None:
+            self._native.seal(_fits(body))
+        else:
+            self._out += encode_frame(self._transport.encrypt(_fits(body)))
 
 
 @dataclass(slots=True)

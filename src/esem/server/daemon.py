@@ -341,7 +341,10 @@ async def _serve(config: ServeConfig, ready: asyncio.Event | None = None) -> Non
     try:
         try:
             private = load_or_create_key(state_fd, config.state_dir)
-            service = Service(private, config.quotas, resume_grace=config.resume_grace)
+            try:
+                service = Service(private, config.quotas, resume_grace=config.resume_grace)
+            except (ValueError, RuntimeError) as exc:  # ESEM_SERVICE_CODEC
+                raise StartupError(str(exc)) from None
             # Before the socket is bound and the key published: a journal that does not
             # verify stops the start-up with nothing announced.
             if config.journal_dir is not None:
@@ -433,9 +436,9 @@ async def _run(config: ServeConfig, service: Service, listener: socket.socket, s
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info(
-        "esem service listening on %s (key %s, loop %s%s)",
+        "esem service listening on %s (key %s, loop %s, codec %s%s)",
         config.socket_path, public_key_of(private).hex()[:16], type(loop).__module__,
-        ", switchless" if config.switchless else "",
+        service.codec, ", switchless" if config.switchless else "",
     )
     notifier.send(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=listening on {config.socket_path}")
     if ready is not None:

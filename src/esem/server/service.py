@@ -42,7 +42,14 @@ from esem.errors import EsemError
 from esem.protocol.constants import MAX_PLAINTEXT, RESUME_MAX_AWAITED, Direction, Opcode, OpenFlag
 from esem.protocol.crypto import verifier_matches, verify_keybind_mac
 from esem.protocol.messages import Reply, Request, decode_request
-from esem.protocol.session import HelloIn, RequestIn, ServerSession, State, seal_reply
+from esem.protocol.session import (
+    HelloIn,
+    RequestIn,
+    ServerSession,
+    State,
+    seal_reply,
+    service_codec,
+)
 from esem.safe_text import printable
 from esem.server.lograte import LogBucket
 
@@ -75,6 +82,11 @@ MESSAGE_LOG_LIMIT = 300  # characters of peer-influenced text in one log line
 RESUME_GRACE = 5.0
 PROCESS_CHECK = 1.0  # seconds between looks in /proc for the processes of detached sessions
 EXIT_RECHECK = 0.05  # seconds after a detach: a second look, for a process still exiting
+# Requests about the connection or the session rather than a semaphore (_session_op).
+_SESSION_OPS = frozenset({Opcode.RESUME, Opcode.END, Opcode.SWITCHLESS})
+_OK = Status.OK
+# What _execute returns: (status, value, text, reply, key); see there.
+Outcome = tuple[Status | None, int, str, Reply | None, bytes | None]
 # Replies that never enter the replay window (PROTOCOL.md 16.3).
 _UNWINDOWED = frozenset({Opcode.RESUME, Opcode.END, Opcode.SWITCHLESS})
 _STALE_TEXT = "reply lost across a service restart"
@@ -232,14 +244,20 @@ class Service:
     """The semaphore table and the live connections that use it."""
 
     def __init__(self, static_private: bytes, quotas: Quotas | None = None, *,
-                 resume_grace: float = RESUME_GRACE) -> None:
+                 resume_grace: float = RESUME_GRACE, codec: str | None = None) -> None:
         self.table = SemTable(quotas, token_factory=self._token)
         self._static_private = static_private
+        # The sessions' transport codec, "native" or "python" (ESEM_SERVICE_CODEC by
+        # default): chosen once, so a bad value stops the start-up, not a connection.
+        self.codec = service_codec(codec)
         self.resume_grace = resume_grace
         self._conns: dict[int, Connection] = {}
         self._records: dict[int, SessionRecord] = {}  # every session in the table
         self._by_binding: dict[bytes, SessionRecord] = {}
         self._ctx = Ctx()  # the request being executed
+        self._idle = self._ctx  # the context between requests
+        self._live = Ctx()  # reused by every live request (reset by _dispatch)
+        self._clock: Callable[[], float] | None = None  # the loop's time(), once known
         self.journal: Journal | None = None
         self.stopping = False
         self.restored_boot: str | None = None  # the boot id of the journal restored
@@ -366,12 +384,15 @@ class Service:
                         raise CoreError(Status.EKEYREJECTED, "key-bound semaphore: missing "
                                         "or invalid key MAC") from None
 
-            reply, key = self._execute(sid, req, keyed=mac is not None, auth=auth)
+            status, value, text, reply, key = self._execute(sid, req, keyed=mac is not None,
+                                                            auth=auth)
             rec.last_req_id = req.req_id
-            if (reply is None) != (body is None):
+            if (status is None) != (body is None):
                 raise ValueError(f"request {req.req_id} of session {sid} did not replay")
-            if reply is not None:
-                use = key is not None and reply.status is not Status.EKEYREJECTED
+            if status is not None:
+                if reply is None:
+                    reply = Reply(req.opcode, req.req_id, status, value=value, message=text)
+                use = key is not None and status is not Status.EKEYREJECTED
                 sealed = seal_reply(reply, rec.binding, key if use and mac else None)
                 if sealed != body:
                     raise ValueError(f"request {req.req_id} of session {sid} replayed to "
@@ -671,8 +692,63 @@ class Service:
         """Apply one request and send its reply; returns the reply's status, or None
         for a wait that queued (answered later)."""
         req = event.request
+        op = req.opcode
+        if op in _SESSION_OPS:
+            return self._session_op(conn, req)
         sid = conn.sid
         assert sid is not None
+        session = conn.session
+        clock = self._clock
+        if clock is None:
+            clock = self._clock = asyncio.get_running_loop().time
+        # One context object for every live request, reset here rather than built:
+        # the journal record takes copies of what it needs.
+        ctx = self._ctx = self._live
+        ctx.now = clock()
+        ctx.wall = time.time()
+        if ctx.tokens:
+            ctx.tokens = []
+        ctx.running = None
+        mac = event.mac
+        # Only a request with a MAC can prove a key; without one the core refuses any
+        # key-bound semaphore (auth None), which is the same answer, cheaper.
+        auth = session.authenticator(event) if mac is not None else None
+        try:
+            status, value, text, reply, key = self._execute(sid, req, keyed=mac is not None,
+                                                            auth=auth)
+        finally:
+            self._ctx = self._idle
+        rec = self._records[sid]
+        rec.last_req_id = req.req_id
+        journal = self.journal
+        if status is None:  # a queued wait
+            if journal is not None:
+                plaintext = event.signed if mac is None else event.signed + mac  # as sent
+                journal.append_req(sid, plaintext, None, ctx.now, ctx.wall, ctx.tokens,
+                                   ctx.running)
+            return None
+        if status is not Status.OK:
+            # A tenant can make every request fail: logged within the session's budget
+            # only; the core's text may carry a peer's name: escaped.
+            conn.logs.log(log, logging.INFO, f"session {sid}", time.monotonic(),
+                          "session %d refused %s: %s %s", sid, op.name, status.name,
+                          _text(text if reply is None else reply.message))
+        mac_key = (key if mac is not None and key is not None
+                   and status is not Status.EKEYREJECTED else None)
+        if reply is None:
+            body = session.send_status(op, req.req_id, status, value, text, mac_key=mac_key)
+        else:
+            body = session.send_reply(reply, mac_key=mac_key)
+        rec.window.add(req.req_id, body)
+        if journal is not None:
+            plaintext = event.signed if mac is None else event.signed + mac  # as sent
+            journal.append_req(sid, plaintext, body, ctx.now, ctx.wall, ctx.tokens,
+                               ctx.running)
+        return status
+
+    def _session_op(self, conn: Connection, req: Request) -> Status:
+        """RESUME, END and SWITCHLESS: requests about the connection or the session,
+        never about a semaphore."""
         op = req.opcode
         if op is Opcode.RESUME:
             return self._resume_session(conn, req)
@@ -684,55 +760,48 @@ class Service:
             conn.flush()
             conn.close()
             return Status.OK
-        if op is Opcode.SWITCHLESS:  # the connection's, not the session's: not journaled
-            upgraded = conn.upgrade(req)
-            conn.session.send_reply(upgraded)
-            return upgraded.status
-        loop = asyncio.get_running_loop()
-        ctx = self._ctx = Ctx(now=loop.time(), wall=time.time())
-        # Only a request with a MAC can prove a key; without one the core refuses any
-        # key-bound semaphore (auth None), which is the same answer, cheaper.
-        auth = conn.session.authenticator(event) if event.mac is not None else None
-        rec = self._records[sid]
-        try:
-            reply, key = self._execute(sid, req, keyed=event.mac is not None, auth=auth)
-        finally:
-            self._ctx = Ctx()
-        rec.last_req_id = req.req_id
-        plaintext = event.signed if event.mac is None else event.signed + event.mac  # as sent
-        journal = self.journal
-        if reply is None:  # a queued wait
-            if journal is not None:
-                journal.append_req(sid, plaintext, None, ctx.now, ctx.wall, ctx.tokens,
-                                   ctx.running)
-            return None
-        if reply.status is not Status.OK:
-            # A tenant can make every request fail: logged within the session's budget
-            # only; the core's text may carry a peer's name: escaped.
-            conn.logs.log(log, logging.INFO, f"session {sid}", time.monotonic(),
-                          "session %d refused %s: %s %s", sid, op.name, reply.status.name,
-                          _text(reply.message))
-        mac = event.mac is not None and key is not None and reply.status is not Status.EKEYREJECTED
-        body = conn.session.send_reply(reply, mac_key=key if mac else None)
-        rec.window.add(req.req_id, body)
-        if journal is not None:
-            journal.append_req(sid, plaintext, body, ctx.now, ctx.wall, ctx.tokens,
-                               ctx.running)
-        return reply.status
+        # SWITCHLESS: the connection's, not the session's: not journaled
+        upgraded = conn.upgrade(req)
+        conn.session.send_reply(upgraded)
+        return upgraded.status
 
     def _execute(self, sid: int, req: Request, *, keyed: bool,
-                 auth: Authenticator | None) -> tuple[Reply | None, bytes | None]:
+                 auth: Authenticator | None) -> Outcome:
         """Apply one request of session ``sid`` to the table in the context ``_ctx``:
         live, or replayed from the journal (the same code, so a restore can never mean
-        anything else). Returns the reply (None for a queued wait) and the semaphore's
-        key for its MAC; grants it causes are delivered."""
+        anything else). Returns ``(status, value, text, reply, key)``: status None for
+        a queued wait; a reply with no payload or one u32 (``value``), or a refusal
+        (``text``), as those three with ``reply`` None (the codec encodes them without
+        a ``Reply``); any other reply as ``reply``; and the semaphore's key for its MAC.
+        Grants it causes are delivered."""
         table = self.table
-        ctx = self._ctx
         op = req.opcode
         key: bytes | None = None
         try:
-            if op in (Opcode.CLOSE, Opcode.WAIT, Opcode.POST, Opcode.GETVALUE):
+            # The common requests first, each answered without a Reply object.
+            if op is Opcode.POST:
                 key = table.key_for_handle(sid, req.handle)
+                granted = table.post(sid, req.handle, auth=auth)
+                if granted is not None:
+                    self._deliver([granted])
+                return _OK, 0, "", None, key
+            if op is Opcode.WAIT:
+                key = table.key_for_handle(sid, req.handle)
+                now = self._ctx.now
+                mode = req.wait_mode
+                deadline = now + req.timeout_ns / 1e9 if mode is WaitMode.TIMED else None
+                done = table.wait(sid, req.handle, req.req_id, mode=mode, now=now,
+                                  deadline=deadline, auth=auth)
+                if done is None:
+                    return None, 0, "", None, key  # queued: answered by a grant, timeout, cancel
+                return _OK, 0, "", None, key
+            if op is Opcode.GETVALUE:
+                key = table.key_for_handle(sid, req.handle)
+                return _OK, table.getvalue(sid, req.handle, auth=auth), "", None, key
+            if op is Opcode.CLOSE:
+                key = table.key_for_handle(sid, req.handle)
+                self._deliver(table.close(sid, req.handle, auth=auth))
+                return _OK, 0, "", None, key
             if op is Opcode.OPEN:
                 opened = table.open(
                     sid, req.name,
@@ -740,35 +809,16 @@ class Service:
                     excl=bool(req.oflag & OpenFlag.EXCL),
                     mode=req.mode, value=req.value, key=req.key,
                     robust=bool(req.oflag & OpenFlag.ROBUST), keyed=keyed,
-                    now_wall=ctx.wall, auth=auth,
+                    now_wall=self._ctx.wall, auth=auth,
                     accept_foreign=bool(req.oflag & OpenFlag.FOREIGN),
                 )
                 key = opened.key
                 reply = Reply(op, req.req_id, Status.OK, handle=opened.handle,
                               created=opened.created, sem_id=opened.sem_id)
-            elif op is Opcode.WAIT:
-                now = ctx.now
-                deadline = now + req.timeout_ns / 1e9 if req.wait_mode is WaitMode.TIMED else None
-                done = table.wait(sid, req.handle, req.req_id, mode=req.wait_mode, now=now,
-                                  deadline=deadline, auth=auth)
-                if done is None:
-                    return None, key  # queued: answered later by a grant, timeout or cancel
-                reply = Reply(op, req.req_id, Status.OK)
-            elif op is Opcode.POST:
-                granted = table.post(sid, req.handle, auth=auth)
-                reply = Reply(op, req.req_id, Status.OK)
-                if granted is not None:
-                    self._deliver([granted])
-            elif op is Opcode.GETVALUE:
-                value = table.getvalue(sid, req.handle, auth=auth)
-                reply = Reply(op, req.req_id, Status.OK, value=value)
-            elif op is Opcode.CLOSE:
-                self._deliver(table.close(sid, req.handle, auth=auth))
-                reply = Reply(op, req.req_id, Status.OK)
             elif op is Opcode.UNLINK:
                 key = table.key_for_name(req.name)
                 table.unlink(sid, req.name, keyed=keyed, auth=auth)
-                reply = Reply(op, req.req_id, Status.OK)
+                return _OK, 0, "", None, key
             elif op is Opcode.RECLAIM:
                 key = table.key_for_name(req.name)
                 reply = self._reclaim(sid, req, keyed=keyed, auth=auth)
@@ -776,7 +826,7 @@ class Service:
                 cancelled = table.cancel(sid, req.target)
                 if cancelled is not None:
                     self._deliver([cancelled])
-                reply = Reply(op, req.req_id, Status.OK, value=int(cancelled is not None))
+                return _OK, int(cancelled is not None), "", None, key
             elif op is Opcode.ATTACH:
                 opened = table.attach(sid, req.handle, auth=auth)
                 key = opened.key
@@ -789,10 +839,10 @@ class Service:
                 view = table.view(sid, req.name, cap=STAT_LIST_CAP, keyed=keyed, auth=auth)
                 reply = Reply(op, req.req_id, Status.OK, data=_stat_json(view))
             else:
-                reply = Reply(op, req.req_id, Status.OK)
+                return _OK, 0, "", None, key
         except CoreError as exc:
-            reply = Reply(op, req.req_id, exc.status, message=exc.message)
-        return reply, key
+            return exc.status, 0, exc.message, None, key
+        return reply.status, reply.value, "", reply, key
 
     def _resume_session(self, conn: Connection, req: Request) -> Status:
         """RESUME (PROTOCOL.md 16.2): carry on a detached (or still attached) session
@@ -984,7 +1034,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, service: Service) -> None:
         self.service = service
-        self.session = ServerSession(service._static_private)
+        self.session = ServerSession(service._static_private, codec=service.codec)
         self.sid: int | None = None
         self.cred: Cred | None = None
         self.transport: asyncio.Transport | None = None
