@@ -38,7 +38,7 @@ use esem_proto::consts::{CONNECT_TIMEOUT_SECS, KEEPALIVE_INTERVAL_SECS};
 use esem_proto::{ClientSession, Reply, RequestBody, Status};
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
@@ -53,6 +53,25 @@ struct Slot {
     wake: RawFd,
     /// Its thread is spinning on the reply ring (switchless): no eventfd ring needed.
     spinning: bool,
+    /// Its thread reads the socket itself (`Role::Caller`): no eventfd ring needed.
+    reading: bool,
+    /// Its thread sleeps until its eventfd rings (in `wait_reply`, or in a `poll` of its
+    /// own after `try_reply`): somebody must read the socket for it.
+    parked: bool,
+}
+
+/// Who reads the session socket (socket mode; see "Who reads the socket" above).
+/// Changed only under the session lock: `Idle` -> `Caller` by a waiting thread,
+/// `Idle` -> `Thread` by the reader thread or a `try_reply`, `Caller` -> `Idle` or
+/// `Thread` by that caller, `Thread` -> `Idle` by the reader thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Nobody reads; the reader thread waits for a hang-up or a kick only.
+    Idle,
+    /// One calling thread reads, for its own reply (and delivers any others').
+    Caller,
+    /// The reader thread reads (and resumes the session when the connection is lost).
+    Thread,
 }
 
 /// The current connection: the socket, shared by the writers (under the lock) and the
@@ -80,6 +99,8 @@ struct Inner {
     ring_gen: u64,
     /// The session lost its rings with its connection: upgrade again once resumed.
     reupgrade: bool,
+    /// Who reads the socket now.
+    role: Role,
 }
 
 struct Shared {
@@ -100,7 +121,16 @@ struct Shared {
     /// child never unmaps or closes what is no longer ours.
     ring_map: [AtomicUsize; 2],
     ring_fds: [AtomicI32; 2],
+    /// The reader thread's eventfd: rung when it must take the socket over (`Role::Thread`)
+    /// from a caller or a `try_reply`. -1 once closed (in a fork child).
+    kick: AtomicI32,
     inner: Mutex<Inner>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        sys::close_raw(self.kick.swap(-1, Ordering::AcqRel));
+    }
 }
 
 /// How the reader thread's turn on one transport ended.
@@ -138,6 +168,42 @@ impl Shared {
             .failure
             .clone()
             .unwrap_or(ClientError::Unavailable("session failed".into()))
+    }
+
+    /// Whether the reader thread must read the socket: somebody sleeps for a reply, a
+    /// PING is out, or the session is not (or no longer) plainly open on its socket.
+    fn thread_needed_locked(inner: &Inner) -> bool {
+        inner.ping.is_some()
+            || inner.reupgrade
+            || inner.failure.is_some()
+            || inner.conn.is_none()
+            || inner.ring.is_some()
+            || !inner.session.established()
+            || inner.slots.values().any(|s| s.parked && s.reply.is_none())
+    }
+
+    /// Hand the socket to the reader thread: `Role::Thread`, and ring its eventfd.
+    fn kick_locked(&self, inner: &mut Inner) {
+        if inner.role != Role::Thread {
+            inner.role = Role::Thread;
+            sys::eventfd_ring(self.kick.load(Ordering::Acquire));
+        }
+    }
+
+    /// The calling thread that read for `req_id` stops reading: nobody reads if nobody
+    /// needs it, else the reader thread takes over.
+    fn release_locked(&self, inner: &mut Inner, req_id: u64) {
+        if let Some(slot) = inner.slots.get_mut(&req_id) {
+            slot.reading = false;
+        }
+        if inner.role != Role::Caller {
+            return;
+        }
+        if Self::thread_needed_locked(inner) {
+            self.kick_locked(inner);
+        } else {
+            inner.role = Role::Idle;
+        }
     }
 
     fn check_fd(conn: &Conn) -> Result<()> {
@@ -238,15 +304,8 @@ impl Shared {
         if let Some(e) = &inner.failure {
             return Err(e.clone());
         }
-        // In switchless mode nothing is written to the socket (the reader checks it
-        // before it reads): no system call per request.
-        if inner.ring.is_none() {
-            if let Some(conn) = &inner.conn {
-                if let Err(e) = Self::check_fd(conn) {
-                    return Err(self.fail_locked(inner, e));
-                }
-            }
-        }
+        // The descriptor check is `write_locked`'s, once per request on the socket (none
+        // in switchless mode, where nothing is written to the socket).
         let (req_id, frame) = inner.session.send_request(body, key)?;
         self.write_locked(inner, &frame)?;
         Ok(req_id)
@@ -288,6 +347,9 @@ impl Shared {
             if inner.failure.is_some() {
                 return None;
             }
+            // The reader thread owns the session until it is resumed (a caller that met
+            // the loss has handed the socket over already).
+            inner.role = Role::Thread;
             // Replies the service published in the reply ring before it went are
             // still in the mapping: take them (the RESUME then awaits fewer).
             if inner.ring.is_some() && self.consume_locked(inner).is_err() {
@@ -421,10 +483,26 @@ impl Shared {
     fn socket_reader(&self, sock: &Arc<UnixStream>) -> Turn {
         let interval = Duration::from_secs(KEEPALIVE_INTERVAL_SECS);
         let mut buf = vec![0u8; RECV_BYTES];
+        // A hang-up seen while a caller reads: that caller meets it and hands over.
+        let mut hup_seen = false;
         loop {
-            if self.lock().failure.is_some() {
-                return Turn::Failed;
+            let reading = {
+                let mut inner = self.lock();
+                if inner.failure.is_some() {
+                    return Turn::Failed;
+                }
+                if inner.role == Role::Thread && !Self::thread_needed_locked(&inner) {
+                    inner.role = Role::Idle;
+                }
+                inner.role == Role::Thread
+            };
+            if !reading {
+                if let Some(turn) = self.standby(sock, &mut hup_seen) {
+                    return turn;
+                }
+                continue;
             }
+            hup_seen = false;
             match sys::poll_in(sock.as_raw_fd(), 1000) {
                 Ok(Polled::Ready) => {}
                 Ok(Polled::Timeout) | Ok(Polled::Interrupted) => {
@@ -493,6 +571,47 @@ impl Shared {
         }
     }
 
+    /// The reader thread while nobody or a caller reads the socket: it sleeps until it is
+    /// kicked (`Role::Thread`), the connection hangs up (data does not wake it), or a
+    /// second passes (the keepalive, and requests that nobody waits on yet). `Some`
+    /// once the session has failed.
+    fn standby(&self, sock: &UnixStream, hup_seen: &mut bool) -> Option<Turn> {
+        let kick = self.kick.load(Ordering::Acquire);
+        let fd = if *hup_seen { -1 } else { sock.as_raw_fd() };
+        let polled = sys::poll_kick_or_hangup(kick, fd, 1000);
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        if inner.failure.is_some() {
+            return Some(Turn::Failed);
+        }
+        let (kicked, hup) = match polled {
+            Ok(x) => x,
+            Err(e) => {
+                self.fail_locked(inner, ClientError::Unavailable(e.to_string()));
+                return Some(Turn::Failed);
+            }
+        };
+        if kicked {
+            sys::eventfd_drain(kick);
+        }
+        if hup {
+            if inner.role == Role::Idle {
+                inner.role = Role::Thread; // read what is left, meet the EOF, resume
+            } else {
+                *hup_seen = true; // the reading caller meets it; poll the kick only
+            }
+        } else if !kicked {
+            if inner.role == Role::Idle && inner.session.pending() > 0 {
+                // Requests are out that nobody reads for (their threads have not come
+                // to wait yet, or a PING's): read them, or a keepalive would fail.
+                inner.role = Role::Thread;
+            } else if !self.keepalive_locked(inner) {
+                return Some(Turn::Failed);
+            }
+        }
+        None
+    }
+
     /// Verify and dispatch what the service sent; then write what the session queued
     /// (the re-sends after a RESUME), under the same lock so that no other frame can
     /// take a nonce between; then, if the session has just resumed after losing its
@@ -500,7 +619,10 @@ impl Shared {
     /// if `inner.ring` is now set).
     fn received(&self, sock: &UnixStream, data: &[u8]) -> Turn {
         let mut inner = self.lock();
-        let inner = &mut *inner;
+        self.received_locked(&mut inner, sock, data)
+    }
+
+    fn received_locked(&self, inner: &mut Inner, sock: &UnixStream, data: &[u8]) -> Turn {
         inner.last_rx = Instant::now();
         match inner.session.receive_data(data) {
             Ok(replies) => {
@@ -560,7 +682,7 @@ impl Shared {
                 *ping = None;
             } else if let Some(slot) = slots.get_mut(&reply.req_id) {
                 slot.reply = Some(reply);
-                if !slot.spinning {
+                if !slot.spinning && !slot.reading {
                     sys::eventfd_ring(slot.wake);
                 }
             }
@@ -745,6 +867,82 @@ impl Shared {
         }
     }
 
+    /// Block until the reply to `req_id` is in its slot (or the session failed): read
+    /// the socket for it while nobody else does, else sleep on this thread's eventfd
+    /// until whoever reads delivers it. `fd_checked`: the caller has just checked the
+    /// descriptor (its send did), so the first read skips the check.
+    fn wait_for(&self, req_id: u64, interruptible: bool, mut fd_checked: bool) -> Result<Reply> {
+        loop {
+            let (wake, sock) = {
+                let mut guard = self.lock();
+                let inner = &mut *guard;
+                let Some(slot) = inner.slots.get_mut(&req_id) else {
+                    return Err(ClientError::Invalid(format!(
+                        "request {req_id} is not pending"
+                    )));
+                };
+                slot.parked = false;
+                if let Some(reply) = slot.reply.take() {
+                    inner.slots.remove(&req_id);
+                    return final_reply(reply);
+                }
+                if let Some(e) = inner.failure.clone() {
+                    inner.slots.remove(&req_id);
+                    return Err(e);
+                }
+                let wake = slot.wake;
+                // Read for ourselves only while nobody reads and nobody else sleeps for
+                // a reply (the reader thread serves several waiters).
+                let can_read = inner.role == Role::Idle && !Self::thread_needed_locked(inner);
+                let sock = match (&inner.conn, can_read) {
+                    (Some(c), true) => Some(Arc::clone(&c.sock)),
+                    _ => None,
+                };
+                if let Some(slot) = inner.slots.get_mut(&req_id) {
+                    if sock.is_some() {
+                        slot.reading = true;
+                    } else {
+                        slot.parked = true;
+                    }
+                }
+                if sock.is_some() {
+                    inner.role = Role::Caller;
+                }
+                (wake, sock)
+            };
+            if let Some(sock) = sock {
+                let mut reading = Reading {
+                    shared: self,
+                    req_id,
+                    done: false,
+                };
+                let read = reading.read(&sock, interruptible, fd_checked);
+                fd_checked = false;
+                if read.is_err() {
+                    return Err(ClientError::Interrupted);
+                }
+                continue; // the reply (or the failure) is in: the slot says which
+            }
+            match sys::poll_in(wake, -1) {
+                Ok(Polled::Interrupted) if interruptible => {
+                    self.unpark(req_id);
+                    return Err(ClientError::Interrupted);
+                }
+                Ok(_) => sys::eventfd_drain(wake),
+                Err(e) => {
+                    self.unpark(req_id);
+                    return Err(ClientError::Unavailable(format!("poll: {e}")));
+                }
+            }
+        }
+    }
+
+    fn unpark(&self, req_id: u64) {
+        if let Some(slot) = self.lock().slots.get_mut(&req_id) {
+            slot.parked = false;
+        }
+    }
+
     /// Switchless: spin on the reply ring for the reply to `req_id` (taking and
     /// delivering whatever arrives), for `CLIENT_SPIN` at most, or `PARKED_SPIN` once the
     /// service says it has executed everything we sent (a queued wait is left). While
@@ -853,6 +1051,125 @@ impl Fault {
     }
 }
 
+/// A calling thread holding `Role::Caller` for its request `req_id`. Dropping it (also
+/// on a panic) gives the role back, so the socket is never left with nobody to read it.
+struct Reading<'a> {
+    shared: &'a Shared,
+    req_id: u64,
+    done: bool,
+}
+
+impl Reading<'_> {
+    /// Read the socket until the reply to `req_id` is in its slot, the session failed,
+    /// or the connection was lost (handed to the reader thread, which resumes); the
+    /// role is given back in each case. `Err(())`: a signal interrupted an
+    /// `interruptible` wait (the request stays pending).
+    fn read(
+        &mut self,
+        sock: &UnixStream,
+        interruptible: bool,
+        mut fd_checked: bool,
+    ) -> std::result::Result<(), ()> {
+        let sh = self.shared;
+        let fd = sock.as_raw_fd();
+        let mut buf = [0u8; 4096];
+        loop {
+            if !fd_checked {
+                // As the reader thread does: never read a file the program put at our
+                // number. (Skipped right after our own send, which checked it.)
+                let mut inner = sh.lock();
+                let check = match &inner.conn {
+                    Some(c) => Shared::check_fd(c),
+                    None => Err(ClientError::Unavailable("connection replaced".into())),
+                };
+                if let Err(e) = check {
+                    sh.fail_locked(&mut inner, e);
+                    return self.finish(&mut inner, Ok(()));
+                }
+            }
+            fd_checked = false;
+            // Poll first only when a signal must interrupt us: a handler installed with
+            // SA_RESTART would restart a blocking read, never a poll.
+            if interruptible {
+                match sys::poll_in(fd, -1) {
+                    Ok(Polled::Interrupted) => {
+                        let mut inner = sh.lock();
+                        return self.finish(&mut inner, Err(()));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let mut inner = sh.lock();
+                        sh.fail_locked(&mut inner, ClientError::Unavailable(e.to_string()));
+                        return self.finish(&mut inner, Ok(()));
+                    }
+                }
+            }
+            let got = (&*sock).read(&mut buf);
+            let mut guard = sh.lock();
+            let inner = &mut *guard;
+            if inner.failure.is_some() {
+                return self.finish(inner, Ok(()));
+            }
+            match got {
+                Ok(0) => return self.lost(inner),
+                Ok(n) => {
+                    if let Turn::Failed = sh.received_locked(inner, sock, &buf[..n]) {
+                        return self.finish(inner, Ok(()));
+                    }
+                    if inner
+                        .slots
+                        .get(&self.req_id)
+                        .is_none_or(|s| s.reply.is_some())
+                    {
+                        return self.finish(inner, Ok(()));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                    if interruptible {
+                        return self.finish(inner, Err(()));
+                    }
+                }
+                Err(e) if resume::is_connection_loss(&e) => return self.lost(inner),
+                Err(e) => {
+                    sh.fail_locked(inner, ClientError::Unavailable(e.to_string()));
+                    return self.finish(inner, Ok(()));
+                }
+            }
+        }
+    }
+
+    /// The connection is gone (EOF, reset): the reader thread resumes the session (or
+    /// fails it); meanwhile this caller waits for its reply like any other.
+    fn lost(&mut self, inner: &mut Inner) -> std::result::Result<(), ()> {
+        if let Some(slot) = inner.slots.get_mut(&self.req_id) {
+            slot.reading = false;
+        }
+        self.done = true;
+        inner.role = Role::Idle;
+        self.shared.kick_locked(inner);
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        inner: &mut Inner,
+        out: std::result::Result<(), ()>,
+    ) -> std::result::Result<(), ()> {
+        self.done = true;
+        self.shared.release_locked(inner, self.req_id);
+        out
+    }
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut inner = self.shared.lock();
+            self.shared.release_locked(&mut inner, self.req_id);
+        }
+    }
+}
+
 /// A failed reconnection attempt: worth another try, or the end of the session.
 enum Attempt {
     Retry(String),
@@ -949,7 +1266,7 @@ thread_local! {
 /// This thread's doorbell eventfd (created on first use, replaced after fork): a
 /// thread that sent a request may `poll` it and then call `Client::try_reply`.
 pub fn my_wake_fd() -> Result<RawFd> {
-    let pid = std::process::id();
+    let pid = sys::pid();
     WAKE.with(|w| {
         let mut w = w.borrow_mut();
         if let Some((p, fd)) = w.as_ref() {
@@ -1065,6 +1382,7 @@ impl Client {
         // A fresh session has nothing else pending: no other reply can come first.
         let ring = ring::upgrade(&stream, &mut session, deadline, mode, &mut Vec::new())?;
         let fd = stream.as_raw_fd();
+        let kick = sys::eventfd().map_err(|e| unavailable(&e))?;
         let shared = Arc::new(Shared {
             path: sock.to_path_buf(),
             key: *service_public,
@@ -1074,6 +1392,7 @@ impl Client {
             fd: AtomicI32::new(fd),
             ring_map: [AtomicUsize::new(0), AtomicUsize::new(0)],
             ring_fds: [AtomicI32::new(-1), AtomicI32::new(-1)],
+            kick: AtomicI32::new(kick.into_raw_fd()),
             inner: Mutex::new(Inner {
                 session,
                 slots: HashMap::new(),
@@ -1087,6 +1406,7 @@ impl Client {
                 ring: None,
                 ring_gen: 0,
                 reupgrade: false,
+                role: Role::Idle,
             }),
         });
         if let Some(ring) = ring {
@@ -1102,10 +1422,10 @@ impl Client {
         });
         SPAWNING.with(|f| f.set(false));
         spawned.map_err(|e| unavailable(&e))?;
-        READER_PID.store(std::process::id(), Ordering::Release);
+        READER_PID.store(sys::pid(), Ordering::Release);
         Ok(Client {
             shared,
-            pid: std::process::id(),
+            pid: sys::pid(),
             forked: AtomicBool::new(false),
             creds,
         })
@@ -1144,7 +1464,7 @@ impl Client {
 
     /// The error that ended this session, if one did.
     pub fn failure(&self) -> Option<ClientError> {
-        if self.pid != std::process::id() || self.forked.load(Ordering::Acquire) {
+        if self.pid != sys::pid() || self.forked.load(Ordering::Acquire) {
             return Some(ClientError::Unavailable(
                 "esem session belongs to the parent process".into(),
             ));
@@ -1153,7 +1473,7 @@ impl Client {
     }
 
     fn check_pid(&self) -> Result<()> {
-        if self.pid != std::process::id() || self.forked.load(Ordering::Acquire) {
+        if self.pid != sys::pid() || self.forked.load(Ordering::Acquire) {
             return Err(ClientError::Unavailable(
                 "esem session belongs to the parent process".into(),
             ));
@@ -1174,6 +1494,8 @@ impl Client {
                 reply: None,
                 wake,
                 spinning: false,
+                reading: false,
+                parked: false,
             },
         );
         Ok(id)
@@ -1205,6 +1527,11 @@ impl Client {
             inner.slots.remove(&req_id);
             return Some(Err(e));
         }
+        // The caller sleeps on its eventfd next: somebody must read for it.
+        slot.parked = true;
+        if inner.role == Role::Idle {
+            self.shared.kick_locked(inner);
+        }
         None
     }
 
@@ -1214,38 +1541,15 @@ impl Client {
     pub fn wait_reply(&self, req_id: u64, interruptible: bool) -> Result<Reply> {
         self.check_pid()?;
         self.shared.spin_for(req_id);
-        loop {
-            let wake = {
-                let mut guard = self.shared.lock();
-                let inner = &mut *guard;
-                let Some(slot) = inner.slots.get_mut(&req_id) else {
-                    return Err(ClientError::Invalid(format!(
-                        "request {req_id} is not pending"
-                    )));
-                };
-                if let Some(reply) = slot.reply.take() {
-                    inner.slots.remove(&req_id);
-                    return final_reply(reply);
-                }
-                let wake = slot.wake;
-                if let Some(e) = inner.failure.clone() {
-                    inner.slots.remove(&req_id);
-                    return Err(e);
-                }
-                wake
-            };
-            match sys::poll_in(wake, -1) {
-                Ok(Polled::Interrupted) if interruptible => return Err(ClientError::Interrupted),
-                Ok(_) => sys::eventfd_drain(wake),
-                Err(e) => return Err(ClientError::Unavailable(format!("poll: {e}"))),
-            }
-        }
+        self.shared.wait_for(req_id, interruptible, false)
     }
 
     /// Send and wait; a refusal is `ClientError::Status`.
     pub fn call(&self, body: &RequestBody, key: Option<&[u8]>) -> Result<Reply> {
         let id = self.send(body, key)?;
-        let reply = self.wait_reply(id, false)?;
+        // The send just checked the descriptor: the first read needs no check of its own.
+        self.shared.spin_for(id);
+        let reply = self.shared.wait_for(id, false, true)?;
         if reply.status != Status::OK {
             return Err(ClientError::Status {
                 status: reply.status,
@@ -1260,7 +1564,7 @@ impl Client {
     /// the service closes the session's handles. For owners that cannot drop the client
     /// while other threads may still hold it (a language binding).
     pub fn close(&self) {
-        if self.pid == std::process::id() && !self.forked.load(Ordering::Acquire) {
+        if self.pid == sys::pid() && !self.forked.load(Ordering::Acquire) {
             let mut inner = self.shared.lock();
             self.shared.end_locked(&mut inner);
             self.shared
@@ -1274,7 +1578,7 @@ impl Client {
     /// by a thread that does not exist here. For clients other than the process client
     /// (whose own atfork handler does this), e.g. ones a language binding owns.
     pub fn abandon_in_child(&self) {
-        if self.pid != std::process::id() {
+        if self.pid != sys::pid() {
             self.forked_away();
         }
     }
@@ -1284,6 +1588,7 @@ impl Client {
         self.forked.store(true, Ordering::Release);
         let sh = &self.shared;
         sys::close_raw(sh.fd.swap(-1, Ordering::AcqRel));
+        sys::close_raw(sh.kick.swap(-1, Ordering::AcqRel));
         // Never touch the parent's rings: drop the mapping and our descriptor copies.
         let map = (
             sh.ring_map[0].swap(0, Ordering::AcqRel),
@@ -1301,7 +1606,7 @@ impl Drop for Client {
     fn drop(&mut self) {
         // In a fork child the lock may be held by a thread that no longer exists: an
         // inherited client is left alone (its descriptor stays open in the child).
-        if self.pid == std::process::id() && !self.forked.load(Ordering::Acquire) {
+        if self.pid == sys::pid() && !self.forked.load(Ordering::Acquire) {
             let mut inner = self.shared.lock();
             self.shared.end_locked(&mut inner);
             self.shared
@@ -1329,7 +1634,7 @@ fn current() -> Option<&'static Client> {
 }
 
 fn usable(c: &Client) -> bool {
-    c.pid == std::process::id() && c.failure().is_none()
+    c.pid == sys::pid() && c.failure().is_none()
 }
 
 /// This process's client: connected on first use, replaced after `fork` and after the
@@ -1380,7 +1685,7 @@ static READER_PID: AtomicU32 = AtomicU32::new(0);
 /// Whether this process has a reader thread of the client (which never ends, so it
 /// would keep the process alive after the program's last thread).
 pub fn has_own_thread() -> bool {
-    READER_PID.load(Ordering::Acquire) == std::process::id()
+    READER_PID.load(Ordering::Acquire) == sys::pid()
 }
 
 /// Whether the calling thread is inside the client, creating the client's own reader
@@ -1434,7 +1739,7 @@ pub(crate) fn fork_connect_failure() -> Option<ClientError> {
 /// may still use their semaphores); never blocks on the session's lock.
 extern "C" fn end_at_exit() {
     let Some(c) = current() else { return };
-    if c.pid != std::process::id() || c.forked.load(Ordering::Acquire) {
+    if c.pid != sys::pid() || c.forked.load(Ordering::Acquire) {
         return;
     }
     let Ok(mut inner) = c.shared.inner.try_lock() else {
