@@ -1,22 +1,51 @@
 //! One authenticated session with the service, shared by the threads of a process.
 //!
 //! Threads: requests are encrypted and written under one lock (so ids reach the wire
-//! in order); replies are read by a **reader thread** of the session, which hands each
-//! one to the thread that waits for it and rings that thread's eventfd. We chose a
-//! reader thread over the Python client's leader/follower reader role because the
-//! waiters then sleep in `poll` on their own eventfd, which a signal interrupts
-//! (`EINTR`, needed for `sem_wait` in the preload library), while replies keep flowing
-//! to every other thread; a blocked waiter never delays another thread's post, and no
-//! hand-off of a role has to survive a waiter that is interrupted or cancelled. The
-//! reader thread runs with every signal blocked, so the program's signals still reach
-//! the program's threads. It also sends the keepalive PINGs of PROTOCOL.md 11.
+//! in order). Replies to a switchless session are read by the session's **reader
+//! thread**; on a socket session the common case (one thread, one request in flight)
+//! is served by the calling thread itself: send, then read the reply, three system
+//! calls per operation (`fstat`, `send`, `recv`) and no thread switch.
+//!
+//! Who reads the socket (`Role`, changed only under the session lock, so exactly one
+//! thread reads at any time):
+//! - `Idle`: nobody. A thread that waits for a reply and finds the socket `Idle`, with
+//!   nobody else asleep for one, no PING out and the session plainly open, takes it
+//!   (`Caller`) and reads until its own reply is in; every reply it reads goes to its
+//!   slot by request id (the session verifies and orders them), others' threads are
+//!   woken through their eventfds. It then gives the socket back: `Idle`, or `Thread`
+//!   if somebody else sleeps for a reply (or a PING is out).
+//! - `Thread`: the reader thread reads (as it always did: several waiters, a thread
+//!   sleeping in a `poll` of its own after `try_reply`, which is how the preload
+//!   library's cancellable waits block, a resume in progress). It goes back to `Idle`
+//!   once nobody sleeps for a reply.
+//! - Every other waiter sleeps in `poll` on its own eventfd (so a signal interrupts it:
+//!   `EINTR`, needed for `sem_wait`), marked `parked`; the socket is never `Idle` while
+//!   a thread is parked without its reply, since every change to `Idle` checks for one.
+//!
+//! While it does not read, the reader thread sleeps in `poll` on its kick eventfd and
+//! on the socket with `POLLRDHUP` only: data does not wake it (the kernel filters the
+//! wake-up by the events asked for), a hang-up does, so a lost connection is noticed
+//! while idle. A caller that meets the loss (EOF, reset) hands the socket to the reader
+//! thread and waits like the others; only the reader thread resumes. It also wakes once
+//! a second for the keepalive PINGs of PROTOCOL.md 11 and, as a safety net, takes the
+//! socket if requests are out and nobody reads for them. A signal that interrupts a
+//! reading caller's `interruptible` wait (the caller polls the socket before reading,
+//! since a handler with `SA_RESTART` would restart a blocking read) gives the socket
+//! back; the request stays pending and its reply goes to its slot. A panic in a
+//! reading caller gives the socket back too (`Reading`'s drop). The reader thread runs
+//! with every signal blocked, so the program's signals still reach the program's
+//! threads.
 //!
 //! Descriptors are close-on-exec and moved to `HIGH_FD` or above, and the socket's
-//! identity (device, inode) is re-checked before every write, so a program that closes
-//! or reuses low descriptor numbers never gets session bytes written into its files.
+//! identity (device, inode) is re-checked (`fstat`) before every write and before
+//! every read but the one that follows the caller's own write, so a program that
+//! closes or reuses low descriptor numbers never gets session bytes written into its
+//! files, nor its bytes read as ours.
 //!
-//! Fork: the process client (`process_client`) is checked against `getpid()` on every
-//! call, and a `pthread_atfork` child handler marks the inherited session dead, closes
+//! Fork: a client is checked against the process id on every call, read from a
+//! `MADV_WIPEONFORK` page (`sys::pid`: no `getpid` system call per call; the kernel
+//! zeroes the page in any fork child, `pthread_atfork` or not), and a `pthread_atfork`
+//! child handler marks the inherited session dead, closes
 //! the child's copy of its socket without sending anything (a reused nonce would break
 //! ChaCha20-Poly1305), and connects the child's own session at once (before a server's
 //! child drops privileges, as Apache's do; a failure there is retried on first use).
@@ -58,6 +87,9 @@ struct Slot {
     /// Its thread sleeps until its eventfd rings (in `wait_reply`, or in a `poll` of its
     /// own after `try_reply`): somebody must read the socket for it.
     parked: bool,
+    /// Its request was just written on the socket after a check of the descriptor: the
+    /// first read its thread makes for it needs no check of its own (cleared then).
+    checked: bool,
 }
 
 /// Who reads the session socket (socket mode; see "Who reads the socket" above).
@@ -400,6 +432,9 @@ impl Shared {
     /// Keep the session for a RESUME and let go of the dead connection and its rings.
     fn detach_locked(&self, inner: &mut Inner) -> Result<()> {
         inner.session.detach()?;
+        for slot in inner.slots.values_mut() {
+            slot.checked = false; // that check was of the connection now gone
+        }
         self.drop_ring_locked(inner);
         if let Some(c) = inner.conn.take() {
             let _ = c.sock.shutdown(std::net::Shutdown::Both);
@@ -869,11 +904,10 @@ impl Shared {
 
     /// Block until the reply to `req_id` is in its slot (or the session failed): read
     /// the socket for it while nobody else does, else sleep on this thread's eventfd
-    /// until whoever reads delivers it. `fd_checked`: the caller has just checked the
-    /// descriptor (its send did), so the first read skips the check.
-    fn wait_for(&self, req_id: u64, interruptible: bool, mut fd_checked: bool) -> Result<Reply> {
+    /// until whoever reads delivers it.
+    fn wait_for(&self, req_id: u64, interruptible: bool) -> Result<Reply> {
         loop {
-            let (wake, sock) = {
+            let (wake, sock, fd_checked) = {
                 let mut guard = self.lock();
                 let inner = &mut *guard;
                 let Some(slot) = inner.slots.get_mut(&req_id) else {
@@ -898,17 +932,20 @@ impl Shared {
                     (Some(c), true) => Some(Arc::clone(&c.sock)),
                     _ => None,
                 };
+                let mut fd_checked = false;
                 if let Some(slot) = inner.slots.get_mut(&req_id) {
                     if sock.is_some() {
                         slot.reading = true;
+                        fd_checked = std::mem::take(&mut slot.checked);
                     } else {
+                        slot.checked = false; // stale by the time it reads, if ever
                         slot.parked = true;
                     }
                 }
                 if sock.is_some() {
                     inner.role = Role::Caller;
                 }
-                (wake, sock)
+                (wake, sock, fd_checked)
             };
             if let Some(sock) = sock {
                 let mut reading = Reading {
@@ -916,9 +953,7 @@ impl Shared {
                     req_id,
                     done: false,
                 };
-                let read = reading.read(&sock, interruptible, fd_checked);
-                fd_checked = false;
-                if read.is_err() {
+                if reading.read(&sock, interruptible, fd_checked).is_err() {
                     return Err(ClientError::Interrupted);
                 }
                 continue; // the reply (or the failure) is in: the slot says which
@@ -1496,6 +1531,7 @@ impl Client {
                 spinning: false,
                 reading: false,
                 parked: false,
+                checked: inner.ring.is_none() && inner.conn.is_some(),
             },
         );
         Ok(id)
@@ -1529,6 +1565,7 @@ impl Client {
         }
         // The caller sleeps on its eventfd next: somebody must read for it.
         slot.parked = true;
+        slot.checked = false;
         if inner.role == Role::Idle {
             self.shared.kick_locked(inner);
         }
@@ -1541,15 +1578,13 @@ impl Client {
     pub fn wait_reply(&self, req_id: u64, interruptible: bool) -> Result<Reply> {
         self.check_pid()?;
         self.shared.spin_for(req_id);
-        self.shared.wait_for(req_id, interruptible, false)
+        self.shared.wait_for(req_id, interruptible)
     }
 
     /// Send and wait; a refusal is `ClientError::Status`.
     pub fn call(&self, body: &RequestBody, key: Option<&[u8]>) -> Result<Reply> {
         let id = self.send(body, key)?;
-        // The send just checked the descriptor: the first read needs no check of its own.
-        self.shared.spin_for(id);
-        let reply = self.shared.wait_for(id, false, true)?;
+        let reply = self.wait_reply(id, false)?;
         if reply.status != Status::OK {
             return Err(ClientError::Status {
                 status: reply.status,
