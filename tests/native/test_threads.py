@@ -23,7 +23,8 @@ import pytest
 from esem.server.embedded import EmbeddedService
 
 from .conftest import HERE
-from .test_resume import finish, line, restart, restartable, run_all  # noqa: F401
+from .test_client import Esemc
+from .test_resume import client_env, finish, line, restart, restartable, run_all  # noqa: F401
 
 FAST, WAITERS, GATE = 6, 4, 200
 
@@ -86,3 +87,23 @@ def test_many_threads_across_service_restarts(
     session resumes and every thread still gets exactly its own replies."""
     done, _ = run_threads(restartable, preload, threads_prog, sem_name, 600, restarts=2)
     assert done >= 1, "the program finished before any restart: nothing was tested"
+
+
+def test_an_idle_client_meets_the_loss_of_its_service(
+        restartable: EmbeddedService, native_build: Path, sem_name: str) -> None:  # noqa: F811
+    """Nobody reads the socket of an idle client (its reader thread waits for a hang-up
+    only): the service's death is still met at once. With resumption off the session
+    fails then, so the next call, after the service is back, opens a new session and
+    works (were the loss met only by that call, it would fail as unavailable)."""
+    c = Esemc(native_build / "examples" / "esemc",
+              client_env(restartable, ESEM_RESUME_TIMEOUT="0"))
+    try:
+        assert c(f"open {sem_name} c 1 600") == "ok created=1"
+        sid = c("sid")
+        assert c("trywait") == "ok"
+        restart(restartable)  # SIGKILL; the new one starts in about a second
+        assert c(f"open {sem_name} - 0 600") == "ok created=0"  # restored from the journal
+        assert c("sid") != sid
+        assert c("post") == "ok"
+    finally:
+        c.close()

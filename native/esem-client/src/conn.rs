@@ -520,19 +520,22 @@ impl Shared {
         let mut buf = vec![0u8; RECV_BYTES];
         // A hang-up seen while a caller reads: that caller meets it and hands over.
         let mut hup_seen = false;
+        // A hang-up seen while nobody read: keep reading until the EOF, which ends the
+        // turn (nobody may need the thread otherwise, yet the loss must be met).
+        let mut hold = false;
         loop {
             let reading = {
                 let mut inner = self.lock();
                 if inner.failure.is_some() {
                     return Turn::Failed;
                 }
-                if inner.role == Role::Thread && !Self::thread_needed_locked(&inner) {
+                if inner.role == Role::Thread && !hold && !Self::thread_needed_locked(&inner) {
                     inner.role = Role::Idle;
                 }
                 inner.role == Role::Thread
             };
             if !reading {
-                if let Some(turn) = self.standby(sock, &mut hup_seen) {
+                if let Some(turn) = self.standby(sock, &mut hup_seen, &mut hold) {
                     return turn;
                 }
                 continue;
@@ -610,7 +613,7 @@ impl Shared {
     /// kicked (`Role::Thread`), the connection hangs up (data does not wake it), or a
     /// second passes (the keepalive, and requests that nobody waits on yet). `Some`
     /// once the session has failed.
-    fn standby(&self, sock: &UnixStream, hup_seen: &mut bool) -> Option<Turn> {
+    fn standby(&self, sock: &UnixStream, hup_seen: &mut bool, hold: &mut bool) -> Option<Turn> {
         let kick = self.kick.load(Ordering::Acquire);
         let fd = if *hup_seen { -1 } else { sock.as_raw_fd() };
         let polled = sys::poll_kick_or_hangup(kick, fd, 1000);
@@ -632,16 +635,19 @@ impl Shared {
         if hup {
             if inner.role == Role::Idle {
                 inner.role = Role::Thread; // read what is left, meet the EOF, resume
+                *hold = true;
             } else {
                 *hup_seen = true; // the reading caller meets it; poll the kick only
             }
         } else if !kicked {
-            if inner.role == Role::Idle && inner.session.pending() > 0 {
-                // Requests are out that nobody reads for (their threads have not come
-                // to wait yet, or a PING's): read them, or a keepalive would fail.
-                inner.role = Role::Thread;
-            } else if !self.keepalive_locked(inner) {
+            // A quiet second: the keepalive (requests out and nothing heard: a PING,
+            // which the thread reads for if nobody else reads); and a safety net, as
+            // nobody may sleep for a reply while nobody reads.
+            if !self.keepalive_locked(inner) {
                 return Some(Turn::Failed);
+            }
+            if inner.role == Role::Idle && Self::thread_needed_locked(inner) {
+                inner.role = Role::Thread;
             }
         }
         None
@@ -944,6 +950,10 @@ impl Shared {
                 }
                 if sock.is_some() {
                     inner.role = Role::Caller;
+                } else if inner.role == Role::Idle && inner.ring.is_none() {
+                    // Nobody reads, and we may not (a PING or a resume is the thread's
+                    // business): the reader thread must.
+                    self.kick_locked(inner);
                 }
                 (wake, sock, fd_checked)
             };
