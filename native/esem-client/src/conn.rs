@@ -1,22 +1,51 @@
 //! One authenticated session with the service, shared by the threads of a process.
 //!
 //! Threads: requests are encrypted and written under one lock (so ids reach the wire
-//! in order); replies are read by a **reader thread** of the session, which hands each
-//! one to the thread that waits for it and rings that thread's eventfd. We chose a
-//! reader thread over the Python client's leader/follower reader role because the
-//! waiters then sleep in `poll` on their own eventfd, which a signal interrupts
-//! (`EINTR`, needed for `sem_wait` in the preload library), while replies keep flowing
-//! to every other thread; a blocked waiter never delays another thread's post, and no
-//! hand-off of a role has to survive a waiter that is interrupted or cancelled. The
-//! reader thread runs with every signal blocked, so the program's signals still reach
-//! the program's threads. It also sends the keepalive PINGs of PROTOCOL.md 11.
+//! in order). Replies to a switchless session are read by the session's **reader
+//! thread**; on a socket session the common case (one thread, one request in flight)
+//! is served by the calling thread itself: send, then read the reply, three system
+//! calls per operation (`fstat`, `send`, `recv`) and no thread switch.
+//!
+//! Who reads the socket (`Role`, changed only under the session lock, so exactly one
+//! thread reads at any time):
+//! - `Idle`: nobody. A thread that waits for a reply and finds the socket `Idle`, with
+//!   nobody else asleep for one, no PING out and the session plainly open, takes it
+//!   (`Caller`) and reads until its own reply is in; every reply it reads goes to its
+//!   slot by request id (the session verifies and orders them), others' threads are
+//!   woken through their eventfds. It then gives the socket back: `Idle`, or `Thread`
+//!   if somebody else sleeps for a reply (or a PING is out).
+//! - `Thread`: the reader thread reads (as it always did: several waiters, a thread
+//!   sleeping in a `poll` of its own after `try_reply`, which is how the preload
+//!   library's cancellable waits block, a resume in progress). It goes back to `Idle`
+//!   once nobody sleeps for a reply.
+//! - Every other waiter sleeps in `poll` on its own eventfd (so a signal interrupts it:
+//!   `EINTR`, needed for `sem_wait`), marked `parked`; the socket is never `Idle` while
+//!   a thread is parked without its reply, since every change to `Idle` checks for one.
+//!
+//! While it does not read, the reader thread sleeps in `poll` on its kick eventfd and
+//! on the socket with `POLLRDHUP` only: data does not wake it (the kernel filters the
+//! wake-up by the events asked for), a hang-up does, so a lost connection is noticed
+//! while idle. A caller that meets the loss (EOF, reset) hands the socket to the reader
+//! thread and waits like the others; only the reader thread resumes. It also wakes once
+//! a second for the keepalive PINGs of PROTOCOL.md 11 and, as a safety net, takes the
+//! socket if requests are out and nobody reads for them. A signal that interrupts a
+//! reading caller's `interruptible` wait (the caller polls the socket before reading,
+//! since a handler with `SA_RESTART` would restart a blocking read) gives the socket
+//! back; the request stays pending and its reply goes to its slot. A panic in a
+//! reading caller gives the socket back too (`Reading`'s drop). The reader thread runs
+//! with every signal blocked, so the program's signals still reach the program's
+//! threads.
 //!
 //! Descriptors are close-on-exec and moved to `HIGH_FD` or above, and the socket's
-//! identity (device, inode) is re-checked before every write, so a program that closes
-//! or reuses low descriptor numbers never gets session bytes written into its files.
+//! identity (device, inode) is re-checked (`fstat`) before every write and before
+//! every read but the one that follows the caller's own write, so a program that
+//! closes or reuses low descriptor numbers never gets session bytes written into its
+//! files, nor its bytes read as ours.
 //!
-//! Fork: the process client (`process_client`) is checked against `getpid()` on every
-//! call, and a `pthread_atfork` child handler marks the inherited session dead, closes
+//! Fork: a client is checked against the process id on every call, read from a
+//! `MADV_WIPEONFORK` page (`sys::pid`: no `getpid` system call per call; the kernel
+//! zeroes the page in any fork child, `pthread_atfork` or not), and a `pthread_atfork`
+//! child handler marks the inherited session dead, closes
 //! the child's copy of its socket without sending anything (a reused nonce would break
 //! ChaCha20-Poly1305), and connects the child's own session at once (before a server's
 //! child drops privileges, as Apache's do; a failure there is retried on first use).
@@ -38,7 +67,7 @@ use esem_proto::consts::{CONNECT_TIMEOUT_SECS, KEEPALIVE_INTERVAL_SECS};
 use esem_proto::{ClientSession, Reply, RequestBody, Status};
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
@@ -53,6 +82,28 @@ struct Slot {
     wake: RawFd,
     /// Its thread is spinning on the reply ring (switchless): no eventfd ring needed.
     spinning: bool,
+    /// Its thread reads the socket itself (`Role::Caller`): no eventfd ring needed.
+    reading: bool,
+    /// Its thread sleeps until its eventfd rings (in `wait_reply`, or in a `poll` of its
+    /// own after `try_reply`): somebody must read the socket for it.
+    parked: bool,
+    /// Its request was just written on the socket after a check of the descriptor: the
+    /// first read its thread makes for it needs no check of its own (cleared then).
+    checked: bool,
+}
+
+/// Who reads the session socket (socket mode; see "Who reads the socket" above).
+/// Changed only under the session lock: `Idle` -> `Caller` by a waiting thread,
+/// `Idle` -> `Thread` by the reader thread or a `try_reply`, `Caller` -> `Idle` or
+/// `Thread` by that caller, `Thread` -> `Idle` by the reader thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Nobody reads; the reader thread waits for a hang-up or a kick only.
+    Idle,
+    /// One calling thread reads, for its own reply (and delivers any others').
+    Caller,
+    /// The reader thread reads (and resumes the session when the connection is lost).
+    Thread,
 }
 
 /// The current connection: the socket, shared by the writers (under the lock) and the
@@ -80,6 +131,8 @@ struct Inner {
     ring_gen: u64,
     /// The session lost its rings with its connection: upgrade again once resumed.
     reupgrade: bool,
+    /// Who reads the socket now.
+    role: Role,
 }
 
 struct Shared {
@@ -100,7 +153,16 @@ struct Shared {
     /// child never unmaps or closes what is no longer ours.
     ring_map: [AtomicUsize; 2],
     ring_fds: [AtomicI32; 2],
+    /// The reader thread's eventfd: rung when it must take the socket over (`Role::Thread`)
+    /// from a caller or a `try_reply`. -1 once closed (in a fork child).
+    kick: AtomicI32,
     inner: Mutex<Inner>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        sys::close_raw(self.kick.swap(-1, Ordering::AcqRel));
+    }
 }
 
 /// How the reader thread's turn on one transport ended.
@@ -138,6 +200,42 @@ impl Shared {
             .failure
             .clone()
             .unwrap_or(ClientError::Unavailable("session failed".into()))
+    }
+
+    /// Whether the reader thread must read the socket: somebody sleeps for a reply, a
+    /// PING is out, or the session is not (or no longer) plainly open on its socket.
+    fn thread_needed_locked(inner: &Inner) -> bool {
+        inner.ping.is_some()
+            || inner.reupgrade
+            || inner.failure.is_some()
+            || inner.conn.is_none()
+            || inner.ring.is_some()
+            || !inner.session.established()
+            || inner.slots.values().any(|s| s.parked && s.reply.is_none())
+    }
+
+    /// Hand the socket to the reader thread: `Role::Thread`, and ring its eventfd.
+    fn kick_locked(&self, inner: &mut Inner) {
+        if inner.role != Role::Thread {
+            inner.role = Role::Thread;
+            sys::eventfd_ring(self.kick.load(Ordering::Acquire));
+        }
+    }
+
+    /// The calling thread that read for `req_id` stops reading: nobody reads if nobody
+    /// needs it, else the reader thread takes over.
+    fn release_locked(&self, inner: &mut Inner, req_id: u64) {
+        if let Some(slot) = inner.slots.get_mut(&req_id) {
+            slot.reading = false;
+        }
+        if inner.role != Role::Caller {
+            return;
+        }
+        if Self::thread_needed_locked(inner) {
+            self.kick_locked(inner);
+        } else {
+            inner.role = Role::Idle;
+        }
     }
 
     fn check_fd(conn: &Conn) -> Result<()> {
@@ -238,15 +336,8 @@ impl Shared {
         if let Some(e) = &inner.failure {
             return Err(e.clone());
         }
-        // In switchless mode nothing is written to the socket (the reader checks it
-        // before it reads): no system call per request.
-        if inner.ring.is_none() {
-            if let Some(conn) = &inner.conn {
-                if let Err(e) = Self::check_fd(conn) {
-                    return Err(self.fail_locked(inner, e));
-                }
-            }
-        }
+        // The descriptor check is `write_locked`'s, once per request on the socket (none
+        // in switchless mode, where nothing is written to the socket).
         let (req_id, frame) = inner.session.send_request(body, key)?;
         self.write_locked(inner, &frame)?;
         Ok(req_id)
@@ -287,6 +378,9 @@ impl Shared {
             if inner.failure.is_some() {
                 return None;
             }
+            // The reader thread owns the session until it is resumed (a caller that met
+            // the loss has handed the socket over already).
+            inner.role = Role::Thread;
             // Replies the service published in the reply ring before it went are
             // still in the mapping: take them (the RESUME then awaits fewer).
             if inner.ring.is_some() && self.consume_locked(inner).is_err() {
@@ -337,6 +431,9 @@ impl Shared {
     /// Keep the session for a RESUME and let go of the dead connection and its rings.
     fn detach_locked(&self, inner: &mut Inner) -> Result<()> {
         inner.session.detach()?;
+        for slot in inner.slots.values_mut() {
+            slot.checked = false; // that check was of the connection now gone
+        }
         self.drop_ring_locked(inner);
         if let Some(c) = inner.conn.take() {
             let _ = c.sock.shutdown(std::net::Shutdown::Both);
@@ -420,10 +517,29 @@ impl Shared {
     fn socket_reader(&self, sock: &Arc<UnixStream>) -> Turn {
         let interval = Duration::from_secs(KEEPALIVE_INTERVAL_SECS);
         let mut buf = vec![0u8; RECV_BYTES];
+        // A hang-up seen while a caller reads: that caller meets it and hands over.
+        let mut hup_seen = false;
+        // A hang-up seen while nobody read: keep reading until the EOF, which ends the
+        // turn (nobody may need the thread otherwise, yet the loss must be met).
+        let mut hold = false;
         loop {
-            if self.lock().failure.is_some() {
-                return Turn::Failed;
+            let reading = {
+                let mut inner = self.lock();
+                if inner.failure.is_some() {
+                    return Turn::Failed;
+                }
+                if inner.role == Role::Thread && !hold && !Self::thread_needed_locked(&inner) {
+                    inner.role = Role::Idle;
+                }
+                inner.role == Role::Thread
+            };
+            if !reading {
+                if let Some(turn) = self.standby(sock, &mut hup_seen, &mut hold) {
+                    return turn;
+                }
+                continue;
             }
+            hup_seen = false;
             match sys::poll_in(sock.as_raw_fd(), 1000) {
                 Ok(Polled::Ready) => {}
                 Ok(Polled::Timeout) | Ok(Polled::Interrupted) => {
@@ -492,6 +608,50 @@ impl Shared {
         }
     }
 
+    /// The reader thread while nobody or a caller reads the socket: it sleeps until it is
+    /// kicked (`Role::Thread`), the connection hangs up (data does not wake it), or a
+    /// second passes (the keepalive, and requests that nobody waits on yet). `Some`
+    /// once the session has failed.
+    fn standby(&self, sock: &UnixStream, hup_seen: &mut bool, hold: &mut bool) -> Option<Turn> {
+        let kick = self.kick.load(Ordering::Acquire);
+        let fd = if *hup_seen { -1 } else { sock.as_raw_fd() };
+        let polled = sys::poll_kick_or_hangup(kick, fd, 1000);
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        if inner.failure.is_some() {
+            return Some(Turn::Failed);
+        }
+        let (kicked, hup) = match polled {
+            Ok(x) => x,
+            Err(e) => {
+                self.fail_locked(inner, ClientError::Unavailable(e.to_string()));
+                return Some(Turn::Failed);
+            }
+        };
+        if kicked {
+            sys::eventfd_drain(kick);
+        }
+        if hup {
+            if inner.role == Role::Idle {
+                inner.role = Role::Thread; // read what is left, meet the EOF, resume
+                *hold = true;
+            } else {
+                *hup_seen = true; // the reading caller meets it; poll the kick only
+            }
+        } else if !kicked {
+            // A quiet second: the keepalive (requests out and nothing heard: a PING,
+            // which the thread reads for if nobody else reads); and a safety net, as
+            // nobody may sleep for a reply while nobody reads.
+            if !self.keepalive_locked(inner) {
+                return Some(Turn::Failed);
+            }
+            if inner.role == Role::Idle && Self::thread_needed_locked(inner) {
+                inner.role = Role::Thread;
+            }
+        }
+        None
+    }
+
     /// Verify and dispatch what the service sent; then write what the session queued
     /// (the re-sends after a RESUME), under the same lock so that no other frame can
     /// take a nonce between; then, if the session has just resumed after losing its
@@ -499,7 +659,10 @@ impl Shared {
     /// if `inner.ring` is now set).
     fn received(&self, sock: &UnixStream, data: &[u8]) -> Turn {
         let mut inner = self.lock();
-        let inner = &mut *inner;
+        self.received_locked(&mut inner, sock, data)
+    }
+
+    fn received_locked(&self, inner: &mut Inner, sock: &UnixStream, data: &[u8]) -> Turn {
         inner.last_rx = Instant::now();
         match inner.session.receive_data(data) {
             Ok(replies) => {
@@ -559,7 +722,7 @@ impl Shared {
                 *ping = None;
             } else if let Some(slot) = slots.get_mut(&reply.req_id) {
                 slot.reply = Some(reply);
-                if !slot.spinning {
+                if !slot.spinning && !slot.reading {
                     sys::eventfd_ring(slot.wake);
                 }
             }
@@ -744,6 +907,86 @@ impl Shared {
         }
     }
 
+    /// Block until the reply to `req_id` is in its slot (or the session failed): read
+    /// the socket for it while nobody else does, else sleep on this thread's eventfd
+    /// until whoever reads delivers it.
+    fn wait_for(&self, req_id: u64, interruptible: bool) -> Result<Reply> {
+        loop {
+            let (wake, sock, fd_checked) = {
+                let mut guard = self.lock();
+                let inner = &mut *guard;
+                let Some(slot) = inner.slots.get_mut(&req_id) else {
+                    return Err(ClientError::Invalid(format!(
+                        "request {req_id} is not pending"
+                    )));
+                };
+                slot.parked = false;
+                if let Some(reply) = slot.reply.take() {
+                    inner.slots.remove(&req_id);
+                    return final_reply(reply);
+                }
+                if let Some(e) = inner.failure.clone() {
+                    inner.slots.remove(&req_id);
+                    return Err(e);
+                }
+                let wake = slot.wake;
+                // Read for ourselves only while nobody reads and nobody else sleeps for
+                // a reply (the reader thread serves several waiters).
+                let can_read = inner.role == Role::Idle && !Self::thread_needed_locked(inner);
+                let sock = match (&inner.conn, can_read) {
+                    (Some(c), true) => Some(Arc::clone(&c.sock)),
+                    _ => None,
+                };
+                let mut fd_checked = false;
+                if let Some(slot) = inner.slots.get_mut(&req_id) {
+                    if sock.is_some() {
+                        slot.reading = true;
+                        fd_checked = std::mem::take(&mut slot.checked);
+                    } else {
+                        slot.checked = false; // stale by the time it reads, if ever
+                        slot.parked = true;
+                    }
+                }
+                if sock.is_some() {
+                    inner.role = Role::Caller;
+                } else if inner.role == Role::Idle && inner.ring.is_none() {
+                    // Nobody reads, and we may not (a PING or a resume is the thread's
+                    // business): the reader thread must.
+                    self.kick_locked(inner);
+                }
+                (wake, sock, fd_checked)
+            };
+            if let Some(sock) = sock {
+                let mut reading = Reading {
+                    shared: self,
+                    req_id,
+                    done: false,
+                };
+                if reading.read(&sock, interruptible, fd_checked).is_err() {
+                    return Err(ClientError::Interrupted);
+                }
+                continue; // the reply (or the failure) is in: the slot says which
+            }
+            match sys::poll_in(wake, -1) {
+                Ok(Polled::Interrupted) if interruptible => {
+                    self.unpark(req_id);
+                    return Err(ClientError::Interrupted);
+                }
+                Ok(_) => sys::eventfd_drain(wake),
+                Err(e) => {
+                    self.unpark(req_id);
+                    return Err(ClientError::Unavailable(format!("poll: {e}")));
+                }
+            }
+        }
+    }
+
+    fn unpark(&self, req_id: u64) {
+        if let Some(slot) = self.lock().slots.get_mut(&req_id) {
+            slot.parked = false;
+        }
+    }
+
     /// Switchless: spin on the reply ring for the reply to `req_id` (taking and
     /// delivering whatever arrives), for `CLIENT_SPIN` at most, or `PARKED_SPIN` once the
     /// service says it has executed everything we sent (a queued wait is left). While
@@ -852,6 +1095,125 @@ impl Fault {
     }
 }
 
+/// A calling thread holding `Role::Caller` for its request `req_id`. Dropping it (also
+/// on a panic) gives the role back, so the socket is never left with nobody to read it.
+struct Reading<'a> {
+    shared: &'a Shared,
+    req_id: u64,
+    done: bool,
+}
+
+impl Reading<'_> {
+    /// Read the socket until the reply to `req_id` is in its slot, the session failed,
+    /// or the connection was lost (handed to the reader thread, which resumes); the
+    /// role is given back in each case. `Err(())`: a signal interrupted an
+    /// `interruptible` wait (the request stays pending).
+    fn read(
+        &mut self,
+        sock: &UnixStream,
+        interruptible: bool,
+        mut fd_checked: bool,
+    ) -> std::result::Result<(), ()> {
+        let sh = self.shared;
+        let fd = sock.as_raw_fd();
+        let mut buf = [0u8; 4096];
+        loop {
+            if !fd_checked {
+                // As the reader thread does: never read a file the program put at our
+                // number. (Skipped right after our own send, which checked it.)
+                let mut inner = sh.lock();
+                let check = match &inner.conn {
+                    Some(c) => Shared::check_fd(c),
+                    None => Err(ClientError::Unavailable("connection replaced".into())),
+                };
+                if let Err(e) = check {
+                    sh.fail_locked(&mut inner, e);
+                    return self.finish(&mut inner, Ok(()));
+                }
+            }
+            fd_checked = false;
+            // Poll first only when a signal must interrupt us: a handler installed with
+            // SA_RESTART would restart a blocking read, never a poll.
+            if interruptible {
+                match sys::poll_in(fd, -1) {
+                    Ok(Polled::Interrupted) => {
+                        let mut inner = sh.lock();
+                        return self.finish(&mut inner, Err(()));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let mut inner = sh.lock();
+                        sh.fail_locked(&mut inner, ClientError::Unavailable(e.to_string()));
+                        return self.finish(&mut inner, Ok(()));
+                    }
+                }
+            }
+            let got = (&*sock).read(&mut buf);
+            let mut guard = sh.lock();
+            let inner = &mut *guard;
+            if inner.failure.is_some() {
+                return self.finish(inner, Ok(()));
+            }
+            match got {
+                Ok(0) => return self.lost(inner),
+                Ok(n) => {
+                    if let Turn::Failed = sh.received_locked(inner, sock, &buf[..n]) {
+                        return self.finish(inner, Ok(()));
+                    }
+                    if inner
+                        .slots
+                        .get(&self.req_id)
+                        .is_none_or(|s| s.reply.is_some())
+                    {
+                        return self.finish(inner, Ok(()));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                    if interruptible {
+                        return self.finish(inner, Err(()));
+                    }
+                }
+                Err(e) if resume::is_connection_loss(&e) => return self.lost(inner),
+                Err(e) => {
+                    sh.fail_locked(inner, ClientError::Unavailable(e.to_string()));
+                    return self.finish(inner, Ok(()));
+                }
+            }
+        }
+    }
+
+    /// The connection is gone (EOF, reset): the reader thread resumes the session (or
+    /// fails it); meanwhile this caller waits for its reply like any other.
+    fn lost(&mut self, inner: &mut Inner) -> std::result::Result<(), ()> {
+        if let Some(slot) = inner.slots.get_mut(&self.req_id) {
+            slot.reading = false;
+        }
+        self.done = true;
+        inner.role = Role::Idle;
+        self.shared.kick_locked(inner);
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        inner: &mut Inner,
+        out: std::result::Result<(), ()>,
+    ) -> std::result::Result<(), ()> {
+        self.done = true;
+        self.shared.release_locked(inner, self.req_id);
+        out
+    }
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut inner = self.shared.lock();
+            self.shared.release_locked(&mut inner, self.req_id);
+        }
+    }
+}
+
 /// A failed reconnection attempt: worth another try, or the end of the session.
 enum Attempt {
     Retry(String),
@@ -948,7 +1310,7 @@ thread_local! {
 /// This thread's doorbell eventfd (created on first use, replaced after fork): a
 /// thread that sent a request may `poll` it and then call `Client::try_reply`.
 pub fn my_wake_fd() -> Result<RawFd> {
-    let pid = std::process::id();
+    let pid = sys::pid();
     WAKE.with(|w| {
         let mut w = w.borrow_mut();
         if let Some((p, fd)) = w.as_ref() {
@@ -1059,6 +1421,7 @@ impl Client {
         // A fresh session has nothing else pending: no other reply can come first.
         let ring = ring::upgrade(&stream, &mut session, deadline, mode, &mut Vec::new())?;
         let fd = stream.as_raw_fd();
+        let kick = sys::eventfd().map_err(|e| unavailable(&e))?;
         let shared = Arc::new(Shared {
             path: sock.to_path_buf(),
             key: *service_public,
@@ -1068,6 +1431,7 @@ impl Client {
             fd: AtomicI32::new(fd),
             ring_map: [AtomicUsize::new(0), AtomicUsize::new(0)],
             ring_fds: [AtomicI32::new(-1), AtomicI32::new(-1)],
+            kick: AtomicI32::new(kick.into_raw_fd()),
             inner: Mutex::new(Inner {
                 session,
                 slots: HashMap::new(),
@@ -1081,6 +1445,7 @@ impl Client {
                 ring: None,
                 ring_gen: 0,
                 reupgrade: false,
+                role: Role::Idle,
             }),
         });
         if let Some(ring) = ring {
@@ -1096,10 +1461,10 @@ impl Client {
         });
         SPAWNING.with(|f| f.set(false));
         spawned.map_err(|e| unavailable(&e))?;
-        READER_PID.store(std::process::id(), Ordering::Release);
+        READER_PID.store(sys::pid(), Ordering::Release);
         Ok(Client {
             shared,
-            pid: std::process::id(),
+            pid: sys::pid(),
             forked: AtomicBool::new(false),
             creds,
         })
@@ -1138,7 +1503,7 @@ impl Client {
 
     /// The error that ended this session, if one did.
     pub fn failure(&self) -> Option<ClientError> {
-        if self.pid != std::process::id() || self.forked.load(Ordering::Acquire) {
+        if self.pid != sys::pid() || self.forked.load(Ordering::Acquire) {
             return Some(ClientError::Unavailable(
                 "esem session belongs to the parent process".into(),
             ));
@@ -1147,7 +1512,7 @@ impl Client {
     }
 
     fn check_pid(&self) -> Result<()> {
-        if self.pid != std::process::id() || self.forked.load(Ordering::Acquire) {
+        if self.pid != sys::pid() || self.forked.load(Ordering::Acquire) {
             return Err(ClientError::Unavailable(
                 "esem session belongs to the parent process".into(),
             ));
@@ -1168,6 +1533,9 @@ impl Client {
                 reply: None,
                 wake,
                 spinning: false,
+                reading: false,
+                parked: false,
+                checked: inner.ring.is_none() && inner.conn.is_some(),
             },
         );
         Ok(id)
@@ -1199,6 +1567,12 @@ impl Client {
             inner.slots.remove(&req_id);
             return Some(Err(e));
         }
+        // The caller sleeps on its eventfd next: somebody must read for it.
+        slot.parked = true;
+        slot.checked = false;
+        if inner.role == Role::Idle {
+            self.shared.kick_locked(inner);
+        }
         None
     }
 
@@ -1208,32 +1582,7 @@ impl Client {
     pub fn wait_reply(&self, req_id: u64, interruptible: bool) -> Result<Reply> {
         self.check_pid()?;
         self.shared.spin_for(req_id);
-        loop {
-            let wake = {
-                let mut guard = self.shared.lock();
-                let inner = &mut *guard;
-                let Some(slot) = inner.slots.get_mut(&req_id) else {
-                    return Err(ClientError::Invalid(format!(
-                        "request {req_id} is not pending"
-                    )));
-                };
-                if let Some(reply) = slot.reply.take() {
-                    inner.slots.remove(&req_id);
-                    return final_reply(reply);
-                }
-                let wake = slot.wake;
-                if let Some(e) = inner.failure.clone() {
-                    inner.slots.remove(&req_id);
-                    return Err(e);
-                }
-                wake
-            };
-            match sys::poll_in(wake, -1) {
-                Ok(Polled::Interrupted) if interruptible => return Err(ClientError::Interrupted),
-                Ok(_) => sys::eventfd_drain(wake),
-                Err(e) => return Err(ClientError::Unavailable(format!("poll: {e}"))),
-            }
-        }
+        self.shared.wait_for(req_id, interruptible)
     }
 
     /// Send and wait; a refusal is `ClientError::Status`.
@@ -1254,7 +1603,7 @@ impl Client {
     /// the service closes the session's handles. For owners that cannot drop the client
     /// while other threads may still hold it (a language binding).
     pub fn close(&self) {
-        if self.pid == std::process::id() && !self.forked.load(Ordering::Acquire) {
+        if self.pid == sys::pid() && !self.forked.load(Ordering::Acquire) {
             let mut inner = self.shared.lock();
             self.shared.end_locked(&mut inner);
             self.shared
@@ -1268,7 +1617,7 @@ impl Client {
     /// by a thread that does not exist here. For clients other than the process client
     /// (whose own atfork handler does this), e.g. ones a language binding owns.
     pub fn abandon_in_child(&self) {
-        if self.pid != std::process::id() {
+        if self.pid != sys::pid() {
             self.forked_away();
         }
     }
@@ -1278,6 +1627,7 @@ impl Client {
         self.forked.store(true, Ordering::Release);
         let sh = &self.shared;
         sys::close_raw(sh.fd.swap(-1, Ordering::AcqRel));
+        sys::close_raw(sh.kick.swap(-1, Ordering::AcqRel));
         // Never touch the parent's rings: drop the mapping and our descriptor copies.
         let map = (
             sh.ring_map[0].swap(0, Ordering::AcqRel),
@@ -1295,7 +1645,7 @@ impl Drop for Client {
     fn drop(&mut self) {
         // In a fork child the lock may be held by a thread that no longer exists: an
         // inherited client is left alone (its descriptor stays open in the child).
-        if self.pid == std::process::id() && !self.forked.load(Ordering::Acquire) {
+        if self.pid == sys::pid() && !self.forked.load(Ordering::Acquire) {
             let mut inner = self.shared.lock();
             self.shared.end_locked(&mut inner);
             self.shared
@@ -1323,7 +1673,7 @@ fn current() -> Option<&'static Client> {
 }
 
 fn usable(c: &Client) -> bool {
-    c.pid == std::process::id() && c.failure().is_none()
+    c.pid == sys::pid() && c.failure().is_none()
 }
 
 /// This process's client: connected on first use, replaced after `fork` and after the
@@ -1374,7 +1724,7 @@ static READER_PID: AtomicU32 = AtomicU32::new(0);
 /// Whether this process has a reader thread of the client (which never ends, so it
 /// would keep the process alive after the program's last thread).
 pub fn has_own_thread() -> bool {
-    READER_PID.load(Ordering::Acquire) == std::process::id()
+    READER_PID.load(Ordering::Acquire) == sys::pid()
 }
 
 /// Whether the calling thread is inside the client, creating the client's own reader
@@ -1428,7 +1778,7 @@ pub(crate) fn fork_connect_failure() -> Option<ClientError> {
 /// may still use their semaphores); never blocks on the session's lock.
 extern "C" fn end_at_exit() {
     let Some(c) = current() else { return };
-    if c.pid != std::process::id() || c.forked.load(Ordering::Acquire) {
+    if c.pid != sys::pid() || c.forked.load(Ordering::Acquire) {
         return;
     }
     let Ok(mut inner) = c.shared.inner.try_lock() else {

@@ -90,7 +90,7 @@ impl Semaphore {
             key: opts.key.clone(),
             created,
             sem_id: AtomicU64::new(sem_id),
-            token: Mutex::new(Some((std::process::id(), handle, Some(client)))),
+            token: Mutex::new(Some((crate::sys::pid(), handle, Some(client)))),
         })
     }
 
@@ -222,7 +222,7 @@ impl Semaphore {
     /// The client and this process's handle, attaching first if the handle was
     /// inherited across fork.
     fn ctx(&self) -> Result<(&'static Client, Handle)> {
-        let pid = std::process::id();
+        let pid = crate::sys::pid();
         let mut token = self.token.lock().unwrap_or_else(|p| p.into_inner());
         match *token {
             None => Err(ClientError::Status {

@@ -426,3 +426,159 @@ pub fn poll_two(a: RawFd, b: RawFd, timeout_ms: i32) -> io::Result<Two> {
         second: hit(&p[1]),
     })
 }
+
+// ------------------------------------------------- the process id without getpid
+
+/// The page that caches this process's id: mapped with `MADV_WIPEONFORK`, so the
+/// kernel hands every child made by `fork` (glibc's, `_Fork`, a raw `clone` without
+/// `CLONE_VM`: `pthread_atfork` handlers run only for the first) a zeroed copy, and a
+/// zero means "not cached here yet". A child that shares our memory (`vfork`,
+/// `posix_spawn`) may only exec or exit, so it never runs the client.
+static PID_PAGE: std::sync::atomic::AtomicPtr<std::sync::atomic::AtomicU32> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+/// 0: not mapped yet, 1: a thread is mapping it, 2: mapped, 3: unavailable (old
+/// kernel). Not a `Once`: a fork while another thread is inside would leave a child
+/// waiting forever; a thread that finds it being mapped asks the kernel instead.
+static PID_PAGE_STATE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+fn pid_page() -> Option<&'static std::sync::atomic::AtomicU32> {
+    use std::sync::atomic::Ordering;
+    if PID_PAGE_STATE.load(Ordering::Acquire) == 0
+        && PID_PAGE_STATE
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    {
+        let page = map_wipe_on_fork();
+        PID_PAGE.store(page, Ordering::Release);
+        let done = if page.is_null() { 3 } else { 2 };
+        PID_PAGE_STATE.store(done, Ordering::Release);
+    }
+    let p = PID_PAGE.load(Ordering::Acquire);
+    // SAFETY: a non-null pointer here is a page mapped below and never unmapped,
+    // page-aligned (so aligned for AtomicU32), zero-filled, read and written only
+    // through atomics.
+    unsafe { p.as_ref() }
+}
+
+fn map_wipe_on_fork() -> *mut std::sync::atomic::AtomicU32 {
+    const LEN: usize = 4096;
+    // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            LEN,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: advises on the mapping just made, of exactly that length.
+    if unsafe { libc::madvise(p, LEN, libc::MADV_WIPEONFORK) } != 0 {
+        // SAFETY: unmaps the mapping just made, which nothing else refers to.
+        unsafe { libc::munmap(p, LEN) };
+        return std::ptr::null_mut();
+    }
+    p.cast()
+}
+
+/// This process's id, read from memory: no `getpid` system call per operation (glibc
+/// no longer caches it). A fork child's wiped page makes its first call ask the kernel
+/// once. Without `MADV_WIPEONFORK` (Linux < 4.14) every call asks the kernel.
+/// Async-signal-safe (an atomic load and store, `getpid`, at most one `mmap`).
+pub fn pid() -> u32 {
+    use std::sync::atomic::Ordering;
+    let Some(cell) = pid_page() else {
+        return std::process::id();
+    };
+    match cell.load(Ordering::Relaxed) {
+        0 => {
+            let real = std::process::id();
+            cell.store(real, Ordering::Relaxed);
+            real
+        }
+        cached => cached,
+    }
+}
+
+/// Whether `pid` is served from the wipe-on-fork page (for tests).
+#[cfg(test)]
+fn pid_cached() -> bool {
+    pid_page().is_some()
+}
+
+/// Wait until `kick` is readable or `sock` hangs up (POLLRDHUP, POLLHUP, POLLERR),
+/// for at most `timeout_ms`; `sock` < 0 is left out. Data arriving on `sock` does not
+/// wake this poll (the kernel filters wake-ups by the events asked for): the reader
+/// thread waits like this while a calling thread reads the socket itself.
+/// Returns (kicked, hung up); EINTR is (false, false).
+pub fn poll_kick_or_hangup(kick: RawFd, sock: RawFd, timeout_ms: i32) -> io::Result<(bool, bool)> {
+    let mut p = [
+        libc::pollfd {
+            fd: kick,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: sock,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        },
+    ];
+    // SAFETY: two pollfds, live for the call (a negative fd is ignored by poll).
+    let rc = unsafe { libc::poll(p.as_mut_ptr(), 2, timeout_ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok((false, false));
+        }
+        return Err(e);
+    }
+    Ok((p[0].revents != 0, p[1].revents != 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_is_cached_and_right_in_fork_children_and_grandchildren() {
+        assert!(pid_cached(), "MADV_WIPEONFORK unavailable: the fallback asks the kernel");
+        assert_eq!(pid(), std::process::id());
+        // SAFETY: the child only does async-signal-safe things (memory, getpid, fork,
+        // waitpid, _exit) before `_exit`.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0);
+        if child == 0 {
+            let ok = pid() == std::process::id();
+            // SAFETY: as above, in the child.
+            let grand = unsafe { libc::fork() };
+            if grand == 0 {
+                let ok = pid() == std::process::id();
+                // SAFETY: leaves the grandchild at once.
+                unsafe { libc::_exit(if ok { 0 } else { 3 }) };
+            }
+            let mut st = 0;
+            // SAFETY: waits for our own child into a live int.
+            unsafe { libc::waitpid(grand, &mut st, 0) };
+            let code = if !ok {
+                1
+            } else if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0 {
+                0
+            } else {
+                2
+            };
+            // SAFETY: leaves the child at once.
+            unsafe { libc::_exit(code) };
+        }
+        let mut st = 0;
+        // SAFETY: waits for our own child into a live int.
+        unsafe { libc::waitpid(child, &mut st, 0) };
+        assert!(libc::WIFEXITED(st), "child died: {st}");
+        assert_eq!(libc::WEXITSTATUS(st), 0, "1: child's pid wrong, 2: grandchild's");
+        assert_eq!(pid(), std::process::id());
+    }
+}
