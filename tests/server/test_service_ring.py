@@ -14,6 +14,8 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,8 @@ from esem.protocol.ring import (
     RingError,
     region_size,
 )
+from esem.protocol.session import CODEC_ENV
+from esem.server.embedded import EmbeddedService
 
 native = pytest.importorskip("esem._native_core")
 ServiceRing = native.ServiceRing
@@ -291,3 +295,42 @@ def test_only_a_sealed_memfd_of_the_regions_size_is_mapped() -> None:
     finally:
         for fd in (unsealed, short, right):
             os.close(fd)
+
+
+HOLDER = r"""
+import sys
+from esem import O_CREAT, USE_ESEM, get_client, sem_open
+s = sem_open(sys.argv[1], O_CREAT, 0o600, 0, flags=USE_ESEM)
+s.post()
+print(get_client().mode, flush=True)
+sys.stdin.read()  # the session stays open until the test closes our stdin
+"""
+
+
+@pytest.mark.parametrize("codec", ["native", "python"])
+def test_the_service_codec_selects_the_ring_ends(codec: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """ESEM_SERVICE_CODEC picks the ends in a real daemon: the native ring maps the
+    memfd itself and keeps no descriptor of it after the hand-over, while Python's mmap
+    keeps a duplicate; both map the region, and both serve the session."""
+    monkeypatch.setenv(CODEC_ENV, codec)
+    with EmbeddedService(switchless=True) as svc:
+        assert svc.proc is not None
+        env = {**os.environ, **svc.env(), "ESEM_SWITCHLESS": "1"}
+        env.pop("ESEM_PUBKEY", None)
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, f"/ring-{codec}"], env=env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            assert holder.stdout.readline().strip() == "switchless"
+            pid = svc.proc.pid
+            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            with open(f"/proc/{pid}/maps") as f:
+                maps = [line for line in f if "/memfd:esem-ring" in line]
+            assert len(maps) == 1
+            held = [link for link in fds if link.startswith("/memfd:esem-ring")]
+            assert len(held) == (0 if codec == "native" else 1)
+        finally:
+            if holder.stdin is not None:
+                holder.stdin.close()
+            assert holder.wait(timeout=30) == 0
