@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -334,3 +335,49 @@ def test_the_service_codec_selects_the_ring_ends(codec: str,
             if holder.stdin is not None:
                 holder.stdin.close()
             assert holder.wait(timeout=30) == 0
+
+
+def test_send_writes_and_rings_a_sleeping_client_only() -> None:
+    """``send`` is ``write`` plus the doorbell: one byte when the client says it
+    sleeps, none when it is awake or there is no bell; a full or dead doorbell is no
+    error (the client reads the rings it has, or is gone)."""
+    ref, nat = side(0, False), side(0, True)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    try:
+        for s in (ref, nat):
+            s.client_rx.wake()
+        assert nat.rx.send(b"one", ours.fileno()) == ref.tx.write(b"one") == 3
+        with pytest.raises(BlockingIOError):
+            theirs.recv(16)  # awake: not rung
+        for s in (ref, nat):
+            s.client_rx.sleep()
+        assert nat.rx.send(b"two", ours.fileno()) == ref.tx.write(b"two") == 3
+        assert theirs.recv(16) == b"\x01"
+        assert nat.rx.send(b"3", -1) == ref.tx.write(b"3") == 1  # no bell: nothing rung
+        assert nat.mm[:] == ref.mm[:]
+        for s in (ref, nat):  # a client that never reads: the ring fills, then no room
+            assert s.client_rx.read() == b"onetwo3"
+        big = bytes(CAP + 10)
+        assert nat.rx.send(big, ours.fileno()) == ref.tx.write(big) == CAP
+        assert nat.rx.send(b"x", ours.fileno()) == ref.tx.write(b"x") == 0
+        while True:  # fill the doorbell itself
+            try:
+                ours.send(b"\x01" * 4096)
+            except BlockingIOError:
+                break
+        for s in (ref, nat):
+            s.client_rx.read()
+        assert nat.rx.send(b"full bell", ours.fileno()) == 9
+        theirs.close()
+        assert nat.rx.send(b"dead bell", ours.fileno()) == 9
+        for s in (ref, nat):
+            s.region.ctl[REP_TAIL] = s.region.ctl[REP_HEAD] + 5  # ahead of the head
+        with pytest.raises(RingError, match="consumer index out of range"):
+            nat.rx.send(b"y", ours.fileno())
+    finally:
+        ours.close()
+        theirs.close()
+        ref.close()
+        nat.close()

@@ -71,6 +71,26 @@ fn describe(fd: i32) -> std::io::Result<(bool, u64, i32)> {
     ))
 }
 
+/// One byte on the doorbell socket `fd`, non-blocking, errors ignored (EINTR retried).
+fn ring(fd: i32) {
+    let byte = [1u8];
+    loop {
+        // SAFETY: send reads one byte from a live local buffer; any fd value is
+        // acceptable (a bad one is an error, ignored like the others).
+        let rc = unsafe {
+            libc::send(
+                fd,
+                byte.as_ptr().cast(),
+                1,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if rc >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return;
+        }
+    }
+}
+
 /// The service's ends of one session's region.
 #[pyclass(module = "esem._native_core")]
 pub struct ServiceRing {
@@ -236,6 +256,18 @@ impl ServiceRing {
         let head = self.tx.commit(&spans);
         shm.store(offset::REP_HEAD, head); // Release: after the bytes
         Ok(spans.len())
+    }
+
+    /// `write`, then, as the service's `send_ring` does, ring the client's doorbell
+    /// `bell` (a descriptor of ours, -1 for none) if the client says it sleeps: one
+    /// byte, never blocking. A full doorbell already has rings the client will read; a
+    /// dead one is its socket's EOF on the way: both are ignored, as in Python.
+    fn send(&mut self, py: Python<'_>, data: PyBackedBytes, bell: i32) -> PyResult<usize> {
+        let n = self.write(py, data)?;
+        if bell >= 0 && Self::peer_sleeps(self.shm()?) {
+            ring(bell);
+        }
+        Ok(n)
     }
 
     /// Bytes that can be written now (`Producer.free`).

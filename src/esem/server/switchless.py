@@ -280,16 +280,25 @@ class SwitchlessConnection(Connection):
         tx = self.tx
         assert tx is not None
         try:
-            if self._pending:
-                self._pending += data
-                self._flush_pending()
-            else:
-                n = tx.write(data)
+            native = self._native
+            if native is not None and not self._pending:
+                # The write and the doorbell in one call (the same logic as below).
+                bell = self._bell
+                n = native.send(data, -1 if bell is None else bell.fileno())
                 if n < len(data):
                     self._pending += memoryview(data)[n:]
                     self.board.backed_up.add(self)
-            if tx.peer_sleeping():
-                self.ring_client()
+            else:
+                if self._pending:
+                    self._pending += data
+                    self._flush_pending()
+                else:
+                    n = tx.write(data)
+                    if n < len(data):
+                        self._pending += memoryview(data)[n:]
+                        self.board.backed_up.add(self)
+                if tx.peer_sleeping():
+                    self.ring_client()
         except RingError as exc:
             self._fail(exc)
             return
