@@ -25,6 +25,7 @@
 //! Every argument from Python is checked here (lengths, wire ranges), so bad input is a
 //! `ValueError`, never a panic.
 
+mod ring_server;
 mod server;
 
 use esem_client::ring::{self, Switchless};
@@ -597,6 +598,7 @@ fn log_warnings(py: Python<'_>, warnings: Vec<String>) -> PyResult<()> {
 fn _native_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Session>()?;
     m.add_class::<server::ServerCodec>()?;
+    ring_server::register(m)?;
     m.add_function(wrap_pyfunction!(set_error_factory, m)?)?;
     m.add("K_STATUS", K_STATUS)?;
     m.add("K_PROTOCOL", K_PROTOCOL)?;

@@ -28,6 +28,13 @@ file description shared with it, so the client could clear its ``O_NONBLOCK`` an
 the counter at its maximum (or at zero), and the service's next write (or read) would
 block the single service thread forever: one tenant hanging all. Each end of a socket
 pair is a description of its own; ours stays non-blocking whatever the client does.
+
+The ring ends are native (``esem._native_core.ServiceRing``: the same methods, index
+checks and ``RingError`` as ``esem.protocol.ring``'s ``Consumer``/``Producer``) when the
+service's codec is (``ESEM_SERVICE_CODEC``, ``Service.codec``), so a request costs no
+Python index arithmetic and an idle spin pass one native call (``rings_ready``) instead
+of a Python loop over the sessions. ``ESEM_SERVICE_CODEC=python`` keeps the pure-Python
+reference ends and the poller's plain loop.
 """
 
 from __future__ import annotations
@@ -55,6 +62,11 @@ from esem.protocol.ring import (
 )
 from esem.safe_text import printable
 from esem.server.service import WRITE_HIGH_WATER, Connection, Service
+
+try:
+    from esem._native_core import ServiceRing, rings_awake_unread, rings_ready
+except ImportError:  # built without Rust: Service.codec is then "python"
+    ServiceRing = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger("esem.server")
 
@@ -144,8 +156,10 @@ class SwitchlessConnection(Connection):
     def __init__(self, service: Service, board: Switchboard) -> None:
         super().__init__(service)
         self.board = board
-        self.rx: Consumer | None = None  # requests in
-        self.tx: Producer | None = None  # replies out
+        # Requests in, replies out: both one ServiceRing with the native codec.
+        self.rx: Consumer | ServiceRing | None = None
+        self.tx: Producer | ServiceRing | None = None
+        self._native: ServiceRing | None = None
         self._offer: _Offer | None = None  # an accepted upgrade, until its reply is out
         self._region: Region | None = None
         self._mm: mmap.mmap | None = None
@@ -189,6 +203,14 @@ class SwitchlessConnection(Connection):
             return
         region, bell, client_bell = offer.region, offer.bell, offer.client_bell
         assert region is not None and bell is not None and client_bell is not None
+        native: ServiceRing | None = None
+        if self.board.native:
+            try:  # mapped before the client has the memfd: nobody else holds it yet
+                native = ServiceRing(offer.memfd, self.board.capacity)
+            except (OSError, ProtocolError) as exc:
+                offer.close()
+                self._fail(ProtocolError(f"could not map the ring: {exc}"))
+                return
         # The transport owns the socket (uvloop's object cannot sendmsg): a duplicate
         # descriptor is the same connection. Its write buffer is empty, so writing
         # directly keeps the byte order; what the kernel does not take now follows
@@ -207,13 +229,24 @@ class SwitchlessConnection(Connection):
                 raw.close()
         except OSError as exc:
             offer.close()
+            if native is not None:
+                native.close()
             self._fail(ProtocolError(f"could not hand the ring over: {exc}"))
             return
         if sent < len(data):
             transport.write(data[sent:])
         offer.handed_over()
-        self._region, self._mm, self._bell = region, offer.mm, bell
-        self.rx, self.tx = region.service_ends()
+        self._bell = bell
+        if native is not None:
+            # The native ring has a mapping of its own: the Python one is not needed.
+            region.release()
+            if offer.mm is not None:
+                offer.mm.close()
+            offer.region = offer.mm = None
+            self._native = self.rx = self.tx = native
+        else:
+            self._region, self._mm = region, offer.mm
+            self.rx, self.tx = region.service_ends()
         self.rx.sleep()  # the poller is not watching this ring yet: the client must ring
         loop = asyncio.get_running_loop()
         loop.add_reader(self._bell.fileno(), self.board.on_doorbell, self)
@@ -247,15 +280,25 @@ class SwitchlessConnection(Connection):
         tx = self.tx
         assert tx is not None
         try:
-            if self._pending:
-                self._pending += data
-                self._flush_pending()
-            else:
-                n = tx.write(data)
+            native = self._native
+            if native is not None and not self._pending:
+                # The write and the doorbell in one call (the same logic as below).
+                bell = self._bell
+                n = native.send(data, -1 if bell is None else bell.fileno())
                 if n < len(data):
                     self._pending += memoryview(data)[n:]
-            if tx.peer_sleeping():
-                self.ring_client()
+                    self.board.backed_up.add(self)
+            else:
+                if self._pending:
+                    self._pending += data
+                    self._flush_pending()
+                else:
+                    n = tx.write(data)
+                    if n < len(data):
+                        self._pending += memoryview(data)[n:]
+                        self.board.backed_up.add(self)
+                if tx.peer_sleeping():
+                    self.ring_client()
         except RingError as exc:
             self._fail(exc)
             return
@@ -270,6 +313,8 @@ class SwitchlessConnection(Connection):
         n = self.tx.write(self._pending)
         if n:
             del self._pending[:n]
+            if not self._pending:
+                self.board.backed_up.discard(self)
             if self.paused and len(self._pending) <= WRITE_HIGH_WATER // 2:
                 self.paused = False
                 self.service._resume(self)  # requests it received wait to be served
@@ -404,6 +449,10 @@ class SwitchlessConnection(Connection):
             self._bell = None
         self.rx = self.tx = None
         self._pending.clear()
+        self.board.backed_up.discard(self)
+        if self._native is not None:
+            self._native.close()
+            self._native = None
         if self._region is not None:
             self._region.release()
             self._region = None
@@ -419,7 +468,12 @@ class Switchboard:
         region_size(capacity)  # validates
         self.service = service
         self.capacity = capacity
+        # Native ring ends with the native codec (the module docstring).
+        self.native = service.codec == "native" and ServiceRing is not None
         self._conns: list[SwitchlessConnection] = []
+        # Sessions whose replies wait for room in their ring: a pass pumps them even
+        # when no request is waiting anywhere.
+        self.backed_up: set[SwitchlessConnection] = set()
         self._running = False  # a pass is running or scheduled
         self._retry: asyncio.TimerHandle | None = None
         self._retry_delay = RETRY_MIN
@@ -485,6 +539,7 @@ class Switchboard:
         if not conns:
             self._running = False
             return
+        rings = self._rings(conns)
         for c in conns:
             if c.rx is not None:
                 c.rx.wake()  # clients need not ring while we look anyway
@@ -495,17 +550,21 @@ class Switchboard:
         budget_end = now + PASS_BUDGET
         while True:
             worked = False
-            for c in conns:
-                if c.pump():
-                    worked = True
+            # With native rings one call tells whether any pump can have work: a pump
+            # works only on a waiting request (or bad index) or on pending replies.
+            if rings is None or self.backed_up or rings_ready(rings):
+                for c in conns:
+                    if c.pump():
+                        worked = True
             now = clock()
             if worked:
                 idle_since = now
                 last_yield = -YIELD_AFTER  # new replies: their clients may need us at once
             elif now - idle_since >= SPIN_IDLE:
                 break
-            elif now - last_yield >= YIELD_AFTER and any(
-                    c.awake_with_unread_replies() for c in conns):
+            elif now - last_yield >= YIELD_AFTER and (
+                    any(c.awake_with_unread_replies() for c in conns) if rings is None
+                    else rings_awake_unread(rings)):
                 # That client may be waiting for our vCPU: let it run, once.
                 os.sched_yield()
                 self.yields += 1
@@ -515,6 +574,7 @@ class Switchboard:
                 return
             if version != self._version:  # sessions came or went during dispatch
                 conns, version = tuple(self._conns), self._version
+                rings = self._rings(conns)
         # Going to sleep: say so in every ring, then look once more (a client that wrote
         # just before reading our flag would not ring; see esem.protocol.ring).
         again = False
@@ -531,6 +591,15 @@ class Switchboard:
             asyncio.get_running_loop().call_soon(self._pass)
         else:
             self._running = False
+
+
+    def _rings(self, conns: tuple[SwitchlessConnection, ...]) -> tuple[ServiceRing, ...] | None:
+        """The native rings of ``conns`` for the spin's one-call checks, or None when
+        the poller must ask every session itself (Python rings)."""
+        if not self.native:
+            return None
+        rings = tuple(c._native for c in conns if c._native is not None)
+        return rings if len(rings) == len(conns) else None
 
 
 def enable(service: Service, capacity: int = DEFAULT_RING_BYTES) -> Switchboard:
