@@ -309,12 +309,13 @@ sys.stdin.read()  # the session stays open until the test closes our stdin
 
 
 @pytest.mark.parametrize("codec", ["native", "python"])
-def test_the_service_codec_selects_the_ring_ends(codec: str,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """ESEM_SERVICE_CODEC picks the ends in a real daemon: the native ring maps the
+def test_esem_service_rings_selects_the_ring_ends(codec: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """ESEM_SERVICE_RINGS picks the ends in a real daemon: the native ring maps the
     memfd itself and keeps no descriptor of it after the hand-over, while Python's mmap
     keeps a duplicate; both map the region, and both serve the session."""
-    monkeypatch.setenv(CODEC_ENV, codec)
+    monkeypatch.setenv(CODEC_ENV, "native")
+    monkeypatch.setenv("ESEM_SERVICE_RINGS", codec)
     with EmbeddedService(switchless=True) as svc:
         assert svc.proc is not None
         env = {**os.environ, **svc.env(), "ESEM_SWITCHLESS": "1"}

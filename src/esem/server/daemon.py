@@ -343,7 +343,11 @@ async def _serve(config: ServeConfig, ready: asyncio.Event | None = None) -> Non
             private = load_or_create_key(state_fd, config.state_dir)
             try:
                 service = Service(private, config.quotas, resume_grace=config.resume_grace)
-            except (ValueError, RuntimeError) as exc:  # ESEM_SERVICE_CODEC
+                if config.switchless:
+                    from esem.server.switchless import service_rings
+
+                    service_rings(service.codec)
+            except (ValueError, RuntimeError) as exc:  # ESEM_SERVICE_CODEC, _RINGS
                 raise StartupError(str(exc)) from None
             # Before the socket is bound and the key published: a journal that does not
             # verify stops the start-up with nothing announced.

@@ -29,12 +29,14 @@ the counter at its maximum (or at zero), and the service's next write (or read) 
 block the single service thread forever: one tenant hanging all. Each end of a socket
 pair is a description of its own; ours stays non-blocking whatever the client does.
 
-The ring ends are native (``esem._native_core.ServiceRing``: the same methods, index
-checks and ``RingError`` as ``esem.protocol.ring``'s ``Consumer``/``Producer``) when the
-service's codec is (``ESEM_SERVICE_CODEC``, ``Service.codec``), so a request costs no
-Python index arithmetic and an idle spin pass one native call (``rings_ready``) instead
-of a Python loop over the sessions. ``ESEM_SERVICE_CODEC=python`` keeps the pure-Python
-reference ends and the poller's plain loop.
+The ring ends can be native (``esem._native_core.ServiceRing``: the same methods, index
+checks and ``RingError`` as ``esem.protocol.ring``'s ``Consumer``/``Producer``), so a
+request costs no Python index arithmetic and an idle spin pass one native call
+(``rings_ready``) instead of a Python loop over the sessions. They are opt-in
+(``ESEM_SERVICE_RINGS=native``, with the native codec) until an intermittent failure
+seen with them is explained: a grant that did not reach a stopped client's reply ring
+(``tests/native/test_client_switchless.py``, flip-grant, about 1 run in 25). The default
+is the pure-Python reference ends and the poller's plain loop.
 """
 
 from __future__ import annotations
@@ -69,6 +71,21 @@ except ImportError:  # built without Rust: Service.codec is then "python"
     ServiceRing = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger("esem.server")
+
+RINGS_ENV = "ESEM_SERVICE_RINGS"
+
+
+def service_rings(codec: str) -> str:
+    """``"native"`` or ``"python"``: the service's ring ends, from ``ESEM_SERVICE_RINGS``
+    (default python). ``native`` needs the native codec and module (RuntimeError)."""
+    raw = os.environ.get(RINGS_ENV, "").strip().lower() or "python"
+    if raw not in ("native", "python"):
+        raise ValueError(f"{RINGS_ENV}={raw!r}: expected native or python")
+    if raw == "native" and (codec != "native" or ServiceRing is None):
+        raise RuntimeError(f"{RINGS_ENV}=native needs the native codec (esem._native_core "
+                           "built, ESEM_SERVICE_CODEC not python)")
+    return raw
+
 
 # Seconds the poller keeps spinning with no work before it sleeps: longer than a client
 # takes from one reply to its next request (Python, ~10-20 us), so back-to-back
@@ -468,8 +485,8 @@ class Switchboard:
         region_size(capacity)  # validates
         self.service = service
         self.capacity = capacity
-        # Native ring ends with the native codec (the module docstring).
-        self.native = service.codec == "native" and ServiceRing is not None
+        # Native ring ends only when asked for, with the native codec (module docstring).
+        self.native = service_rings(service.codec) == "native"
         self._conns: list[SwitchlessConnection] = []
         # Sessions whose replies wait for room in their ring: a pass pumps them even
         # when no request is waiting anywhere.
