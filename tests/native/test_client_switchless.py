@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from esem.api import O_CREAT, O_EXCL, USE_ESEM, sem_open
+from esem.attack.base import stop_all, stopped
 from esem.client.admin import stat_semaphore
 from esem.client.blocking import Client
 from esem.protocol.ring import HEADER_BYTES, MASK64, REP_HEAD, REP_TAIL, Region
@@ -187,6 +189,10 @@ def test_dead_service_ends_a_blocked_wait(native_build: Path, sem_name: str) -> 
             c.close()
 
 
+def _log_tail(svc: EmbeddedService, size: int = 3000) -> str:
+    return svc.log_path.read_text(errors="replace")[-size:]
+
+
 def _map(pid: int, fd: int) -> tuple[mmap.mmap, Region]:
     path = f"/proc/{pid}/fd/{fd}"
     f = os.open(path, os.O_RDWR)
@@ -218,7 +224,9 @@ def test_tampered_ring_is_an_error_never_a_grant(
         while stat_semaphore(adm, sem_name)["waiters"] != 1:
             assert time.monotonic() < deadline, "the wait never queued"
             time.sleep(0.01)
-        os.kill(victim.proc.pid, 19)  # SIGSTOP: a grant can sit unread in the ring
+        # Every thread stopped, not just the one SIGSTOP went to: a reader thread that the
+        # doorbell wakes would otherwise take the grant before the group stop reaches it.
+        stop_all(victim.proc.pid, 10)  # a grant can sit unread in the ring
         try:
             if tamper == "garbage-head":
                 ctl[REP_HEAD] = (ctl[REP_TAIL] + cap + 1 + 4096) & MASK64
@@ -226,12 +234,15 @@ def test_tampered_ring_is_an_error_never_a_grant(
                 owner.post()
                 deadline = time.monotonic() + 10
                 while ctl[REP_HEAD] == ctl[REP_TAIL]:
-                    assert time.monotonic() < deadline, "the grant never reached the ring"
+                    assert time.monotonic() < deadline, (
+                        f"the grant never reached the ring; {stat_semaphore(adm, sem_name)}; "
+                        f"the service's log ends: {_log_tail(sl_service)}")
+                    assert stopped(victim.proc.pid), "the victim runs again"
                     time.sleep(0.001)
                 at = HEADER_BYTES + cap + ((ctl[REP_TAIL] + 10) & (cap - 1))
                 mm[at] ^= 0x04
         finally:
-            os.kill(victim.proc.pid, 18)  # SIGCONT
+            os.kill(victim.proc.pid, signal.SIGCONT)
         out = victim.answer(hang=30)
         assert out.startswith("err Integrity"), out
         region.release()

@@ -51,14 +51,13 @@ import contextlib
 import mmap
 import os
 import secrets
-import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from esem.api import O_CREAT, O_EXCL, USE_ESEM, EsemSemaphore, sem_open, sem_unlink
 from esem.attack.a3_rogue import Channel, Child
-from esem.attack.base import Outcome, Target
+from esem.attack.base import Outcome, Target, frozen
 from esem.attack.native_victim import NativeBuild, NativeVictim, VictimDied, error_for
 from esem.attack.native_victim import build as build_native
 from esem.client.admin import stat_semaphore
@@ -273,26 +272,6 @@ class Tap:
         self.ctl[head] = (self.ctl[tail] + self.cap + 1 + secrets.randbelow(1 << 20)) & MASK64
 
 
-def _stopped(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "T"
-
-
-@contextlib.contextmanager
-def _frozen(pid: int) -> Iterator[None]:
-    """The victim stopped (as the kernel can): nothing it has in flight is read."""
-    os.kill(pid, signal.SIGSTOP)
-    deadline = time.monotonic() + OP_BOUND
-    while not _stopped(pid):
-        if time.monotonic() > deadline:
-            raise RuntimeError("victim did not stop")
-        time.sleep(0.001)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
-
-
 # --------------------------------------------------------------- a scenario
 
 
@@ -463,7 +442,7 @@ def _queued_wait(b: _Bench, label: str = "wait") -> _Op:
 def _flip(b: _Bench) -> _Plan:
     assert b.tap is not None and b.victim is not None
     w = _queued_wait(b)
-    with _frozen(b.victim.pid):
+    with frozen(b.victim.pid, OP_BOUND):
         b.admin_post()  # the service grants; the victim, stopped, cannot read it
         if not b.tap.wait_unread(b.grant_bytes):
             raise RuntimeError("the grant never reached the ring")
@@ -479,7 +458,7 @@ def _replay_grant(b: _Bench) -> _Plan:
     b.admin_post()
     b.finish(w1)  # a genuine grant, read and consumed
     w2 = _queued_wait(b, "wait 2")
-    with _frozen(b.victim.pid):
+    with frozen(b.victim.pid, OP_BOUND):
         old = b.tap.last_bytes(True, b.grant_bytes)
         b.tap.append(True, old)
     b.finish(w2)
@@ -494,7 +473,7 @@ def _forge_grant(b: _Bench) -> _Plan:
     # is id 1, OPEN 2, WAIT 3).
     body = encode_reply(Reply(Opcode.WAIT, 3, Status.OK), mac=b.keyed)
     body += secrets.token_bytes(MAC_BYTES) if b.keyed else b""
-    with _frozen(b.victim.pid):
+    with frozen(b.victim.pid, OP_BOUND):
         b.tap.append(True, len(body).to_bytes(LENGTH_BYTES, "big") + body)
     b.finish(w)
     what = "a plaintext WAIT-OK" + (" with a guessed key MAC" if b.keyed else "")
@@ -504,7 +483,7 @@ def _forge_grant(b: _Bench) -> _Plan:
 def _garbage_reply_head(b: _Bench) -> _Plan:
     assert b.tap is not None and b.victim is not None
     w = _queued_wait(b)
-    with _frozen(b.victim.pid):
+    with frozen(b.victim.pid, OP_BOUND):
         b.tap.garbage_head(True)
     b.finish(w)
     return _Plan("s2c", "set the reply ring's head beyond its capacity", [w], INTEGRITY)
@@ -513,7 +492,7 @@ def _garbage_reply_head(b: _Bench) -> _Plan:
 def _garbage_request_head(b: _Bench) -> _Plan:
     assert b.tap is not None and b.victim is not None
     w = _queued_wait(b)
-    with _frozen(b.victim.pid):
+    with frozen(b.victim.pid, OP_BOUND):
         b.tap.garbage_head(False)
         b.poke()  # the service looks at every ring, refuses this one, drops the session
     b.finish(w)
@@ -523,7 +502,7 @@ def _garbage_request_head(b: _Bench) -> _Plan:
 def _replay_request(b: _Bench) -> _Plan:
     assert b.tap is not None and b.victim is not None
     b.finish(b.command("post", "post"))
-    with _frozen(b.victim.pid):
+    with frozen(b.victim.pid, OP_BOUND):
         frame = b.tap.last_bytes(False, b.post_bytes)
         b.tap.append(False, frame)  # the POST once more
         b.poke()

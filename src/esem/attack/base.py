@@ -11,9 +11,11 @@ is what was observed, in words a reviewer can check.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -54,3 +56,45 @@ def reap(pid: int, grace: float) -> None:
     if done == 0:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def stopped(pid: int) -> bool:
+    """Every thread of process ``pid`` is stopped (state T or t). The leader's state
+    alone says too little: SIGSTOP goes to one thread, which must run before it stops
+    the others, and meanwhile another thread (one a doorbell just woke, say) goes on
+    reading shared memory."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread exited
+        if state not in ("T", "t"):
+            return False
+    return True
+
+
+def stop_all(pid: int, timeout: float) -> None:
+    """SIGSTOP ``pid`` and return once all its threads are stopped (RuntimeError after
+    ``timeout`` seconds)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while not stopped(pid):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"process {pid} did not stop within {timeout}s")
+        time.sleep(0.001)
+
+
+@contextlib.contextmanager
+def frozen(pid: int, timeout: float = 10.0) -> Iterator[None]:
+    """Process ``pid`` stopped, every thread of it (as the kernel can stop it): nothing
+    it has in flight is read or written until the block ends (SIGCONT)."""
+    stop_all(pid, timeout)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)

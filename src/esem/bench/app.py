@@ -907,7 +907,8 @@ def tables(results: list[Row]) -> list[Table]:
                          ["config", "sem_t found", "count written",
                           "in accept at once, before", "after", "failed responses"], body,
                          ["children waiting for a connection (epoll_wait or accept) at once, "
-                          "the most seen while ab ran; the mutex admits one",
+                          "the most seen while ab ran and in the half second after it; the mutex "
+                          "admits one",
                           *(e for e in _evidence if "accept" in e)]))
     if real or vault_rows:
         out.append(app_published.comparison(results))

@@ -265,7 +265,11 @@ def stop_attacked(pg: PgCluster) -> None:
 # owner of the mapping) writes a count of ``INFLATED`` into the sem_t's count word; from
 # then on every child that comes for the mutex walks in, and several wait in accept at
 # once: the mutual exclusion is gone. Who is where is read from /proc/CHILD/syscall
-# (the main thread's current system call), sampled while ab loads the server.
+# (the main thread's current system call), sampled while ab loads the server and for a
+# moment after. The load moves the children through the mutex (writing the count wakes
+# none of its sleepers); once it stops, every child that got in under the inflated
+# count waits in epoll_wait at once, where a busy server would only rarely show several
+# (they are serving requests), while an intact mutex still lets exactly one in.
 
 INFLATED = 64
 SECTION_SYSCALLS = frozenset({"232", "281", "43", "288"})  # epoll_wait, epoll_pwait, accept(4)
@@ -300,18 +304,26 @@ def _section(fds: list[int]) -> set[int]:
     return inside
 
 
-def sample_section(children: list[int], load: subprocess.Popen[str]) -> int:
-    """The most children seen in the accept section at once while ``load`` runs. A
-    child counts when two reads in a row both find it there: one pass reads the
-    children one after another, so a hand-off between two of them during a pass would
-    otherwise look like both at once."""
+SETTLE_SECONDS = 0.5  # sampling goes on this long after the load ends
+
+
+def sample_section(children: list[int], load: subprocess.Popen[str],
+                   settle: float = SETTLE_SECONDS) -> int:
+    """The most children seen in the accept section at once while ``load`` runs and for
+    ``settle`` seconds after it ended (the idle server: see above). A child counts when
+    two reads in a row both find it there: one pass reads the children one after
+    another, so a hand-off between two of them during a pass would otherwise look like
+    both at once."""
     fds = []
     try:
         for pid in children:
             with contextlib.suppress(OSError):
                 fds.append(os.open(f"/proc/{pid}/syscall", os.O_RDONLY))
         most = 0
-        while load.poll() is None:
+        idle_until: float | None = None
+        while idle_until is None or time.monotonic() < idle_until:
+            if idle_until is None and load.poll() is not None:
+                idle_until = time.monotonic() + settle
             most = max(most, len(_section(fds) & _section(fds)))
             time.sleep(0.001)
         return most
@@ -352,5 +364,5 @@ def describe_apache(o: ApacheOutcome) -> str:
         found = ("found no /dev/shm/sem.* mapping in any Apache process (the accept mutex "
                  "is in the service), so it wrote nothing")
     return (f"{o.config}: the adversary {found}. Children waiting in accept at once, under "
-            f"ab load: at most {o.before} before, {o.after} after; {o.failed} failed "
-            "responses.")
+            f"ab load and just after it: at most {o.before} before, {o.after} after; "
+            f"{o.failed} failed responses.")
