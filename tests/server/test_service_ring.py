@@ -43,6 +43,7 @@ from esem.protocol.ring import (
 )
 from esem.protocol.session import CODEC_ENV
 from esem.server.embedded import EmbeddedService
+from esem.server.switchless import RINGS_ENV, service_rings
 
 native = pytest.importorskip("esem._native_core")
 ServiceRing = native.ServiceRing
@@ -308,14 +309,34 @@ sys.stdin.read()  # the session stays open until the test closes our stdin
 """
 
 
-@pytest.mark.parametrize("codec", ["native", "python"])
-def test_esem_service_rings_selects_the_ring_ends(codec: str,
+def test_service_rings_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Native ends by default with the native codec, Python ends with the Python codec;
+    an explicit choice wins; native without the native codec, or a misspelt value, is
+    an error (the daemon turns it into a start-up error)."""
+    monkeypatch.delenv(RINGS_ENV, raising=False)
+    assert service_rings("native") == "native"
+    assert service_rings("python") == "python"
+    monkeypatch.setenv(RINGS_ENV, " Python ")
+    assert service_rings("native") == "python"
+    monkeypatch.setenv(RINGS_ENV, "native")
+    assert service_rings("native") == "native"
+    with pytest.raises(RuntimeError, match="needs the native codec"):
+        service_rings("python")
+    monkeypatch.setenv(RINGS_ENV, "rust")
+    with pytest.raises(ValueError, match="expected native or python"):
+        service_rings("native")
+
+
+@pytest.mark.parametrize("rings", ["native", "python", ""])
+def test_esem_service_rings_selects_the_ring_ends(rings: str,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """ESEM_SERVICE_RINGS picks the ends in a real daemon: the native ring maps the
-    memfd itself and keeps no descriptor of it after the hand-over, while Python's mmap
-    keeps a duplicate; both map the region, and both serve the session."""
+    """ESEM_SERVICE_RINGS picks the ends in a real daemon (unset: native, as the codec
+    is): the native ring maps the memfd itself and keeps no descriptor of it after the
+    hand-over, while Python's mmap keeps a duplicate; both map the region, and both
+    serve the session."""
     monkeypatch.setenv(CODEC_ENV, "native")
-    monkeypatch.setenv("ESEM_SERVICE_RINGS", codec)
+    monkeypatch.setenv(RINGS_ENV, rings)
+    codec = rings or "native"
     with EmbeddedService(switchless=True) as svc:
         assert svc.proc is not None
         env = {**os.environ, **svc.env(), "ESEM_SWITCHLESS": "1"}

@@ -29,14 +29,12 @@ the counter at its maximum (or at zero), and the service's next write (or read) 
 block the single service thread forever: one tenant hanging all. Each end of a socket
 pair is a description of its own; ours stays non-blocking whatever the client does.
 
-The ring ends can be native (``esem._native_core.ServiceRing``: the same methods, index
-checks and ``RingError`` as ``esem.protocol.ring``'s ``Consumer``/``Producer``), so a
-request costs no Python index arithmetic and an idle spin pass one native call
-(``rings_ready``) instead of a Python loop over the sessions. They are opt-in
-(``ESEM_SERVICE_RINGS=native``, with the native codec) until an intermittent failure
-seen with them is explained: a grant that did not reach a stopped client's reply ring
-(``tests/native/test_client_switchless.py``, flip-grant, about 1 run in 25). The default
-is the pure-Python reference ends and the poller's plain loop.
+The ring ends are native when the native codec is on (``esem._native_core.ServiceRing``:
+the same methods, index checks and ``RingError`` as ``esem.protocol.ring``'s
+``Consumer``/``Producer``), so a request costs no Python index arithmetic and an idle
+spin pass one native call (``rings_ready``) instead of a Python loop over the sessions.
+``ESEM_SERVICE_RINGS=python`` keeps the pure-Python reference ends (and the poller's
+plain loop); ``native`` insists on the native ones.
 """
 
 from __future__ import annotations
@@ -77,14 +75,16 @@ RINGS_ENV = "ESEM_SERVICE_RINGS"
 
 def service_rings(codec: str) -> str:
     """``"native"`` or ``"python"``: the service's ring ends, from ``ESEM_SERVICE_RINGS``
-    (default python). ``native`` needs the native codec and module (RuntimeError)."""
-    raw = os.environ.get(RINGS_ENV, "").strip().lower() or "python"
-    if raw not in ("native", "python"):
+    (by default native with the native codec, else python). ``native`` needs the native
+    codec and module (RuntimeError)."""
+    raw = os.environ.get(RINGS_ENV, "").strip().lower()
+    if raw not in ("", "native", "python"):
         raise ValueError(f"{RINGS_ENV}={raw!r}: expected native or python")
-    if raw == "native" and (codec != "native" or ServiceRing is None):
+    available = codec == "native" and ServiceRing is not None
+    if raw == "native" and not available:
         raise RuntimeError(f"{RINGS_ENV}=native needs the native codec (esem._native_core "
                            "built, ESEM_SERVICE_CODEC not python)")
-    return raw
+    return raw or ("native" if available else "python")
 
 
 # Seconds the poller keeps spinning with no work before it sleeps: longer than a client
@@ -485,7 +485,7 @@ class Switchboard:
         region_size(capacity)  # validates
         self.service = service
         self.capacity = capacity
-        # Native ring ends only when asked for, with the native codec (module docstring).
+        # Native ring ends with the native codec, unless told otherwise (module docstring).
         self.native = service_rings(service.codec) == "native"
         self._conns: list[SwitchlessConnection] = []
         # Sessions whose replies wait for room in their ring: a pass pumps them even
