@@ -217,17 +217,12 @@ class Session:
         with anyio.CancelScope(shield=True):
             await self._stream.aclose()
         assert self._down_since is not None
-        end = self._down_since + self._resume_timeout
-        backoff = resume.Backoff()
-        while self._failure is None:
-            left = end - time.monotonic()
-            if left <= 0:
-                self._fail(resume.gave_up(self.socket_path, self._resume_timeout,
-                                          self._down_reason))
-                return
-            if await self._resume_once(min(left, self._connect_timeout)):
-                return
-            await anyio.sleep(max(0.0, min(backoff.next(), end - time.monotonic())))
+        if not await resume.retry(self._resume_once, anyio.sleep,
+                                  end=self._down_since + self._resume_timeout,
+                                  connect_timeout=self._connect_timeout,
+                                  lost=lambda: self._failure is None):
+            self._fail(resume.gave_up(self.socket_path, self._resume_timeout,
+                                      self._down_reason))
 
     async def _resume_once(self, timeout: float) -> bool:
         """One attempt: True once resumed."""

@@ -500,3 +500,37 @@ def test_an_idle_holder_resumes_by_itself(svc: EmbeddedService, name: str) -> No
     sem.post()
     assert sem.getvalue() == 1
     c.close()
+
+
+def test_retry_loop_schedule_stop_and_give_up() -> None:
+    """``resume.retry``, the asyncio and anyio clients' loop: each attempt's timeout is
+    the connect timeout capped by the time left, the sleeps between attempts follow the
+    backoff, a True attempt or a session no longer lost ends it (True), and running out
+    of time ends it with False (the caller's "gave up")."""
+    from esem.client import resume
+
+    async def run(results: list[bool], lost: Callable[[], bool], span: float
+                  ) -> tuple[bool, list[float], list[float]]:
+        timeouts: list[float] = []
+        sleeps: list[float] = []
+
+        async def attempt(timeout: float) -> bool:
+            timeouts.append(timeout)
+            return results.pop(0) if results else False
+
+        async def sleep(seconds: float) -> None:
+            sleeps.append(seconds)
+            await asyncio.sleep(seconds)
+
+        done = await resume.retry(attempt, sleep, end=time.monotonic() + span,
+                                  connect_timeout=5.0, lost=lost)
+        return done, timeouts, sleeps
+
+    done, timeouts, sleeps = asyncio.run(run([False, False, True], lambda: True, 30.0))
+    assert done and len(timeouts) == 3 and all(4.0 < t <= 5.0 for t in timeouts)
+    assert sleeps == [resume.BACKOFF_FIRST, 2 * resume.BACKOFF_FIRST]
+    done, timeouts, _ = asyncio.run(run([], lambda: False, 30.0))
+    assert done and timeouts == []  # already back (or failed): nothing to try
+    done, timeouts, sleeps = asyncio.run(run([], lambda: True, 0.05))
+    assert not done and timeouts and all(t <= 0.05 for t in timeouts)
+    assert sum(sleeps) <= 0.05 + 0.01 and max(sleeps) <= resume.BACKOFF_MAX

@@ -323,19 +323,15 @@ class AsyncClient:
 
     async def _resume(self) -> None:
         """Reconnect with a backoff and RESUME, until resumed, refused or out of time."""
-        backoff = resume.Backoff()
         assert self._down_since is not None
-        end = self._down_since + self._resume_timeout
         try:
-            while self._failure is None and self._down_since is not None:
-                left = end - time.monotonic()
-                if left <= 0:
-                    self._fail(resume.gave_up(self.socket_path, self._resume_timeout,
-                                              self._down_reason))
-                    return
-                if await self._resume_once(min(left, self._connect_timeout)):
-                    return
-                await asyncio.sleep(max(0.0, min(backoff.next(), end - time.monotonic())))
+            if not await resume.retry(
+                    self._resume_once, asyncio.sleep,
+                    end=self._down_since + self._resume_timeout,
+                    connect_timeout=self._connect_timeout,
+                    lost=lambda: self._failure is None and self._down_since is not None):
+                self._fail(resume.gave_up(self.socket_path, self._resume_timeout,
+                                          self._down_reason))
         except asyncio.CancelledError:
             self._fail(ServiceUnavailable("esem session resumption cancelled (loop closing)"))
             raise

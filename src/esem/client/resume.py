@@ -12,6 +12,8 @@ session instead.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Awaitable, Callable
 
 from esem.core.status import Status
 from esem.errors import IntegrityError, ServiceUnavailable
@@ -58,6 +60,26 @@ class Backoff:
         delay = self.delay
         self.delay = min(delay * 2, BACKOFF_MAX)
         return delay
+
+
+async def retry(attempt: Callable[[float], Awaitable[bool]],
+                sleep: Callable[[float], Awaitable[object]], *, end: float,
+                connect_timeout: float, lost: Callable[[], bool]) -> bool:
+    """The resumption loop of the asyncio and anyio clients (the blocking client's own
+    loop also hands the reader role around): ``await attempt(timeout)`` while ``lost()``
+    (the session is neither back nor failed), with a ``Backoff`` ``sleep`` of the
+    client's runtime between attempts, until one returns True (nothing more to try) or
+    ``end`` (a ``time.monotonic`` time) passes. False when time ran out: the caller then
+    fails the session with ``gave_up``."""
+    backoff = Backoff()
+    while lost():
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        if await attempt(min(left, connect_timeout)):
+            return True
+        await sleep(max(0.0, min(backoff.next(), end - time.monotonic())))
+    return True
 
 
 def is_connection_loss(exc: BaseException) -> bool:
