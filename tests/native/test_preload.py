@@ -59,6 +59,20 @@ def test_process_semantics_with_all(preload: Path, semtest: Path, service: Embed
     assert f"{case} ok" in r.stdout
 
 
+def test_a_wait_answered_at_once_does_not_wake_the_reader_thread(
+        preload: Path, semtest: Path, service: EmbeddedService, sem_name: str) -> None:
+    """2000 uncontended sem_post/sem_wait pairs: the waiting thread reads its own reply
+    (a receive-timed recv) instead of handing the socket to the client's reader thread
+    and sleeping until it is woken; before, the reader thread ran at least once per
+    wait. It may still wake for its keepalive, once a second."""
+    rounds = 2000
+    r = run(preload, [str(semtest), "uncontended", sem_name, str(rounds)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    words = r.stdout.split()
+    assert words[:2] == ["rounds", str(rounds)] and words[2] == "reader-switches", r.stdout
+    assert int(words[3]) < rounds // 20, r.stdout
+
+
 @pytest.mark.parametrize("all_sems", [False, True])
 def test_semaphore_lives_in_the_service(preload: Path, semtest: Path, service: EmbeddedService,
                                         sem_name: str, all_sems: bool) -> None:
