@@ -18,10 +18,6 @@
 //!   sleeping in a `poll` of its own after `try_reply`, which is how the preload
 //!   library's cancellable waits block, a resume in progress). It goes back to `Idle`
 //!   once nobody sleeps for a reply.
-//! - The preload library's waits (`wait_reply_until`) are a `Caller` first, for
-//!   `READ_BRIEFLY`, blocked in `recv` under a receive timeout: a signal interrupts
-//!   that `recv` whatever its handler's `SA_RESTART`, and a reply that comes at once is
-//!   read without waking anybody. A wait still unanswered then sleeps as above.
 //! - Every other waiter sleeps in `poll` on its own eventfd (so a signal interrupts it:
 //!   `EINTR`, needed for `sem_wait`), marked `parked`; the socket is never `Idle` while
 //!   a thread is parked without its reply, since every change to `Idle` checks for one.
@@ -915,23 +911,6 @@ impl Shared {
     /// the socket for it while nobody else does, else sleep on this thread's eventfd
     /// until whoever reads delivers it.
     fn wait_for(&self, req_id: u64, interruptible: bool) -> Result<Reply> {
-        match self.wait_until(req_id, interruptible, None)? {
-            Some(reply) => Ok(reply),
-            // Without a deadline nothing times out; the arm only keeps this total.
-            None => Err(ClientError::Unavailable(format!(
-                "the wait for the reply to request {req_id} ended without it"
-            ))),
-        }
-    }
-
-    /// `wait_for` that gives up at `until` (`Ok(None)`: the request stays pending, and
-    /// the socket is given back if this thread was reading it).
-    fn wait_until(
-        &self,
-        req_id: u64,
-        interruptible: bool,
-        until: Option<Instant>,
-    ) -> Result<Option<Reply>> {
         loop {
             let (wake, sock, fd_checked) = {
                 let mut guard = self.lock();
@@ -944,14 +923,11 @@ impl Shared {
                 slot.parked = false;
                 if let Some(reply) = slot.reply.take() {
                     inner.slots.remove(&req_id);
-                    return final_reply(reply).map(Some);
+                    return final_reply(reply);
                 }
                 if let Some(e) = inner.failure.clone() {
                     inner.slots.remove(&req_id);
                     return Err(e);
-                }
-                if until.is_some_and(|t| Instant::now() >= t) {
-                    return Ok(None);
                 }
                 let wake = slot.wake;
                 // Read for ourselves only while nobody reads and nobody else sleeps for
@@ -985,20 +961,17 @@ impl Shared {
                     shared: self,
                     req_id,
                     done: false,
-                    timed: None,
                 };
-                match reading.read(&sock, interruptible, fd_checked, until) {
-                    Err(Stop::Interrupted) => return Err(ClientError::Interrupted),
-                    // The reply (or the failure) is in, or time is up: the top says which.
-                    Ok(()) | Err(Stop::TimedOut) => continue,
+                if reading.read(&sock, interruptible, fd_checked).is_err() {
+                    return Err(ClientError::Interrupted);
                 }
+                continue; // the reply (or the failure) is in: the slot says which
             }
-            match sys::poll_in(wake, poll_timeout(until)) {
+            match sys::poll_in(wake, -1) {
                 Ok(Polled::Interrupted) if interruptible => {
                     self.unpark(req_id);
                     return Err(ClientError::Interrupted);
                 }
-                Ok(Polled::Timeout) => self.unpark(req_id), // the top sees the deadline
                 Ok(_) => sys::eventfd_drain(wake),
                 Err(e) => {
                     self.unpark(req_id);
@@ -1124,78 +1097,27 @@ impl Fault {
 
 /// A calling thread holding `Role::Caller` for its request `req_id`. Dropping it (also
 /// on a panic) gives the role back, so the socket is never left with nobody to read it.
-/// How long the preload library's waits read their reply themselves, under a receive
-/// timeout (`Client::wait_reply_until`), before they sleep in shim.c's cancellable
-/// `poll`: longer than a reply that comes at once takes, even on a loaded machine.
-pub const READ_BRIEFLY: Duration = Duration::from_millis(2);
-
-/// Why a caller's read stopped before its reply was in.
-enum Stop {
-    /// A signal interrupted an interruptible wait.
-    Interrupted,
-    /// The wait's deadline passed.
-    TimedOut,
-}
-
-/// `poll`'s timeout until `until`: -1 (forever) without one, else the milliseconds
-/// left, rounded up so that a poll never wakes before the deadline.
-fn poll_timeout(until: Option<Instant>) -> i32 {
-    match until {
-        None => -1,
-        Some(t) => {
-            let left = t.saturating_duration_since(Instant::now());
-            i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
-        }
-    }
-}
-
 struct Reading<'a> {
     shared: &'a Shared,
     req_id: u64,
     done: bool,
-    /// The socket while this read has a receive timeout set on it (a timed read): put
-    /// back to none before the role is given back, so no other read ever meets it.
-    timed: Option<Arc<UnixStream>>,
 }
 
 impl Reading<'_> {
     /// Read the socket until the reply to `req_id` is in its slot, the session failed,
     /// or the connection was lost (handed to the reader thread, which resumes); the
-    /// role is given back in each case. `Err(Stop::Interrupted)`: a signal interrupted
-    /// an `interruptible` wait; `Err(Stop::TimedOut)`: nothing more came by `until`
-    /// (either way the request stays pending).
-    ///
-    /// A timed read blocks in `recv` under a receive timeout (`SO_RCVTIMEO`) rather
-    /// than in a `poll` with a timeout before it, which measured about 11 us dearer
-    /// per wait with client and service on one vCPU; a socket with a receive timeout
-    /// is never restarted after a signal handler, `SA_RESTART` or not (signal(7)), so
-    /// the wait stays interruptible. An untimed interruptible read polls without a
-    /// timeout first: no timer to arm, about 2 us cheaper than the timed `recv` on one
-    /// vCPU (the Python binding's calls).
+    /// role is given back in each case. `Err(())`: a signal interrupted an
+    /// `interruptible` wait (the request stays pending).
     fn read(
         &mut self,
-        sock: &Arc<UnixStream>,
+        sock: &UnixStream,
         interruptible: bool,
         mut fd_checked: bool,
-        until: Option<Instant>,
-    ) -> std::result::Result<(), Stop> {
+    ) -> std::result::Result<(), ()> {
         let sh = self.shared;
         let fd = sock.as_raw_fd();
         let mut buf = [0u8; 4096];
         loop {
-            if let Some(t) = until {
-                let left = t.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    let mut inner = sh.lock();
-                    return self.finish(&mut inner, Err(Stop::TimedOut));
-                }
-                // What is left (at least 1 us: a zero timeout means none). If it cannot
-                // be set, the read polls first as an untimed interruptible one does.
-                let set = sock.set_read_timeout(Some(left.max(Duration::from_micros(1))));
-                if set.is_ok() && self.timed.is_none() {
-                    self.timed = Some(Arc::clone(sock));
-                }
-            }
             if !fd_checked {
                 // As the reader thread does: never read a file the program put at our
                 // number. (Skipped right after our own send, which checked it.)
@@ -1210,23 +1132,15 @@ impl Reading<'_> {
                 }
             }
             fd_checked = false;
-            // Poll first only when a signal must interrupt us (a handler installed with
-            // SA_RESTART would restart a blocking read, never a poll) or time may run out.
-            if (interruptible || until.is_some()) && self.timed.is_none() {
-                match sys::poll_in(fd, poll_timeout(until)) {
-                    Ok(Polled::Interrupted) if interruptible => {
-                        let mut inner = sh.lock();
-                        return self.finish(&mut inner, Err(Stop::Interrupted));
-                    }
+            // Poll first only when a signal must interrupt us: a handler installed with
+            // SA_RESTART would restart a blocking read, never a poll.
+            if interruptible {
+                match sys::poll_in(fd, -1) {
                     Ok(Polled::Interrupted) => {
-                        fd_checked = true; // nothing was read: the check still holds
-                        continue;
-                    }
-                    Ok(Polled::Timeout) => {
                         let mut inner = sh.lock();
-                        return self.finish(&mut inner, Err(Stop::TimedOut));
+                        return self.finish(&mut inner, Err(()));
                     }
-                    Ok(Polled::Ready) => {}
+                    Ok(_) => {}
                     Err(e) => {
                         let mut inner = sh.lock();
                         sh.fail_locked(&mut inner, ClientError::Unavailable(e.to_string()));
@@ -1234,7 +1148,7 @@ impl Reading<'_> {
                     }
                 }
             }
-            let got = (&**sock).read(&mut buf);
+            let got = (&*sock).read(&mut buf);
             let mut guard = sh.lock();
             let inner = &mut *guard;
             if inner.failure.is_some() {
@@ -1256,12 +1170,8 @@ impl Reading<'_> {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
                     if interruptible {
-                        return self.finish(inner, Err(Stop::Interrupted));
+                        return self.finish(inner, Err(()));
                     }
-                }
-                // The receive timeout of a timed read ran out (`until` has passed).
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && self.timed.is_some() => {
-                    return self.finish(inner, Err(Stop::TimedOut));
                 }
                 Err(e) if resume::is_connection_loss(&e) => return self.lost(inner),
                 Err(e) => {
@@ -1274,8 +1184,7 @@ impl Reading<'_> {
 
     /// The connection is gone (EOF, reset): the reader thread resumes the session (or
     /// fails it); meanwhile this caller waits for its reply like any other.
-    fn lost(&mut self, inner: &mut Inner) -> std::result::Result<(), Stop> {
-        self.untime();
+    fn lost(&mut self, inner: &mut Inner) -> std::result::Result<(), ()> {
         if let Some(slot) = inner.slots.get_mut(&self.req_id) {
             slot.reading = false;
         }
@@ -1288,25 +1197,16 @@ impl Reading<'_> {
     fn finish(
         &mut self,
         inner: &mut Inner,
-        out: std::result::Result<(), Stop>,
-    ) -> std::result::Result<(), Stop> {
-        self.untime();
+        out: std::result::Result<(), ()>,
+    ) -> std::result::Result<(), ()> {
         self.done = true;
         self.shared.release_locked(inner, self.req_id);
         out
-    }
-
-    /// Take the receive timeout off the socket again (before the role goes).
-    fn untime(&mut self) {
-        if let Some(sock) = self.timed.take() {
-            let _ = sock.set_read_timeout(None);
-        }
     }
 }
 
 impl Drop for Reading<'_> {
     fn drop(&mut self) {
-        self.untime();
         if !self.done {
             let mut inner = self.shared.lock();
             self.shared.release_locked(&mut inner, self.req_id);
@@ -1683,18 +1583,6 @@ impl Client {
         self.check_pid()?;
         self.shared.spin_for(req_id);
         self.shared.wait_for(req_id, interruptible)
-    }
-
-    /// `wait_reply`, interruptible, for at most until `until`: `Ok(None)` if the reply
-    /// has not come by then (the request stays pending; ask again, or `try_reply`).
-    /// While this thread is the only one waiting on a socket session it reads the
-    /// reply itself, as `wait_reply` does, instead of waking the reader thread to read
-    /// it: the preload library's waits call this first, for a short while, so a wait
-    /// that is answered at once costs what a post does.
-    pub fn wait_reply_until(&self, req_id: u64, until: Instant) -> Result<Option<Reply>> {
-        self.check_pid()?;
-        self.shared.spin_for(req_id);
-        self.shared.wait_until(req_id, true, Some(until))
     }
 
     /// Send and wait; a refusal is `ClientError::Status`.

@@ -33,7 +33,7 @@
 
 #![allow(clippy::missing_safety_doc)] // the C API's contract is POSIX's
 
-use esem_client::conn::{my_wake_fd, READ_BRIEFLY};
+use esem_client::conn::my_wake_fd;
 use esem_client::{process_client, Client, ClientError, OpenOptions, Semaphore};
 use esem_proto::consts::{KEY_MAX_BYTES, KEY_MIN_BYTES, SEM_VALUE_MAX};
 use esem_proto::{Handle, Status, WaitMode};
@@ -890,7 +890,6 @@ export_c_wait!(sem_clockwait, esem_c_sem_clockwait, (s: *mut sem_t, clock: clock
 
 const ESEM_PENDING: c_int = 0;
 const ESEM_DONE: c_int = 1;
-const ESEM_INTERRUPTED: c_int = 3;
 const MODE_BLOCK: c_int = 1;
 const MODE_TIMED: c_int = 2;
 
@@ -1008,27 +1007,6 @@ fn session_of(client: *const c_void) -> Result<&'static Client, c_int> {
 #[no_mangle]
 pub extern "C" fn esem_shim_poll(_s: *mut sem_t, req: u64, client: *const c_void) -> c_int {
     step(guarded(|| finished(session_of(client)?.try_reply(req))))
-}
-
-/// The wait's first step after its request is out: the calling thread reads its reply
-/// itself for up to `conn::READ_BRIEFLY` when nobody else reads (`Client::wait_reply_until`),
-/// long enough for a reply that comes at once and short enough that a cancellation
-/// asked for meanwhile (deferred: cancellation is off in every Rust step) acts soon
-/// after, in shim.c's `poll`. This spares the hand-over to the reader thread and back (two thread switches and
-/// about ten system calls) for a wait that is answered at once. `ESEM_DONE`,
-/// `ESEM_PENDING` (not yet: shim.c's loop goes on), `ESEM_INTERRUPTED` (a signal: the
-/// wait is withdrawn as after an interrupted `poll`), or a negative errno.
-#[no_mangle]
-pub extern "C" fn esem_shim_read_briefly(_s: *mut sem_t, req: u64, client: *const c_void) -> c_int {
-    step(guarded(|| {
-        let until = std::time::Instant::now() + READ_BRIEFLY;
-        match session_of(client)?.wait_reply_until(req, until) {
-            Ok(Some(reply)) => finished(Some(Ok(reply))),
-            Ok(None) => Ok(ESEM_PENDING),
-            Err(ClientError::Interrupted) => Ok(ESEM_INTERRUPTED),
-            Err(e) => finished(Some(Err(e))),
-        }
-    }))
 }
 
 /// A signal interrupted the wait: withdraw it. `ESEM_DONE` if the grant won the race

@@ -29,7 +29,6 @@
 #define ESEM_PENDING 0
 #define ESEM_DONE 1
 #define ESEM_NOT_OURS 2
-#define ESEM_INTERRUPTED 3
 #define MODE_BLOCK 1
 #define MODE_TIMED 2
 extern int esem_shim_ours(sem_t *s);
@@ -38,7 +37,6 @@ extern int esem_shim_ours(sem_t *s);
 extern int esem_shim_begin(sem_t *s, int mode, const struct timespec *abstime,
                            clockid_t clock, uint64_t *req, int *wake_fd,
                            const void **client);
-extern int esem_shim_read_briefly(sem_t *s, uint64_t req, const void *client);
 extern int esem_shim_poll(sem_t *s, uint64_t req, const void *client);
 extern int esem_shim_interrupted(sem_t *s, uint64_t req, const void *client);
 extern void esem_shim_cancelled(sem_t *s, uint64_t req, const void *client);
@@ -79,13 +77,7 @@ static int esem_wait_common(sem_t *s, int mode, const struct timespec *abstime,
         return fail(rc);
     int interrupted = 0;
     pthread_cleanup_push(cleanup, &p);
-    /* A reply that comes at once is read by this thread (a short while, cancellation
-     * off); then it sleeps here, where a cancellation can act, while the client's
-     * thread reads. */
-    rc = esem_shim_read_briefly(s, p.req, p.client);
-    if (rc == ESEM_INTERRUPTED)
-        interrupted = 1;
-    while (rc == ESEM_PENDING) {
+    for (;;) {
         rc = esem_shim_poll(s, p.req, p.client);
         if (rc != ESEM_PENDING)
             break;
