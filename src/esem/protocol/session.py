@@ -85,17 +85,25 @@ CODEC_ENV: Final = "ESEM_SERVICE_CODEC"
 CODECS: Final = ("native", "python")
 
 
+def native_or_python(var: str, raw: str, available: bool, unavailable: str) -> str:
+    """The service's choice between a native part and its Python reference, as the
+    setting ``var`` spells it (``raw``): empty means native when ``available``, else
+    python; anything but the two names is a ValueError, native when not ``available``
+    a RuntimeError saying ``unavailable``."""
+    raw = raw.strip().lower()
+    if raw and raw not in CODECS:
+        raise ValueError(f"{var}={raw!r}: expected native or python")
+    if raw == "native" and not available:
+        raise RuntimeError(f"{var}=native {unavailable}")
+    return raw or ("native" if available else "python")
+
+
 def service_codec(choice: str | None = None) -> str:
     """``"native"`` or ``"python"``: ``choice``, else ``ESEM_SERVICE_CODEC``, else the
     native codec when it is built. Asking for ``native`` without it is a RuntimeError."""
-    raw = (os.environ.get(CODEC_ENV, "") if choice is None else choice).strip().lower()
-    if not raw:
-        return "native" if _ServerCodec is not None else "python"
-    if raw not in CODECS:
-        raise ValueError(f"{CODEC_ENV}={raw!r}: expected one of {', '.join(CODECS)}")
-    if raw == "native" and _ServerCodec is None:
-        raise RuntimeError(f"{CODEC_ENV}=native, but esem._native_core is not built")
-    return raw
+    return native_or_python(CODEC_ENV, os.environ.get(CODEC_ENV, "") if choice is None
+                            else choice, _ServerCodec is not None,
+                            "needs esem._native_core, which is not built")
 
 
 # Wire value -> enum member by dict lookup (calling an Enum class costs a microsecond).
@@ -466,10 +474,7 @@ class ServerSession(_Session):
         if self.state is not State.OPEN or self._transport is None:
             raise RuntimeError(f"cannot reply in state {self.state.value}")
         body = seal_reply(reply, self.binding_id, mac_key)
-        if self._native is not None:
-            self._native.seal(body)
-        else:
-            self._out += encode_frame(self._transport.encrypt(body))
+        self._encrypt_out(body)
         return body
 
     def send_status(self, opcode: Opcode, req_id: int, status: Status, value: int = 0,
@@ -489,10 +494,16 @@ class ServerSession(_Session):
         the replay window after a RESUME)."""
         if self.state is not State.OPEN or self._transport is None:
             raise RuntimeError(f"cannot reply in state {self.state.value}")
+        self._encrypt_out(_fits(body))
+
+    def _encrypt_out(self, body: bytes) -> None:
+        """Encrypt a reply body and queue its frame: through the native codec once it
+        has the transport, else here."""
         if self._native is not None:
-            self._native.seal(_fits(body))
+            self._native.seal(body)
         else:
-            self._out += encode_frame(self._transport.encrypt(_fits(body)))
+            assert self._transport is not None
+            self._out += encode_frame(self._transport.encrypt(body))
 
 
 @dataclass(slots=True)

@@ -82,13 +82,12 @@ MESSAGE_LOG_LIMIT = 300  # characters of peer-influenced text in one log line
 RESUME_GRACE = 5.0
 PROCESS_CHECK = 1.0  # seconds between looks in /proc for the processes of detached sessions
 EXIT_RECHECK = 0.05  # seconds after a detach: a second look, for a process still exiting
-# Requests about the connection or the session rather than a semaphore (_session_op).
+# Requests about the connection or the session rather than a semaphore (_session_op);
+# their replies never enter the replay window (PROTOCOL.md 16.3).
 _SESSION_OPS = frozenset({Opcode.RESUME, Opcode.END, Opcode.SWITCHLESS})
 _OK = Status.OK
 # What _execute returns: (status, value, text, reply, key); see there.
 Outcome = tuple[Status | None, int, str, Reply | None, bytes | None]
-# Replies that never enter the replay window (PROTOCOL.md 16.3).
-_UNWINDOWED = frozenset({Opcode.RESUME, Opcode.END, Opcode.SWITCHLESS})
 _STALE_TEXT = "reply lost across a service restart"
 JOURNAL_FAILED = 74  # EX_IOERR: the exit status when the journal cannot be written
 
@@ -720,26 +719,23 @@ class Service:
             self._ctx = self._idle
         rec = self._records[sid]
         rec.last_req_id = req.req_id
+        body: bytes | None = None  # a queued wait has no reply yet
+        if status is not None:
+            if status is not Status.OK:
+                # A tenant can make every request fail: logged within the session's
+                # budget only; the core's text may carry a peer's name: escaped.
+                conn.logs.log(log, logging.INFO, f"session {sid}", time.monotonic(),
+                              "session %d refused %s: %s %s", sid, op.name, status.name,
+                              _text(text if reply is None else reply.message))
+            mac_key = (key if mac is not None and key is not None
+                       and status is not Status.EKEYREJECTED else None)
+            if reply is None:
+                body = session.send_status(op, req.req_id, status, value, text,
+                                           mac_key=mac_key)
+            else:
+                body = session.send_reply(reply, mac_key=mac_key)
+            rec.window.add(req.req_id, body)
         journal = self.journal
-        if status is None:  # a queued wait
-            if journal is not None:
-                plaintext = event.signed if mac is None else event.signed + mac  # as sent
-                journal.append_req(sid, plaintext, None, ctx.now, ctx.wall, ctx.tokens,
-                                   ctx.running)
-            return None
-        if status is not Status.OK:
-            # A tenant can make every request fail: logged within the session's budget
-            # only; the core's text may carry a peer's name: escaped.
-            conn.logs.log(log, logging.INFO, f"session {sid}", time.monotonic(),
-                          "session %d refused %s: %s %s", sid, op.name, status.name,
-                          _text(text if reply is None else reply.message))
-        mac_key = (key if mac is not None and key is not None
-                   and status is not Status.EKEYREJECTED else None)
-        if reply is None:
-            body = session.send_status(op, req.req_id, status, value, text, mac_key=mac_key)
-        else:
-            body = session.send_reply(reply, mac_key=mac_key)
-        rec.window.add(req.req_id, body)
         if journal is not None:
             plaintext = event.signed if mac is None else event.signed + mac  # as sent
             journal.append_req(sid, plaintext, body, ctx.now, ctx.wall, ctx.tokens,

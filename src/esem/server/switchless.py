@@ -60,6 +60,7 @@ from esem.protocol.ring import (
     RingError,
     region_size,
 )
+from esem.protocol.session import native_or_python
 from esem.safe_text import printable
 from esem.server.service import WRITE_HIGH_WATER, Connection, Service
 
@@ -77,14 +78,10 @@ def service_rings(codec: str) -> str:
     """``"native"`` or ``"python"``: the service's ring ends, from ``ESEM_SERVICE_RINGS``
     (by default native with the native codec, else python). ``native`` needs the native
     codec and module (RuntimeError)."""
-    raw = os.environ.get(RINGS_ENV, "").strip().lower()
-    if raw not in ("", "native", "python"):
-        raise ValueError(f"{RINGS_ENV}={raw!r}: expected native or python")
-    available = codec == "native" and ServiceRing is not None
-    if raw == "native" and not available:
-        raise RuntimeError(f"{RINGS_ENV}=native needs the native codec (esem._native_core "
-                           "built, ESEM_SERVICE_CODEC not python)")
-    return raw or ("native" if available else "python")
+    return native_or_python(RINGS_ENV, os.environ.get(RINGS_ENV, ""),
+                            codec == "native" and ServiceRing is not None,
+                            "needs the native codec (esem._native_core built, "
+                            "ESEM_SERVICE_CODEC not python)")
 
 
 # Seconds the poller keeps spinning with no work before it sleeps: longer than a client
