@@ -200,11 +200,14 @@ class Loaded:
 
 
 def encode_change(change: Sequence[Any]) -> bytes:
-    """One change in the version-2 encoding (``Journal.append_req`` inlines ``req``)."""
+    """One change in the version-2 encoding (``Journal.append_req`` writes ``req``
+    straight into its buffer)."""
     kind = change[0]
     if kind == "req":
         _, sid, plaintext, body, now, wall, tokens, running = change
-        return _encode_req(sid, plaintext, body, now, wall, tokens, running)
+        out = bytearray()
+        _encode_req(out, sid, plaintext, body, now, wall, tokens, running)
+        return bytes(out)
     if kind == "start":
         _, sid, uid, gid, pid, binding, verifier = change
         fixed = _START.pack(K_START, sid, uid, gid, pid, len(binding), len(verifier))
@@ -219,10 +222,11 @@ def encode_change(change: Sequence[Any]) -> bytes:
     raise ValueError(f"not a journal change: {kind!r}")
 
 
-def _encode_req(sid: int, plaintext: bytes, body: bytes | None, now: float, wall: float,
-                tokens: Sequence[bytes], running: Sequence[int] | None) -> bytes:
-    out = bytearray(_REQ.pack(K_REQ, sid, len(plaintext), NONE if body is None else len(body),
-                              now, wall, len(tokens), NONE if running is None else len(running)))
+def _encode_req(out: bytearray, sid: int, plaintext: bytes, body: bytes | None, now: float,
+                wall: float, tokens: Sequence[bytes], running: Sequence[int] | None) -> None:
+    """Append one ``req`` change to ``out`` (a commit's buffer, on the hot path)."""
+    out += _REQ.pack(K_REQ, sid, len(plaintext), NONE if body is None else len(body),
+                     now, wall, len(tokens), NONE if running is None else len(running))
     out += plaintext
     if body is not None:
         out += body
@@ -231,7 +235,6 @@ def _encode_req(sid: int, plaintext: bytes, body: bytes | None, now: float, wall
         out += t
     for pid in running or ():
         out += _PID.pack(pid)
-    return bytes(out)
 
 
 class _Reader:
@@ -565,21 +568,9 @@ class Journal:
     def append_req(self, sid: int, plaintext: bytes, body: bytes | None, now: float,
                    wall: float, tokens: Sequence[bytes], running: Sequence[int] | None) -> None:
         """Record one executed request (the hot path: ``append(["req", ...])`` without
-        the list): its plaintext as received, its reply body (None for a wait that
+        building the list): its plaintext as received, its reply body (None for a wait that
         queued), and what its execution read from the world."""
-        buf = self._buf
-        buf += _REQ.pack(K_REQ, sid, len(plaintext), NONE if body is None else len(body),
-                         now, wall, len(tokens), NONE if running is None else len(running))
-        buf += plaintext
-        if body is not None:
-            buf += body
-        if tokens:
-            for t in tokens:
-                buf += _U16.pack(len(t))
-                buf += t
-        if running:
-            for pid in running:
-                buf += _PID.pack(pid)
+        _encode_req(self._buf, sid, plaintext, body, now, wall, tokens, running)
         self._pending += 1
         self.tail_records += 1
         self.records += 1

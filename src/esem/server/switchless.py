@@ -295,24 +295,22 @@ class SwitchlessConnection(Connection):
         assert tx is not None
         try:
             native = self._native
-            if native is not None and not self._pending:
-                # The write and the doorbell in one call (the same logic as below).
-                bell = self._bell
-                n = native.send(data, -1 if bell is None else bell.fileno())
+            rung = False  # the native send rings a sleeping client itself
+            if self._pending:
+                self._pending += data
+                self._flush_pending()
+            else:
+                if native is not None:
+                    bell = self._bell
+                    n = native.send(data, -1 if bell is None else bell.fileno())
+                    rung = True
+                else:
+                    n = tx.write(data)
                 if n < len(data):
                     self._pending += memoryview(data)[n:]
                     self.board.backed_up.add(self)
-            else:
-                if self._pending:
-                    self._pending += data
-                    self._flush_pending()
-                else:
-                    n = tx.write(data)
-                    if n < len(data):
-                        self._pending += memoryview(data)[n:]
-                        self.board.backed_up.add(self)
-                if tx.peer_sleeping():
-                    self.ring_client()
+            if not rung and tx.peer_sleeping():
+                self.ring_client()
         except RingError as exc:
             self._fail(exc)
             return
