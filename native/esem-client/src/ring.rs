@@ -116,6 +116,21 @@ fn warn(text: &str) {
 
 // ------------------------------------------------------------------ the mapping
 
+/// Why a descriptor is not a usable switchless region (`Shm::map_region`).
+#[derive(Debug)]
+pub enum RegionError {
+    /// It cannot be looked at (`fstat` failed).
+    Unusable(std::io::Error),
+    /// Not a regular file of the region's size.
+    WrongSize,
+    /// Its seals cannot be read: not a memfd.
+    NotMemfd(std::io::Error),
+    /// Not sealed against shrinking.
+    NotSealed,
+    /// It cannot be mapped.
+    Map(std::io::Error),
+}
+
 /// A shared mapping, touched only through bounds-checked atomics.
 pub struct Shm {
     base: *mut u8,
@@ -160,6 +175,23 @@ impl Shm {
     /// Map `len` bytes of the file `fd` shared, read-write.
     pub fn map_file(fd: RawFd, len: usize) -> std::io::Result<Shm> {
         Self::mmap(fd, len, libc::MAP_SHARED)
+    }
+
+    /// Map a switchless region that the peer handed over: only a regular file of
+    /// exactly `size` bytes that is sealed against shrinking (anyone holding it could
+    /// otherwise shrink it under our mapping: SIGBUS, not an error). The one check of
+    /// both ends, the client's (`ClientRing::attach`) and the service's (esem-py's
+    /// `ServiceRing`).
+    pub fn map_region(fd: RawFd, size: usize) -> std::result::Result<Shm, RegionError> {
+        let st = sys::fstat(fd).map_err(RegionError::Unusable)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_size as u64 != size as u64 {
+            return Err(RegionError::WrongSize);
+        }
+        let seals = sys::get_seals(fd).map_err(RegionError::NotMemfd)?;
+        if seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(RegionError::NotSealed);
+        }
+        Self::map_file(fd, size).map_err(RegionError::Map)
     }
 
     /// A zeroed shared anonymous mapping of `len` bytes (tests, and the property tests
@@ -436,19 +468,18 @@ impl ClientRing {
     pub fn attach(memfd: OwnedFd, bell: OwnedFd, capacity: u64) -> Result<ClientRing> {
         let integrity = |m: String| ClientError::Channel(ProtoError::Integrity(m));
         let size = region_size(capacity)?;
-        let st = sys::fstat(memfd.as_raw_fd())
-            .map_err(|e| integrity(format!("switchless descriptors are unusable: {e}")))?;
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_size as u64 != size as u64 {
-            return Err(integrity("switchless region has the wrong size".into()));
-        }
-        let seals = sys::get_seals(memfd.as_raw_fd())
-            .map_err(|_| integrity("switchless region is not a memfd".into()))?;
-        if seals & libc::F_SEAL_SHRINK == 0 {
-            // Anyone holding it could shrink it under our mapping: SIGBUS, not an error.
-            return Err(integrity(
-                "switchless region is not sealed against shrinking".into(),
-            ));
-        }
+        // Checked (and mapped) before the doorbell, as before: the region's errors first.
+        let shm = Shm::map_region(memfd.as_raw_fd(), size).map_err(|e| {
+            integrity(match e {
+                RegionError::Unusable(e) => format!("switchless descriptors are unusable: {e}"),
+                RegionError::WrongSize => "switchless region has the wrong size".into(),
+                RegionError::NotMemfd(_) => "switchless region is not a memfd".into(),
+                RegionError::NotSealed => {
+                    "switchless region is not sealed against shrinking".into()
+                }
+                RegionError::Map(e) => format!("switchless region cannot be mapped: {e}"),
+            })
+        })?;
         if !sys::is_unix_stream(bell.as_raw_fd()) {
             return Err(integrity(
                 "switchless doorbell is not a Unix stream socket".into(),
@@ -456,8 +487,6 @@ impl ClientRing {
         }
         sys::set_nonblocking(bell.as_raw_fd())
             .map_err(|e| integrity(format!("switchless doorbell is unusable: {e}")))?;
-        let shm = Shm::map_file(memfd.as_raw_fd(), size)
-            .map_err(|e| integrity(format!("switchless region cannot be mapped: {e}")))?;
         let rings = Rings::attach(shm, capacity)?;
         let memfd = sys::dup_high(&memfd).map_err(|e| integrity(e.to_string()))?;
         let bell = sys::dup_high(&bell).map_err(|e| integrity(e.to_string()))?;

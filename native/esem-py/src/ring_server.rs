@@ -14,7 +14,7 @@
 //! every session's ring in one call, so an idle spin pass is one native call instead of
 //! a Python loop over the sessions.
 
-use esem_client::ring::Shm;
+use esem_client::ring::{RegionError, Shm};
 use esem_proto::ring::{check_capacity, offset, region_size, reply_area, request_area};
 use esem_proto::ring::{ConsumerIndex, ProducerIndex, Spans};
 use esem_proto::Error as ProtoError;
@@ -47,28 +47,6 @@ fn to_err(py: Python<'_>, e: &ProtoError) -> PyErr {
 
 fn closed() -> PyErr {
     PyValueError::new_err("the switchless ring is closed")
-}
-
-/// `fstat` and `F_GET_SEALS` of `fd`: (is a regular file, its size, its seals).
-fn describe(fd: i32) -> std::io::Result<(bool, u64, i32)> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
-    // SAFETY: fstat writes one struct stat into the buffer we pass; any fd value is
-    // acceptable (a bad one is EBADF).
-    if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fstat succeeded, so the struct is initialised (it was zeroed anyway).
-    let st = unsafe { st.assume_init() };
-    // SAFETY: F_GET_SEALS only reads the file's seals.
-    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
-    if seals < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok((
-        st.st_mode & libc::S_IFMT == libc::S_IFREG,
-        st.st_size as u64,
-        seals,
-    ))
 }
 
 /// One byte on the doorbell socket `fd`, non-blocking, errors ignored (EINTR retried).
@@ -138,14 +116,17 @@ impl ServiceRing {
     fn new(py: Python<'_>, fd: i32, capacity: u64, start: u64) -> PyResult<Self> {
         let capacity = check_capacity(capacity).map_err(|e| to_err(py, &e))?;
         let size = region_size(capacity).map_err(|e| to_err(py, &e))?;
-        let (regular, len, seals) = describe(fd).map_err(PyOSError::new_err)?;
-        if !regular || len != size as u64 {
-            return Err(ring_error(py, "shared region has the wrong size or is read-only"));
-        }
-        if seals & libc::F_SEAL_SHRINK == 0 {
-            return Err(ring_error(py, "shared region is not sealed against shrinking"));
-        }
-        let shm = Shm::map_file(fd, size).map_err(PyOSError::new_err)?;
+        let shm = Shm::map_region(fd, size).map_err(|e| match e {
+            RegionError::Unusable(e) | RegionError::NotMemfd(e) | RegionError::Map(e) => {
+                PyOSError::new_err(e)
+            }
+            RegionError::WrongSize => {
+                ring_error(py, "shared region has the wrong size or is read-only")
+            }
+            RegionError::NotSealed => {
+                ring_error(py, "shared region is not sealed against shrinking")
+            }
+        })?;
         let bad = |e: ProtoError| to_err(py, &e);
         Ok(ServiceRing {
             shm: Some(shm),
