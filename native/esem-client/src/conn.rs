@@ -1503,16 +1503,20 @@ impl Client {
 
     /// The error that ended this session, if one did.
     pub fn failure(&self) -> Option<ClientError> {
-        if self.pid != sys::pid() || self.forked.load(Ordering::Acquire) {
-            return Some(ClientError::Unavailable(
-                "esem session belongs to the parent process".into(),
-            ));
+        if let Err(e) = self.check_pid() {
+            return Some(e);
         }
         self.shared.lock().failure.clone()
     }
 
+    /// Whether this is still the process that made the client (not a fork child of
+    /// it, whether or not the fork ran the atfork handler).
+    fn in_own_process(&self) -> bool {
+        self.pid == sys::pid() && !self.forked.load(Ordering::Acquire)
+    }
+
     fn check_pid(&self) -> Result<()> {
-        if self.pid != sys::pid() || self.forked.load(Ordering::Acquire) {
+        if !self.in_own_process() {
             return Err(ClientError::Unavailable(
                 "esem session belongs to the parent process".into(),
             ));
@@ -1603,7 +1607,7 @@ impl Client {
     /// the service closes the session's handles. For owners that cannot drop the client
     /// while other threads may still hold it (a language binding).
     pub fn close(&self) {
-        if self.pid == sys::pid() && !self.forked.load(Ordering::Acquire) {
+        if self.in_own_process() {
             let mut inner = self.shared.lock();
             self.shared.end_locked(&mut inner);
             self.shared
@@ -1645,7 +1649,7 @@ impl Drop for Client {
     fn drop(&mut self) {
         // In a fork child the lock may be held by a thread that no longer exists: an
         // inherited client is left alone (its descriptor stays open in the child).
-        if self.pid == sys::pid() && !self.forked.load(Ordering::Acquire) {
+        if self.in_own_process() {
             let mut inner = self.shared.lock();
             self.shared.end_locked(&mut inner);
             self.shared
@@ -1778,7 +1782,7 @@ pub(crate) fn fork_connect_failure() -> Option<ClientError> {
 /// may still use their semaphores); never blocks on the session's lock.
 extern "C" fn end_at_exit() {
     let Some(c) = current() else { return };
-    if c.pid != sys::pid() || c.forked.load(Ordering::Acquire) {
+    if !c.in_own_process() {
         return;
     }
     let Ok(mut inner) = c.shared.inner.try_lock() else {
