@@ -64,14 +64,13 @@ def run(opts: Options, out: str, skip: frozenset[str] = frozenset()) -> int:
         ("stress", lambda: stress.collect(opts)),
     ]
     steps = [(name, step) for name, step in steps if name not in skip]
-    if "peer" in skip:
-        pass
-    elif shutil.which("redis-server"):
-        steps.append(("peer", lambda: peer.collect(opts)))
-    else:
-        notes.append("peer skipped: redis-server is not installed "
-                     "(apt-get install redis-server)")
-        progress(notes[-1])
+    if "peer" not in skip:
+        if shutil.which("redis-server"):
+            steps.append(("peer", lambda: peer.collect(opts)))
+        else:
+            notes.append("peer skipped: redis-server is not installed "
+                         "(apt-get install redis-server)")
+            progress(notes[-1])
     app = None if "app" in skip else app_module()
     if app is not None:
         steps.append(("app", lambda: list(app.run(opts))))
