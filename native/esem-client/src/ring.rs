@@ -114,6 +114,12 @@ fn warn(text: &str) {
     }
 }
 
+/// Ring a doorbell socket `fd`: one byte, never blocking, without SIGPIPE (the ring
+/// ends of both sides; the service's ignores every error but EINTR, which it retries).
+pub fn send_bell(fd: RawFd) -> std::io::Result<()> {
+    sys::send_byte(fd)
+}
+
 // ------------------------------------------------------------------ the mapping
 
 /// Why a descriptor is not a usable switchless region (`Shm::map_region`).
@@ -525,7 +531,7 @@ impl ClientRing {
                 "the switchless doorbell was closed or replaced by the program".into(),
             ));
         }
-        match sys::send_byte(self.bell()) {
+        match send_bell(self.bell()) {
             Ok(()) => {
                 self.rung += 1;
                 Ok(())

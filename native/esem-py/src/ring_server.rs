@@ -14,7 +14,7 @@
 //! every session's ring in one call, so an idle spin pass is one native call instead of
 //! a Python loop over the sessions.
 
-use esem_client::ring::{RegionError, Shm};
+use esem_client::ring::{send_bell, RegionError, Shm};
 use esem_proto::ring::{check_capacity, offset, region_size, reply_area, request_area};
 use esem_proto::ring::{ConsumerIndex, ProducerIndex, Spans};
 use esem_proto::Error as ProtoError;
@@ -51,22 +51,7 @@ fn closed() -> PyErr {
 
 /// One byte on the doorbell socket `fd`, non-blocking, errors ignored (EINTR retried).
 fn ring(fd: i32) {
-    let byte = [1u8];
-    loop {
-        // SAFETY: send reads one byte from a live local buffer; any fd value is
-        // acceptable (a bad one is an error, ignored like the others).
-        let rc = unsafe {
-            libc::send(
-                fd,
-                byte.as_ptr().cast(),
-                1,
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if rc >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return;
-        }
-    }
+    while matches!(send_bell(fd), Err(e) if e.kind() == std::io::ErrorKind::Interrupted) {}
 }
 
 /// The service's ends of one session's region.
