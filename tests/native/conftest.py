@@ -99,12 +99,18 @@ def preload(native_build: Path) -> Path:
     return lib
 
 
-@pytest.fixture(scope="session")
-def semtest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def compile_c(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """Compile ``tests/native/c/NAME.c`` (warnings as errors, with ``esem.h`` on the
+    include path) into a fresh temporary directory; skip the test without a compiler."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
-        pytest.skip("no C compiler: the preload tests compile small C programs")
-    exe = tmp_path_factory.mktemp("c") / "semtest"
+        pytest.skip("no C compiler: these tests compile small C programs")
+    exe = tmp_path_factory.mktemp("c") / name
     subprocess.run([gcc, "-Wall", "-Wextra", "-Werror", "-O1", "-pthread", "-I", str(INCLUDE),
-                    str(HERE / "c" / "semtest.c"), "-o", str(exe)], check=True)
+                    str(HERE / "c" / f"{name}.c"), "-o", str(exe)], check=True)
     return exe
+
+
+@pytest.fixture(scope="session")
+def semtest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_c(tmp_path_factory, "semtest")

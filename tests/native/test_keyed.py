@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,18 +20,12 @@ from esem.client.admin import stat_semaphore
 from esem.client.blocking import get_client
 from esem.errors import KeyRejected
 from esem.server.embedded import EmbeddedService
-from tests.native.conftest import HERE, INCLUDE
+from tests.native.conftest import compile_c
 
 
 @pytest.fixture(scope="module")
 def keytest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("no C compiler: the key-binding tests compile a small C program")
-    exe = tmp_path_factory.mktemp("c") / "keytest"
-    subprocess.run([gcc, "-Wall", "-Wextra", "-Werror", "-O1", "-I", str(INCLUDE),
-                    str(HERE / "c" / "keytest.c"), "-o", str(exe)], check=True)
-    return exe
+    return compile_c(tmp_path_factory, "keytest")
 
 
 def run(preload: Path | None, *argv: str) -> subprocess.CompletedProcess[str]:

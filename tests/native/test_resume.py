@@ -16,7 +16,6 @@ import os
 import pwd
 import random
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import pytest
 from esem.attack.a2_mitm import MitmProxy, frame
 from esem.server.embedded import EmbeddedService
 
-from .conftest import HERE
+from .conftest import compile_c
 from .test_client import Esemc
 
 ANSWER = 60.0  # seconds a step may take before the test calls it hung (never a timing)
@@ -38,13 +37,7 @@ ANSWER = 60.0  # seconds a step may take before the test calls it hung (never a 
 
 @pytest.fixture(scope="module")
 def resume_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("no C compiler: these tests compile a small C program")
-    exe = tmp_path_factory.mktemp("c") / "resume"
-    subprocess.run([gcc, "-Wall", "-Wextra", "-Werror", "-O1", str(HERE / "c" / "resume.c"),
-                    "-o", str(exe)], check=True)
-    return exe
+    return compile_c(tmp_path_factory, "resume")
 
 
 @pytest.fixture

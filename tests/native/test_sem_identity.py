@@ -8,7 +8,6 @@ old semaphore, and repeated opens of one semaphore still return the same pointer
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,18 +15,12 @@ import pytest
 
 from esem import O_CREAT, O_EXCL, USE_ESEM, sem_open, sem_unlink
 from esem.server.embedded import EmbeddedService
-from tests.native.conftest import HERE, INCLUDE
+from tests.native.conftest import compile_c
 
 
 @pytest.fixture(scope="module")
 def reopen(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("no C compiler: this test compiles a small C program")
-    exe = tmp_path_factory.mktemp("c") / "reopen"
-    subprocess.run([gcc, "-Wall", "-Wextra", "-Werror", "-O1", "-I", str(INCLUDE),
-                    str(HERE / "c" / "reopen.c"), "-o", str(exe)], check=True)
-    return exe
+    return compile_c(tmp_path_factory, "reopen")
 
 
 def test_recreated_name_is_a_new_sem_t(preload: Path, reopen: Path,

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import pytest
 
 from esem.server.embedded import EmbeddedService
 
-from .conftest import HERE
+from .conftest import compile_c
 from .test_client import Esemc
 from .test_resume import client_env, finish, line, restart, restartable, run_all  # noqa: F401
 
@@ -31,13 +29,7 @@ FAST, WAITERS, GATE = 6, 4, 200
 
 @pytest.fixture(scope="module")
 def threads_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("no C compiler: these tests compile a small C program")
-    exe = tmp_path_factory.mktemp("c") / "threads"
-    subprocess.run([gcc, "-Wall", "-Wextra", "-Werror", "-O1", "-pthread",
-                    str(HERE / "c" / "threads.c"), "-o", str(exe)], check=True)
-    return exe
+    return compile_c(tmp_path_factory, "threads")
 
 
 def run_threads(svc: EmbeddedService, preload: Path, prog: Path, prefix: str,
