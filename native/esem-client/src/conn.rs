@@ -832,7 +832,7 @@ impl Shared {
                 };
                 (timeout, ring.bell())
             };
-            let polled = sys::poll_two(bell, fd, timeout);
+            let polled = sys::poll_two(bell, fd, libc::POLLIN, timeout);
             let mut guard = self.lock();
             let inner = &mut *guard;
             if inner.failure.is_some() {

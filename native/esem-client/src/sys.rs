@@ -396,9 +396,10 @@ pub struct Two {
     pub second: bool,
 }
 
-/// Wait until `a` or `b` is readable or hung up, for at most `timeout_ms`; EINTR is an
-/// empty result.
-pub fn poll_two(a: RawFd, b: RawFd, timeout_ms: i32) -> io::Result<Two> {
+/// Wait until `a` is readable or `b` has one of `b_events` (`POLLIN`: readable), or
+/// either hangs up, for at most `timeout_ms`; a negative `b` is left out (poll ignores
+/// it). EINTR is an empty result.
+pub fn poll_two(a: RawFd, b: RawFd, b_events: libc::c_short, timeout_ms: i32) -> io::Result<Two> {
     let mut p = [
         libc::pollfd {
             fd: a,
@@ -407,11 +408,11 @@ pub fn poll_two(a: RawFd, b: RawFd, timeout_ms: i32) -> io::Result<Two> {
         },
         libc::pollfd {
             fd: b,
-            events: libc::POLLIN,
+            events: b_events,
             revents: 0,
         },
     ];
-    // SAFETY: two pollfds, live for the call.
+    // SAFETY: two pollfds, live for the call (a negative fd is ignored by poll).
     let rc = unsafe { libc::poll(p.as_mut_ptr(), 2, timeout_ms) };
     if rc < 0 {
         let e = io::Error::last_os_error();
@@ -516,28 +517,8 @@ fn pid_cached() -> bool {
 /// thread waits like this while a calling thread reads the socket itself.
 /// Returns (kicked, hung up); EINTR is (false, false).
 pub fn poll_kick_or_hangup(kick: RawFd, sock: RawFd, timeout_ms: i32) -> io::Result<(bool, bool)> {
-    let mut p = [
-        libc::pollfd {
-            fd: kick,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: sock,
-            events: libc::POLLRDHUP,
-            revents: 0,
-        },
-    ];
-    // SAFETY: two pollfds, live for the call (a negative fd is ignored by poll).
-    let rc = unsafe { libc::poll(p.as_mut_ptr(), 2, timeout_ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok((false, false));
-        }
-        return Err(e);
-    }
-    Ok((p[0].revents != 0, p[1].revents != 0))
+    let t = poll_two(kick, sock, libc::POLLRDHUP, timeout_ms)?;
+    Ok((t.first, t.second))
 }
 
 #[cfg(test)]
